@@ -1,0 +1,253 @@
+"""ponder-pt: pretraining language models that think longer per token.
+
+Each command parses its flags and calls one library function; user errors (bad config, missing
+files, bad input under --strict) exit with code 2 and one clear message, not a traceback
+(PONDER_PT_DEBUG=1 shows the traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from . import __version__
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", required=required, metavar="NAME_OR_YAML",
+                   help="named config (see `ponder-pt config list`) or a YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+def _load(args, validate: bool = True):
+    from .config import load_config
+
+    return load_config(args.config, args.overrides, validate=validate)
+
+
+# ---------------------------------------------------------------- config
+def cmd_config_show(args) -> int:
+    from .config import check, config_to_yaml
+
+    cfg = _load(args, validate=False)
+    vocab = None
+    if args.tokenizer or cfg.data.tokenizer:
+        from .tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer or cfg.data.tokenizer)
+        vocab = tok.layout(cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp,
+                           need_pause=cfg.pause.rate > 0).padded_vocab_size
+    check(cfg, world_size=args.world_size, vocab_size=vocab)
+    sys.stdout.write(config_to_yaml(cfg))
+    return 0
+
+
+def cmd_config_list(args) -> int:
+    from .config import MODEL_PRESETS, RUN_PRESETS
+
+    print("named run configs (--config NAME):")
+    for name in sorted(RUN_PRESETS):
+        print(f"  {name}")
+    print("model presets (model.preset=NAME):")
+    for name, shape in MODEL_PRESETS.items():
+        print(f"  {name:16s} {shape['arch']:9s} layers={shape['num_layers']:<3d} "
+              f"hidden={shape['hidden_size']:<5d} heads={shape['num_heads']}")
+    return 0
+
+
+# ---------------------------------------------------------------- tokenizer
+def cmd_tokenizer_train(args) -> int:
+    from .tokenizer import load_tokenizer, train_tokenizer
+
+    path = train_tokenizer(args.input, args.vocab_size, args.out, kind=args.type,
+                           text_key=args.text_key)
+    info = load_tokenizer(path).describe()
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_tokenizer_info(args) -> int:
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.path, eod_token=args.eod_token)
+    print(json.dumps(tok.describe(args.divisible_by, args.tp), indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- data
+def cmd_data_corpus(args) -> int:
+    from .data.corpus import write_corpus
+
+    print(json.dumps(write_corpus(args.out, max_bytes=int(args.max_mb * 1e6))))
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from .data.prepare import prepare
+
+    stats = prepare(args.input, args.tokenizer, args.out, text_key=args.text_key,
+                    workers=args.workers, strict=args.strict, txt_mode=args.txt_mode,
+                    progress=not args.quiet, eod_token=args.eod_token)
+    print(f"wrote {stats.prefix}.bin/.idx: {stats.documents_written} documents, "
+          f"{stats.tokens:,} tokens ({stats.tokens_per_s:,.0f} tok/s, {stats.workers} workers)",
+          file=sys.stderr)
+    print(f"documents in {stats.documents_in} = written {stats.documents_written} + "
+          f"rejected {stats.rejected}" + (f" {stats.rejected_by_reason}; see "
+                                          f"{stats.prefix}.rejects.jsonl" if stats.rejected else ""),
+          file=sys.stderr)
+    return 0
+
+
+def cmd_data_merge(args) -> int:
+    from .data.prepare import merge
+
+    n = merge(args.inputs, args.out)
+    print(f"merged {len(args.inputs)} prefixes into {args.out}: {n} documents", file=sys.stderr)
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from .data.inspect import dumps, iter_records, open_samples, render
+
+    cfg = tok = None
+    if args.config:
+        cfg = _load(args)
+        if args.seq_len:
+            cfg.data.seq_len = args.seq_len
+        if args.pause_rate is not None:
+            cfg.pause.rate = args.pause_rate
+        if args.pause_id is not None:
+            cfg.pause.token_id = args.pause_id
+        if args.data:
+            cfg.data.train, cfg.data.valid, cfg.data.test = [args.data], [], []
+    tok_path = args.tokenizer or (cfg.data.tokenizer if cfg else None)
+    if tok_path:
+        from .tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tok_path)
+    pause_rate = args.pause_rate or 0.0
+    pause_id = args.pause_id
+    if pause_id is None and tok is not None:
+        pause_id = tok.layout(need_pause=True).pause_id
+    if cfg is None and pause_rate > 0 and pause_id is None:
+        raise ValueError("--pause-rate needs --pause-id (or --tokenizer to use its reserved row)")
+    ds = open_samples(args.data, args.seq_len, seed=args.seed, pause_rate=pause_rate,
+                      pause_id=pause_id, eod_id=tok.eod_id if tok else args.eod_id,
+                      vocab_size=tok.vocab_size if tok else 65536,
+                      num_samples=args.start + args.num_samples, split=args.split,
+                      cache_dir=args.cache_dir, cfg=cfg, tokenizer=tok)
+    if cfg is not None:
+        pause_id = ds.pause_id
+    for record in iter_records(ds, args.start, args.num_samples):
+        print(dumps(record) if args.json else render(record, tok, pause_id))
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ponder-pt", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"ponder-pt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    # config
+    p_cfg = sub.add_parser("config", help="show, validate and list configurations")
+    s_cfg = p_cfg.add_subparsers(dest="subcommand", required=True)
+    p = s_cfg.add_parser("show", help="print the resolved config as YAML after validation")
+    _add_config_args(p)
+    p.add_argument("--world-size", type=int, help="validate the layout for this many processes")
+    p.add_argument("--tokenizer", help="validate vocabulary-dependent keys against this tokenizer")
+    p.set_defaults(func=cmd_config_show)
+    p = s_cfg.add_parser("list", help="list named configs and model presets")
+    p.set_defaults(func=cmd_config_list)
+
+    # tokenizer
+    p_tok = sub.add_parser("tokenizer", help="train or describe tokenizers")
+    s_tok = p_tok.add_subparsers(dest="subcommand", required=True)
+    p = s_tok.add_parser("train", help="train a byte-level BPE (tokenizer.json) or sentencepiece model")
+    p.add_argument("--input", nargs="+", required=True, help=".txt or .jsonl files")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--type", choices=["bpe", "sentencepiece"], default="bpe")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--text-key", default="text")
+    p.set_defaults(func=cmd_tokenizer_train)
+    p = s_tok.add_parser("info", help="vocab size, EOD id, padded vocab and the <pause> row")
+    p.add_argument("path")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--divisible-by", type=int, default=128)
+    p.add_argument("--eod-token")
+    p.set_defaults(func=cmd_tokenizer_info)
+
+    # data
+    p_data = sub.add_parser("data", help="prepare, merge and inspect pretraining data")
+    s_data = p_data.add_subparsers(dest="subcommand", required=True)
+    p = s_data.add_parser("prepare", help="tokenize corpora into a Megatron indexed dataset")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_DATASET",
+                   help=".jsonl/.json/.txt/.parquet/.arrow/.csv, a save_to_disk folder, or hf:NAME")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True, metavar="PREFIX")
+    p.add_argument("--text-key", default="text")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    p.add_argument("--txt-mode", choices=["line", "paragraph", "file"], default="paragraph",
+                   help="what a document is in .txt inputs")
+    p.add_argument("--eod-token", help="end-of-document token (default: the tokenizer's EOS)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_prepare)
+    p = s_data.add_parser("merge", help="concatenate indexed datasets into one prefix")
+    p.add_argument("--inputs", nargs="+", required=True, metavar="PREFIX")
+    p.add_argument("--out", required=True, metavar="PREFIX")
+    p.set_defaults(func=cmd_data_merge)
+    p = s_data.add_parser("inspect", help="print training samples (tokens, labels, loss mask)")
+    p.add_argument("--data", metavar="PREFIX")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--pause-rate", type=float)
+    p.add_argument("--pause-id", type=int)
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--start", type=int, default=0, help="first global sample index")
+    p.add_argument("--split", choices=["train", "valid", "test"], default="train")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--tokenizer", help="decode samples (and find the <pause> row)")
+    p.add_argument("--eod-id", type=int, default=0)
+    p.add_argument("--cache-dir", help="where megatron-core caches sample indices")
+    p.add_argument("--json", action="store_true", help="one JSON object per sample")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_data_inspect)
+    p = s_data.add_parser("corpus", help="write the embedded (stdlib docstring) corpus as jsonl")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-mb", type=float, default=4.0)
+    p.set_defaults(func=cmd_data_corpus)
+
+    # demo
+    p = sub.add_parser("demo", help="the embedded end-to-end run on a CPU")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--quick", action="store_true", help="smaller corpus, for smoke tests")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .data.prepare import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+        if os.environ.get("PONDER_PT_DEBUG"):
+            raise
+        print(f"ponder-pt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

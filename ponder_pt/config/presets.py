@@ -1,0 +1,117 @@
+"""Registry of named model shapes and named run configs.
+
+Model shapes follow the published configs: Pythia from EleutherAI's gpt-neox
+`configs/pythia/*.yml` (all: rotary_pct 0.25, parallel residual, untied embeddings,
+seq 2048, ffn 4 x hidden, 2M-token batches of 1024 x 2048, 143k iters, min_lr 0.1 x lr),
+LLaMA from the HF configs of TinyLlama-1.1B and Llama-2-7B.
+"""
+
+from __future__ import annotations
+
+_PYTHIA_SHAPES = {
+    # name: (layers, hidden, heads, lr)
+    "pythia-14m": (6, 128, 4, 1.0e-3),
+    "pythia-31m": (6, 256, 8, 1.0e-3),
+    "pythia-70m": (6, 512, 8, 1.0e-3),
+    "pythia-160m": (12, 768, 12, 6.0e-4),
+    "pythia-410m": (24, 1024, 16, 3.0e-4),
+    "pythia-1b": (16, 2048, 8, 3.0e-4),
+    "pythia-1.4b": (24, 2048, 16, 2.0e-4),
+    "pythia-2.8b": (32, 2560, 32, 1.6e-4),
+    "pythia-6.9b": (32, 4096, 32, 1.2e-4),
+    "pythia-12b": (36, 5120, 40, 1.2e-4),
+}
+
+MODEL_PRESETS: dict[str, dict] = {
+    name: dict(
+        arch="gpt_neox",
+        num_layers=layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=None,
+        ffn_hidden_size=4 * hidden,
+        max_seq_len=2048,
+        rotary_pct=0.25,
+        rotary_base=10000.0,
+        parallel_residual=True,
+        tie_embeddings=False,
+        norm_eps=1e-5,
+    )
+    for name, (layers, hidden, heads, _) in _PYTHIA_SHAPES.items()
+}
+
+MODEL_PRESETS["tinyllama-1.1b"] = dict(
+    arch="llama",
+    num_layers=22,
+    hidden_size=2048,
+    num_heads=32,
+    num_kv_heads=4,
+    ffn_hidden_size=5632,
+    max_seq_len=2048,
+    rotary_pct=1.0,
+    rotary_base=10000.0,
+    parallel_residual=False,
+    tie_embeddings=False,
+    norm_eps=1e-5,
+)
+MODEL_PRESETS["llama2-7b"] = dict(
+    arch="llama",
+    num_layers=32,
+    hidden_size=4096,
+    num_heads=32,
+    num_kv_heads=32,
+    ffn_hidden_size=11008,
+    max_seq_len=4096,
+    rotary_pct=1.0,
+    rotary_base=10000.0,
+    parallel_residual=False,
+    tie_embeddings=False,
+    norm_eps=1e-5,
+)
+# A few-million-parameter Pythia shape for CPU demos and the miniature study.
+MODEL_PRESETS["pythia-tiny"] = dict(
+    MODEL_PRESETS["pythia-14m"], num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=256,
+    max_seq_len=256,
+)
+
+_PYTHIA_TRAIN = dict(iters=143000, global_batch=1024, warmup=0.01, weight_decay=0.01,
+                     adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, grad_clip=1.0)
+
+# Named run configs: nested overrides applied on top of the dataclass defaults.
+RUN_PRESETS: dict[str, dict] = {}
+for _name, (_l, _h, _a, _lr) in _PYTHIA_SHAPES.items():
+    _size = _name.split("-", 1)[1]
+    _base = {
+        "model": {"preset": _name},
+        "data": {"seq_len": 2048},
+        "train": dict(_PYTHIA_TRAIN, lr=_lr, min_lr=0.1 * _lr),
+    }
+    RUN_PRESETS[_name] = dict(_base, name=_name)
+    RUN_PRESETS[f"ponderpythia-{_size}"] = dict(_base, name=f"ponderpythia-{_size}",
+                                                ponder={"steps": 3})
+    RUN_PRESETS[f"pausepythia-{_size}"] = dict(_base, name=f"pausepythia-{_size}",
+                                               pause={"rate": 0.1})
+RUN_PRESETS["tinyllama-1.1b"] = {
+    "name": "tinyllama-1.1b",
+    "model": {"preset": "tinyllama-1.1b"},
+    "data": {"seq_len": 2048},
+    "train": dict(_PYTHIA_TRAIN, lr=4e-4, min_lr=4e-5, weight_decay=0.1, global_batch=1024),
+}
+RUN_PRESETS["llama2-7b"] = {
+    "name": "llama2-7b",
+    "model": {"preset": "llama2-7b"},
+    "data": {"seq_len": 4096},
+    "train": dict(_PYTHIA_TRAIN, lr=3e-4, min_lr=3e-5, weight_decay=0.1, global_batch=1024),
+}
+RUN_PRESETS["demo"] = {
+    "name": "demo",
+    "model": {"preset": "pythia-tiny"},
+    "ponder": {"steps": 1},
+    "pause": {"rate": 0.1},
+    "data": {"seq_len": 128, "split": "95,5,0", "num_workers": 0},
+    "train": {"iters": 200, "micro_batch": 4, "global_batch": 16, "lr": 3e-3, "min_lr": 3e-4,
+              "warmup": 20, "precision": "fp32", "eval_interval": 50, "eval_iters": 4},
+    "parallel": {"zero_stage": 1},
+    "checkpoint": {"interval": 100},
+    "log": {"dir": "runs/demo"},
+}

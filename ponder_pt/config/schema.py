@@ -1,0 +1,191 @@
+"""The typed run configuration: one dataclass per section, nested under `Config`.
+
+Every field here is reachable as a dotted key (`model.hidden_size`, `ponder.steps`, ...)
+from YAML files and from `--set dotted.key=value` on the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = None
+    """Named shape from the registry (pythia-70m, tinyllama-1.1b, ...). Explicit fields win."""
+    arch: str = "gpt_neox"
+    """gpt_neox (Pythia) or llama."""
+    num_layers: int = 6
+    hidden_size: int = 512
+    num_heads: int = 8
+    num_kv_heads: Optional[int] = None
+    """Grouped-query attention (LLaMA); None = num_heads."""
+    ffn_hidden_size: Optional[int] = None
+    """None = 4 x hidden (GPT-NeoX); LLaMA presets set it explicitly."""
+    max_seq_len: int = 2048
+    rotary_pct: float = 0.25
+    rotary_base: float = 10000.0
+    parallel_residual: bool = True
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    vocab_size: Optional[int] = None
+    """Padded vocabulary rows; None = derived from the tokenizer (padded like Megatron)."""
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: Optional[float] = None
+    """None = small_init: sqrt(2 / (5 * hidden))."""
+    dropout: float = 0.0
+    activation_checkpointing: str = "none"
+    """none | full | selective."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+
+@dataclass
+class PonderConfig:
+    steps: int = 0
+    """K extra passes feeding back the probability-weighted embedding; 0 = off."""
+    scale_embeds: bool = True
+    """Multiply embeddings by sqrt(hidden) (e_0 and every fed-back p.W_in)."""
+    scale_initial_by_steps: bool = False
+    top_k: int = 0
+    """0 = full-vocabulary softmax; k > 0 = renormalised top-k."""
+
+
+@dataclass
+class PauseConfig:
+    rate: float = 0.0
+    """Fraction of a sample's L positions turned into <pause>; 0 = off."""
+    token_id: Optional[int] = None
+    """None = the tokenizer's reserved row (first unused padded row)."""
+    inference_pauses: int = 10
+    """M pauses appended to prompts at inference (recorded in exports)."""
+
+
+@dataclass
+class DataConfig:
+    train: list = field(default_factory=list)
+    """Prefixes (PREFIX for PREFIX.bin/.idx), optionally Megatron-style weighted: [0.7, a, 0.3, b]."""
+    valid: list = field(default_factory=list)
+    """Separate validation prefixes; empty = carve valid/test out of `train` with `split`."""
+    test: list = field(default_factory=list)
+    split: str = "969,30,1"
+    tokenizer: Optional[str] = None
+    """Directory or file of a tokenizer.json (HF BPE) or a sentencepiece .model."""
+    seq_len: int = 2048
+    eod_mask_loss: bool = False
+    """Mask the loss of predicting the first token of the next document after an EOD."""
+    cache_dir: Optional[str] = None
+    """Where megatron-core caches document/sample/shuffle indices; None = next to the data."""
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 143000
+    micro_batch: int = 1
+    global_batch: int = 1024
+    lr: float = 1e-3
+    min_lr: Optional[float] = None
+    """None = 0.1 x lr (the Pythia recipe)."""
+    warmup: float = 0.01
+    """Fraction of iters (< 1) or a number of iterations (>= 1)."""
+    lr_decay: str = "cosine"
+    """cosine | linear | constant."""
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    """fp32 | bf16 | fp16 (fp16 is GPU-only)."""
+    seed: int = 1234
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    max_bad_steps: int = 10
+    """Consecutive NaN/inf steps tolerated (skipped) before training stops."""
+
+    @property
+    def min_lr_value(self) -> float:
+        return 0.1 * self.lr if self.min_lr is None else self.min_lr
+
+    @property
+    def warmup_iters(self) -> int:
+        return int(round(self.warmup * self.iters)) if self.warmup < 1 else int(self.warmup)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 1
+    sequence_parallel: bool = False
+    cpu_offload: bool = False
+    world_size: Optional[int] = None
+    """Expected number of processes; None = taken from the launcher at start-up."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    interval: int = 1000
+    keep_last: int = 3
+    load: Optional[str] = None
+    """Resume from this directory (default: `dir` when it holds a checkpoint)."""
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs/default"
+    interval: int = 1
+    wandb: bool = False
+    wandb_project: str = "ponder-pt"
+    wandb_mode: str = "offline"
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ponder: PonderConfig = field(default_factory=PonderConfig)
+    pause: PauseConfig = field(default_factory=PauseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    name: str = "custom"
+
+
+def parse_blend(items: list, key: str = "data.train") -> list[tuple[str, float]]:
+    """[a, b] -> equal weights; Megatron-style [0.7, a, 0.3, b] -> weighted. Raises ValueError."""
+    items = [str(x) for x in items]
+    if not items:
+        return []
+
+    def is_number(text: str) -> bool:
+        try:
+            float(text)
+            return True
+        except ValueError:
+            return False
+
+    if len(items) % 2 == 0 and all(is_number(items[i]) for i in range(0, len(items), 2)):
+        pairs = [(items[i + 1], float(items[i])) for i in range(0, len(items), 2)]
+        if any(w <= 0 for _, w in pairs):
+            raise ValueError(f"{key}: blend weights must be > 0, got {items}")
+        return pairs
+    if any(is_number(x) for x in items):
+        raise ValueError(f"{key}: mixes weights and prefixes; write [w1, prefix1, w2, prefix2, ...] "
+                         f"or just [prefix1, prefix2], got {items}")
+    return [(x, 1.0) for x in items]

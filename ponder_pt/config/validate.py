@@ -1,0 +1,170 @@
+"""Reject impossible configurations before any process group starts.
+
+Every message names the dotted key and says what to change.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .loader import ConfigError
+from .schema import Config, parse_blend
+
+ARCHS = ("gpt_neox", "llama")
+PRECISIONS = ("fp32", "bf16", "fp16")
+CHECKPOINTING = ("none", "full", "selective")
+LR_DECAYS = ("cosine", "linear", "constant")
+
+
+def _divisors_hint(n: int) -> str:
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    return ", ".join(str(d) for d in divs[:12])
+
+
+def problems(cfg: Config, world_size: Optional[int] = None,
+             vocab_size: Optional[int] = None) -> list[str]:
+    """All problems found in `cfg`; `world_size` and the padded `vocab_size` when known."""
+    out: list[str] = []
+    m, par, tr, d = cfg.model, cfg.parallel, cfg.train, cfg.data
+
+    if m.arch not in ARCHS:
+        out.append(f"model.arch: {m.arch!r} is not one of {ARCHS}")
+    for key in ("num_layers", "hidden_size", "num_heads"):
+        if getattr(m, key) < 1:
+            out.append(f"model.{key}: must be >= 1, got {getattr(m, key)}")
+    if m.num_heads >= 1 and m.hidden_size % m.num_heads:
+        out.append(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads="
+                   f"{m.num_heads}; choose num_heads among {_divisors_hint(m.hidden_size)}")
+    if m.num_kv_heads is not None and (m.num_kv_heads < 1 or m.num_heads % m.num_kv_heads):
+        out.append(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
+    if m.num_heads >= 1 and m.hidden_size % m.num_heads == 0:
+        rot = int(m.head_dim * m.rotary_pct)
+        if not 0.0 < m.rotary_pct <= 1.0:
+            out.append(f"model.rotary_pct: must be in (0, 1], got {m.rotary_pct}")
+        elif rot % 2:
+            out.append(f"model.rotary_pct={m.rotary_pct} gives {rot} rotary dims of head_dim "
+                       f"{m.head_dim}; it must be even: adjust rotary_pct or the head size")
+    if m.arch == "llama" and m.parallel_residual:
+        out.append("model.parallel_residual: LLaMA blocks are sequential; set it to false")
+    if m.activation_checkpointing not in CHECKPOINTING:
+        out.append(f"model.activation_checkpointing: {m.activation_checkpointing!r} is not one of "
+                   f"{CHECKPOINTING}")
+    if m.make_vocab_size_divisible_by < 1:
+        out.append("model.make_vocab_size_divisible_by: must be >= 1")
+    if not 0.0 <= m.dropout < 1.0:
+        out.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
+
+    # parallel layout
+    if par.tp < 1 or par.pp < 1:
+        out.append(f"parallel.tp/pp: must be >= 1, got tp={par.tp} pp={par.pp}")
+    else:
+        if m.num_heads % par.tp:
+            out.append(f"model.num_heads={m.num_heads} is not divisible by parallel.tp={par.tp}; "
+                       f"use tp in {_divisors_hint(m.num_heads)}")
+        if m.kv_heads % par.tp:
+            out.append(f"model.num_kv_heads={m.kv_heads} is not divisible by parallel.tp={par.tp}; "
+                       f"use tp in {_divisors_hint(m.kv_heads)}")
+        if m.ffn_size % par.tp:
+            out.append(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tp={par.tp}")
+        if m.num_layers < par.pp:
+            out.append(f"parallel.pp={par.pp} exceeds model.num_layers={m.num_layers}; "
+                       f"use pp <= {m.num_layers}")
+        if par.sequence_parallel and par.tp == 1:
+            out.append("parallel.sequence_parallel needs parallel.tp > 1; set it to false or raise tp")
+        if par.sequence_parallel and d.seq_len % par.tp:
+            out.append(f"data.seq_len={d.seq_len} must be divisible by parallel.tp={par.tp} "
+                       "with sequence parallelism")
+    if par.zero_stage not in (0, 1, 2, 3):
+        out.append(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {par.zero_stage}")
+    elif par.pp > 1 and par.zero_stage >= 2:
+        out.append(f"parallel.zero_stage={par.zero_stage} cannot be combined with pipeline "
+                   f"parallelism (parallel.pp={par.pp}); DeepSpeed's pipeline engine supports "
+                   "ZeRO 0/1: set parallel.zero_stage=1 or parallel.pp=1")
+    if par.cpu_offload and par.zero_stage == 0:
+        out.append("parallel.cpu_offload needs ZeRO >= 1; set parallel.zero_stage")
+
+    world = world_size if world_size is not None else par.world_size
+    if world is not None and par.tp >= 1 and par.pp >= 1:
+        mp = par.tp * par.pp
+        if world % mp:
+            out.append(f"world size {world} is not divisible by parallel.tp x parallel.pp = {mp}")
+        else:
+            dp = world // mp
+            if tr.micro_batch >= 1 and tr.global_batch % (tr.micro_batch * dp):
+                out.append(f"train.global_batch={tr.global_batch} is not divisible by "
+                           f"train.micro_batch x data-parallel size = {tr.micro_batch} x {dp}; "
+                           f"use a global batch that is a multiple of {tr.micro_batch * dp}")
+
+    # training
+    if tr.iters < 1:
+        out.append(f"train.iters: must be >= 1, got {tr.iters}")
+    if tr.micro_batch < 1:
+        out.append(f"train.micro_batch: must be >= 1, got {tr.micro_batch}")
+    elif tr.global_batch < tr.micro_batch:
+        out.append(f"train.global_batch={tr.global_batch} is smaller than train.micro_batch="
+                   f"{tr.micro_batch}")
+    if tr.lr <= 0:
+        out.append(f"train.lr: must be > 0, got {tr.lr}")
+    elif tr.min_lr_value > tr.lr or tr.min_lr_value < 0:
+        out.append(f"train.min_lr={tr.min_lr_value} must be in [0, train.lr={tr.lr}]")
+    if tr.warmup < 0 or tr.warmup_iters > tr.iters:
+        out.append(f"train.warmup={tr.warmup} gives {tr.warmup_iters} warmup iterations, more than "
+                   f"train.iters={tr.iters}; use a fraction < 1 or fewer iterations")
+    if tr.lr_decay not in LR_DECAYS:
+        out.append(f"train.lr_decay: {tr.lr_decay!r} is not one of {LR_DECAYS}")
+    if tr.precision not in PRECISIONS:
+        out.append(f"train.precision: {tr.precision!r} is not one of {PRECISIONS}")
+    if tr.eval_interval < 1 or tr.eval_iters < 0:
+        out.append("train.eval_interval must be >= 1 and train.eval_iters >= 0")
+
+    # methods
+    p = cfg.ponder
+    if p.steps < 0:
+        out.append(f"ponder.steps: must be >= 0 (0 = off), got {p.steps}")
+    if p.top_k < 0:
+        out.append(f"ponder.top_k: must be >= 0 (0 = full vocabulary), got {p.top_k}")
+    if not 0.0 <= cfg.pause.rate < 1.0:
+        out.append(f"pause.rate: must be in [0, 1) (0 = off), got {cfg.pause.rate}")
+    if cfg.pause.inference_pauses < 0:
+        out.append("pause.inference_pauses: must be >= 0")
+    vocab = vocab_size if vocab_size is not None else m.vocab_size
+    if vocab is not None:
+        if vocab % par.tp:
+            out.append(f"vocabulary size {vocab} is not divisible by parallel.tp={par.tp}")
+        if p.top_k >= vocab:
+            out.append(f"ponder.top_k={p.top_k} must be smaller than the vocabulary ({vocab})")
+        tid = cfg.pause.token_id
+        if tid is not None and not 0 <= tid < vocab:
+            out.append(f"pause.token_id={tid} is outside the vocabulary [0, {vocab}); leave it "
+                       "unset to use the tokenizer's reserved <pause> row")
+
+    # data
+    if d.seq_len < 2:
+        out.append(f"data.seq_len: must be >= 2, got {d.seq_len}")
+    if d.seq_len > m.max_seq_len:
+        out.append(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+                   "raise model.max_seq_len or shorten data.seq_len")
+    try:
+        parts = [float(x) for x in d.split.replace("/", ",").split(",")]
+        if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0 or parts[0] <= 0:
+            raise ValueError
+    except ValueError:
+        out.append(f"data.split={d.split!r}: expected three non-negative weights "
+                   "train,valid,test with train > 0, e.g. '969,30,1'")
+    for key in ("train", "valid", "test"):
+        try:
+            parse_blend(getattr(d, key), f"data.{key}")
+        except ValueError as exc:
+            out.append(str(exc))
+    if d.num_workers < 0:
+        out.append("data.num_workers: must be >= 0")
+    if cfg.checkpoint.interval < 1 or cfg.checkpoint.keep_last < 1:
+        out.append("checkpoint.interval and checkpoint.keep_last must be >= 1")
+    return out
+
+
+def check(cfg: Config, world_size: Optional[int] = None, vocab_size: Optional[int] = None) -> Config:
+    found = problems(cfg, world_size=world_size, vocab_size=vocab_size)
+    if found:
+        raise ConfigError(found)
+    return cfg

@@ -1,0 +1,70 @@
+"""`ponder-pt demo` / `make demo`: the embedded end-to-end run on a CPU.
+
+Stages so far: embedded corpus -> BPE tokenizer -> indexed dataset (2 workers) -> packed
+samples with pause tokens from the `demo` run config, printed as the model will see them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from .config import load_config
+
+
+def _stage(name: str):
+    print(f"\n=== {name}", flush=True)
+    return time.perf_counter()
+
+
+def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
+    from .data.corpus import write_corpus
+    from .data.inspect import iter_records, render
+    from .data.prepare import prepare
+    from .data.samples import datasets_for_config
+    from .tokenizer import load_tokenizer, train_tokenizer
+
+    os.makedirs(out_dir, exist_ok=True)
+    summary: dict = {}
+
+    t = _stage("1/4 embedded corpus: Python standard-library docstrings")
+    corpus = os.path.join(out_dir, "corpus.jsonl")
+    info = write_corpus(corpus, max_bytes=300_000 if quick else 2_000_000)
+    print(f"{info['documents']} documents, {info['characters']:,} characters "
+          f"({time.perf_counter() - t:.1f}s)")
+    summary["corpus"] = info
+
+    t = _stage("2/4 tokenizer: byte-level BPE")
+    tok_dir = os.path.join(out_dir, "tokenizer")
+    train_tokenizer([corpus], 1024 if quick else 4096, tok_dir, show_progress=False)
+    tok = load_tokenizer(tok_dir)
+    summary["tokenizer"] = tok.describe()
+    print(json.dumps(summary["tokenizer"]) + f" ({time.perf_counter() - t:.1f}s)")
+
+    t = _stage("3/4 data prepare: indexed dataset with 2 workers")
+    prefix = os.path.join(out_dir, "data", "corpus")
+    stats = prepare([corpus], tok_dir, prefix, workers=2, progress=True)
+    print(f"{stats.documents_written} documents, {stats.tokens:,} tokens, "
+          f"{stats.tokens_per_s:,.0f} tok/s, {stats.rejected} rejected "
+          f"({time.perf_counter() - t:.1f}s)")
+    summary["prepare"] = {k: getattr(stats, k) for k in
+                          ("documents_in", "documents_written", "rejected", "tokens")}
+
+    t = _stage("4/4 samples: packed, blended-ready, with pause tokens (pause.rate=0.1)")
+    cfg = load_config("demo", [f"data.train=[{prefix}]", f"data.tokenizer={tok_dir}",
+                               f"data.cache_dir={os.path.join(out_dir, 'data', 'cache')}"])
+    tr = cfg.train
+    valid_samples = (tr.iters // tr.eval_interval + 1) * tr.eval_iters * tr.global_batch
+    train_ds, valid_ds, _ = datasets_for_config(cfg, tok, (tr.iters * tr.global_batch,
+                                                           valid_samples, 0))
+    for record in iter_records(train_ds, 0, 2):
+        print(render(record, tok, train_ds.pause_id)[:900])
+    summary["samples"] = {"train": len(train_ds), "valid": len(valid_ds) if valid_ds else 0,
+                          "seq_len": cfg.data.seq_len, "pause_id": train_ds.pause_id}
+    print(f"train samples {len(train_ds)}, valid samples {summary['samples']['valid']} "
+          f"({time.perf_counter() - t:.1f}s)")
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=2)
+    print(f"\ndemo finished: {os.path.join(out_dir, 'summary.json')}")
+    return summary

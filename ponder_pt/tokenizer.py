@@ -1,0 +1,208 @@
+"""Tokenizers: train (HF byte-level BPE or sentencepiece) and load either behind one interface.
+
+The loaded `Tokenizer` also answers the model-side vocabulary questions: the padded vocabulary
+size (a multiple of make_vocab_size_divisible_by x TP, like Megatron) and which padded row is
+reserved for `<pause>`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+PAUSE_TOKEN = "<pause>"
+EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
+
+
+def pad_vocab_size(n: int, divisible_by: int = 128, tp: int = 1) -> int:
+    """Round n up to a multiple of divisible_by x tp (Megatron's padded vocab)."""
+    multiple = divisible_by * tp
+    return ((n + multiple - 1) // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class VocabLayout:
+    """Embedding-table rows implied by a tokenizer, the padding rule and the pause reservation."""
+
+    vocab_size: int
+    padded_vocab_size: int
+    pause_id: Optional[int]
+
+    @classmethod
+    def build(cls, vocab_size: int, divisible_by: int = 128, tp: int = 1,
+              pause_id: Optional[int] = None, need_pause: bool = False) -> "VocabLayout":
+        """pause_id: the tokenizer's own <pause> token if it has one; otherwise, when a pause
+        is needed, the first padded row (growing the padding by one multiple if there is none)."""
+        padded = pad_vocab_size(vocab_size, divisible_by, tp)
+        if pause_id is None and padded > vocab_size:
+            pause_id = vocab_size
+        elif pause_id is None and need_pause:
+            pause_id = vocab_size
+            padded = pad_vocab_size(vocab_size + 1, divisible_by, tp)
+        return cls(vocab_size, padded, pause_id)
+
+
+class Tokenizer:
+    """Common face of an HF `tokenizers` tokenizer.json and a sentencepiece .model."""
+
+    kind: str
+    path: str
+
+    def __init__(self, path: str, eod_token: Optional[str] = None):
+        self.path = _resolve_tokenizer_file(path)
+        self._eod_token = eod_token
+        if self.path.endswith(".json"):
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self.kind = "bpe"
+            self._tok = HFTokenizer.from_file(self.path)
+            self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+            self.eod_id = self._find_special(eod_token, self._tok.token_to_id)
+            self.pad_id = self._tok.token_to_id("<|padding|>")
+            own_pause = self._tok.token_to_id(PAUSE_TOKEN)
+        else:
+            import sentencepiece as spm
+
+            self.kind = "sentencepiece"
+            self._tok = spm.SentencePieceProcessor(model_file=self.path)
+            self.vocab_size = self._tok.get_piece_size()
+            if eod_token is not None:
+                self.eod_id = self._find_special(eod_token, self._sp_piece_id)
+            else:
+                self.eod_id = self._tok.eos_id()
+                if self.eod_id < 0:
+                    raise ValueError(f"{self.path}: sentencepiece model has no eos piece; "
+                                     "pass eod_token= to name the end-of-document piece")
+            self.pad_id = self._tok.pad_id() if self._tok.pad_id() >= 0 else None
+            own_pause = self._sp_piece_id(PAUSE_TOKEN)
+        self.own_pause_id = own_pause
+
+    def _sp_piece_id(self, piece: str) -> Optional[int]:
+        pid = self._tok.piece_to_id(piece)
+        return None if pid == self._tok.unk_id() and piece != self._tok.id_to_piece(pid) else pid
+
+    def _find_special(self, eod_token: Optional[str], lookup) -> int:
+        names = (eod_token,) if eod_token else EOD_CANDIDATES
+        for name in names:
+            tid = lookup(name)
+            if tid is not None:
+                return tid
+        raise ValueError(f"{self.path}: no end-of-document token among {names}; "
+                         "pass --eod-token with the tokenizer's EOD token")
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "bpe":
+            return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.kind == "bpe":
+            return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        return self._tok.encode(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
+        return self._tok.decode(ids)
+
+    def id_to_token(self, tid: int) -> str:
+        if not 0 <= tid < self.vocab_size:
+            return PAUSE_TOKEN if tid == self.vocab_size else f"<pad:{tid}>"
+        if self.kind == "bpe":
+            return self._tok.id_to_token(tid)
+        return self._tok.id_to_piece(tid)
+
+    def layout(self, divisible_by: int = 128, tp: int = 1, need_pause: bool = False) -> VocabLayout:
+        return VocabLayout.build(self.vocab_size, divisible_by, tp, self.own_pause_id, need_pause)
+
+    def describe(self, divisible_by: int = 128, tp: int = 1) -> dict:
+        lay = self.layout(divisible_by, tp, need_pause=True)
+        return {"path": self.path, "kind": self.kind, "vocab_size": self.vocab_size,
+                "eod_id": self.eod_id, "pad_id": self.pad_id,
+                "padded_vocab_size": lay.padded_vocab_size, "pause_id": lay.pause_id,
+                "padding_multiple": divisible_by * tp}
+
+    # picklable by path, so worker processes can rebuild it cheaply
+    def __reduce__(self):
+        return (Tokenizer, (self.path, self._eod_token))
+
+
+def _resolve_tokenizer_file(path: str) -> str:
+    if os.path.isdir(path):
+        for name in ("tokenizer.json", "tokenizer.model"):
+            candidate = os.path.join(path, name)
+            if os.path.exists(candidate):
+                return candidate
+        models = sorted(f for f in os.listdir(path) if f.endswith(".model"))
+        if models:
+            return os.path.join(path, models[0])
+        raise FileNotFoundError(f"{path}: no tokenizer.json or sentencepiece .model inside")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer {path!r} does not exist")
+    if not path.endswith((".json", ".model")):
+        raise ValueError(f"{path}: expected a tokenizer.json (HF BPE) or a sentencepiece .model")
+    return path
+
+
+def load_tokenizer(path: str, eod_token: Optional[str] = None) -> Tokenizer:
+    return Tokenizer(path, eod_token=eod_token)
+
+
+def _text_lines(files: Sequence[str], text_key: str = "text") -> Iterable[str]:
+    """Training text from .txt (lines) or .jsonl (`text_key`) files; unreadable lines skipped
+    here because tokenizer training only samples text, it does not produce a corpus."""
+    for path in files:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                line = raw.decode("utf-8", errors="replace")
+                if path.endswith((".jsonl", ".json")):
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    text = rec.get(text_key) if isinstance(rec, dict) else None
+                    if isinstance(text, str) and text:
+                        yield text
+                elif line.strip():
+                    yield line
+
+
+def train_tokenizer(files: Sequence[str], vocab_size: int, out_dir: str, kind: str = "bpe",
+                    text_key: str = "text", show_progress: bool = True) -> str:
+    """Train a tokenizer on text/jsonl files; returns the written file path."""
+    for path in files:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"tokenizer training input {path!r} does not exist")
+    os.makedirs(out_dir, exist_ok=True)
+    if kind == "bpe":
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+        # GPT-NeoX-20B style: byte-level BPE, <|endoftext|> = 0, <|padding|> = 1.
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+        )
+        tok.train_from_iterator(_text_lines(files, text_key), trainer=trainer)
+        out = os.path.join(out_dir, "tokenizer.json")
+        tok.save(out)
+        return out
+    if kind == "sentencepiece":
+        import sentencepiece as spm
+
+        prefix = os.path.join(out_dir, "tokenizer")
+        # LLaMA style: unk=0, bos=1, eos=2, byte fallback so nothing is ever unknown.
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_text_lines(files, text_key)), model_prefix=prefix,
+            vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=0.9995,
+            split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+            hard_vocab_limit=False, minloglevel=2, num_threads=max(1, os.cpu_count() or 1),
+        )
+        return prefix + ".model"
+    raise ValueError(f"--type {kind!r}: expected 'bpe' or 'sentencepiece'")
