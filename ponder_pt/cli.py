@@ -146,6 +146,65 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- train
+def torchrun_command(nproc: int, config: str, overrides: Sequence[str], extra=()) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "ponder_pt.train", "--config", config]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd + list(extra)
+
+
+def cmd_train(args) -> int:
+    import shlex
+
+    from .train import resolve, run
+
+    launched = "WORLD_SIZE" in os.environ  # already under torchrun/deepspeed/srun
+    if args.nproc > 1 and not launched:
+        # reject a bad config here, before torchrun starts any process
+        resolve(args.config, args.overrides, args.nproc, need_tokenizer=not args.dry_run)
+        cmd = torchrun_command(args.nproc, args.config, args.overrides)
+        if args.dry_run:
+            return run(args.config, args.overrides, dry_run=True, world_size=args.nproc,
+                       launch=" ".join(shlex.quote(c) for c in cmd))
+        return _launch_and_wait(cmd, args)
+    return run(args.config, args.overrides, dry_run=args.dry_run)
+
+
+def _launch_and_wait(cmd: list[str], args) -> int:
+    """Run torchrun; forward SIGTERM/SIGUSR1 to it (it passes SIGTERM on to the workers,
+    which save and exit), and report EXIT_REQUEUE when the workers saved for a requeue."""
+    import signal
+    import subprocess
+
+    from .config import load_config
+    from .engine.preemption import EXIT_REQUEUE, marker_path
+
+    ckpt_dir = load_config(args.config, args.overrides, validate=False).checkpoint.dir
+    child = subprocess.Popen(cmd)
+
+    def forward(signum, frame):
+        child.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code != 0 and ckpt_dir and os.path.exists(marker_path(ckpt_dir)):
+        return EXIT_REQUEUE
+    return code
+
+
+def cmd_plot(args) -> int:
+    from .engine.plot import plot_runs
+
+    print(plot_runs(args.runs, args.out, labels=args.labels, x=args.x))
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     from .demo import run_demo
@@ -226,6 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--max-mb", type=float, default=4.0)
     p.set_defaults(func=cmd_data_corpus)
+
+    # train
+    p = sub.add_parser("train", help="pretrain (DeepSpeed ZeRO, TP/PP); see ponder_pt/train.py")
+    _add_config_args(p, required=True)
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (launches torchrun when > 1)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print resolved config, layout, parameters, FLOPs/token, launch command")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("plot", help="loss curves of runs (their log dirs) to a PNG")
+    p.add_argument("runs", nargs="+", help="log.dir of each run, or metrics.jsonl files")
+    p.add_argument("--out", default="loss.png")
+    p.add_argument("--labels", nargs="+")
+    p.add_argument("--x", choices=["step", "tokens"], default="step")
+    p.set_defaults(func=cmd_plot)
 
     # demo
     p = sub.add_parser("demo", help="the embedded end-to-end run on a CPU")

@@ -1,13 +1,15 @@
 """`ponder-pt demo` / `make demo`: the embedded end-to-end run on a CPU.
 
-Stages so far: embedded corpus -> BPE tokenizer -> indexed dataset (2 workers) -> packed
-samples with pause tokens from the `demo` run config, printed as the model will see them.
+embedded corpus -> BPE tokenizer -> indexed dataset (2 workers) -> packed samples with pause
+tokens -> a tiny PonderPythia (K=1) with pause tokens trained by 2 processes under DeepSpeed
+ZeRO-1 (the real `ponder-pt train` launch path) -> validation loss -> loss-curve PNG.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 
 from .config import load_config
@@ -28,21 +30,21 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     summary: dict = {}
 
-    t = _stage("1/4 embedded corpus: Python standard-library docstrings")
+    t = _stage("1/5 embedded corpus: Python standard-library docstrings")
     corpus = os.path.join(out_dir, "corpus.jsonl")
     info = write_corpus(corpus, max_bytes=300_000 if quick else 2_000_000)
     print(f"{info['documents']} documents, {info['characters']:,} characters "
           f"({time.perf_counter() - t:.1f}s)")
     summary["corpus"] = info
 
-    t = _stage("2/4 tokenizer: byte-level BPE")
+    t = _stage("2/5 tokenizer: byte-level BPE")
     tok_dir = os.path.join(out_dir, "tokenizer")
     train_tokenizer([corpus], 1024 if quick else 4096, tok_dir, show_progress=False)
     tok = load_tokenizer(tok_dir)
     summary["tokenizer"] = tok.describe()
     print(json.dumps(summary["tokenizer"]) + f" ({time.perf_counter() - t:.1f}s)")
 
-    t = _stage("3/4 data prepare: indexed dataset with 2 workers")
+    t = _stage("3/5 data prepare: indexed dataset with 2 workers")
     prefix = os.path.join(out_dir, "data", "corpus")
     stats = prepare([corpus], tok_dir, prefix, workers=2, progress=True)
     print(f"{stats.documents_written} documents, {stats.tokens:,} tokens, "
@@ -51,9 +53,14 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
     summary["prepare"] = {k: getattr(stats, k) for k in
                           ("documents_in", "documents_written", "rejected", "tokens")}
 
-    t = _stage("4/4 samples: packed, blended-ready, with pause tokens (pause.rate=0.1)")
-    cfg = load_config("demo", [f"data.train=[{prefix}]", f"data.tokenizer={tok_dir}",
-                               f"data.cache_dir={os.path.join(out_dir, 'data', 'cache')}"])
+    t = _stage("4/5 samples: packed, blended-ready, with pause tokens (pause.rate=0.1)")
+    run_dir = os.path.join(out_dir, "run")
+    overrides = [f"data.train=[{prefix}]", f"data.tokenizer={tok_dir}",
+                 f"data.cache_dir={os.path.join(out_dir, 'data', 'cache')}",
+                 f"log.dir={run_dir}", f"checkpoint.dir={os.path.join(run_dir, 'checkpoints')}"]
+    if quick:
+        overrides += ["train.iters=20", "train.eval_interval=10", "train.warmup=2"]
+    cfg = load_config("demo", overrides)
     tr = cfg.train
     valid_samples = (tr.iters // tr.eval_interval + 1) * tr.eval_iters * tr.global_batch
     train_ds, valid_ds, _ = datasets_for_config(cfg, tok, (tr.iters * tr.global_batch,
@@ -64,6 +71,33 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
                           "seq_len": cfg.data.seq_len, "pause_id": train_ds.pause_id}
     print(f"train samples {len(train_ds)}, valid samples {summary['samples']['valid']} "
           f"({time.perf_counter() - t:.1f}s)")
+
+    t = _stage(f"5/5 train: tiny PonderPythia (K={cfg.ponder.steps}, pause rate "
+               f"{cfg.pause.rate}), 2 processes, ZeRO-{cfg.parallel.zero_stage}, "
+               f"{cfg.train.iters} steps")
+    from .cli import torchrun_command
+    from .engine.metrics import read_metrics
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    if os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        import shutil
+
+        shutil.rmtree(os.path.join(run_dir, "checkpoints"))  # the demo always starts afresh
+    code = subprocess.call(torchrun_command(2, "demo", overrides), env=env)
+    if code != 0:
+        raise RuntimeError(f"demo training exited with code {code}")
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    train_losses = [r["loss"] for r in rows if "loss" in r]
+    valid = [r for r in rows if "valid_loss" in r]
+    summary["train"] = {"steps": len(train_losses), "first_loss": train_losses[0],
+                        "last_loss": train_losses[-1], "valid_loss": valid[-1]["valid_loss"],
+                        "valid_ppl": valid[-1]["valid_ppl"],
+                        "loss_curve": os.path.join(run_dir, "loss.png"),
+                        "seconds": round(time.perf_counter() - t, 1)}
+    print(f"train loss {train_losses[0]:.3f} -> {train_losses[-1]:.3f}; validation loss "
+          f"{valid[-1]['valid_loss']:.3f} (ppl {valid[-1]['valid_ppl']:.1f}); loss curve "
+          f"{summary['train']['loss_curve']} ({time.perf_counter() - t:.0f}s)")
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2)
     print(f"\ndemo finished: {os.path.join(out_dir, 'summary.json')}")

@@ -113,5 +113,5 @@ RUN_PRESETS["demo"] = {
               "warmup": 20, "precision": "fp32", "eval_interval": 50, "eval_iters": 4},
     "parallel": {"zero_stage": 1},
     "checkpoint": {"interval": 100},
-    "log": {"dir": "runs/demo"},
+    "log": {"dir": "runs/demo", "interval": 10},
 }

@@ -131,6 +131,9 @@ class ParallelConfig:
     zero_stage: int = 1
     sequence_parallel: bool = False
     cpu_offload: bool = False
+    """ZeRO-Offload: optimizer states and step on the CPU."""
+    ds_config: Optional[str] = None
+    """A DeepSpeed JSON merged over the generated one (e.g. ds_configs/zero2_bf16.json)."""
     world_size: Optional[int] = None
     """Expected number of processes; None = taken from the launcher at start-up."""
 
@@ -152,6 +155,8 @@ class LogConfig:
     wandb_project: str = "ponder-pt"
     wandb_mode: str = "offline"
     tensorboard: bool = False
+    peak_tflops: Optional[float] = None
+    """Per-device peak for MFU; None = looked up from the GPU name (H100/H200: 989 bf16)."""
 
 
 @dataclass

@@ -1,0 +1,232 @@
+"""Step time and memory of pondering (K = 0..3) with and without activation checkpointing.
+
+Every configuration runs in its own subprocess (so peak-RSS numbers do not leak between
+configurations) at the same shape, and the parent prints one markdown table with ratios vs
+the plain model (K = 0). A training step is forward + backward of the mean CE loss.
+
+Memory, two measures:
+* `saved MiB`: bytes of the tensors autograd keeps for backward at the end of the forward
+  (torch.autograd.graph.saved_tensors_hooks, unique storages, parameters excluded) -- the
+  activation memory that pondering multiplies and checkpointing removes; exact and
+  deterministic on any device.
+* CPU: `peak RSS delta MiB`: the process's peak resident set (getrusage ru_maxrss) minus the
+  RSS just before the first step (model, optimizer-free). Includes allocator slack and
+  transient buffers; coarse.
+* CUDA: `peak MiB` = torch.cuda.max_memory_allocated() minus memory allocated before the step.
+
+CPU (the table in benchmarks/README.md):
+    .venv/bin/python benchmarks/bench_ponder.py
+GPU, tokens/s and MFU for a Pythia-410M shape (bf16):
+    python benchmarks/bench_ponder.py --device cuda --dtype bf16 --preset pythia-410m \
+        --seq 2048 --batch 8 --iters 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+warnings.filterwarnings("ignore")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default=None, help="model preset (e.g. pythia-410m); "
+                    "default: a small CPU shape set by the flags below")
+    ap.add_argument("--arch", default="gpt_neox", choices=["gpt_neox", "llama"])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192, help="padded vocabulary rows")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", default="0,1,2,3", help="pondering steps K to compare")
+    ap.add_argument("--ckpt", default="none,full", help="activation checkpointing modes")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--iters", type=int, default=5, help="timed steps")
+    ap.add_argument("--stat", default="min", choices=["min", "median"],
+                    help="step-time statistic; min is robust to other load on a shared machine")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="sweeps over all configurations (interleaved); best sweep is kept")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="accelerator peak for MFU (H100 SXM dense bf16: 989)")
+    ap.add_argument("--json", action="store_true", help="print raw results as JSON lines too")
+    ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # "K,ckpt" (child mode)
+    return ap.parse_args(argv)
+
+
+def model_config(args):
+    from ponder_pt.config.presets import MODEL_PRESETS
+    from ponder_pt.config.schema import ModelConfig
+
+    if args.preset:
+        fields = dict(MODEL_PRESETS[args.preset])
+        fields.setdefault("vocab_size", 50304 if fields["arch"] == "gpt_neox" else 32000)
+        return ModelConfig(preset=args.preset, **fields)
+    over = dict(rotary_pct=1.0, parallel_residual=False) if args.arch == "llama" else {}
+    return ModelConfig(arch=args.arch, num_layers=args.layers, hidden_size=args.hidden,
+                       num_heads=args.heads, vocab_size=args.vocab, max_seq_len=args.seq, **over)
+
+
+def train_flops_per_token(cfg, seq: int, K: int) -> float:
+    """Model FLOPs of one training token (fwd + bwd = 3x fwd), all K+1 passes.
+
+    Per pass: 2 x (matmul params incl. the output head) + causal-agnostic attention
+    2 x 2 x s x h per layer (QK^T and PV, as in the usual 6N + 12 L h s count).
+    Per pondering step add the soft embedding p.W_in (2 V h).
+    """
+    h, L, V = cfg.hidden_size, cfg.num_layers, cfg.vocab_size
+    kv = cfg.kv_heads * cfg.head_dim
+    attn = h * (h + 2 * kv) + h * h
+    mlp = (3 if cfg.arch == "llama" else 2) * h * cfg.ffn_size
+    matmul_params = L * (attn + mlp) + V * h
+    per_pass = 2 * matmul_params + 4 * L * seq * h
+    return 3 * ((K + 1) * per_pass + K * 2 * V * h)
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_single(args) -> dict:
+    import torch
+
+    from ponder_pt.config.schema import PonderConfig
+    from ponder_pt.models import PonderLM, init_single_process
+
+    torch.set_num_threads(args.threads)
+    K, ckpt = args.single.split(",")
+    K = int(K)
+    init_single_process("nccl" if args.device == "cuda" else "gloo")
+    cfg = model_config(args)
+    cfg.activation_checkpointing = ckpt
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = PonderLM(cfg, PonderConfig(steps=K, top_k=args.top_k), params_dtype=dtype)
+    model.to(args.device).train()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen).to(args.device)
+    labels = torch.roll(ids, -1, dims=1)
+    params = {p.data_ptr() for p in model.parameters()}
+
+    def sync():
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
+    def step(measure_saved=False):
+        saved = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                saved[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        if measure_saved:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(ids, labels=labels)
+        else:
+            loss = model(ids, labels=labels)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return sum(saved.values())
+
+    rss0 = rss_mib()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    saved_bytes = step(measure_saved=True)
+    for _ in range(args.warmup - 1):
+        step()
+    times = []
+    for _ in range(args.iters):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    t = min(times) if args.stat == "min" else statistics.median(times)
+    if args.device == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+    tokens = args.batch * args.seq
+    flops = train_flops_per_token(cfg, args.seq, K) * tokens
+    return {"K": K, "ckpt": ckpt, "step_s": t, "flops": flops,
+            "step_s_median": statistics.median(times), "step_s_min": min(times), "saved_mib": saved_bytes / 2**20,
+            "peak_mib": peak, "tokens_per_s": tokens / t,
+            "mfu": flops / t / (args.peak_tflops * 1e12) if args.device == "cuda" else None,
+            "device": args.device, "dtype": args.dtype, "threads": args.threads,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def table(rows, args) -> str:
+    plain = {r["ckpt"]: r for r in rows if r["K"] == 0}
+    base = plain.get("none") or next(iter(plain.values()), None)
+    peak_name = "peak MiB (CUDA)" if args.device == "cuda" else "peak RSS delta MiB"
+    head = ["K", "ckpt", f"step s ({args.stat})", "time x plain", "FLOPs x plain", "tokens/s", "saved MiB",
+            "saved x plain", peak_name]
+    if args.device == "cuda":
+        head.append("MFU")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ref = plain.get(r["ckpt"], base)
+        cells = [str(r["K"]), r["ckpt"], f"{r['step_s']:.3f}",
+                 f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-",
+                 f"{r['flops'] / ref['flops']:.2f}" if ref else "-",
+                 f"{r['tokens_per_s']:.0f}", f"{r['saved_mib']:.1f}",
+                 f"{r['saved_mib'] / base['saved_mib']:.2f}" if base else "-",
+                 f"{r['peak_mib']:.0f}"]
+        if args.device == "cuda":
+            cells.append(f"{100 * r['mfu']:.1f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.single:
+        print("RESULT " + json.dumps(run_single(args)), flush=True)
+        return
+    argv = list(sys.argv[1:] if argv is None else argv)
+    load0 = os.getloadavg()[0]
+    best = {}
+    for _ in range(args.repeats):
+        for ckpt in args.ckpt.split(","):
+            for K in (int(k) for k in args.steps.split(",")):
+                cmd = [sys.executable, os.path.abspath(__file__), *argv, "--single", f"{K},{ckpt}"]
+                env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+                if out.returncode or not line:
+                    sys.exit(f"K={K} ckpt={ckpt} failed:\n{out.stderr[-3000:]}")
+                row = json.loads(line[-1][len("RESULT "):])
+                if args.json:
+                    print(json.dumps(row), flush=True)
+                if (K, ckpt) not in best or row["step_s"] < best[K, ckpt]["step_s"]:
+                    best[K, ckpt] = row
+    rows = list(best.values())
+    cfg = model_config(args)
+    print(f"\nshape: {cfg.arch} L={cfg.num_layers} h={cfg.hidden_size} heads={cfg.num_heads} "
+          f"V={cfg.vocab_size} seq={args.seq} batch={args.batch} ({rows[0]['params_m']:.1f}M "
+          f"params), {args.device} {args.dtype}, {args.threads} threads, top_k={args.top_k}, "
+          f"{args.stat} of {args.iters} steps x {args.repeats} sweeps after {args.warmup} "
+          f"warm-up; 1-min load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end\n")
+    print(table(rows, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Expand SLURM_JOB_NODELIST ("gpu[001-003,007],cpu5") into host names, and optionally write a
+DeepSpeed hostfile ("host slots=N" per line).
+
+  python launchers/slurm_hosts.py                 # one host per line
+  python launchers/slurm_hosts.py --first         # the first host (MASTER_ADDR)
+  python launchers/slurm_hosts.py --hostfile hostfile --slots 8
+Uses `scontrol show hostnames` when available, else parses the list itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    hosts: list[str] = []
+    # split on commas that are not inside brackets
+    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", item)
+        if not m:
+            hosts.append(item)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for part in ranges.split(","):
+            if "-" in part:
+                lo, hi = part.split("-")
+                for n in range(int(lo), int(hi) + 1):
+                    hosts.append(f"{prefix}{n:0{len(lo)}d}{suffix}")
+            else:
+                hosts.append(f"{prefix}{part}{suffix}")
+    return hosts
+
+
+def hosts_from_env() -> list[str]:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise SystemExit("error: SLURM_JOB_NODELIST is not set (run inside a SLURM allocation)")
+    if shutil.which("scontrol"):
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, check=True).stdout.split()
+        if out:
+            return out
+    return expand_nodelist(nodelist)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--first", action="store_true")
+    p.add_argument("--hostfile")
+    p.add_argument("--slots", type=int, default=int(os.environ.get("SLURM_GPUS_ON_NODE", 8)))
+    args = p.parse_args(argv)
+    hosts = hosts_from_env()
+    if args.hostfile:
+        with open(args.hostfile, "w") as fh:
+            fh.writelines(f"{h} slots={args.slots}\n" for h in hosts)
+    print(hosts[0] if args.first else "\n".join(hosts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Which global sample indices each rank reads at each step.
+
+Step s consumes global indices [s*G, (s+1)*G). DP rank r takes the contiguous slice
+[s*G + r*G/dp, s*G + (r+1)*G/dp) and cuts it into micro-batches of `micro_batch`. The
+micro-batches of a step are therefore the same sets of samples for every DP size, which is
+what makes a 2-process run match a 1-process run, and the data position after a resume is just
+the step number (a global quantity, so the DP size may change between runs).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+
+def step_micro_batches(step: int, global_batch: int, micro_batch: int, dp_rank: int,
+                       dp: int) -> list[list[int]]:
+    per_rank = global_batch // dp
+    start = step * global_batch + dp_rank * per_rank
+    return [list(range(start + j * micro_batch, start + (j + 1) * micro_batch))
+            for j in range(per_rank // micro_batch)]
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Yields this rank's micro-batches for steps [start_step, end_step), in order."""
+
+    def __init__(self, start_step: int, end_step: int, global_batch: int, micro_batch: int,
+                 dp_rank: int, dp: int):
+        self.start_step, self.end_step = start_step, end_step
+        self.args = (global_batch, micro_batch, dp_rank, dp)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start_step, self.end_step):
+            yield from step_micro_batches(step, *self.args)
+
+    def __len__(self) -> int:
+        global_batch, micro_batch, _, dp = self.args
+        return (self.end_step - self.start_step) * (global_batch // dp // micro_batch)
+
+
+def loader(dataset, sampler: StepBatchSampler, num_workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available(),
+                                       persistent_workers=False)

@@ -1,0 +1,203 @@
+"""Checkpoints that survive crashes and preemption.
+
+Layout under `checkpoint.dir`:
+    step_00000100/            DeepSpeed's files (model/optimizer shards) + rng_rankNNNNN.pt
+    step_00000100/ponder_meta.json   written by rank 0 only after every rank finished saving;
+                                     lists each file with its size: the "complete" marker
+    latest                    the newest complete tag, replaced atomically (DeepSpeed format)
+
+A directory without a valid ponder_meta.json (a save cut short) is never loaded; a tag whose
+files are missing or truncated, or that fails to load, is skipped for the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Callable, Optional
+
+import torch
+
+META = "ponder_meta.json"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _file_sizes(root: str) -> dict[str, int]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if name == META:
+                continue
+            full = os.path.join(dirpath, name)
+            out[os.path.relpath(full, root)] = os.path.getsize(full)
+    return out
+
+
+def list_tags(ckpt_dir: str) -> list[str]:
+    """Step tags present on disk, newest first (complete or not)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted((t for t in os.listdir(ckpt_dir) if _TAG.match(t)), reverse=True)
+
+
+def verify(ckpt_dir: str, tag: str) -> Optional[str]:
+    """None when `tag` is complete and intact, else the reason it is not."""
+    root = os.path.join(ckpt_dir, tag)
+    try:
+        with open(os.path.join(root, META), encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except FileNotFoundError:
+        return "incomplete (no ponder_meta.json: the save did not finish)"
+    except (json.JSONDecodeError, OSError) as exc:
+        return f"unreadable ponder_meta.json ({exc})"
+    for rel, size in meta.get("files", {}).items():
+        path = os.path.join(root, rel)
+        if not os.path.exists(path):
+            return f"missing file {rel}"
+        if os.path.getsize(path) != size:
+            return f"truncated or altered file {rel} ({os.path.getsize(path)} != {size} bytes)"
+    return None
+
+
+def read_meta(ckpt_dir: str, tag: str) -> dict:
+    with open(os.path.join(ckpt_dir, tag, META), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    """Save/resume a DeepSpeed engine plus our training state, atomically, keeping the last K."""
+
+    def __init__(self, ckpt_dir: str, keep_last: int, rank: int, world_size: int,
+                 barrier: Callable[[], None], log: Callable[[str], None] = print,
+                 dp: int = 1, zero_stage: int = 0):
+        self.dir, self.keep_last = ckpt_dir, keep_last
+        self.rank, self.world_size = rank, world_size
+        self.dp, self.zero_stage = dp, zero_stage
+        self.barrier, self.log = barrier, log
+
+    def save(self, engine, step: int, state: dict) -> str:
+        tag = tag_for(step)
+        root = os.path.join(self.dir, tag)
+        if self.rank == 0:
+            os.makedirs(self.dir, exist_ok=True)
+            if os.path.isdir(root):  # a leftover from a save that was cut short
+                shutil.rmtree(root)
+        self.barrier()
+        engine.save_checkpoint(self.dir, tag=tag, client_state={"ponder_state": state},
+                               save_latest=False)
+        torch.save(rng_state(), os.path.join(root, f"rng_rank{self.rank:05d}.pt"))
+        self.barrier()  # every rank's files are on disk
+        if self.rank == 0:
+            meta = {"tag": tag, "step": step, "world_size": self.world_size, "dp": self.dp,
+                    "zero_stage": self.zero_stage, "state": state, "files": _file_sizes(root)}
+            _atomic_write(os.path.join(root, META), json.dumps(meta, indent=1))
+            _atomic_write(os.path.join(self.dir, "latest"), tag)
+            self._prune()
+        self.barrier()
+        return tag
+
+    def _prune(self) -> None:
+        complete = [t for t in list_tags(self.dir) if verify(self.dir, t) is None]
+        for tag in complete[self.keep_last:]:
+            shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
+        newest = complete[0] if complete else None
+        for tag in list_tags(self.dir):  # unfinished saves older than the newest good one
+            if newest and tag < newest and tag not in complete:
+                shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
+
+    def _load(self, engine, src: str, tag: str, meta: dict):
+        """DeepSpeed cannot re-partition ZeRO optimizer state for a new DP size: then the
+        model, LR schedule and data position are restored and Adam's moments restart."""
+        saved_dp = meta.get("dp", self.dp)
+        if saved_dp == self.dp or self.zero_stage == 0:
+            return engine.load_checkpoint(src, tag=tag)
+        if self.zero_stage == 3:
+            raise RuntimeError(f"{tag} was saved with ZeRO-3 on DP={saved_dp}; ZeRO-3 resumes "
+                               f"on the same DP size only (now {self.dp}). Use {saved_dp} data-"
+                               "parallel ranks, or export the weights and start a new run")
+        self.log(f"warning: {tag} was saved with DP={saved_dp}, resuming with DP={self.dp}: "
+                 "model, LR schedule and data position are restored; the optimizer's moments "
+                 "restart (DeepSpeed re-partitions ZeRO optimizer state only via its universal "
+                 "checkpoint conversion)")
+        return engine.load_checkpoint(src, tag=tag, load_optimizer_states=False)
+
+    def resume(self, engine, load_dir: Optional[str] = None, all_ok: Callable[[bool], bool] = None
+               ) -> Optional[dict]:
+        """Load the newest intact checkpoint into `engine`; returns its saved state, or None
+        when there is no checkpoint at all.
+
+        `all_ok(flag)` must return True only if every rank's flag is True (an all-reduce), so
+        the ranks agree to fall back together when one of them cannot load a tag. If there
+        are checkpoints but none loads, that is an error, never a silent fresh start.
+        """
+        src = load_dir or self.dir
+        failures = []
+        for tag in list_tags(src):
+            reason = verify(src, tag)
+            if reason is not None:
+                self.log(f"checkpoint {tag}: skipped, {reason}")
+                if not reason.startswith("incomplete"):
+                    failures.append(f"{tag}: {reason}")
+                continue
+            meta = read_meta(src, tag)
+            try:
+                path, client = self._load(engine, src, tag, meta)
+                ok = path is not None
+                reason = "DeepSpeed found nothing to load"
+            except Exception as exc:  # a corrupt shard: fall back to the previous tag
+                ok, reason = False, f"{type(exc).__name__}: {exc}"
+                self.log(f"checkpoint {tag}: failed to load ({reason})")
+            if all_ok is not None:
+                ok = all_ok(ok)
+            if not ok:
+                failures.append(f"{tag}: {reason}")
+                continue
+            rng_path = os.path.join(src, tag, f"rng_rank{self.rank:05d}.pt")
+            if meta.get("world_size") == self.world_size and os.path.exists(rng_path):
+                set_rng_state(torch.load(rng_path, weights_only=False))
+            self.log(f"resumed from {os.path.join(src, tag)}")
+            return client.get("ponder_state", meta["state"]) if client else meta["state"]
+        if failures:
+            raise RuntimeError(f"{src} holds checkpoints but none could be loaded:\n  "
+                               + "\n  ".join(failures)
+                               + "\nfix or remove them (or set checkpoint.dir elsewhere)")
+        return None

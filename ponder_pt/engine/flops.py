@@ -1,0 +1,57 @@
+"""Parameter counts and training FLOPs per token, from the config alone (no model needed),
+so `--dry-run` can report them for a 12B model on a laptop.
+
+FLOPs follow the Megatron convention (matmuls only, 2 flops per multiply-add, backward = 2 x
+forward, full attention score matrix, no recomputation): MFU, not HFU.
+"""
+
+from __future__ import annotations
+
+from ..config.schema import ModelConfig
+
+# dense bf16/fp16 peak TFLOPs per device, for MFU when log.peak_tflops is not set
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
+               "A10": 125.0, "L40": 181.0, "V100": 125.0, "GH200": 989.0, "B200": 2250.0}
+
+
+def _block_weights(m: ModelConfig) -> int:
+    h, f, kv = m.hidden_size, m.ffn_size, m.kv_heads * m.head_dim
+    attn = h * (h + 2 * kv) + h * h
+    mlp = (3 if m.arch == "llama" else 2) * h * f
+    return attn + mlp
+
+
+def param_count(m: ModelConfig, vocab_size: int) -> dict:
+    """Exact parameter counts of our GPT-NeoX / LLaMA definitions."""
+    h, f, kv = m.hidden_size, m.ffn_size, m.kv_heads * m.head_dim
+    per_layer = _block_weights(m)
+    if m.arch == "llama":
+        per_layer += 2 * h  # two RMSNorm weights
+        final_norm = h
+    else:
+        per_layer += (h + 2 * kv) + h + f + h  # qkv, dense, mlp-in, mlp-out biases
+        per_layer += 4 * h  # two LayerNorms (weight + bias)
+        final_norm = 2 * h
+    embed = vocab_size * h
+    head = 0 if m.tie_embeddings else vocab_size * h
+    total = embed + head + m.num_layers * per_layer + final_norm
+    return {"total": total, "embedding": embed, "output": head,
+            "non_embedding": total - embed - head}
+
+
+def flops_per_token(m: ModelConfig, vocab_size: int, seq_len: int, ponder_steps: int = 0) -> float:
+    """Training (forward + backward) FLOPs per token, counting all K+1 pondering passes and
+    the K soft-embedding products p . W_in."""
+    h = m.hidden_size
+    per_pass = (2 * m.num_layers * _block_weights(m)  # weight matmuls
+                + 4 * m.num_layers * seq_len * h  # QK^T and attention x V
+                + 2 * h * vocab_size)  # output head
+    forward = (ponder_steps + 1) * per_pass + ponder_steps * 2 * vocab_size * h
+    return 3.0 * forward
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in device_name.upper():
+            return PEAK_TFLOPS[key]
+    return None

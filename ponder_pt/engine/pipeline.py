@@ -1,0 +1,61 @@
+"""Pipeline-parallel training: the same loop, with `deepspeed.pipe.PipelineModule` over the
+unrolled layer chain of `ponder_pt.models.pipeline` (see there for how the K+1 pondering passes
+map onto stages). ZeRO 0/1 only, as DeepSpeed's pipeline engine allows."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import distributed as D
+from .schedule import make_scheduler
+from .trainer import Trainer, param_groups
+
+
+def _pipe_batch(batch: dict):
+    return batch["tokens"], (batch["labels"], batch["loss_mask"])
+
+
+class PipelineTrainer(Trainer):
+    def _build_engine(self, ds_cfg: dict):
+        import deepspeed
+        from deepspeed.pipe import PipelineModule
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+        from ..models.pipeline import pipeline_layers, pipeline_loss
+
+        cfg, w = self.cfg, self.world
+        # same rank order as megatron-core's parallel_state: tp fastest, then dp, then pp
+        topo = PipeModelDataParallelTopology(num_pp=w.pp, num_mp=w.tp, num_dp=w.dp)
+        module = PipelineModule(
+            layers=pipeline_layers(cfg.model, cfg.ponder, cfg.train.seed), loss_fn=pipeline_loss,
+            topology=topo, partition_method="type:BlockLayer", activation_checkpoint_interval=0)
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, model_parameters=param_groups(module, cfg.train.weight_decay),
+            config=ds_cfg, lr_scheduler=lambda opt: make_scheduler(opt, cfg.train))
+        return engine
+
+    def _train_step(self, batches) -> float:
+        # every stage draws the step's micro-batches so all data iterators stay in step
+        micro = [_pipe_batch(next(batches)) for _ in range(self.ga)]
+        loss = self.engine.train_batch(data_iter=iter(micro))
+        return float(loss.item())  # already averaged over micro-batches and DP, on all stages
+
+    def _eval_sums(self, batches) -> torch.Tensor:
+        micro = [_pipe_batch(b) for b in batches]
+        counts = [float(b[1][1].sum()) for b in micro]
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for start in range(0, len(micro), self.ga):
+            chunk = micro[start:start + self.ga]
+            losses = self.engine.eval_batch(iter(chunk), reduce_output=None, bcast_loss=False,
+                                            num_micro_batches=len(chunk))
+            if self.engine.is_last_stage():
+                for loss, n in zip(losses, counts[start:start + len(chunk)]):
+                    sums += torch.tensor([float(loss) * n, n], dtype=torch.float64,
+                                         device=self.device)
+        # only last-stage ranks hold sums (TP replicas identical): share them with every stage
+        from megatron.core import parallel_state as ps
+
+        if self.world.pp > 1:
+            dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
+        return sums

@@ -1,0 +1,228 @@
+"""The training loop: DeepSpeed engine over our model, megatron-core process groups, step-indexed
+data, validation, checkpoints, preemption, metrics. Knows nothing of file formats or launchers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, config_to_dict
+from . import distributed as D
+from .batches import StepBatchSampler, loader
+from .checkpoint import CheckpointManager
+from .ds_config import build_ds_config
+from .flops import flops_per_token, peak_tflops
+from .metrics import MetricsLogger
+from .preemption import EXIT_REQUEUE, PreemptionFlag, marker_path
+from .schedule import lr_at, make_scheduler
+
+EXIT_DIVERGED = 3
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D tensors), as in gpt-neox/Megatron."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, tokenizer, world: D.World, log=print):
+        from ..data.samples import datasets_for_config
+
+        self.cfg, self.tok, self.world = cfg, tokenizer, world
+        self.log = log if world.is_main else (lambda *a, **k: None)
+        tr = cfg.train
+        self.ga = tr.global_batch // (tr.micro_batch * world.dp)
+        torch.manual_seed(tr.seed)
+
+        self.engine = self._build_engine(build_ds_config(cfg, world.dp, cfg.parallel.ds_config))
+        self.device = self.engine.device
+
+        valid_samples = tr.eval_iters * tr.global_batch if tr.eval_iters else 0
+        self.train_ds, self.valid_ds, _ = datasets_for_config(
+            cfg, tokenizer, (tr.iters * tr.global_batch, valid_samples, 0))
+        if self.valid_ds is None and tr.eval_iters:
+            self.log("note: no validation split (data.split / data.valid); validation is off")
+
+        self.ckpt = None
+        if cfg.checkpoint.dir:
+            self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last,
+                                          world.rank, world.world_size, D.barrier, self.log,
+                                          dp=world.dp, zero_stage=cfg.parallel.zero_stage)
+        vocab = cfg.model.vocab_size
+        self.flops_per_token = flops_per_token(cfg.model, vocab, cfg.data.seq_len, cfg.ponder.steps)
+        peak = cfg.log.peak_tflops
+        if peak is None and torch.cuda.is_available():
+            peak = peak_tflops(torch.cuda.get_device_name())
+        self.peak_tflops = peak
+
+    # ------------------------------------------------------------------ pieces
+    def _build_engine(self, ds_cfg: dict):
+        import deepspeed
+
+        from ..models import build_model
+
+        model = build_model(self.cfg)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, self.cfg.train.weight_decay),
+            config=ds_cfg, mpu=D.MegatronMPU(),
+            lr_scheduler=lambda opt: make_scheduler(opt, self.cfg.train))
+        return engine
+
+    def _train_step(self, batches) -> float:
+        """One optimizer step over this rank's micro-batches; the global mean loss."""
+        losses = []
+        for _ in range(self.ga):
+            loss = self._forward(self._to_device(next(batches)))
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed applies the update at the accumulation boundary
+            losses.append(loss.detach())
+        return self._dp_mean(torch.stack(losses).mean())
+
+    def _eval_sums(self, batches) -> torch.Tensor:
+        """[sum of loss x tokens, tokens] over this rank's validation micro-batches."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in batches:
+            batch = self._to_device(batch)
+            tokens = batch["loss_mask"].sum()
+            sums += torch.stack([self._forward(batch).double() * tokens, tokens.double()])
+        return sums
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _forward(self, batch: dict) -> torch.Tensor:
+        return self.engine(batch["tokens"], batch["position_ids"], batch["labels"],
+                           batch["loss_mask"])
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        from megatron.core import parallel_state as ps
+
+        value = value.detach().float().to(self.device).clone()
+        if self.world.dp > 1:
+            dist.all_reduce(value, group=ps.get_data_parallel_group())
+            value /= self.world.dp
+        return float(value.item())
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[dict]:
+        """Token-weighted loss over the fixed validation set (pause targets excluded)."""
+        from megatron.core import parallel_state as ps
+
+        tr = self.cfg.train
+        if self.valid_ds is None or not tr.eval_iters:
+            return None
+        self.engine.eval()
+        sampler = StepBatchSampler(0, tr.eval_iters, tr.global_batch, tr.micro_batch,
+                                   self.world.dp_rank, self.world.dp)
+        sums = self._eval_sums(iter(loader(self.valid_ds, sampler, 0)))
+        if self.world.dp > 1:
+            dist.all_reduce(sums, group=ps.get_data_parallel_group())
+        self.engine.train()
+        loss = float(sums[0] / sums[1].clamp(min=1))
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(sums[1])}
+
+    def _save(self, step: int, extra: dict) -> None:
+        if self.ckpt is not None:
+            t = time.perf_counter()
+            tag = self.ckpt.save(self.engine, step, {"step": step, **extra})
+            self.log(f"saved checkpoint {tag} ({time.perf_counter() - t:.1f}s)")
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> int:
+        cfg, tr, world = self.cfg, self.cfg.train, self.world
+        start_step, state = 0, {}
+        if self.ckpt is not None:
+            state = self.ckpt.resume(self.engine, cfg.checkpoint.load, D.all_true) or {}
+            start_step = int(state.get("step", 0))
+            if world.is_main and os.path.exists(marker_path(self.ckpt.dir)):
+                os.remove(marker_path(self.ckpt.dir))  # this run is the requeued one
+        elif cfg.checkpoint.load:
+            raise ValueError("checkpoint.load needs checkpoint.dir to save into")
+        metrics = MetricsLogger(cfg.log, enabled=world.is_main, run_config=config_to_dict(cfg),
+                                resume=start_step > 0)
+        preempt = PreemptionFlag()
+        tokens_per_step = tr.global_batch * cfg.data.seq_len
+        bad_in_a_row, skipped = int(state.get("bad_in_a_row", 0)), int(state.get("skipped", 0))
+        sampler = StepBatchSampler(start_step, tr.iters, tr.global_batch, tr.micro_batch,
+                                   world.dp_rank, world.dp)
+        batches = iter(loader(self.train_ds, sampler, cfg.data.num_workers))
+        self.log(f"training steps {start_step}..{tr.iters}: world {world.world_size} = "
+                 f"tp {world.tp} x pp {world.pp} x dp {world.dp}, grad accumulation {self.ga}, "
+                 f"{tokens_per_step:,} tokens/step")
+        t_start, exit_code = time.perf_counter(), 0
+        try:
+            for step in range(start_step, tr.iters):
+                t0 = time.perf_counter()
+                lr = lr_at(step, tr)
+                loss = self._train_step(batches)
+                gnorm = self.engine.get_global_grad_norm()  # None where DeepSpeed has none
+                gnorm = None if gnorm is None else float(gnorm)
+                finite = math.isfinite(loss) and (gnorm is None or math.isfinite(gnorm))
+                if not finite:
+                    bad_in_a_row += 1
+                    skipped += 1
+                else:
+                    bad_in_a_row = 0
+                dt = time.perf_counter() - t0
+                done = step + 1
+                tok_s = tokens_per_step / dt
+                tflops = self.flops_per_token * tok_s / world.world_size / 1e12
+                record = {"loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": done * tokens_per_step,
+                          "step_time": dt, "tokens_per_s": tok_s, "tflops_per_gpu": tflops,
+                          "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+                          "skipped_steps": skipped}
+                metrics.log(done, record)
+                if done % cfg.log.interval == 0 or done == tr.iters:
+                    elapsed = time.perf_counter() - t_start
+                    eta = elapsed / (done - start_step) * (tr.iters - done)
+                    self.log(f"step {done:>6}/{tr.iters} | loss {loss:7.4f} | lr {lr:.2e} | "
+                             f"gnorm {'n/a' if gnorm is None else f'{gnorm:6.3f}'} | {tok_s:,.0f} tok/s | {tflops:.3g} TFLOP/s/gpu"
+                             + (f" | MFU {record['mfu']:.1%}" if record["mfu"] else "")
+                             + f" | eta {eta / 60:.1f} min", flush=True)
+                if bad_in_a_row >= tr.max_bad_steps:
+                    self.log(f"error: {bad_in_a_row} steps in a row with non-finite loss or "
+                             f"gradients (step {done}); stopping. Lower train.lr, raise "
+                             "train.warmup, or use bf16 instead of fp16, and resume from the "
+                             "last checkpoint.", file=sys.stderr)
+                    exit_code = EXIT_DIVERGED
+                    break
+                if done % tr.eval_interval == 0 or done == tr.iters:
+                    ev = self.evaluate()
+                    if ev is not None:
+                        metrics.log(done, ev, prefix="valid_")
+                        self.log(f"validation at step {done}: loss {ev['loss']:.4f} | "
+                                 f"ppl {ev['ppl']:.2f}")
+                extra = {"bad_in_a_row": bad_in_a_row, "skipped": skipped,
+                         "consumed_samples": done * tr.global_batch}
+                if D.any_true(preempt.set):
+                    self.log(f"signal received: saving at step {done} and exiting for requeue "
+                             f"(exit code {EXIT_REQUEUE})")
+                    self._save(done, extra)
+                    if world.is_main and cfg.checkpoint.dir:
+                        with open(marker_path(cfg.checkpoint.dir), "w") as fh:
+                            fh.write(f"step {done}\n")
+                    exit_code = EXIT_REQUEUE
+                    break
+                if done % cfg.checkpoint.interval == 0 or done == tr.iters:
+                    self._save(done, extra)
+        finally:
+            preempt.restore()
+            metrics.close()
+        if world.is_main and exit_code == 0:
+            from .plot import plot_runs
+
+            png = plot_runs([cfg.log.dir], os.path.join(cfg.log.dir, "loss.png"))
+            self.log(f"loss curve: {png}")
+        return exit_code

@@ -1,0 +1,229 @@
+"""Transformer blocks built from megatron-core TP layers (GPT-NeoX and LLaMA flavours).
+
+Activations are [seq, batch, hidden] (megatron's layout); under sequence parallelism the
+residual stream holds this rank's sequence shard and the TP regions see the full sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from . import parallel as par
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm, computed in fp32 like HF."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg, sequence_parallel: bool) -> nn.Module:
+    norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if cfg.arch == "llama" else \
+        nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    # Replicated params that only see a sequence shard: grads need a TP all-reduce.
+    par.mark_sequence_parallel(norm.parameters(), sequence_parallel)
+    return norm
+
+
+class Rotary(nn.Module):
+    """Rotary embedding on the first `dim` channels of each head (rotate_half convention)."""
+
+    def __init__(self, head_dim: int, rotary_pct: float, base: float):
+        super().__init__()
+        self.dim = int(head_dim * rotary_pct)
+        self.base = float(base)  # no float buffer: it would not survive module.bfloat16()
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """position_ids [b, s] -> (cos, sin), each [b, 1, s, dim]."""
+        exponent = torch.arange(0, self.dim, 2, dtype=torch.float, device=position_ids.device)
+        inv_freq = 1.0 / (self.base ** (exponent / self.dim))
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """x [b, heads, s, head_dim]; rotates x[..., :rot] and passes the rest through."""
+    rot = cos.shape[-1]
+    if rot == 0:
+        return x
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def core_attention(q, k, v, cos, sin, dropout_p: float):
+    """Rotary + causal SDPA. q [b, hq, s, d], k/v [b, hkv, s, d] -> [b, hq, s, d]."""
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                          enable_gqa=gqa)
+
+
+def column(cfg_mp, inp, out, init, bias, sequence_parallel, stride=1):
+    # Under SP the input arrives already all-gathered by `gather_seq`, whose backward
+    # reduce-scatters; the layer must then not all-reduce its input grad itself.
+    return ColumnParallelLinear(inp, out, config=cfg_mp, init_method=init, bias=bias,
+                                gather_output=False, stride=stride,
+                                disable_grad_reduce=sequence_parallel and par.tp_size() > 1)
+
+
+def row(cfg_mp, inp, out, init, bias, sequence_parallel):
+    layer = RowParallelLinear(inp, out, config=cfg_mp, init_method=init, bias=bias,
+                              input_is_parallel=True, skip_bias_add=False)
+    if layer.bias is not None:
+        par.mark_sequence_parallel([layer.bias], sequence_parallel)
+    return layer
+
+
+def row_forward(layer, x, sequence_parallel: bool):
+    """Row-parallel output: summed over TP (replicated), or reduce-scattered to this rank's
+    sequence shard under sequence parallelism."""
+    if sequence_parallel:
+        return par.row_parallel_sp(layer, x)
+    out, _ = layer(x)
+    return out
+
+
+class Attention(nn.Module):
+    """Fused QKV laid out per KV group as [q x (heads/kv_heads), k, v] x head_dim.
+
+    With kv_heads == heads this is GPT-NeoX's per-head [q, k, v] interleave, so a contiguous
+    TP split hands each rank whole heads (or whole GQA groups).
+    """
+
+    def __init__(self, cfg, mp, inits, sequence_parallel, prefix):
+        super().__init__()
+        tp = par.tp_size()
+        if cfg.num_heads % tp or cfg.kv_heads % tp:
+            raise ValueError(f"heads ({cfg.num_heads}) and kv heads ({cfg.kv_heads}) must be "
+                             f"divisible by TP={tp}")
+        self.head_dim = cfg.head_dim
+        self.groups = cfg.num_heads // cfg.kv_heads
+        self.kv_local = cfg.kv_heads // tp
+        self.dropout = cfg.dropout
+        self.selective = False  # set by PonderLM.set_activation_checkpointing
+        bias = cfg.arch != "llama"
+        qkv_out = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
+        self.qkv = column(mp, cfg.hidden_size, qkv_out, inits(prefix + "qkv"), bias,
+                          sequence_parallel)
+        self.sequence_parallel = sequence_parallel
+        self.dense = row(mp, cfg.num_heads * cfg.head_dim, cfg.hidden_size,
+                         inits(prefix + "dense", output=True), bias, sequence_parallel)
+
+    def forward(self, x, cos, sin, cache=None):
+        s, b, _ = x.shape
+        qkv, _ = self.qkv(x)
+        qkv = qkv.view(s, b, self.kv_local, self.groups + 2, self.head_dim)
+        q = qkv[:, :, :, : self.groups].reshape(s, b, self.kv_local * self.groups, self.head_dim)
+        k, v = qkv[:, :, :, self.groups], qkv[:, :, :, self.groups + 1]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        p = self.dropout if self.training else 0.0
+        if cache is not None:
+            out = self._cached_attention(q, k, v, cos, sin, cache)
+        elif self.selective and self.training and torch.is_grad_enabled():
+            out = checkpoint(core_attention, q, k, v, cos, sin, p, use_reentrant=False)
+        else:
+            out = core_attention(q, k, v, cos, sin, p)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        return row_forward(self.dense, out, self.sequence_parallel)
+
+    def _cached_attention(self, q, k, v, cos, sin, cache):
+        """Incremental attention: append this chunk's (rotated) keys/values to `cache`
+        (a (layer_index, KVCache) pair) and attend causally over past + chunk."""
+        index, kv = cache
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        past = kv.layers[index]
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        kv.layers[index] = (k, v)
+        n, t = q.shape[2], k.shape[2]
+        mask = None if n == 1 else torch.ones(n, t, dtype=torch.bool, device=q.device).tril(t - n)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+
+class MLP(nn.Module):
+    """GELU MLP (GPT-NeoX) or SwiGLU (LLaMA; gate and up fused with stride 2 for TP)."""
+
+    def __init__(self, cfg, mp, inits, sequence_parallel, prefix):
+        super().__init__()
+        self.swiglu = cfg.arch == "llama"
+        bias = not self.swiglu
+        width = 2 * cfg.ffn_size if self.swiglu else cfg.ffn_size
+        self.fc1 = column(mp, cfg.hidden_size, width, inits(prefix + "fc1"), bias,
+                          sequence_parallel, stride=2 if self.swiglu else 1)
+        self.sequence_parallel = sequence_parallel
+        self.fc2 = row(mp, cfg.ffn_size, cfg.hidden_size, inits(prefix + "fc2", output=True), bias,
+                       sequence_parallel)
+
+    def forward(self, x):
+        h, _ = self.fc1(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return row_forward(self.fc2, h, self.sequence_parallel)
+
+
+class KVCache:
+    """Keys/values of one pass for every layer: (k, v) each [b, kv_heads/tp, t, head_dim],
+    rotary already applied. Pondering generation keeps one per pass (K+1)."""
+
+    def __init__(self, num_layers: int):
+        self.layers: list = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
+
+
+class Block(nn.Module):
+    """Pre-norm block; GPT-NeoX parallel residual x + attn(ln1 x) + mlp(ln2 x) or sequential."""
+
+    def __init__(self, cfg, mp, inits, sequence_parallel, index):
+        super().__init__()
+        prefix = f"layers.{index}."
+        self.index = index
+        self.parallel_residual = cfg.parallel_residual
+        self.sequence_parallel = sequence_parallel and par.tp_size() > 1
+        self.dropout = cfg.dropout
+        self.ln1 = make_norm(cfg, self.sequence_parallel)
+        self.ln2 = make_norm(cfg, self.sequence_parallel)
+        self.attn = Attention(cfg, mp, inits, self.sequence_parallel, prefix + "attn.")
+        self.mlp = MLP(cfg, mp, inits, self.sequence_parallel, prefix + "mlp.")
+
+    def _enter(self, x):
+        return par.gather_seq(x) if self.sequence_parallel else x
+
+    def _dropout(self, x):
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+
+    def forward(self, x, cos, sin, cache=None):
+        """cache: None, or a KVCache (inference) whose entry `self.index` this block uses."""
+        cache = None if cache is None else (self.index, cache)
+        attn = self._dropout(self.attn(self._enter(self.ln1(x)), cos, sin, cache))
+        if self.parallel_residual:
+            mlp = self._dropout(self.mlp(self._enter(self.ln2(x))))
+            return mlp + attn + x
+        x = attn + x
+        return self._dropout(self.mlp(self._enter(self.ln2(x)))) + x

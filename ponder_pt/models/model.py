@@ -1,0 +1,212 @@
+"""The language model: embeddings, blocks, final norm, output head, and the pondering loop.
+
+One class serves GPT-NeoX (Pythia) and LLaMA, chosen by `ModelConfig.arch`. The same code runs
+at TP=1 and TP>1 (megatron-core's parallel_state must be initialised; at TP=1 outside a
+launcher call `ponder_pt.models.init_single_process()` first).
+
+Pondering (DESIGN.md): e_0 = W_in[x]*s (s = sqrt(d) if scale_embeds else 1; *K if
+scale_initial_by_steps); for k = 1..K run the transformer on e_{k-1}, p = softmax(logits) (or
+renormalised top-k), e_k = e_{k-1} + s * p.W_in; the loss uses the logits of one more pass on
+e_K. K = 0 is the plain model (no embedding scaling at all, identical to HF).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
+                                           vocab_parallel_cross_entropy)
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config.schema import ModelConfig, PonderConfig
+from . import parallel as par
+from .layers import Block, KVCache, RMSNorm, Rotary, make_norm
+
+
+class PonderLM(nn.Module):
+    """GPT-NeoX / LLaMA decoder with optional continuous-space pondering.
+
+    Args:
+        cfg: model shape (`cfg.vocab_size` must be the padded vocabulary, divisible by TP).
+        ponder: pondering settings; None or steps=0 = plain model.
+        sequence_parallel: Megatron-style SP (needs TP > 1 to have an effect; sequence length
+            divisible by TP).
+        sp_grad_sync: how the partial grads of SP-replicated params (norms, row biases) are
+            summed over TP. "hooks" (default): a gradient hook all-reduces them during
+            backward, so p.grad is complete whatever consumes it next (DeepSpeed ZeRO-2
+            included). "manual": Megatron's way, one flattened all-reduce when the training
+            loop calls `allreduce_sequence_parallel_grads(model)` after backward.
+        seed: init seed; weights are identical for any TP degree.
+        params_dtype: parameter dtype (init always draws in fp32 first).
+    """
+
+    def __init__(self, cfg: ModelConfig, ponder: Optional[PonderConfig] = None, *,
+                 sequence_parallel: bool = False, sp_grad_sync: str = "hooks", seed: int = 1234,
+                 params_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if cfg.arch not in ("gpt_neox", "llama"):
+            raise ValueError(f"model.arch must be gpt_neox or llama, got {cfg.arch!r}")
+        if not cfg.vocab_size:
+            raise ValueError("model.vocab_size (padded) must be set before building the model")
+        self.cfg = cfg
+        self.ponder_cfg = ponder or PonderConfig(steps=0)
+        self.sequence_parallel = bool(sequence_parallel) and par.tp_size() > 1
+        mp = par.megatron_config(params_dtype)
+
+        base_std = cfg.init_method_std or par.small_init_std(cfg.hidden_size)
+        out_std = (cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers) if cfg.init_method_std
+                   else par.wang_init_std(cfg.hidden_size, cfg.num_layers))
+
+        def inits(name: str, output: bool = False):
+            return par.seeded_normal(out_std if output else base_std, seed, name)
+
+        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
+                                            init_method=inits("embed"), config=mp)
+        self.layers = nn.ModuleList(
+            Block(cfg, mp, inits, self.sequence_parallel, i) for i in range(cfg.num_layers))
+        self.final_norm = make_norm(cfg, self.sequence_parallel)
+        self.output = ColumnParallelLinear(
+            cfg.hidden_size, cfg.vocab_size, config=mp, init_method=inits("output"), bias=False,
+            gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
+            disable_grad_reduce=self.sequence_parallel)
+        self.rotary = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rotary_base)
+        self.set_activation_checkpointing(cfg.activation_checkpointing)
+        for module in self.modules():  # megatron layers are already in params_dtype
+            if isinstance(module, (nn.LayerNorm, RMSNorm)):
+                module.to(params_dtype)
+        for p in self.parameters():  # replicated params default to "not SP"
+            if not hasattr(p, "sequence_parallel"):
+                p.sequence_parallel = False
+        if sp_grad_sync not in ("hooks", "manual"):
+            raise ValueError(f"sp_grad_sync must be hooks or manual, got {sp_grad_sync!r}")
+        self.sp_grad_sync = sp_grad_sync
+        if self.sequence_parallel and sp_grad_sync == "hooks":
+            par.register_sequence_parallel_grad_hooks(self)
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """none | full (recompute each block) | selective (recompute only rotary + attention
+        core). Applies inside every pass, pondering passes included; active in train mode."""
+        if mode not in ("none", "full", "selective"):
+            raise ValueError(f"unknown activation_checkpointing {mode!r}")
+        self.checkpointing = mode
+        for block in self.layers:
+            block.attn.selective = mode == "selective"
+
+    # ------------------------------------------------------------------ pieces
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.cfg.hidden_size) if self.ponder_cfg.scale_embeds else 1.0
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.cfg.tie_embeddings else self.output.weight
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[b, s] ids (any id < padded vocab) -> [s, b, h] (replicated, unscaled)."""
+        return self.embed(input_ids.t().contiguous())
+
+    def transformer(self, embeds: torch.Tensor, position_ids: torch.Tensor,
+                    cache: Optional[KVCache] = None) -> torch.Tensor:
+        """One full pass: [s, b, h] (this rank's sequence shard under SP) -> logits
+        [s, b, V/tp] for the whole sequence. With `cache`, the pass continues after the
+        cached positions and appends to the cache."""
+        cos, sin = self.rotary(position_ids, embeds.dtype)
+        x = embeds
+        full = (self.checkpointing == "full" and self.training and torch.is_grad_enabled()
+                and cache is None)
+        for block in self.layers:
+            if full:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache)
+        x = self.final_norm(x)
+        if self.sequence_parallel:
+            x = par.gather_seq(x)
+        logits, _ = self.output(x, weight=self.embed.weight if self.cfg.tie_embeddings else None)
+        return logits
+
+    def ponder_step(self, e: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """e_k = e_{k-1} + s * softmax(z) . W_in (vocab-parallel, logits never gathered)."""
+        probs = par.vocab_parallel_softmax(logits, self.ponder_cfg.top_k)
+        mix = par.soft_embedding(probs, self.embed.weight, self.sequence_parallel)
+        return e + self.embed_scale * mix
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, input_ids: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None,
+                loss_mask: Optional[torch.Tensor] = None, *,
+                inputs_embeds: Optional[torch.Tensor] = None,
+                ponder_steps: Optional[int] = None,
+                gather_logits: bool = False,
+                caches: Optional[list[KVCache]] = None) -> torch.Tensor:
+        """Run K pondering passes and the final pass.
+
+        input_ids [b, s], or inputs_embeds [b, s, h] taken as e_0 as is (no scaling).
+        labels [b, s] are the targets already aligned with the inputs (no shift here); with
+        labels the return value is the mean cross-entropy over loss_mask (all ones if None).
+        Without labels returns logits [b, s, V/tp] (vocab shard; full vocab with
+        gather_logits=True, no autograd through the gather).
+        ponder_steps overrides `ponder.steps` for this call.
+        caches: K+1 KVCaches from `new_caches()` (one per pass) for incremental decoding:
+        the call continues after the cached positions (position_ids default accordingly), so
+        a prefill followed by one-token calls reproduces the full forward's logits.
+        """
+        K = self.ponder_cfg.steps if ponder_steps is None else ponder_steps
+        if inputs_embeds is not None:
+            e = inputs_embeds.transpose(0, 1).contiguous()
+            b, s = inputs_embeds.shape[:2]
+        else:
+            e = self.embed_tokens(input_ids)
+            b, s = input_ids.shape
+            if K > 0:
+                scale = self.embed_scale * (K if self.ponder_cfg.scale_initial_by_steps else 1)
+                e = e * scale
+        past = 0
+        if caches is not None:
+            if len(caches) != K + 1 or self.sequence_parallel:
+                raise ValueError(f"need {K + 1} caches (one per pass) and no sequence "
+                                 f"parallelism for incremental decoding")
+            past = caches[0].length
+        if position_ids is None:
+            position_ids = torch.arange(past, past + s, device=e.device).unsqueeze(0).expand(b, s)
+        if self.sequence_parallel:
+            e = par.split_seq(e)
+        per_pass = caches if caches is not None else [None] * (K + 1)
+        for k in range(K):
+            e = self.ponder_step(e, self.transformer(e, position_ids, per_pass[k]))
+        logits = self.transformer(e, position_ids, per_pass[K])
+
+        if labels is None:
+            logits = logits.transpose(0, 1)
+            return par.gather_vocab(logits) if gather_logits else logits
+        return self.loss(logits, labels, loss_mask)
+
+    def new_caches(self, ponder_steps: Optional[int] = None) -> list[KVCache]:
+        """Empty KV caches for incremental decoding: one per pass (K+1)."""
+        K = self.ponder_cfg.steps if ponder_steps is None else ponder_steps
+        return [KVCache(self.cfg.num_layers) for _ in range(K + 1)]
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor,
+             loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean vocab-parallel CE over loss_mask. logits [s, b, V/tp], labels/mask [b, s].
+
+        Negative labels (HF's -100) are ignored as if masked.
+        """
+        target = labels.t().contiguous()
+        mask = (target >= 0).float()
+        if loss_mask is not None:
+            mask = mask * loss_mask.t().float()
+        target = target.masked_fill(mask == 0, 0)
+        # megatron's CE overwrites its input in place; the logits are not needed afterwards.
+        per_token = vocab_parallel_cross_entropy(logits.float(), target)
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+    def num_parameters(self) -> int:
+        """Local (this rank's) parameter count."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,136 @@
+"""Training entry point.
+
+    deepspeed ponder_pt/train.py --config ponderpythia-410m --set data.train=[data/pile]
+    torchrun --nproc-per-node 8 -m ponder_pt.train --config ...
+    ponder-pt train --nproc 2 --config ...
+
+The config is resolved and validated (against the launcher's world size and the tokenizer's
+padded vocabulary) before any process group starts; `--dry-run` prints what would run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from typing import Optional, Sequence
+
+# absolute imports: this file is also run as a script by the deepspeed launcher
+from ponder_pt.config import Config, check, config_to_yaml, load_config
+
+DEFAULT_VOCAB = 50304  # GPT-NeoX-20B tokenizer padded to 128, used by --dry-run without data
+
+
+def resolve(config: Optional[str], overrides: Sequence[str], world_size: int,
+            need_tokenizer: bool = True) -> tuple[Config, object]:
+    """Config + tokenizer with the vocabulary-dependent fields filled in, validated."""
+    cfg = load_config(config, overrides, validate=False)
+    tok = None
+    if cfg.data.tokenizer and (need_tokenizer or os.path.exists(cfg.data.tokenizer)):
+        from ponder_pt.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(cfg.data.tokenizer)
+    elif need_tokenizer:
+        from ponder_pt.config import ConfigError
+
+        raise ConfigError("data.tokenizer: not set; point it at the tokenizer used for "
+                          "`ponder-pt data prepare`")
+    if tok is not None:
+        layout = tok.layout(cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp,
+                            need_pause=cfg.pause.rate > 0)
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = layout.padded_vocab_size
+        if cfg.pause.rate > 0 and cfg.pause.token_id is None:
+            cfg.pause.token_id = layout.pause_id
+    elif cfg.model.vocab_size is None:
+        cfg.model.vocab_size = DEFAULT_VOCAB
+    check(cfg, world_size=world_size, vocab_size=cfg.model.vocab_size)
+    if need_tokenizer and not cfg.data.train:
+        from ponder_pt.config import ConfigError
+
+        raise ConfigError("data.train: no training data; set it to the PREFIX written by "
+                          "`ponder-pt data prepare` (or a weighted list)")
+    return cfg, tok
+
+
+def dry_run_report(cfg: Config, world_size: int, launch: str) -> str:
+    from ponder_pt.engine.flops import flops_per_token, param_count
+
+    m, tr, par = cfg.model, cfg.train, cfg.parallel
+    dp = world_size // (par.tp * par.pp)
+    params = param_count(m, m.vocab_size)
+    fpt = flops_per_token(m, m.vocab_size, cfg.data.seq_len, cfg.ponder.steps)
+    tokens = tr.iters * tr.global_batch * cfg.data.seq_len
+    lines = [
+        "# resolved config",
+        config_to_yaml(cfg).rstrip(),
+        "# world layout",
+        f"world_size: {world_size} = tp {par.tp} x pp {par.pp} x dp {dp}",
+        f"batch: global {tr.global_batch} = micro {tr.micro_batch} x dp {dp} x grad-accum "
+        f"{tr.global_batch // (tr.micro_batch * dp)}; {tr.global_batch * cfg.data.seq_len:,} "
+        "tokens/step",
+        f"zero_stage: {par.zero_stage}  precision: {tr.precision}  sequence_parallel: "
+        f"{par.sequence_parallel}",
+        "# model",
+        f"parameters: {params['total']:,} total, {params['non_embedding']:,} non-embedding",
+        f"flops_per_token: {fpt:.4g} (training, {cfg.ponder.steps + 1} pass"
+        f"{'es' if cfg.ponder.steps else ''})",
+        f"total: {tokens:,} tokens, {fpt * tokens:.3g} FLOPs",
+        "# launch",
+        launch,
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ponder_pt/train.py", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, metavar="NAME_OR_YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, layout, size and launch command; train nothing")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def run(config: Optional[str], overrides: Sequence[str], dry_run: bool = False,
+        launch: Optional[str] = None, world_size: Optional[int] = None) -> int:
+    from ponder_pt.engine import distributed as D
+
+    world_size = world_size or D.env_world_size()
+    cfg, tok = resolve(config, overrides, world_size, need_tokenizer=not dry_run)
+    if dry_run:
+        launch = launch or os.environ.get("PONDER_PT_LAUNCH")
+        if launch is None:
+            launch = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "ponder_pt.train",
+                                                       *sys.argv[1:]])
+        print(dry_run_report(cfg, world_size, launch))
+        return 0
+    from ponder_pt.engine.trainer import Trainer
+
+    world = D.init(cfg.parallel.tp, cfg.parallel.pp)
+    try:
+        if cfg.parallel.pp > 1:
+            from ponder_pt.engine.pipeline import PipelineTrainer as TrainerClass
+        else:
+            TrainerClass = Trainer
+        code = TrainerClass(cfg, tok, world).train()
+    finally:
+        D.shutdown()
+    return code
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from ponder_pt.config import ConfigError
+
+    try:
+        return run(args.config, args.overrides, args.dry_run)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"ponder-pt train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

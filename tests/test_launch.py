@@ -1,0 +1,67 @@
+"""SLURM scripts and launchers: syntax, dry runs that resolve every script's config, hosts."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "slurm", "pretrain_*.sh")))
+EXPECTED = {  # size: parameters of the published Pythia model (GPT-NeoX-20B vocab, 50304 rows)
+    "70m": 70_426_624, "160m": 162_322_944, "410m": 405_334_016, "1b": 1_011_781_632,
+    "1.4b": 1_414_647_808, "2.8b": 2_775_208_960,
+}
+
+
+def test_every_method_and_size_has_a_script():
+    names = {os.path.basename(s) for s in SCRIPTS}
+    for method in ("pythia", "ponderpythia", "pausepythia"):
+        for size in EXPECTED:
+            assert f"pretrain_{method}_{size}.sh" in names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_script_syntax_and_dry_run(script):
+    subprocess.run(["bash", "-n", script], check=True)
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("WORLD_SIZE", None)
+    out = subprocess.run(["bash", script, "--dry-run"], env=env, capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    method, size = os.path.basename(script)[len("pretrain_"):-3].split("_")
+    assert f"parameters: {EXPECTED[size]:,} total" in text
+    assert "world_size:" in text and "flops_per_token:" in text and "tokens/step" in text
+    assert "2,097,152 tokens/step" in text  # the Pythia 2M-token batch
+    assert "sbatch -> srun" in text and "ponder_pt.train" in text
+    if method == "ponderpythia":
+        assert "steps: 3" in text and "(training, 4 passes)" in text
+    if method == "pausepythia":
+        assert "rate: 0.1" in text
+
+
+def test_nodelist_expansion():
+    sys.path.insert(0, os.path.join(ROOT, "launchers"))
+    from slurm_hosts import expand_nodelist
+
+    assert expand_nodelist("gpu[001-003,007],cpu5") == ["gpu001", "gpu002", "gpu003", "gpu007", "cpu5"]
+    assert expand_nodelist("node7") == ["node7"]
+    assert expand_nodelist("a[1-2]-ib,b[09-10]") == ["a1-ib", "a2-ib", "b09", "b10"]
+
+
+def test_hostfile_from_slurm_env(tmp_path):
+    env = dict(os.environ, SLURM_JOB_NODELIST="n[1-2]", PATH="/usr/bin:/bin")
+    hostfile = tmp_path / "hosts"
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "slurm_hosts.py"),
+                          "--hostfile", str(hostfile), "--slots", "4"], env=env,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["n1", "n2"]
+    assert hostfile.read_text() == "n1 slots=4\nn2 slots=4\n"
+
+
+def test_launcher_scripts_parse():
+    for script in glob.glob(os.path.join(ROOT, "launchers", "*.sh")) + \
+            glob.glob(os.path.join(ROOT, "data_prep", "*.sbatch")):
+        subprocess.run(["bash", "-n", script], check=True)

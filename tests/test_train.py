@@ -1,0 +1,210 @@
+"""Training under DeepSpeed: every parallel layout matches a single-process run of the same
+seed and global batch; checkpoints survive SIGKILL, SIGTERM and corruption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import free_port
+from train_utils import TINY, metrics, run_train, train_cmd
+
+REL = 2e-5  # fp32, different reduction orders
+
+
+@pytest.fixture(scope="module")
+def reference(prepared, bpe_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ref")
+    run_train(str(run), prepared, bpe_dir)
+    return metrics(str(run))
+
+
+def _assert_same(got, ref):
+    train, valid = got
+    ref_train, ref_valid = ref
+    assert sorted(train) == sorted(ref_train) == [1, 2, 3, 4]
+    for step, loss in ref_train.items():
+        assert train[step] == pytest.approx(loss, rel=REL), (step, train, ref_train)
+    assert valid[4] == pytest.approx(ref_valid[4], rel=REL)
+
+
+def test_single_process_run(reference, prepared, bpe_dir, tmp_path):
+    train, valid = reference
+    assert train[4] < train[1]  # it learns
+    run = tmp_path / "r"
+    run_train(str(run), prepared, bpe_dir, ["checkpoint.dir=" + str(run / "ckpt"),
+                                            "checkpoint.interval=2"])
+    rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    step1 = rows[0]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "step_time", "tokens_per_s",
+                "tflops_per_gpu", "mfu", "skipped_steps"):
+        assert key in step1
+    assert step1["tokens"] == 8 * 32 and rows[-1]["valid_ppl"] > 1
+    assert (run / "loss.png").stat().st_size > 1000
+    assert sorted(os.listdir(run / "ckpt")) >= ["latest", "step_00000002", "step_00000004"]
+    assert (run / "ckpt" / "latest").read_text() == "step_00000004"
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stages_match_single_process(stage, reference, prepared, bpe_dir, tmp_path):
+    run_train(str(tmp_path), prepared, bpe_dir, [f"parallel.zero_stage={stage}"], nproc=2)
+    _assert_same(metrics(str(tmp_path)), reference)
+
+
+def test_tp2_dp2_matches_single_process(reference, prepared, bpe_dir, tmp_path):
+    run_train(str(tmp_path), prepared, bpe_dir, ["parallel.tp=2"], nproc=4)
+    _assert_same(metrics(str(tmp_path)), reference)
+
+
+def test_sequence_parallel_matches_single_process(reference, prepared, bpe_dir, tmp_path):
+    run_train(str(tmp_path), prepared, bpe_dir, ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                                 "parallel.zero_stage=2"], nproc=2)
+    _assert_same(metrics(str(tmp_path)), reference)
+
+
+def test_pp2_pondering_matches_single_process(reference, prepared, bpe_dir, tmp_path):
+    """K=2 pondering unrolled over 2 pipeline stages with tied blocks."""
+    run_train(str(tmp_path), prepared, bpe_dir, ["parallel.pp=2"], nproc=2)
+    _assert_same(metrics(str(tmp_path)), reference)
+
+
+@pytest.mark.slow
+def test_tp2_pp2_matches_single_process(reference, prepared, bpe_dir, tmp_path):
+    run_train(str(tmp_path), prepared, bpe_dir, ["parallel.pp=2", "parallel.tp=2"], nproc=4)
+    _assert_same(metrics(str(tmp_path)), reference)
+
+
+def _long(run_dir):
+    return ["train.iters=120", "train.eval_interval=1000", f"checkpoint.dir={run_dir}/ckpt",
+            "checkpoint.interval=10"]
+
+
+def _wait_for_step(path, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        if os.path.exists(path):
+            steps = [json.loads(x)["step"] for x in open(path) if x.strip()]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.01)
+    raise AssertionError("timed out waiting for the run")
+
+
+def _signal_tree(proc, sig):
+    """Signal the launcher and every worker: torchrun starts its workers in sessions of
+    their own, so a process-group kill would miss them."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    for p in [parent, *parent.children(recursive=True)]:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _spawn(run_dir, prefix, tok, extra, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return subprocess.Popen(train_cmd(run_dir, prefix, tok, extra, nproc), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(prepared, bpe_dir, tmp_path):
+    full = tmp_path / "full"
+    run_train(str(full), prepared, bpe_dir, _long(full), nproc=2)
+    ref, _ = metrics(str(full))
+
+    cut = tmp_path / "cut"
+    proc = _spawn(str(cut), prepared, bpe_dir, _long(cut))
+    _wait_for_step(cut / "metrics.jsonl", 13, proc)
+    _signal_tree(proc, signal.SIGKILL)  # no chance to save: resume from the last checkpoint
+    proc.wait()
+    out = run_train(str(cut), prepared, bpe_dir, _long(cut), nproc=2).stdout
+    assert "resumed from" in out
+    start = int(out.split("training steps ")[1].split("..")[0])
+    assert start % 10 == 0 and 10 <= start < 120, out[-2000:]
+    resumed, _ = metrics(str(cut))
+    assert sorted(resumed) == list(range(1, 121))
+    for step in range(1, 121):
+        assert resumed[step] == pytest.approx(ref[step], rel=1e-6), (step, resumed, ref)
+
+
+def test_sigterm_saves_and_exits_for_requeue(prepared, bpe_dir, tmp_path):
+    from ponder_pt.engine.preemption import EXIT_REQUEUE
+
+    extra = ["train.iters=200", "train.eval_interval=1000", f"checkpoint.dir={tmp_path}/ckpt",
+             "checkpoint.interval=1000"]
+    proc = _spawn(str(tmp_path), prepared, bpe_dir, extra)
+    _wait_for_step(tmp_path / "metrics.jsonl", 2, proc)
+    _signal_tree(proc, signal.SIGTERM)  # preemption: SLURM signals the job's processes
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_REQUEUE, err[-3000:]
+    latest = (tmp_path / "ckpt" / "latest").read_text()
+    meta = json.load(open(tmp_path / "ckpt" / latest / "ponder_meta.json"))
+    assert 2 <= meta["step"] < 200 and meta["state"]["consumed_samples"] == 8 * meta["step"]
+    assert (tmp_path / "ckpt" / "REQUEUE").exists()
+    # the requeued job resumes where the signal struck and removes the marker
+    out = run_train(str(tmp_path), prepared, bpe_dir, extra[:1] + [f"train.iters={meta['step'] + 1}"]
+                    + extra[1:]).stdout
+    assert f"training steps {meta['step']}..{meta['step'] + 1}" in out, out[-1500:]
+    assert not (tmp_path / "ckpt" / "REQUEUE").exists()
+    assert "saved with DP=2, resuming with DP=1" in out  # data position is global
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(prepared, bpe_dir, tmp_path):
+    from ponder_pt.engine.checkpoint import verify
+
+    extra = ["train.iters=4", f"checkpoint.dir={tmp_path}/ckpt", "checkpoint.interval=2"]
+    run_train(str(tmp_path / "a"), prepared, bpe_dir, extra)
+    ckpt = tmp_path / "ckpt"
+    newest = ckpt / "step_00000004"
+    victim = max((p for p in newest.iterdir() if p.suffix == ".pt"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    assert "truncated" in verify(str(ckpt), "step_00000004")
+    # an unfinished save (no meta) must be ignored too
+    (ckpt / "step_00000006").mkdir()
+    proc = run_train(str(tmp_path / "b"), prepared, bpe_dir, extra[:1] + ["train.iters=6"] + extra[1:])
+    out = proc.stdout + proc.stderr
+    assert "step_00000006: skipped, incomplete" in out
+    assert "step_00000004: skipped, truncated" in out
+    assert "resumed from" in out and "step_00000002" in out
+    train, _ = metrics(str(tmp_path / "b"))
+    assert sorted(train) == [3, 4, 5, 6]
+
+
+def test_two_node_rendezvous_on_localhost(prepared, bpe_dir, tmp_path):
+    """Two torchrun 'nodes' (one process each) meet through c10d rendezvous and train."""
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               f"--node-rank={node}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+               "--rdzv-id=ponder-test", "-m", "ponder_pt.train", "--config", "demo"]
+        for item in [*TINY, f"data.train=[{prepared}]", f"data.tokenizer={bpe_dir}",
+                     f"data.cache_dir={tmp_path}/cache", f"log.dir={tmp_path}"]:
+            cmd += ["--set", item]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    train, _ = metrics(str(tmp_path))
+    assert sorted(train) == [1, 2, 3, 4]
+
+
+def test_bad_config_is_rejected_before_any_process_starts(prepared, bpe_dir, tmp_path):
+    proc = run_train(str(tmp_path), prepared, bpe_dir, ["parallel.tp=3"], nproc=3, check=False)
+    assert proc.returncode == 2
+    assert "model.num_heads=4 is not divisible by parallel.tp=3" in proc.stderr
+    assert "torch.distributed" not in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_train(str(tmp_path), prepared, bpe_dir, ["train.global_batch=6"], nproc=2, check=False)
+    assert proc.returncode == 2 and "train.global_batch=6 is not divisible" in proc.stderr
