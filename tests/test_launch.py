@@ -38,6 +38,8 @@ def test_script_syntax_and_dry_run(script):
     assert "sbatch -> srun" in text and "ponder_pt.train" in text
     if method == "ponderpythia":
         assert "steps: 3" in text and "(training, 4 passes)" in text
+        if size in ("1b", "1.4b", "2.8b"):
+            assert "activation_checkpointing: full" in text
     if method == "pausepythia":
         assert "rate: 0.1" in text
 
@@ -63,5 +65,6 @@ def test_hostfile_from_slurm_env(tmp_path):
 
 def test_launcher_scripts_parse():
     for script in glob.glob(os.path.join(ROOT, "launchers", "*.sh")) + \
-            glob.glob(os.path.join(ROOT, "data_prep", "*.sbatch")):
+            glob.glob(os.path.join(ROOT, "data_prep", "*.sbatch")) + \
+            [os.path.join(ROOT, "slurm", "pretrain.sh")]:
         subprocess.run(["bash", "-n", script], check=True)
