@@ -208,3 +208,31 @@ def test_bad_config_is_rejected_before_any_process_starts(prepared, bpe_dir, tmp
     assert "torch.distributed" not in proc.stderr and "Traceback" not in proc.stderr
     proc = run_train(str(tmp_path), prepared, bpe_dir, ["train.global_batch=6"], nproc=2, check=False)
     assert proc.returncode == 2 and "train.global_batch=6 is not divisible" in proc.stderr
+
+
+def test_non_finite_steps_are_counted_and_stop_the_run(prepared, bpe_dir, tmp_path):
+    from ponder_pt.engine.trainer import EXIT_DIVERGED
+
+    proc = run_train(str(tmp_path), prepared, bpe_dir,
+                     ["train.lr=1e6", "train.min_lr=0", "train.grad_clip=0", "train.iters=40",
+                      "train.max_bad_steps=3"], check=False)
+    assert proc.returncode == EXIT_DIVERGED, proc.stderr[-2000:]
+    assert "3 steps in a row with non-finite loss or gradients" in proc.stderr
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert rows[-1]["skipped_steps"] >= 3 and rows[-1]["step"] < 40
+
+
+def test_deepspeed_launcher_matches_single_process(reference, prepared, bpe_dir, tmp_path):
+    """The documented entry point: deepspeed ponder_pt/train.py --config ..."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = train_cmd(str(tmp_path), prepared, bpe_dir)
+    args = cmd[cmd.index("--config"):]
+    args = [a for i, a in enumerate(args) if a != "--nproc" and args[i - 1] != "--nproc"]
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()),
+                           os.path.join(root, "ponder_pt", "train.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same(metrics(str(tmp_path)), reference)
