@@ -46,12 +46,26 @@ def resolve(config: Optional[str], overrides: Sequence[str], world_size: int,
     elif cfg.model.vocab_size is None:
         cfg.model.vocab_size = DEFAULT_VOCAB
     check(cfg, world_size=world_size, vocab_size=cfg.model.vocab_size)
+    _check_optional_packages(cfg)
     if need_tokenizer and not cfg.data.train:
         from ponder_pt.config import ConfigError
 
         raise ConfigError("data.train: no training data; set it to the PREFIX written by "
                           "`ponder-pt data prepare` (or a weighted list)")
     return cfg, tok
+
+
+def _check_optional_packages(cfg: Config) -> None:
+    import importlib.util
+
+    from ponder_pt.config import ConfigError
+
+    missing = [f"log.{key}=true needs the {key!r} package: pip install {pip} "
+               f"(or set log.{key}=false)"
+               for key, pip in (("tensorboard", "tensorboard"), ("wandb", "'ponder-pt[wandb]'"))
+               if getattr(cfg.log, key) and importlib.util.find_spec(key) is None]
+    if missing:
+        raise ConfigError(missing)
 
 
 def dry_run_report(cfg: Config, world_size: int, launch: str) -> str:
