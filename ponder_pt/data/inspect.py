@@ -23,9 +23,9 @@ def open_samples(data: Optional[str], seq_len: Optional[int], *, seed: int = 123
     else:
         if data is None or seq_len is None:
             raise ValueError("give --data PREFIX and --seq-len L, or --config of a run")
+        only_this_split = ",".join("1" if i == index else "0" for i in range(3))
         ds = build_datasets([(data, 1.0)], seq_len=seq_len, seed=seed, num_samples=tuple(sizes),
-                            eod_id=eod_id, vocab_size=vocab_size, split="1,0,0" if index == 0 else
-                            ",".join("1" if i == index else "0" for i in range(3)),
+                            eod_id=eod_id, vocab_size=vocab_size, split=only_this_split,
                             pause_id=pause_id, pause_rate=pause_rate, cache_dir=cache_dir)[index]
     if ds is None:
         raise ValueError(f"split {split!r} is empty for this configuration")
