@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	  else $(PYTHON) -m venv $(VENV); fi; fi
 	@$(PY) -c "import torch" 2>/dev/null || \
 	  $(PY) -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,eval]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

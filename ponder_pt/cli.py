@@ -213,6 +213,34 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _lazy(p, module: str, func: str) -> None:
+    """Run `module.func(args)`, importing the module only when the command runs."""
+    import importlib
+
+    p.set_defaults(func=lambda args: getattr(importlib.import_module(module), func)(args))
+
+
+def _add_convert_parsers(sub) -> None:
+    p_conv = sub.add_parser("convert", help="training checkpoints <-> Hugging Face directories")
+    s_conv = p_conv.add_subparsers(dest="subcommand", required=True)
+    p = s_conv.add_parser("to-hf", help="checkpoint (any TP/PP/ZeRO layout) -> HF directory")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="the run's checkpoint.dir")
+    p.add_argument("--tag", help="step_NNNNNNNN (default: the newest complete one)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _lazy(p, "ponder_pt.export.to_hf", "cmd_to_hf")
+    p = s_conv.add_parser("from-hf", help="HF GPT-NeoX/LLaMA directory -> checkpoint.dir to "
+                                          "train from (checkpoint.init_from) or run")
+    p.add_argument("--hf", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides, e.g. ponder.steps=3 or pause.rate=0.1")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _lazy(p, "ponder_pt.export.from_hf", "cmd_from_hf")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponder-pt", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"ponder-pt {__version__}")
@@ -300,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+")
     p.add_argument("--x", choices=["step", "tokens"], default="step")
     p.set_defaults(func=cmd_plot)
+
+    # convert / generate / eval (command functions live in ponder_pt.export / .inference)
+    from .inference import cli_args
+
+    _add_convert_parsers(sub)
+    p = sub.add_parser("generate", help="generate text from a checkpoint or an HF directory")
+    cli_args.add_generate_args(p)
+    _lazy(p, "ponder_pt.inference.generate", "cmd_generate")
+    p = sub.add_parser("eval", help="lm-evaluation-harness tasks on a checkpoint or HF directory")
+    cli_args.add_eval_args(p)
+    _lazy(p, "ponder_pt.inference.evaluation", "cmd_eval")
 
     # demo
     p = sub.add_parser("demo", help="the embedded end-to-end run on a CPU")

@@ -100,6 +100,8 @@ def test_zero_2_3_with_pipeline_rejected():
         assert f"parallel.zero_stage={stage} cannot be combined with pipeline parallelism" in msg
     cfg = load_config("pythia-70m", ["parallel.zero_stage=1", "parallel.pp=2"])
     assert cfg.parallel.pp == 2
+    assert "parallel.pp=2 needs parallel.zero_stage=1" in _problems("parallel.zero_stage=0",
+                                                                    "parallel.pp=2")
 
 
 def test_global_batch_vs_micro_batch_times_dp():

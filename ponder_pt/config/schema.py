@@ -145,6 +145,9 @@ class CheckpointConfig:
     keep_last: int = 3
     load: Optional[str] = None
     """Resume from this directory (default: `dir` when it holds a checkpoint)."""
+    init_from: Optional[str] = None
+    """Initial weights for a fresh run (ignored when resuming): an HF GPT-NeoX/LLaMA directory
+    or a checkpoint.dir (e.g. the output of `ponder-pt convert from-hf`)."""
 
 
 @dataclass

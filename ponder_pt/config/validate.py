@@ -80,6 +80,10 @@ def problems(cfg: Config, world_size: Optional[int] = None,
         out.append(f"parallel.zero_stage={par.zero_stage} cannot be combined with pipeline "
                    f"parallelism (parallel.pp={par.pp}); DeepSpeed's pipeline engine supports "
                    "ZeRO 0/1: set parallel.zero_stage=1 or parallel.pp=1")
+    elif par.pp > 1 and par.zero_stage == 0:
+        # the pipeline path (training, checkpoints, their export) is built and tested on ZeRO-1
+        out.append(f"parallel.pp={par.pp} needs parallel.zero_stage=1 (pipeline runs, their "
+                   "checkpoints and their export are supported on ZeRO-1)")
     if par.cpu_offload and par.zero_stage == 0:
         out.append("parallel.cpu_offload needs ZeRO >= 1; set parallel.zero_stage")
 

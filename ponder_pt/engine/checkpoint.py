@@ -108,7 +108,9 @@ class CheckpointManager:
 
     def __init__(self, ckpt_dir: str, keep_last: int, rank: int, world_size: int,
                  barrier: Callable[[], None], log: Callable[[str], None] = print,
-                 dp: int = 1, zero_stage: int = 0):
+                 dp: int = 1, zero_stage: int = 0, extra: Optional[tuple] = None):
+        """extra: (save(tag_dir), load(tag_dir)) for state DeepSpeed does not checkpoint."""
+        self.extra = extra
         self.dir, self.keep_last = ckpt_dir, keep_last
         self.rank, self.world_size = rank, world_size
         self.dp, self.zero_stage = dp, zero_stage
@@ -125,6 +127,8 @@ class CheckpointManager:
         engine.save_checkpoint(self.dir, tag=tag, client_state={"ponder_state": state},
                                save_latest=False)
         torch.save(rng_state(), os.path.join(root, f"rng_rank{self.rank:05d}.pt"))
+        if self.extra is not None:
+            self.extra[0](root)
         self.barrier()  # every rank's files are on disk
         if self.rank == 0:
             meta = {"tag": tag, "step": step, "world_size": self.world_size, "dp": self.dp,
@@ -191,6 +195,8 @@ class CheckpointManager:
             if not ok:
                 failures.append(f"{tag}: {reason}")
                 continue
+            if self.extra is not None:
+                self.extra[1](os.path.join(src, tag))
             rng_path = os.path.join(src, tag, f"rng_rank{self.rank:05d}.pt")
             if meta.get("world_size") == self.world_size and os.path.exists(rng_path):
                 set_rng_state(torch.load(rng_path, weights_only=False))

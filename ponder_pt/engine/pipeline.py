@@ -4,6 +4,8 @@ map onto stages). ZeRO 0/1 only, as DeepSpeed's pipeline engine allows."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -34,6 +36,28 @@ class PipelineTrainer(Trainer):
             model=module, model_parameters=param_groups(module, cfg.train.weight_decay),
             config=ds_cfg, lr_scheduler=lambda opt: make_scheduler(opt, cfg.train))
         return engine
+
+    def _checkpoint_extra(self):
+        """DeepSpeed's per-layer pipeline files skip tied layers called through a forward_fn
+        (our shared embedding/head), and a resumed run would silently restart them from their
+        initial values: save every tied module of this stage ourselves (one file per stage
+        and TP rank, written by DP rank 0) and load it back after DeepSpeed's own load."""
+        w = self.world
+
+        def path(root: str) -> str:
+            return os.path.join(root, f"tied_pp{w.pp_rank:02d}_tp{w.tp_rank:02d}.pt")
+
+        def save(root: str) -> None:
+            if w.dp_rank == 0:
+                torch.save({key: module.state_dict()
+                            for key, module in self.engine.module.tied_modules.items()}, path(root))
+
+        def load(root: str) -> None:
+            state = torch.load(path(root), map_location=self.device, weights_only=True)
+            for key, module in self.engine.module.tied_modules.items():
+                module.load_state_dict(state[key])
+
+        return save, load
 
     def _train_step(self, batches) -> float:
         # every stage draws the step's micro-batches so all data iterators stay in step

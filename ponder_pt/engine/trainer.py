@@ -36,6 +36,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+RUN_CONFIG = "run_config.yaml"
+
+
+def write_run_config(cfg: Config, ckpt_dir: str) -> None:
+    """The resolved run config (tokenizer path made absolute) next to the checkpoints, so
+    export and inference can rebuild the model from `checkpoint.dir` alone."""
+    import yaml
+
+    raw = config_to_dict(cfg)
+    if raw["data"].get("tokenizer"):
+        raw["data"]["tokenizer"] = os.path.abspath(raw["data"]["tokenizer"])
+    os.makedirs(ckpt_dir, exist_ok=True)
+    tmp = os.path.join(ckpt_dir, f"{RUN_CONFIG}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(raw, fh, sort_keys=False)
+    os.replace(tmp, os.path.join(ckpt_dir, RUN_CONFIG))
+
+
 class Trainer:
     def __init__(self, cfg: Config, tokenizer, world: D.World, log=print):
         from ..data.samples import datasets_for_config
@@ -45,6 +63,9 @@ class Trainer:
         tr = cfg.train
         self.ga = tr.global_batch // (tr.micro_batch * world.dp)
         torch.manual_seed(tr.seed)
+        if cfg.checkpoint.init_from and cfg.parallel.pp > 1:
+            raise ValueError("checkpoint.init_from is not supported with pipeline parallelism "
+                             "(parallel.pp > 1) yet")
 
         self.engine = self._build_engine(build_ds_config(cfg, world.dp, cfg.parallel.ds_config))
         self.device = self.engine.device
@@ -59,7 +80,10 @@ class Trainer:
         if cfg.checkpoint.dir:
             self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last,
                                           world.rank, world.world_size, D.barrier, self.log,
-                                          dp=world.dp, zero_stage=cfg.parallel.zero_stage)
+                                          dp=world.dp, zero_stage=cfg.parallel.zero_stage,
+                                          extra=self._checkpoint_extra())
+            if world.is_main:
+                write_run_config(cfg, cfg.checkpoint.dir)
         vocab = cfg.model.vocab_size
         self.flops_per_token = flops_per_token(cfg.model, vocab, cfg.data.seq_len, cfg.ponder.steps)
         peak = cfg.log.peak_tflops
@@ -74,11 +98,20 @@ class Trainer:
         from ..models import build_model
 
         model = build_model(self.cfg)
+        if self.cfg.checkpoint.init_from:
+            from ..export.from_hf import load_initial_weights
+
+            load_initial_weights(model, self.cfg.checkpoint.init_from)
+            self.log(f"initial weights from {self.cfg.checkpoint.init_from}")
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, self.cfg.train.weight_decay),
             config=ds_cfg, mpu=D.MegatronMPU(),
             lr_scheduler=lambda opt: make_scheduler(opt, self.cfg.train))
         return engine
+
+    def _checkpoint_extra(self):
+        """(save, load) of state DeepSpeed's checkpoint misses; None for the plain engine."""
+        return None
 
     def _train_step(self, batches) -> float:
         """One optimizer step over this rank's micro-batches; the global mean loss."""

@@ -1,0 +1,103 @@
+"""Pondering generation latency per token: K+1 KV caches vs recomputing the prefix.
+
+The reference PonderingLM code generates by running all K+1 passes over the whole sequence
+for every new token (O(n^2) per sequence); ponder-pt keeps one KV cache per pass, so a new
+token costs K+1 one-token forwards. Both loops here decode greedily (argmax, no EOS stop) from
+the same random PonderLM and must produce the same tokens; the script checks that and
+reports ms per generated token and the speed-up, at 64/256/1024 new tokens.
+
+    .venv/bin/python benchmarks/bench_generate.py                  # CPU table (README_generate.md)
+    .venv/bin/python benchmarks/bench_generate.py --device cuda --hidden 1024 --layers 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import warnings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+
+def build(args):
+    from ponder_pt.config.schema import ModelConfig, PonderConfig
+    from ponder_pt.models import PonderLM, init_single_process
+
+    init_single_process()
+    cfg = ModelConfig(arch="gpt_neox", num_layers=args.layers, hidden_size=args.hidden,
+                      num_heads=args.heads, max_seq_len=args.prompt + max(args.lengths) + 8,
+                      vocab_size=args.vocab)
+    return PonderLM(cfg, PonderConfig(steps=args.steps), seed=0).to(args.device).eval()
+
+
+@torch.no_grad()
+def cached(model, prompt, n):
+    caches = model.new_caches()
+    ids, out = prompt, []
+    for _ in range(n):
+        nxt = model(ids, caches=caches)[:, -1].argmax(-1, keepdim=True)
+        out.append(int(nxt))
+        ids = nxt
+    return out
+
+
+@torch.no_grad()
+def recompute(model, prompt, n):
+    seq = prompt
+    for _ in range(n):
+        nxt = model(seq)[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    return seq[0, prompt.shape[1]:].tolist()
+
+
+def timed(fn, *a):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn(*a)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024])
+    p.add_argument("--steps", type=int, default=3, help="pondering steps K")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--prompt", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = build(args)
+    prompt = torch.randint(0, args.vocab, (1, args.prompt),
+                           generator=torch.Generator().manual_seed(0)).to(args.device)
+    cached(model, prompt, 4)  # warm-up
+    recompute(model, prompt, 4)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads "
+          f"{args.threads}, device {args.device}; GPT-NeoX {args.layers} layers x hidden "
+          f"{args.hidden}, vocab {args.vocab}, K={args.steps} (K+1={args.steps + 1} passes), "
+          f"prompt {args.prompt} tokens, greedy, batch 1\n")
+    print("| new tokens | K+1 caches ms/token | recompute prefix ms/token | speed-up "
+          "| same tokens |")
+    print("|---:|---:|---:|---:|:---:|")
+    for n in args.lengths:
+        a, ta = timed(cached, model, prompt, n)
+        b, tb = timed(recompute, model, prompt, n)
+        print(f"| {n} | {1e3 * ta / n:.2f} | {1e3 * tb / n:.2f} | {tb / ta:.1f}x | "
+              f"{'yes' if a == b else 'NO'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

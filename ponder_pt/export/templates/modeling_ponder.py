@@ -1,0 +1,99 @@
+"""PonderingLM for transformers: GPT-NeoX / LLaMA with K continuous-space pondering steps.
+
+Written into the export directory by `ponder-pt convert to-hf`; needs only torch and
+transformers. Weights and names are the stock model's (`gpt_neox.*` / `model.*`, `lm_head`).
+
+Forward (K = config.ponder_steps, s = sqrt(hidden) if ponder_scale_embeds else 1):
+    e_0 = W_in[x] * s (* K if ponder_scale_initial_by_steps)
+    for k = 1..K: h = transformer(e_{k-1}); p = softmax(h W_out^T) (top-k renormalised if
+                  ponder_top_k > 0); e_k = e_{k-1} + s * p W_in
+    logits = transformer(e_K) W_out^T
+Pass k at position t attends only to pass-k keys/values of positions <= t, so generation
+keeps K+1 KV caches, one per pass: the cache `generate()` hands in is the last pass's, and it
+carries the K others as `cache.ponder_passes`. Each new token costs K+1 one-token forwards.
+Attention masks (left padding) and position ids are applied identically in every pass.
+"""
+
+import math
+
+import torch
+from transformers import DynamicCache, GPTNeoXForCausalLM, LlamaForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_ponder import PonderGPTNeoXConfig, PonderLlamaConfig
+
+
+def _ponder_caches(past_key_values, steps, use_cache):
+    """K+1 caches: (pass 1..K caches carried on the last pass's cache, the last one)."""
+    if not use_cache:
+        return [None] * (steps + 1), None
+    main = past_key_values if past_key_values is not None else DynamicCache()
+    passes = getattr(main, "ponder_passes", None)
+    if passes is None:
+        if main.get_seq_length() > 0:
+            raise ValueError("this cache was not produced by a pondering model: it lacks the "
+                             "caches of the pondering passes")
+        passes = [DynamicCache() for _ in range(steps)]
+        main.ponder_passes = passes
+    if len(passes) != steps:
+        raise ValueError(f"cache holds {len(passes)} pondering passes, model has {steps}")
+    return list(passes) + [main], main
+
+
+class _PonderMixin:
+    def _backbone(self):
+        return getattr(self, self.base_model_prefix)
+
+    def _ponder_settings(self):
+        c = self.config
+        steps = int(getattr(c, "ponder_steps", 0) or 0)
+        scale = math.sqrt(c.hidden_size) if getattr(c, "ponder_scale_embeds", True) else 1.0
+        first = scale * (steps if getattr(c, "ponder_scale_initial_by_steps", False) else 1)
+        return steps, scale, first, int(getattr(c, "ponder_top_k", 0) or 0)
+
+    def _probs(self, logits, top_k):
+        z = logits.float()
+        if top_k > 0:
+            vals, idx = z.topk(top_k, dim=-1)
+            return torch.zeros_like(z).scatter(-1, idx, torch.softmax(vals, dim=-1))
+        return torch.softmax(z, dim=-1)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                inputs_embeds=None, past_key_values=None, labels=None, use_cache=None,
+                logits_to_keep=0, **kwargs):
+        steps, scale, first, top_k = self._ponder_settings()
+        w_in = self.get_input_embeddings().weight
+        if inputs_embeds is None:
+            e = self.get_input_embeddings()(input_ids)
+            if steps > 0:
+                e = e * first
+        else:
+            e = inputs_embeds
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        caches, main = _ponder_caches(past_key_values, steps, use_cache)
+        head = self.get_output_embeddings()
+        kwargs.pop("return_dict", None)
+        for k in range(steps + 1):
+            out = self._backbone()(inputs_embeds=e, attention_mask=attention_mask,
+                                   position_ids=position_ids, past_key_values=caches[k],
+                                   use_cache=use_cache, return_dict=True, **kwargs)
+            hidden = out.last_hidden_state
+            if k < steps:
+                probs = self._probs(head(hidden), top_k)
+                e = e + scale * torch.matmul(probs.to(w_in.dtype), w_in)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels,
+                                      vocab_size=self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      past_key_values=main if use_cache else None)
+
+
+class PonderGPTNeoXForCausalLM(_PonderMixin, GPTNeoXForCausalLM):
+    config_class = PonderGPTNeoXConfig
+
+
+class PonderLlamaForCausalLM(_PonderMixin, LlamaForCausalLM):
+    config_class = PonderLlamaConfig

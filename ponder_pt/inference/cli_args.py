@@ -1,0 +1,33 @@
+"""Arguments of `ponder-pt generate` and `ponder-pt eval` (no heavy imports)."""
+
+
+def add_generate_args(p) -> None:
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="training checkpoint.dir (with run_config.yaml) or an HF directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pauses", type=int, default=None,
+                   help="M <pause> tokens appended to the prompt (default: the model's recorded "
+                        "pause.inference_pauses for pause-trained models, else 0)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true",
+                   help='print {"token_ids": [...], "text": ...} of the new tokens')
+
+
+def add_eval_args(p) -> None:
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="training checkpoint.dir (with run_config.yaml) or an HF directory")
+    p.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names (comma or space)")
+    p.add_argument("--pauses", type=int, default=None,
+                   help="M <pause> tokens after each prompt (default: the model's recorded value)")
+    p.add_argument("--include-path", help="directory of extra lm-eval task YAMLs (offline tasks)")
+    p.add_argument("--limit", type=float, help="examples per task (int) or fraction (< 1)")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", help="write the results JSON here")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,0 +1,141 @@
+"""lm-evaluation-harness on ponder-pt models (`ponder-pt eval`).
+
+`PonderEvalLM` is an `lm_eval.api.model.LM` over an `InferenceModel` (native checkpoint or HF
+directory, pondering and pause models included; HFLM knows neither pondering checkpoints nor
+pauses). Requests are scored one at a time (small batch cost on CPU; correct for any model).
+
+Pauses (M = --pauses or the model's recorded default): `loglikelihood` scores the
+continuation after context + M pauses (the first continuation token is predicted at the last
+pause); `generate_until` generates after context + M pauses. `loglikelihood_rolling`
+(perplexity of whole documents) has no prompt to append pauses to and uses none.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+from tqdm import tqdm
+
+from .model import InferenceModel, load_model
+from .pauses import append_pauses, resolve_pauses
+
+
+class PonderEvalLM(LM):
+    def __init__(self, lm: InferenceModel, pauses: Optional[int] = None,
+                 max_gen_toks: int = 64, progress: bool = True):
+        super().__init__()
+        self.lm = lm
+        self.pauses = resolve_pauses(pauses, lm.default_pauses, lm.pause_id)
+        self.max_gen_toks = max_gen_toks
+        self.progress = progress
+
+    # ---------------------------------------------------------------- helpers
+    def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of context and continuation, encoded jointly where the context's own
+        encoding is a prefix (so a leading space stays attached as in training text)."""
+        ctx = self.lm.encode(context)
+        whole = self.lm.encode(context + continuation)
+        if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
+            return ctx, whole[len(ctx):]
+        return ctx, self.lm.encode(continuation)
+
+    def _score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+        ctx = append_pauses(ctx or [self.lm.eos_id], self.pauses, self.lm.pause_id)
+        ids = (ctx + cont)[-(self.lm.max_len + 1):]
+        n = len(cont)
+        inp = torch.tensor([ids[:-1]])
+        logp = F.log_softmax(self.lm.logits(inp)[0, -n:], dim=-1)
+        target = torch.tensor(ids[-n:])
+        ll = float(logp.gather(1, target[:, None]).sum())
+        greedy = bool((logp.argmax(-1) == target).all())
+        return ll, greedy
+
+    # ---------------------------------------------------------------- LM api
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        out = []
+        for req in tqdm(requests, desc="loglikelihood", disable=disable_tqdm or not self.progress):
+            context, continuation = req.args
+            out.append(self._score(*self._split(context, continuation)))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        out = []
+        for req in tqdm(requests, desc="loglikelihood_rolling",
+                        disable=disable_tqdm or not self.progress):
+            (text,) = req.args[:1]
+            ids = self.lm.encode(text)
+            total = 0.0
+            windows = map(make_disjoint_window, get_rolling_token_windows(
+                token_list=ids, prefix_token=self.lm.eos_id, max_seq_len=self.lm.max_len,
+                context_len=1))
+            for ctx, cont in windows:
+                inp = torch.tensor([(ctx + cont)[:-1]])
+                logp = F.log_softmax(self.lm.logits(inp)[0, -len(cont):], dim=-1)
+                total += float(logp.gather(1, torch.tensor(cont)[:, None]).sum())
+            out.append(total)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        out = []
+        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm or not self.progress):
+            context, kwargs = req.args
+            kwargs = dict(kwargs or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            greedy = not kwargs.get("do_sample", False) or kwargs.get("temperature", 1.0) == 0
+            ids = append_pauses(self.lm.encode(context) or [self.lm.eos_id], self.pauses,
+                                self.lm.pause_id)
+            room = self.lm.max_len - max_new
+            ids = ids[-room:] if room > 0 else ids[-1:]
+            new = self.lm.generate(ids, max_new, greedy=greedy,
+                                   temperature=float(kwargs.get("temperature", 1.0) or 1.0))
+            text = self.lm.decode(new)
+            for stop in until:
+                if stop and stop in text:
+                    text = text[:text.index(stop)]
+            out.append(text)
+        return out
+
+
+def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,
+             include_path: Optional[str] = None, limit: Optional[float] = None,
+             num_fewshot: Optional[int] = None, device: str = "cpu", progress: bool = True,
+             seed: int = 1234) -> dict:
+    """lm_eval.simple_evaluate on our wrapper; returns its results dict."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    lm = PonderEvalLM(load_model(model_dir, device=device), pauses, progress=progress)
+    tm = TaskManager(include_path=include_path) if include_path else TaskManager()
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                   task_manager=tm, log_samples=False, random_seed=seed,
+                                   numpy_random_seed=seed, torch_random_seed=seed,
+                                   fewshot_random_seed=seed)
+
+
+def cmd_eval(args) -> int:
+    tasks = [t for item in args.tasks for t in item.split(",") if t]
+    limit = args.limit
+    if limit is not None and float(limit).is_integer():
+        limit = int(limit)
+    res = run_eval(args.model, tasks, args.pauses, args.include_path, limit, args.num_fewshot,
+                   args.device, progress=not args.quiet)
+    results = res.get("results", {}) if res else {}
+    if args.json:
+        print(json.dumps({"results": results}, default=str))
+    else:
+        from lm_eval.utils import make_table
+
+        print(make_table(res))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            json.dump({"results": results, "config": res.get("config")}, fh, indent=1,
+                      default=str)
+    return 0

@@ -1,0 +1,175 @@
+"""One inference face over a native training checkpoint and an exported HF directory.
+
+    lm = load_model(DIR)            # checkpoint.dir (run_config.yaml) or an HF directory
+    lm.logits(ids)                  # [b, s, V] float32, V = padded vocabulary rows
+    lm.generate(prompt_ids, 20)     # new token ids (K+1 KV caches for pondering models)
+
+Generation never emits padded vocabulary rows (ids >= the tokenizer's size, `<pause>`
+included): they are masked out of the logits.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+
+def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int,
+          gen: Optional[torch.Generator]) -> int:
+    """Next token from last-position logits [V] (already masked)."""
+    if greedy:
+        return int(logits.argmax())
+    z = logits.float() / max(temperature, 1e-6)
+    if top_k > 0:
+        vals, idx = z.topk(min(top_k, z.shape[-1]))
+        return int(idx[torch.multinomial(torch.softmax(vals, -1), 1, generator=gen)])
+    return int(torch.multinomial(torch.softmax(z, -1), 1, generator=gen))
+
+
+class InferenceModel(abc.ABC):
+    """Common attributes: tokenizer (encode/decode), eos_id, pause_id, default_pauses,
+    vocab_rows (the tokenizer's real ids), max_len, ponder_steps."""
+
+    kind = "?"
+    eos_id: Optional[int] = None
+    pause_id: Optional[int] = None
+    default_pauses: int = 0
+    vocab_rows: int = 0
+    max_len: int = 2048
+    ponder_steps: int = 0
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Implemented by NativeModel and HFModel."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Implemented by NativeModel and HFModel."""
+
+    @abc.abstractmethod
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Implemented by NativeModel and HFModel."""
+
+    @abc.abstractmethod
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, greedy: bool = True,
+                 temperature: float = 1.0, top_k: int = 0, seed: int = 0,
+                 stop_at_eos: bool = True) -> list[int]:
+        """New token ids after `prompt` (pauses, if any, already appended by the caller)."""
+
+
+class NativeModel(InferenceModel):
+    """A training checkpoint, rebuilt as a TP=1 `PonderLM` in one process (CPU or CUDA)."""
+
+    kind = "native"
+
+    def __init__(self, ckpt_dir: str, tag: Optional[str] = None, device: str = "cpu"):
+        from ..export.native import read_checkpoint
+        from ..export.to_hf import pause_fields
+        from ..models import PonderLM, init_single_process
+        from ..tokenizer import load_tokenizer
+
+        init_single_process()
+        cfg, full, self.tag = read_checkpoint(ckpt_dir, tag)
+        cfg.parallel.tp, cfg.model.activation_checkpointing = 1, "none"
+        self.cfg, self.device = cfg, torch.device(device)
+        self.model = PonderLM(cfg.model, cfg.ponder).eval()
+        missing, unexpected = self.model.load_state_dict(full, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise KeyError(f"checkpoint/model mismatch: missing {missing}, unexpected {unexpected}")
+        self.model.to(self.device)
+        self.tok = load_tokenizer(cfg.data.tokenizer)
+        self.eos_id, self.vocab_rows = self.tok.eod_id, self.tok.vocab_size
+        pf = pause_fields(cfg)
+        self.pause_id, self.default_pauses = pf.get("pause_token_id"), pf.get("default_pauses", 0)
+        self.max_len, self.ponder_steps = cfg.model.max_seq_len, cfg.ponder.steps
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(ids)
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids.to(self.device), gather_logits=True).float()
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_tokens, greedy=True, temperature=1.0, top_k=0, seed=0,
+                 stop_at_eos=True):
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        caches = self.model.new_caches()
+        ids = torch.tensor([list(prompt)], device=self.device)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            z = self.model(ids, caches=caches, gather_logits=True)[0, -1].float()
+            z[self.vocab_rows:] = float("-inf")
+            nxt = _pick(z, greedy, temperature, top_k, gen)
+            out.append(nxt)
+            if stop_at_eos and nxt == self.eos_id:
+                break
+            ids = torch.tensor([[nxt]], device=self.device)
+        return out
+
+
+class HFModel(InferenceModel):
+    """An HF directory from `ponder-pt convert to-hf` (or any GPT-NeoX / LLaMA HF model)."""
+
+    kind = "hf"
+
+    def __init__(self, path: str, device: str = "cpu"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=True, dtype=torch.float32).to(self.device).eval()
+        self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        c = self.model.config
+        self.eos_id = c.eos_token_id if c.eos_token_id is not None else self.tok.eos_token_id
+        self.pause_id = getattr(c, "pause_token_id", None)
+        self.default_pauses = int(getattr(c, "default_pauses", 0) or 0)
+        self.vocab_rows = len(self.tok)
+        if self.pause_id is not None and self.pause_id < self.vocab_rows:
+            self.vocab_rows = self.pause_id  # <pause> was added to the tokenizer: never emit it
+        self.max_len = c.max_position_embeddings
+        self.ponder_steps = int(getattr(c, "ponder_steps", 0) or 0)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([i for i in ids if i < self.vocab_rows])
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids.to(self.device), use_cache=False).logits.float()
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_tokens, greedy=True, temperature=1.0, top_k=0, seed=0,
+                 stop_at_eos=True):
+        torch.manual_seed(seed)
+        ids = torch.tensor([list(prompt)], device=self.device)
+        rows = self.model.config.vocab_size
+        suppress = list(range(self.vocab_rows, rows)) or None
+        kw = dict(do_sample=not greedy, max_new_tokens=max_new_tokens, suppress_tokens=suppress,
+                  attention_mask=torch.ones_like(ids), pad_token_id=self.eos_id,
+                  eos_token_id=self.eos_id if stop_at_eos else None)
+        if not greedy:
+            kw.update(temperature=temperature, top_k=top_k or None)
+        out = self.model.generate(ids, **kw)
+        return out[0, ids.shape[1]:].tolist()
+
+
+def is_hf_dir(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "config.json"))
+
+
+def load_model(path: str, device: str = "cpu", tag: Optional[str] = None) -> InferenceModel:
+    """A native checkpoint dir (with run_config.yaml) or an HF directory."""
+    if is_hf_dir(path):
+        return HFModel(path, device)
+    return NativeModel(path, tag, device)

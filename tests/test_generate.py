@@ -1,0 +1,87 @@
+"""Generation: native K+1 KV caches vs recomputing the prefix, `ponder-pt generate --json` on a
+native checkpoint and on its HF export, pause tokens at inference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from _export_helpers import trained  # noqa: F401
+
+from ponder_pt.inference.pauses import append_pauses, resolve_pauses
+
+
+def _cli(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "ponder_pt", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_append_pauses_exactly_m():
+    assert append_pauses([1, 2, 3], 4, 99) == [1, 2, 3, 99, 99, 99, 99]
+    assert append_pauses([1, 2], 0, None) == [1, 2]
+    assert resolve_pauses(None, 10, 99) == 10 and resolve_pauses(2, 10, 99) == 2
+    with pytest.raises(ValueError):
+        resolve_pauses(3, 0, None)  # not a pause-trained model
+
+
+def test_native_cached_generation_equals_recompute(trained):  # noqa: F811
+    """Greedy decoding with the K+1 caches == argmax of a full forward over the growing
+    sequence (the reference approach), on a real pondering checkpoint (K=2)."""
+    from ponder_pt.inference import NativeModel
+
+    lm = NativeModel(trained["ponder"])
+    assert lm.ponder_steps == 2
+    prompt = lm.encode("Return the number of")
+    new = lm.generate(prompt, 16, stop_at_eos=False)
+    seq = list(prompt)
+    for _ in range(16):
+        z = lm.logits(torch.tensor([seq]))[0, -1]
+        z[lm.vocab_rows:] = float("-inf")
+        seq.append(int(z.argmax()))
+    assert new == seq[len(prompt):]
+
+
+def test_generate_pauses_and_json_native_vs_hf(trained, tmp_path):  # noqa: F811
+    """`--json` on the native checkpoint and on its export give the same greedy tokens; the
+    pause-trained model appends its recorded M pauses (or --pauses M) and ignores their
+    outputs."""
+    from ponder_pt.export import checkpoint_to_hf
+    from ponder_pt.inference import NativeModel, generate_text
+
+    ckpt = trained["ponder"]
+    hf = str(tmp_path / "hf")
+    checkpoint_to_hf(ckpt, hf, progress=False)
+    outs = []
+    for model in (ckpt, hf):
+        out = json.loads(_cli("generate", "--model", model, "--prompt", "The file is",
+                              "--max-new-tokens", "6", "--greedy", "--json", "--pauses", "3"))
+        assert set(out) == {"token_ids", "text"} and len(out["token_ids"]) <= 6
+        outs.append(out)
+    assert outs[0] == outs[1]
+
+    lm = NativeModel(ckpt)
+    prompt = lm.encode("The file is")
+    for m, expect in ((None, lm.default_pauses), (3, 3), (0, 0)):
+        res = generate_text(lm, "The file is", 4, greedy=True, pauses=m)
+        assert res["prompt_ids"] == prompt + [lm.pause_id] * expect
+        assert res["pauses"] == expect
+        assert lm.pause_id not in res["token_ids"]
+    res3 = generate_text(lm, "The file is", 6, greedy=True, pauses=3)
+    assert res3["token_ids"] == outs[0]["token_ids"]
+
+
+def test_generate_sampling_is_seeded(trained):  # noqa: F811
+    from ponder_pt.inference import NativeModel, generate_text
+
+    lm = NativeModel(trained["plain"])
+    a = generate_text(lm, "import os", 8, greedy=False, seed=3, top_k=20)
+    b = generate_text(lm, "import os", 8, greedy=False, seed=3, top_k=20)
+    assert a == b and a["pauses"] == 0
+    assert all(0 <= t < lm.vocab_rows for t in a["token_ids"])
