@@ -2,7 +2,9 @@
 
 embedded corpus -> BPE tokenizer -> indexed dataset (2 workers) -> packed samples with pause
 tokens -> a tiny PonderPythia (K=1) with pause tokens trained by 2 processes under DeepSpeed
-ZeRO-1 (the real `ponder-pt train` launch path) -> validation loss -> loss-curve PNG.
+ZeRO-1 (the real `ponder-pt train` launch path) -> validation loss -> loss-curve PNG ->
+Hugging Face export (trust_remote_code pondering class) -> a sample generated from the export
+with the K+1 KV caches and the model's default pauses.
 """
 
 from __future__ import annotations
@@ -30,21 +32,21 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     summary: dict = {}
 
-    t = _stage("1/5 embedded corpus: Python standard-library docstrings")
+    t = _stage("1/6 embedded corpus: Python standard-library docstrings")
     corpus = os.path.join(out_dir, "corpus.jsonl")
     info = write_corpus(corpus, max_bytes=300_000 if quick else 2_000_000)
     print(f"{info['documents']} documents, {info['characters']:,} characters "
           f"({time.perf_counter() - t:.1f}s)")
     summary["corpus"] = info
 
-    t = _stage("2/5 tokenizer: byte-level BPE")
+    t = _stage("2/6 tokenizer: byte-level BPE")
     tok_dir = os.path.join(out_dir, "tokenizer")
     train_tokenizer([corpus], 1024 if quick else 4096, tok_dir, show_progress=False)
     tok = load_tokenizer(tok_dir)
     summary["tokenizer"] = tok.describe()
     print(json.dumps(summary["tokenizer"]) + f" ({time.perf_counter() - t:.1f}s)")
 
-    t = _stage("3/5 data prepare: indexed dataset with 2 workers")
+    t = _stage("3/6 data prepare: indexed dataset with 2 workers")
     prefix = os.path.join(out_dir, "data", "corpus")
     stats = prepare([corpus], tok_dir, prefix, workers=2, progress=True)
     print(f"{stats.documents_written} documents, {stats.tokens:,} tokens, "
@@ -53,7 +55,7 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
     summary["prepare"] = {k: getattr(stats, k) for k in
                           ("documents_in", "documents_written", "rejected", "tokens")}
 
-    t = _stage("4/5 samples: packed, blended-ready, with pause tokens (pause.rate=0.1)")
+    t = _stage("4/6 samples: packed, blended-ready, with pause tokens (pause.rate=0.1)")
     run_dir = os.path.join(out_dir, "run")
     overrides = [f"data.train=[{prefix}]", f"data.tokenizer={tok_dir}",
                  f"data.cache_dir={os.path.join(out_dir, 'data', 'cache')}",
@@ -72,7 +74,7 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
     print(f"train samples {len(train_ds)}, valid samples {summary['samples']['valid']} "
           f"({time.perf_counter() - t:.1f}s)")
 
-    t = _stage(f"5/5 train: tiny PonderPythia (K={cfg.ponder.steps}, pause rate "
+    t = _stage(f"5/6 train: tiny PonderPythia (K={cfg.ponder.steps}, pause rate "
                f"{cfg.pause.rate}), 2 processes, ZeRO-{cfg.parallel.zero_stage}, "
                f"{cfg.train.iters} steps")
     from .cli import torchrun_command
@@ -98,6 +100,20 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
     print(f"train loss {train_losses[0]:.3f} -> {train_losses[-1]:.3f}; validation loss "
           f"{valid[-1]['valid_loss']:.3f} (ppl {valid[-1]['valid_ppl']:.1f}); loss curve "
           f"{summary['train']['loss_curve']} ({time.perf_counter() - t:.0f}s)")
+
+    t = _stage("6/6 export to Hugging Face and generate")
+    from .export import checkpoint_to_hf
+    from .inference import generate_text, load_model
+
+    hf_dir = os.path.join(out_dir, "hf")
+    tag = checkpoint_to_hf(os.path.join(run_dir, "checkpoints"), hf_dir, progress=False)
+    prompt = "Return the number of"
+    sample = generate_text(load_model(hf_dir), prompt, max_new_tokens=40, greedy=True)
+    print(f"exported {tag} to {hf_dir} (AutoModelForCausalLM.from_pretrained(..., "
+          f"trust_remote_code=True)); greedy sample after {sample['pauses']} pauses:")
+    print(f"  {prompt}{sample['text']}")
+    summary["export"] = {"dir": hf_dir, "tag": tag, "prompt": prompt, "sample": sample["text"],
+                         "pauses": sample["pauses"], "seconds": round(time.perf_counter() - t, 1)}
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2)
     print(f"\ndemo finished: {os.path.join(out_dir, 'summary.json')}")
