@@ -32,7 +32,7 @@ import torch
 
 from ..config import Config, load_config
 from ..models import parallel as par
-from ..models.hf import hf_to_full, model_config_from_hf
+from ..models.hf import hf_to_full, load_full_state_dict, model_config_from_hf
 from .native import read_checkpoint, tp_spec
 
 _PONDER_KEYS = ("ponder_steps", "ponder_scale_embeds", "ponder_scale_initial_by_steps",
@@ -100,18 +100,7 @@ def load_initial_weights(model: torch.nn.Module, path: str) -> None:
                 raise ValueError(f"checkpoint.init_from {path}: model.{key} is "
                                  f"{getattr(src_cfg.model, key)} there, {getattr(cfg, key)} here")
         _pad_vocab(full, cfg.vocab_size)
-    params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(full))
-    if missing:
-        raise KeyError(f"checkpoint.init_from {path}: no weights for {missing}")
-    with torch.no_grad():
-        for name, p in params.items():
-            spec = par.partition_spec(p)
-            t = par.shard(full[name], *spec) if spec else full[name]
-            if t.shape != p.shape:
-                raise ValueError(f"{name}: source gives {tuple(t.shape)}, model has "
-                                 f"{tuple(p.shape)}")
-            p.copy_(t.to(p.dtype))
+    load_full_state_dict(model, full, source=f"checkpoint.init_from {path}")
 
 
 def _copy_tokenizer(hf_dir: str, out: str) -> Optional[str]:

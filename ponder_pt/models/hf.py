@@ -215,19 +215,21 @@ def full_to_hf(full: dict, cfg: ModelConfig, vocab_size: Optional[int] = None) -
 
 def load_hf_state_dict(model: torch.nn.Module, sd: dict, cfg: Optional[ModelConfig] = None) -> None:
     """Copy an HF state dict into `model` (this rank's shards). Every TP rank calls it."""
-    cfg = cfg or model.cfg
-    full = hf_to_full(sd, cfg)
+    load_full_state_dict(model, hf_to_full(sd, cfg or model.cfg), source="HF")
+
+
+def load_full_state_dict(model: torch.nn.Module, full: dict, source: str = "source") -> None:
+    """Copy unsharded weights (our names) into `model`, keeping this rank's TP shard of each."""
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(full))
     if missing:
-        raise KeyError(f"no HF weights for {missing}")
+        raise KeyError(f"{source}: no weights for {missing}")
     with torch.no_grad():
         for name, p in params.items():
-            t = full[name]
             spec = par.partition_spec(p)
-            t = par.shard(t, *spec) if spec else t
+            t = par.shard(full[name], *spec) if spec else full[name]
             if t.shape != p.shape:
-                raise ValueError(f"{name}: HF shape gives {tuple(t.shape)} for this rank, "
+                raise ValueError(f"{name}: {source} gives {tuple(t.shape)} for this rank, "
                                  f"model has {tuple(p.shape)}")
             p.copy_(t.to(p.dtype))
 
