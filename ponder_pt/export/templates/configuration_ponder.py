@@ -8,11 +8,6 @@ Fields on top of the stock GPT-NeoX / LLaMA config:
 
 from transformers import GPTNeoXConfig, LlamaConfig
 
-PONDER_DEFAULTS = {"ponder_steps": 3, "ponder_scale_embeds": True,
-                   "ponder_scale_initial_by_steps": False, "ponder_top_k": 0,
-                   "pause_token_id": None, "default_pauses": 0}
-
-
 class PonderGPTNeoXConfig(GPTNeoXConfig):
     model_type = "ponder_gpt_neox"
     ponder_steps: int = 3
