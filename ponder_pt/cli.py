@@ -340,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     cli_args.add_eval_args(p)
     _lazy(p, "ponder_pt.inference.evaluation", "cmd_eval")
 
+    # early-exit fine-tuning (ponder_pt.early_exit)
+    from .early_exit import finetune_args
+
+    p = sub.add_parser("finetune", help="fine-tune a backbone with early-exit heads (PALBERT "
+                                        "Q-exit, PonderNet, PABEE, entropy) on a GLUE task")
+    finetune_args.add_args(p)
+    _lazy(p, "ponder_pt.early_exit.finetune", "cmd_finetune")
+
     # demo
     p = sub.add_parser("demo", help="the embedded end-to-end run on a CPU")
     p.add_argument("--out", default="demo_out")

@@ -85,16 +85,24 @@ def load_raw(name_or_path: str | None) -> dict:
             f"--config {name_or_path!r} is neither a YAML file nor a named config"
             f"{_suggest(name_or_path, RUN_PRESETS)}; named configs: {', '.join(sorted(RUN_PRESETS))}"
         )
-    with open(name_or_path, encoding="utf-8") as fh:
-        try:
-            raw = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {name_or_path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--config {name_or_path}: top level must be a mapping of sections")
+    raw = load_raw_yaml(name_or_path)
     base = raw.pop("base", None)
     if base is not None:
         raw = _deep_merge(load_raw(str(base)), raw)
+    return raw
+
+
+def load_raw_yaml(path: str) -> dict:
+    """A YAML config file as a nested dict (a mapping of sections)."""
+    if not os.path.exists(path):
+        raise ConfigError(f"--config {path!r}: no such file")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: top level must be a mapping of sections")
     return raw
 
 

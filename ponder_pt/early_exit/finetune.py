@@ -1,0 +1,273 @@
+"""`ponder-pt finetune`: fine-tune a backbone with exit heads on a GLUE-style task.
+
+Runs in one process or data-parallel under DeepSpeed (ZeRO 0-2): `ponder-pt finetune
+--nproc N`, `torchrun --nproc-per-node N -m ponder_pt.early_exit.finetune ...` or
+`deepspeed --module ponder_pt.early_exit.finetune ...`. Validation (rank 0) drives early
+stopping and keeps the best model in OUT/best; the final evaluation of the best model writes
+OUT/eval.json, OUT/predictions.jsonl and OUT/threshold_sweep.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..config.loader import ConfigError
+from .config import FinetuneConfig, check, load_finetune_config, to_dict
+from .finetune_args import add_args
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _ds_config(cfg: FinetuneConfig, dp: int) -> dict:
+    t = cfg.train
+    zero: dict = {"stage": t.zero_stage}
+    if t.zero_stage:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    return {"train_batch_size": t.batch_size, "train_micro_batch_size_per_gpu": t.batch_size // dp,
+            "gradient_accumulation_steps": 1, "gradient_clipping": t.grad_clip,
+            "zero_optimization": zero, "bf16": {"enabled": t.precision == "bf16"},
+            "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0},
+            "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+
+
+def _dp_mean(values: dict, dp: int) -> dict:
+    """Batch statistics averaged over the data-parallel ranks (what a 1-process run logs)."""
+    t = torch.stack([v.float().reshape(()).cpu() for v in values.values()])
+    if dp > 1:
+        import torch.distributed as dist
+
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        t = t.cpu() / dp
+    return dict(zip(values, t.tolist()))
+
+
+def build(cfg: FinetuneConfig, heads_from: Optional[str] = None):
+    """(ExitModel, tokenizer, TaskData, train Encoded, validation Encoded)."""
+    from .backbones import load_backbone
+    from .heads import ExitModel
+    from .tasks import Encoded, load_task
+
+    task = load_task(cfg.task, max_train=cfg.train.max_train_samples,
+                     max_eval=cfg.eval.max_eval_samples)
+    backbone, tokenizer = load_backbone(cfg.backbone)
+    model = ExitModel(backbone, task.spec.num_labels, cfg.exit)
+    if heads_from:
+        model.load_heads(heads_from)
+    regression = task.spec.num_labels == 1
+    train = Encoded(task.train, tokenizer, cfg.train.max_length, regression)
+    valid = Encoded(task.validation, tokenizer, cfg.train.max_length, regression)
+    return model, tokenizer, task, train, valid
+
+
+def _report_rejects(task, out_dir: str) -> None:
+    if not task.rejected:
+        return
+    path = os.path.join(out_dir, "rejects.jsonl")
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in task.rejected:
+            fh.write(json.dumps(r) + "\n")
+    first = task.rejected[0]
+    print(f"finetune: {len(task.rejected)} rows rejected (e.g. {first['file']}:{first['line']}: "
+          f"{first['reason']}); all listed in {path}", file=sys.stderr)
+
+
+def _validate(model, task, valid, cfg) -> dict:
+    from .evaluate import run_exit, summarize
+    from .exits import make_rule
+
+    was_training = model.training
+    out = run_exit(model, valid, lambda: make_rule(model), cfg.eval.batch_size)
+    summary = summarize(task.spec, valid, out, model.num_layers)
+    model.train(was_training)
+    return {"metric": summary["metrics"][task.spec.metric], **summary["metrics"],
+            "avg_exit_layer": summary["avg_exit_layer"]}
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    import deepspeed
+    from torch.utils.data import DataLoader, DistributedSampler
+    from tqdm import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    from ..engine import distributed as D
+    from ..engine.metrics import MetricsLogger
+
+    world = D.init(1, 1)
+    check(cfg, world.dp)
+    main = world.is_main
+    os.makedirs(cfg.out, exist_ok=True)
+    if not cfg.log.dir or cfg.log.dir == "runs/default":
+        cfg.log.dir = cfg.out
+    _seed_everything(cfg.train.seed)
+    model, tokenizer, task, train, valid = build(cfg)
+    if main:
+        _report_rejects(task, cfg.out)
+        with open(os.path.join(cfg.out, "finetune_config.json"), "w", encoding="utf-8") as fh:
+            json.dump(to_dict(cfg), fh, indent=1)
+    micro = cfg.train.batch_size // world.dp
+    sampler = DistributedSampler(train, num_replicas=world.dp, rank=world.dp_rank, shuffle=True,
+                                 seed=cfg.train.seed, drop_last=True)
+    loader = DataLoader(train, batch_size=micro, sampler=sampler, collate_fn=train.collate,
+                        drop_last=True)
+    if len(loader) == 0:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size}: larger than the "
+                          f"{len(train)} training rows; lower it")
+    total = cfg.train.max_steps or cfg.train.epochs * len(loader)
+    t = cfg.train
+    exit_params = {id(p) for p in model.exit_parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in exit_params],
+               "lr": t.lr}]
+    if exit_params:
+        groups.append({"params": model.exit_parameters(), "lr": t.exit_lr})
+    optimizer = torch.optim.AdamW(groups, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * total), total)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=_ds_config(cfg, world.dp))
+    device = engine.device
+    logger = MetricsLogger(cfg.log, enabled=main, run_config=to_dict(cfg))
+    eval_every = t.eval_every or len(loader)
+    best, best_step, stale, step, history = -math.inf, 0, 0, 0, []
+    best_dir = os.path.join(cfg.out, "best")
+    bar = tqdm(total=total, desc="finetune", disable=not main, dynamic_ncols=True)
+    stop = False
+    epoch = 0
+    while not stop:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            engine.train()
+            tt = batch.get("token_type_ids")
+            loss, stats = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                 batch["labels"].to(device),
+                                 tt.to(device) if tt is not None else None)
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            bar.update(1)
+            logged = _dp_mean({"loss": loss.detach(), **stats}, world.dp)
+            if main:
+                logger.log(step, {**logged, "lr": scheduler.get_last_lr()[0], "epoch": epoch})
+                bar.set_postfix(loss=f"{logged['loss']:.4f}")
+            if step % eval_every == 0 or step == total:
+                improved = False
+                if main:
+                    result = _validate(engine.module, task, valid, cfg)
+                    history.append({"step": step, **result})
+                    logger.log(step, result, prefix="valid_")
+                    improved = result["metric"] > best
+                    if improved:
+                        best, best_step = result["metric"], step
+                        engine.module.save(best_dir, {"step": step, "metric": best})
+                        tokenizer.save_pretrained(best_dir)
+                stale = 0 if D.any_true(improved) else stale + 1
+                if t.early_stop and stale >= t.early_stop:
+                    stop = True
+            if step >= total:
+                stop = True
+            if stop:
+                break
+        epoch += 1
+    bar.close()
+    logger.close()
+    summary = {"best_step": best_step, "best_metric": best, "steps": step,
+               "stopped_early": step < total, "history": history}
+    if main:
+        summary["eval_json"] = final_eval(cfg, best_dir, cfg.out, extra={"training": summary})
+    D.shutdown()
+    return summary
+
+
+def final_eval(cfg: FinetuneConfig, model_dir: str, out_dir: str,
+               extra: Optional[dict] = None) -> str:
+    """Evaluate the saved model in `model_dir` (backbone + exit_heads.pt) into out_dir."""
+    from .evaluate import evaluate_model, write_eval
+
+    eval_cfg = load_finetune_config(None, None, (), validate=False)
+    eval_cfg.exit, eval_cfg.train, eval_cfg.eval = cfg.exit, cfg.train, cfg.eval
+    eval_cfg.backbone, eval_cfg.task = model_dir, cfg.task
+    model, _, task, _, valid = build(eval_cfg, heads_from=os.path.join(model_dir, "exit_heads.pt"))
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model.to(device).eval()
+    thresholds = [float(x) for x in cfg.eval.sweep] or None
+    result = evaluate_model(model, task.spec, valid, batch_size=cfg.eval.batch_size,
+                            thresholds=thresholds, repeats=cfg.eval.timing_repeats,
+                            batch1=cfg.eval.batch1)
+    info = {"backbone": cfg.backbone, "model_dir": model_dir, "rejected_rows": len(task.rejected),
+            "device": str(device), "threads": torch.get_num_threads(), **(extra or {})}
+    return write_eval(result, task.spec, out_dir, info)
+
+
+# ---------------------------------------------------------------------- CLI
+
+def _config_from(args) -> FinetuneConfig:
+    return load_finetune_config(args.exit, args.config, args.overrides, validate=False,
+                                backbone=args.backbone or args.eval_only, task=args.task,
+                                out=args.out)
+
+
+def cmd_finetune(args) -> int:
+    cfg = _config_from(args)
+    if args.eval_only:
+        saved = os.path.join(args.eval_only, "exit_heads.pt")
+        if not os.path.exists(saved):
+            raise FileNotFoundError(f"--eval-only {args.eval_only}: no exit_heads.pt (point it "
+                                    f"at a finetune OUT/best directory)")
+        check(cfg)
+        path = final_eval(cfg, args.eval_only, cfg.out)
+        print(f"finetune: wrote {path}")
+        return 0
+    launched = "WORLD_SIZE" in os.environ
+    check(cfg, args.nproc if not launched else None)
+    if args.nproc > 1 and not launched:
+        import subprocess
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.nproc}", "-m", "ponder_pt.early_exit.finetune",
+               "--exit", args.exit, "--backbone", cfg.backbone, "--task", cfg.task,
+               "--out", cfg.out]
+        if args.config:
+            cmd += ["--config", args.config]
+        for item in args.overrides:
+            cmd += ["--set", item]
+        return subprocess.call(cmd)
+    summary = finetune(cfg)
+    if "eval_json" in summary:
+        with open(summary["eval_json"], encoding="utf-8") as fh:
+            doc = json.load(fh)
+        print(f"finetune: best {doc['metric_name']} {summary['best_metric']:.4f} at step "
+              f"{summary['best_step']}; eval: {doc['metric_name']} {doc['metric']:.4f}, "
+              f"average exit layer {doc['avg_exit_layer']:.2f}/{doc['num_layers']}, wall "
+              f"speed-up {doc['wall_speedup']:.2f}x -> {summary['eval_json']}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ponder_pt.early_exit.finetune",
+                                     description=__doc__.split("\n\n")[0])
+    add_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_finetune(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"finetune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

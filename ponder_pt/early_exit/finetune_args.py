@@ -1,0 +1,21 @@
+"""Arguments of `ponder-pt finetune` (kept import-light: the CLI parser loads this)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", help="HF directory or hub name (ALBERT/BERT/RoBERTa, or a "
+                                      "`ponder-pt convert to-hf` export)")
+    p.add_argument("--task", help="GLUE task name (rte, mrpc, stsb, cola, sst2, qnli, qqp, "
+                                  "mnli) or a local task directory")
+    p.add_argument("--exit", default="palbert", help="none | palbert | pondernet | pabee | "
+                                                     "entropy (its preset's defaults)")
+    p.add_argument("--config", help="YAML file with exit/train/eval/log sections")
+    p.add_argument("--out", help="output directory (default finetune_out)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="e.g. --set train.lr=2e-5 --set exit.q=0.3")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (torchrun)")
+    p.add_argument("--eval-only", metavar="MODEL_DIR",
+                   help="skip training: evaluate a fine-tuned OUT/best directory")

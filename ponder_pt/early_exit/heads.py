@@ -1,0 +1,145 @@
+"""Exit heads over a layer-by-layer backbone: classification heads and the halting network.
+
+- none: one head on the last layer.
+- palbert / pondernet: one head shared by all layers and λ_i = σ(MLP([ĥ_i; ĥ_{i-1}])),
+  ĥ_0 = 0; trained with Σ p_i L_i + β KL(p ‖ geometric prior) (losses.pondering_loss).
+- pabee / entropy: one head per layer, trained with Σ j L_j / Σ j.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..engine.distributed import all_true
+from . import losses
+from .backbones import LayerwiseBackbone
+from .config import ExitConfig
+
+PONDERING = ("palbert", "pondernet")
+PER_LAYER_HEADS = ("pabee", "entropy")
+
+
+class HaltingMLP(nn.Module):
+    """λ = σ(MLP([ĥ_i; ĥ_{i-1}])): `depth` tanh layers then one output unit (depth 1 = a
+    single linear unit, PonderNet-style)."""
+
+    def __init__(self, hidden: int, depth: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 2 * hidden
+        for _ in range(depth - 1):
+            layers += [nn.Linear(width, hidden), nn.Tanh()]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, pooled: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(torch.cat([pooled, previous], dim=-1))).squeeze(-1)
+
+
+class ExitModel(nn.Module):
+    def __init__(self, backbone: LayerwiseBackbone, num_labels: int, cfg: ExitConfig):
+        super().__init__()
+        if cfg.strategy == "entropy" and num_labels == 1:
+            raise ValueError("exit.strategy=entropy needs class probabilities; this is a "
+                             "regression task: use pabee (with exit.regression_threshold), "
+                             "palbert or pondernet")
+        self.backbone = backbone
+        self.cfg = cfg
+        self.strategy = cfg.strategy
+        self.num_labels = num_labels
+        self.num_layers = backbone.num_layers
+        n_heads = self.num_layers if cfg.strategy in PER_LAYER_HEADS else 1
+        self.heads = nn.ModuleList(nn.Linear(backbone.hidden_size, num_labels)
+                                   for _ in range(n_heads))
+        self.halting = (HaltingMLP(backbone.hidden_size, cfg.lambda_layers)
+                        if cfg.strategy in PONDERING else None)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+    def exit_parameters(self) -> list[nn.Parameter]:
+        """The halting network: trained with its own learning rate (train.exit_lr)."""
+        return list(self.halting.parameters()) if self.halting is not None else []
+
+    def head(self, i: int, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits of layer i (0-based) from its pooled vector."""
+        return self.heads[i if len(self.heads) > 1 else 0](self.dropout(pooled))
+
+    def halt(self, pooled: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        return self.halting(self.dropout(pooled), self.dropout(previous))
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, dict]:
+        """Training loss of the strategy and a few statistics (detached)."""
+        bb = self.backbone
+        state = bb.start(input_ids, attention_mask, token_type_ids)
+        if self.strategy == "none":
+            for i in range(self.num_layers):
+                state = bb.layer(i, state)
+            logits = self.head(0, bb.pooled(state))[:, None]
+            return losses.per_layer_task_loss(logits, labels).mean(), {}
+        all_logits, lambdas = [], []
+        previous = None
+        cdf = None
+        for i in range(self.num_layers):
+            state = bb.layer(i, state)
+            pooled = bb.pooled(state)
+            all_logits.append(self.head(i, pooled))
+            if self.halting is None:
+                continue
+            previous = torch.zeros_like(pooled) if previous is None else previous
+            lam = self.halt(pooled, previous)
+            previous = pooled
+            lambdas.append(lam)
+            p_i = lam * (1 - cdf) if cdf is not None else lam
+            cdf = p_i if cdf is None else cdf + p_i
+            if i < self.num_layers - 1 and self._all_halted(cdf.detach()):
+                break
+        logits = torch.stack(all_logits, dim=1)
+        if self.halting is None:
+            return losses.pabee_loss(logits, labels), {}
+        lam = torch.stack(lambdas, dim=1)
+        missing = self.num_layers - lam.shape[1]
+        if missing:  # unrolling stopped: these layers are past every sample's 1-ε point
+            lam = torch.cat([lam, lam.new_ones(lam.shape[0], missing)], dim=1)
+        return losses.pondering_loss(
+            logits, lam, labels, beta=self.cfg.beta, prior_lambda=self.cfg.prior_lambda,
+            epsilon=self.cfg.epsilon, kl_direction=self.cfg.kl)
+
+    def _all_halted(self, cdf: torch.Tensor) -> bool:
+        """Every sample's exit CDF is past 1-ε. Under data parallelism all ranks must agree,
+        so they unroll the same layers and their gradients cover the same parameters."""
+        eps = self.cfg.epsilon
+        if eps <= 0:
+            return False
+        return all_true(bool((cdf > 1 - eps).all()))
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, out_dir: str, extra: Optional[dict] = None) -> None:
+        """Heads and halting network in exit_heads.pt; the backbone with save_pretrained
+        (so it stays a normal HF directory)."""
+        os.makedirs(out_dir, exist_ok=True)
+        heads = {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+        torch.save({"heads": heads, "num_labels": self.num_labels, **(extra or {})},
+                   os.path.join(out_dir, "exit_heads.pt"))
+        self.backbone.save_pretrained(out_dir)
+
+    def load_heads(self, path: str) -> dict:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        missing, unexpected = self.load_state_dict(blob["heads"], strict=False)
+        bad = [k for k in missing if not k.startswith("backbone.")] + list(unexpected)
+        if bad:
+            raise ValueError(f"{path}: exit heads do not match exit.strategy="
+                             f"{self.strategy} (mismatched keys: {bad[:4]})")
+        return blob
