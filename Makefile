@@ -13,7 +13,7 @@ PYTEST_ARGS   ?=
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench study study-toy clean
 
 install: $(STAMP)
 
@@ -40,5 +40,15 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_data.py
 
+# the miniature study of the papers' claims (experiments/README.md): ~30 min on 2 CPU cores;
+# rerunning skips finished runs and only regenerates the tables and figures
+STUDY_OUT  ?= experiments/results
+STUDY_ARGS ?=
+study: $(STAMP)
+	$(PY) -m experiments.study --out $(STUDY_OUT) $(STUDY_ARGS)
+
+study-toy: $(STAMP)
+	$(PY) -m experiments.study --toy --out study_toy_out $(STUDY_ARGS)
+
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out study_toy_out .pytest_cache

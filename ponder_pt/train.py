@@ -74,7 +74,8 @@ def dry_run_report(cfg: Config, world_size: int, launch: str) -> str:
     m, tr, par = cfg.model, cfg.train, cfg.parallel
     dp = world_size // (par.tp * par.pp)
     params = param_count(m, m.vocab_size)
-    fpt = flops_per_token(m, m.vocab_size, cfg.data.seq_len, cfg.ponder.steps)
+    fpt = flops_per_token(m, m.vocab_size, cfg.data.seq_len, cfg.ponder.steps,
+                          cfg.ponder.feedback)
     tokens = tr.iters * tr.global_batch * cfg.data.seq_len
     lines = [
         "# resolved config",

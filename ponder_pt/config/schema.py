@@ -60,6 +60,10 @@ class PonderConfig:
     scale_initial_by_steps: bool = False
     top_k: int = 0
     """0 = full-vocabulary softmax; k > 0 = renormalised top-k."""
+    feedback: str = "embedding"
+    """What each extra pass feeds back: "embedding" (PonderingLM: e_k = e_{k-1} + s * p.W_in)
+    or "hidden" (the looped baseline of PonderingLM's ablation: e_k = e_{k-1} + h_k, h_k the
+    final-norm hidden state of pass k, the vector the output head would multiply)."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ ARCHS = ("gpt_neox", "llama")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINTING = ("none", "full", "selective")
 LR_DECAYS = ("cosine", "linear", "constant")
+PONDER_FEEDBACKS = ("embedding", "hidden")
 
 
 def _divisors_hint(n: int) -> str:
@@ -127,6 +128,13 @@ def problems(cfg: Config, world_size: Optional[int] = None,
         out.append(f"ponder.steps: must be >= 0 (0 = off), got {p.steps}")
     if p.top_k < 0:
         out.append(f"ponder.top_k: must be >= 0 (0 = full vocabulary), got {p.top_k}")
+    if p.feedback not in PONDER_FEEDBACKS:
+        out.append(f"ponder.feedback: {p.feedback!r} is not one of {PONDER_FEEDBACKS} "
+                   "(embedding = PonderingLM's probability-weighted embedding, hidden = the "
+                   "looped baseline feeding back the final-norm hidden state)")
+    elif p.feedback == "hidden" and p.top_k > 0:
+        out.append(f"ponder.top_k={p.top_k} has no effect with ponder.feedback=hidden (no "
+                   "softmax is fed back); set ponder.top_k=0")
     if not 0.0 <= cfg.pause.rate < 1.0:
         out.append(f"pause.rate: must be in [0, 1) (0 = off), got {cfg.pause.rate}")
     if cfg.pause.inference_pauses < 0:

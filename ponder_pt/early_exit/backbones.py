@@ -25,6 +25,7 @@ transformers itself and follow config._attn_implementation, which is forced to e
 
 from __future__ import annotations
 
+import abc
 import warnings
 from dataclasses import dataclass, field
 
@@ -69,7 +70,7 @@ def _take(t, index: torch.Tensor, batch: int):
     return t.index_select(0, index)
 
 
-class LayerwiseBackbone(nn.Module):
+class LayerwiseBackbone(nn.Module, abc.ABC):
     """Base class: one subclass per architecture family implements start / layer / pooled.
 
     `self.model` is the Hugging Face module that owns every weight used (the base model for
@@ -107,14 +108,18 @@ class LayerwiseBackbone(nn.Module):
 
     # ------------------------------------------------------------------ per family
 
+    @abc.abstractmethod
     def start(self, input_ids, attention_mask, token_type_ids=None) -> LayerState:
-        raise NotImplementedError
+        """Embeddings (and, for pondering decoders, the K pondering passes): the input of
+        layer 0."""
 
+    @abc.abstractmethod
     def layer(self, i: int, state: LayerState) -> LayerState:
-        raise NotImplementedError
+        """Apply layer i (0-based)."""
 
+    @abc.abstractmethod
     def pooled(self, state: LayerState) -> torch.Tensor:
-        raise NotImplementedError
+        """[B, hidden_size]: the vector the exit heads read after the last layer run."""
 
     # ------------------------------------------------------------------ shared
 

@@ -84,7 +84,8 @@ class EvalConfig:
     sweep: list = field(default_factory=list)
     """Thresholds for the metric-vs-threshold sweep (q, patience or S); empty = defaults."""
     timing_repeats: int = 1
-    """Timed passes over the validation set per measurement (min is reported)."""
+    """Timed passes over the validation set per measurement, after one untimed warm-up pass
+    (the fastest is reported)."""
     batch1: bool = True
     """Also time the classic batch-size-1 exit (and the full model at batch size 1)."""
 

@@ -18,9 +18,10 @@ from .heads import ExitModel
 
 
 class ExitRule:
-    """Base: exit at the last layer."""
+    """Base: exit at the last layer (the full model: no intermediate heads are run)."""
 
     needs_lambdas = False
+    final_only = True
 
     def reset(self, sample_ids: torch.Tensor) -> None:
         self.n = len(sample_ids)
@@ -36,6 +37,7 @@ class QExit(ExitRule):
     """PALBERT: exit at the first layer whose CDF Σ_{j<=i} p_j exceeds q."""
 
     needs_lambdas = True
+    final_only = False
 
     def __init__(self, q: float):
         self.q = q
@@ -60,6 +62,7 @@ class SampledExit(ExitRule):
     (seed, sample id, layer), so batching and order do not change them."""
 
     needs_lambdas = True
+    final_only = False
 
     def __init__(self, seed: int, num_layers: int):
         self.seed, self.num_layers = seed, num_layers
@@ -82,6 +85,8 @@ class PatienceExit(ExitRule):
     """PABEE: a counter of consecutive layers whose prediction agrees with the previous
     layer's (argmax equal; |Δ| < τ for regression), reset on disagreement; exit when it
     reaches t — i.e. after t agreements, at layer t+1 at the earliest."""
+
+    final_only = False
 
     def __init__(self, patience: int, regression_threshold: float, regression: bool):
         self.t, self.tau, self.regression = patience, regression_threshold, regression
@@ -108,6 +113,8 @@ class PatienceExit(ExitRule):
 
 class EntropyExit(ExitRule):
     """DeeBERT: exit at the first layer whose prediction entropy (nats) is below S."""
+
+    final_only = False
 
     def __init__(self, threshold: float):
         self.threshold = threshold
@@ -176,6 +183,8 @@ def predict(model: ExitModel, input_ids: torch.Tensor, attention_mask: torch.Ten
     previous: Optional[torch.Tensor] = None
     for i in range(n):
         state = bb.layer(i, state)
+        if rule.final_only and i < n - 1:
+            continue
         pooled = bb.pooled(state)
         logits = model.head(i, pooled)
         lam = None

@@ -10,6 +10,7 @@ OUT/eval.json, OUT/predictions.jsonl and OUT/threshold_sweep.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -64,7 +65,8 @@ def build(cfg: FinetuneConfig, heads_from: Optional[str] = None):
 
     task = load_task(cfg.task, max_train=cfg.train.max_train_samples,
                      max_eval=cfg.eval.max_eval_samples)
-    backbone, tokenizer = load_backbone(cfg.backbone)
+    # fp32 master weights whatever the checkpoint's dtype; DeepSpeed casts for bf16/fp16
+    backbone, tokenizer = load_backbone(cfg.backbone, dtype=torch.float32)
     model = ExitModel(backbone, task.spec.num_labels, cfg.exit)
     if heads_from:
         model.load_heads(heads_from)
@@ -209,6 +211,7 @@ def final_eval(cfg: FinetuneConfig, model_dir: str, out_dir: str,
                             thresholds=thresholds, repeats=cfg.eval.timing_repeats,
                             batch1=cfg.eval.batch1)
     info = {"backbone": cfg.backbone, "model_dir": model_dir, "rejected_rows": len(task.rejected),
+            "exit": dataclasses.asdict(cfg.exit),
             "device": str(device), "threads": torch.get_num_threads(), **(extra or {})}
     return write_eval(result, task.spec, out_dir, info)
 

@@ -1,10 +1,11 @@
 """A small local classification task and tiny random-initialised backbones, for tests,
 benchmarks and the miniature study (nothing is downloaded).
 
-The task ("polarity"): a sentence of filler words with some positive and some negative words;
-the label is 1 when positive words outnumber negative ones. The margin |pos - neg| varies
-from 1 to 4, so some samples are easy (decidable from a bag of words, early) and some are
-hard — what early exit needs to show a trade-off.
+The task ("polarity"): a sentence of filler words with some positive and some negative words,
+some of them negated ("not good" counts as negative); the label is 1 when positive meanings
+outnumber negative ones. The margin varies from 1 to 4 and negations need context, so some
+samples are easy (a bag of words decides them, early) and some are hard — what early exit
+needs to show a trade-off.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ FILLER = ["the", "a", "day", "was", "and", "it", "room", "food", "of", "very", "
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def polarity_rows(n: int, seed: int) -> list[dict]:
+def polarity_rows(n: int, seed: int, negation: float = 0.3) -> list[dict]:
+    """Rows {idx, sentence, label, margin, negations}: each sentiment word is preceded by
+    "not" with probability `negation`, which flips it; label = 1 when the flipped count of
+    positive words exceeds the negative ones (by `margin` >= 1)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -28,10 +32,17 @@ def polarity_rows(n: int, seed: int) -> list[dict]:
         margin = rng.randint(1, 4)
         minority = rng.randint(0, 3)
         pos, neg = (minority + margin, minority) if label else (minority, minority + margin)
-        words = ([rng.choice(POSITIVE) for _ in range(pos)] + [rng.choice(NEGATIVE)
-                 for _ in range(neg)] + [rng.choice(FILLER) for _ in range(rng.randint(3, 10))])
-        rng.shuffle(words)
-        rows.append({"idx": i, "sentence": " ".join(words), "label": label, "margin": margin})
+        phrases, negations = [], 0
+        for polarity, count in ((1, pos), (0, neg)):
+            for _ in range(count):
+                flip = rng.random() < negation
+                word = rng.choice(POSITIVE if (polarity == 1) != flip else NEGATIVE)
+                phrases.append(f"not {word}" if flip else word)
+                negations += flip
+        phrases += [rng.choice(FILLER) for _ in range(rng.randint(3, 10))]
+        rng.shuffle(phrases)
+        rows.append({"idx": i, "sentence": " ".join(phrases), "label": label, "margin": margin,
+                     "negations": negations})
     return rows
 
 
@@ -54,7 +65,7 @@ def word_tokenizer(max_length: int = 64):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(SPECIALS + sorted(set(POSITIVE + NEGATIVE + FILLER)))}
+    vocab = {w: i for i, w in enumerate(SPECIALS + sorted(set(POSITIVE + NEGATIVE + FILLER + ["not"])))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     cls, sep = vocab["[CLS]"], vocab["[SEP]"]

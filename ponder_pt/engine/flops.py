@@ -39,14 +39,20 @@ def param_count(m: ModelConfig, vocab_size: int) -> dict:
             "non_embedding": total - embed - head}
 
 
-def flops_per_token(m: ModelConfig, vocab_size: int, seq_len: int, ponder_steps: int = 0) -> float:
+def flops_per_token(m: ModelConfig, vocab_size: int, seq_len: int, ponder_steps: int = 0,
+                    feedback: str = "embedding") -> float:
     """Training (forward + backward) FLOPs per token, counting all K+1 pondering passes and
-    the K soft-embedding products p . W_in."""
+    the K soft-embedding products p . W_in. With feedback "hidden" (the looped baseline) the
+    K extra passes feed back the final-norm hidden state: no output head and no p . W_in on
+    them."""
     h = m.hidden_size
-    per_pass = (2 * m.num_layers * _block_weights(m)  # weight matmuls
-                + 4 * m.num_layers * seq_len * h  # QK^T and attention x V
-                + 2 * h * vocab_size)  # output head
-    forward = (ponder_steps + 1) * per_pass + ponder_steps * 2 * vocab_size * h
+    blocks = (2 * m.num_layers * _block_weights(m)  # weight matmuls
+              + 4 * m.num_layers * seq_len * h)  # QK^T and attention x V
+    head = 2 * h * vocab_size  # output head
+    if feedback == "hidden":
+        forward = (ponder_steps + 1) * blocks + head
+    else:
+        forward = (ponder_steps + 1) * (blocks + head) + ponder_steps * 2 * vocab_size * h
     return 3.0 * forward
 
 

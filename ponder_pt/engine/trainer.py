@@ -85,7 +85,8 @@ class Trainer:
             if world.is_main:
                 write_run_config(cfg, cfg.checkpoint.dir)
         vocab = cfg.model.vocab_size
-        self.flops_per_token = flops_per_token(cfg.model, vocab, cfg.data.seq_len, cfg.ponder.steps)
+        self.flops_per_token = flops_per_token(cfg.model, vocab, cfg.data.seq_len, cfg.ponder.steps,
+                                               cfg.ponder.feedback)
         peak = cfg.log.peak_tflops
         if peak is None and torch.cuda.is_available():
             peak = peak_tflops(torch.cuda.get_device_name())

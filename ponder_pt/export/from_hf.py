@@ -36,7 +36,8 @@ from ..models.hf import hf_to_full, load_full_state_dict, model_config_from_hf
 from .native import read_checkpoint, tp_spec
 
 _PONDER_KEYS = ("ponder_steps", "ponder_scale_embeds", "ponder_scale_initial_by_steps",
-                "ponder_top_k", "pause_token_id", "default_pauses", "auto_map")
+                "ponder_top_k", "ponder_feedback", "pause_token_id", "default_pauses",
+                "auto_map")
 
 
 def read_hf_config(path: str):
@@ -129,7 +130,8 @@ def hf_to_checkpoint(hf_dir: str, out: str, overrides: Sequence[str] = (), tp: i
                      f"ponder.scale_embeds={extra.get('ponder_scale_embeds', True)}",
                      f"ponder.scale_initial_by_steps="
                      f"{extra.get('ponder_scale_initial_by_steps', False)}",
-                     f"ponder.top_k={extra.get('ponder_top_k', 0)}"]
+                     f"ponder.top_k={extra.get('ponder_top_k', 0)}",
+                     f"ponder.feedback={extra.get('ponder_feedback') or 'embedding'}"]
     if extra.get("pause_token_id") is not None:
         defaults += [f"pause.token_id={extra['pause_token_id']}",
                      f"pause.inference_pauses={extra.get('default_pauses', 10)}"]

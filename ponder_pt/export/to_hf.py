@@ -56,7 +56,7 @@ def build_hf_config(cfg: Config, tokenizer=None):
         raw.pop(key, None)
     raw.update(extra, ponder_steps=cfg.ponder.steps, ponder_scale_embeds=cfg.ponder.scale_embeds,
                ponder_scale_initial_by_steps=cfg.ponder.scale_initial_by_steps,
-               ponder_top_k=cfg.ponder.top_k)
+               ponder_top_k=cfg.ponder.top_k, ponder_feedback=cfg.ponder.feedback)
     hf = cls(**raw)
     model_cls = cls.__name__.replace("Config", "ForCausalLM")
     hf.architectures = [model_cls]

@@ -8,6 +8,11 @@ Pondering (DESIGN.md): e_0 = W_in[x]*s (s = sqrt(d) if scale_embeds else 1; *K i
 scale_initial_by_steps); for k = 1..K run the transformer on e_{k-1}, p = softmax(logits) (or
 renormalised top-k), e_k = e_{k-1} + s * p.W_in; the loss uses the logits of one more pass on
 e_K. K = 0 is the plain model (no embedding scaling at all, identical to HF).
+
+`ponder.feedback="hidden"` is the "looped" baseline of PonderingLM's ablation: the same K+1
+passes and the same e_0, but e_k = e_{k-1} + h_k with h_k the final-norm hidden state of pass
+k (the vector the output head would multiply), unscaled; no softmax, no p.W_in, and the head
+runs on the last pass only.
 """
 
 from __future__ import annotations
@@ -109,10 +114,12 @@ class PonderLM(nn.Module):
         return self.embed(input_ids.t().contiguous())
 
     def transformer(self, embeds: torch.Tensor, position_ids: torch.Tensor,
-                    cache: Optional[KVCache] = None) -> torch.Tensor:
+                    cache: Optional[KVCache] = None, hidden: bool = False) -> torch.Tensor:
         """One full pass: [s, b, h] (this rank's sequence shard under SP) -> logits
         [s, b, V/tp] for the whole sequence. With `cache`, the pass continues after the
-        cached positions and appends to the cache."""
+        cached positions and appends to the cache. hidden=True returns the final-norm hidden
+        state instead of the logits: [s, b, h], full hidden on every TP rank, and this rank's
+        sequence shard [s/tp, b, h] under SP (the layout of the embedding stream e)."""
         cos, sin = self.rotary(position_ids, embeds.dtype)
         x = embeds
         full = (self.checkpointing == "full" and self.training and torch.is_grad_enabled()
@@ -123,14 +130,32 @@ class PonderLM(nn.Module):
             else:
                 x = block(x, cos, sin, cache)
         x = self.final_norm(x)
+        if hidden:
+            return x
         if self.sequence_parallel:
             x = par.gather_seq(x)
         logits, _ = self.output(x, weight=self.embed.weight if self.cfg.tie_embeddings else None)
         return logits
 
-    def ponder_step(self, e: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """e_k = e_{k-1} + s * softmax(z) . W_in (vocab-parallel, logits never gathered)."""
-        probs = par.vocab_parallel_softmax(logits, self.ponder_cfg.top_k)
+    @property
+    def feeds_back_hidden(self) -> bool:
+        """True for the looped baseline (`ponder.feedback="hidden"`)."""
+        return self.ponder_cfg.feedback == "hidden"
+
+    def ponder_step(self, e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The next pass's input embedding from pass k's output `out`.
+
+        feedback "embedding" (PonderingLM): `out` is the logits z [s, b, V/tp];
+        e_k = e_{k-1} + s * softmax(z) . W_in (vocab-parallel, logits never gathered).
+        feedback "hidden" (looped baseline): `out` is h_k, the final-norm hidden state of pass
+        k [s(/tp under SP), b, h], i.e. the vector the output head would multiply by W_out; we
+        feed back that post-norm vector (not the pre-norm residual stream, whose scale grows
+        with depth) without any scaling: e_k = e_{k-1} + h_k. Under TP h_k is the full hidden
+        on every rank; under SP it is this rank's sequence shard, like e.
+        """
+        if self.feeds_back_hidden:
+            return e + out.to(e.dtype)
+        probs = par.vocab_parallel_softmax(out, self.ponder_cfg.top_k)
         mix = par.soft_embedding(probs, self.embed.weight, self.sequence_parallel)
         return e + self.embed_scale * mix
 
@@ -178,7 +203,8 @@ class PonderLM(nn.Module):
             e = par.split_seq(e)
         per_pass = caches if caches is not None else [None] * (K + 1)
         for k in range(K):
-            e = self.ponder_step(e, self.transformer(e, position_ids, per_pass[k]))
+            e = self.ponder_step(e, self.transformer(e, position_ids, per_pass[k],
+                                                     hidden=self.feeds_back_hidden))
         logits = self.transformer(e, position_ids, per_pass[K])
 
         if labels is None:

@@ -15,7 +15,8 @@ tied the same way. Weights are the same seeded draws as `PonderLM`'s, so a pipel
 from exactly the single-process model.
 
 Activations between layers are (x, e): the residual stream and the current pass's input
-embedding e_{k-1}, which the feedback needs (e_k = e_{k-1} + s·p·W_in). Positions are
+embedding e_{k-1}, which the feedback needs (e_k = e_{k-1} + s·p·W_in, or e_k = e_{k-1} + h_k
+with h_k = final_norm(x) for the looped baseline, `ponder.feedback="hidden"`). Positions are
 0..s-1 (packed samples; pauses take positions like any token).
 """
 
@@ -62,6 +63,7 @@ class SharedParams(nn.Module):
                                                gather_output=False)
         steps = ponder.steps
         self.top_k = ponder.top_k
+        self.feedback = ponder.feedback
         self.scale = math.sqrt(cfg.hidden_size) if (steps > 0 and ponder.scale_embeds) else 1.0
         self.initial_scale = self.scale * (steps if steps > 0 and ponder.scale_initial_by_steps
                                            else 1)
@@ -88,8 +90,12 @@ def _embed_fn(shared: SharedParams, tokens: torch.Tensor):
 
 def _feedback_fn(shared: SharedParams, xe):
     """End of a pondering pass: e_k = e_{k-1} + s · softmax(head(x)) · W_in; the next pass
-    starts from x = e_k. Vocab-parallel: logits are never gathered."""
+    starts from x = e_k. Vocab-parallel: logits are never gathered. Looped baseline
+    (feedback "hidden"): e_k = e_{k-1} + final_norm(x), the vector the head would multiply."""
     x, e = xe
+    if shared.feedback == "hidden":
+        e = shared._touch(e + shared.final_norm(x))  # embed / head unused: zero grads
+        return e, e
     probs = par.vocab_parallel_softmax(shared.logits(x), shared.top_k)
     e = e + shared.scale * par.soft_embedding(probs, shared.embed.weight)
     return e, e

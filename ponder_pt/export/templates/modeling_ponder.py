@@ -8,6 +8,8 @@ Forward (K = config.ponder_steps, s = sqrt(hidden) if ponder_scale_embeds else 1
     for k = 1..K: h = transformer(e_{k-1}); p = softmax(h W_out^T) (top-k renormalised if
                   ponder_top_k > 0); e_k = e_{k-1} + s * p W_in
     logits = transformer(e_K) W_out^T
+ponder_feedback="hidden" (the looped baseline) instead feeds back the final-norm hidden state
+of each extra pass, unscaled: e_k = e_{k-1} + h_k (h_k = the backbone's last_hidden_state).
 Pass k at position t attends only to pass-k keys/values of positions <= t, so generation
 keeps K+1 KV caches, one per pass: the cache `generate()` hands in is the last pass's, and it
 carries the K others as `cache.ponder_passes`. Each new token costs K+1 one-token forwards.
@@ -51,6 +53,12 @@ class _PonderMixin:
         first = scale * (steps if getattr(c, "ponder_scale_initial_by_steps", False) else 1)
         return steps, scale, first, int(getattr(c, "ponder_top_k", 0) or 0)
 
+    def _feedback(self):
+        feedback = getattr(self.config, "ponder_feedback", None) or "embedding"
+        if feedback not in ("embedding", "hidden"):
+            raise ValueError(f"config.ponder_feedback={feedback!r}: expected embedding or hidden")
+        return feedback
+
     def _probs(self, logits, top_k):
         z = logits.float()
         if top_k > 0:
@@ -62,6 +70,7 @@ class _PonderMixin:
                 inputs_embeds=None, past_key_values=None, labels=None, use_cache=None,
                 logits_to_keep=0, **kwargs):
         steps, scale, first, top_k = self._ponder_settings()
+        feedback = self._feedback()
         w_in = self.get_input_embeddings().weight
         if inputs_embeds is None:
             e = self.get_input_embeddings()(input_ids)
@@ -78,7 +87,9 @@ class _PonderMixin:
                                    position_ids=position_ids, past_key_values=caches[k],
                                    use_cache=use_cache, return_dict=True, **kwargs)
             hidden = out.last_hidden_state
-            if k < steps:
+            if k < steps and feedback == "hidden":
+                e = e + hidden.to(e.dtype)
+            elif k < steps:
                 probs = self._probs(head(hidden), top_k)
                 e = e + scale * torch.matmul(probs.to(w_in.dtype), w_in)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

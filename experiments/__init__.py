@@ -1,0 +1,4 @@
+"""Reproducible miniatures of the papers' claims (issue 7): `python -m experiments.study`.
+
+See experiments/README.md.
+"""

@@ -1,0 +1,144 @@
+"""The miniature study (experiments/) end to end at toy size, its rerun skipping finished runs,
+and its config / plan handling."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from experiments.study import load_study_config, plan_runs  # noqa: E402
+
+
+def _study(out, *extra, timeout=900):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("WORLD_SIZE", None)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "experiments.study", "--toy", "--out", str(out),
+                           *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"study exited {proc.returncode}\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+    return proc.stdout, time.time() - t0
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    stdout, _ = _study(out)
+    return out, stdout
+
+
+def _numbers(obj, path=""):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+@pytest.mark.slow
+def test_toy_study_reports_every_run(toy):
+    out, stdout = toy
+    planned = [r["name"] for r in plan_runs(load_study_config("toy"))]
+    for name in ("results.md", "results.json", "loss_curves.png", "pauses.png"):
+        assert (out / name).stat().st_size > (1000 if name.endswith(".png") else 100), name
+    res = json.loads((out / "results.json").read_text())
+    assert sorted(res["runs"]) == sorted(planned)
+    assert {r["kind"] for r in res["runs"].values()} == {"plain", "ponder", "looped", "pause",
+                                                         "plain_long"}
+    for name, ev in res["runs"].items():
+        numbers = dict(_numbers(ev))
+        assert numbers and all(math.isfinite(v) for v in numbers.values()), name
+        assert ev["final"]["valid_ppl"] > 1 and ev["curve"], name
+        assert ev["curve"][-1]["valid_loss"] == ev["final"]["valid_loss"]  # same windows
+        assert ev["task"]["0"]["examples"] > 0
+    pause = next(ev for ev in res["runs"].values() if ev["kind"] == "pause")
+    assert sorted(pause["task"], key=int) == ["0", "2", "10"]
+    assert pause["pause_valid"]["valid_tokens"] < pause["final"]["valid_tokens"]
+    # FLOPs: K passes cost more, the looped passes less than pondering's, x2 tokens = 2x plain
+    r = res["runs"]
+    assert r["ponder_k3"]["final"]["flops"] > r["looped_k3"]["final"]["flops"] > \
+        r["plain"]["final"]["flops"]
+    assert r["plain_x2"]["final"]["flops"] == pytest.approx(2 * r["plain"]["final"]["flops"])
+    assert "nan" not in (out / "results.json").read_text().lower()
+    md = (out / "results.md").read_text()
+    for name in planned:
+        assert f"| {name} |" in md, name
+    for section in ("## Equal tokens", "## Equal training FLOPs", "## Pause tokens",
+                    "## The papers' claims", "## Early exit"):
+        assert section in md
+    # early exit on the study's own plain model, exported to HF: every strategy, its sweep
+    ee = res["early_exit"]
+    assert ee["backbone"] == "plain" and (out / "early_exit.png").stat().st_size > 1000
+    assert {r["strategy"] for r in ee["rows"]} == {"palbert", "pabee"}
+    assert all(1 <= r["avg_exit_layer"] <= r["num_layers"] for r in ee["rows"])
+    summary = res["summary"]
+    assert summary["plain"]["valid_loss"]["n"] == 2  # two seeds in the toy config
+    assert all(math.isfinite(v) for _, v in _numbers(summary))
+    # only the final checkpoint of each run is kept
+    ckpt = out / "work" / "runs" / "plain_x2" / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) == ["step_00000008"]
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_runs_and_rewrites_the_report(toy):
+    out, _ = toy
+    before = (out / "results.md").stat().st_mtime
+    stdout, seconds = _study(out)
+    n = len(plan_runs(load_study_config("toy")))
+    assert f"runs: {n} planned, {n} already done, 0 to run" in stdout
+    assert "start " not in stdout
+    assert (out / "results.md").stat().st_mtime > before
+    assert seconds < 120
+
+
+def test_config_layers_and_overrides():
+    toy = load_study_config("toy", ["train.base_iters=6", "runs.seeds=[1, 2, 3]"])
+    assert toy["scale"] == "toy" and toy["train"]["base_iters"] == 6
+    assert toy["eval"]["device"] == "cpu"  # inherited from cpu.yaml (base: cpu)
+    runs = {r["name"]: r for r in plan_runs(toy)}
+    assert {"plain", "plain.s2", "plain.s3", "ponder_k1", "ponder_k3", "ponder_k3.s2",
+            "looped_k3", "pause", "plain_x2", "plain_x4"} <= set(runs)
+    assert runs["plain_x4"]["iters"] == 24 and runs["looped_k3"]["feedback"] == "hidden"
+    assert runs["pause"]["pause_rate"] == 0.1
+    with pytest.raises(SystemExit, match="existing dotted.key"):
+        load_study_config("toy", ["train.base_itres=6"])
+    with pytest.raises(SystemExit, match="no such config"):
+        load_study_config("nope")
+    for scale in ("cpu", "gpu", "cluster"):
+        sc = load_study_config(scale)
+        assert plan_runs(sc) and sc["train"]["overrides"]
+
+
+def test_every_scale_resolves_to_a_valid_trainer_config():
+    """The trainer overrides of every scale are valid `ponder-pt train` configs."""
+    from experiments.study import run_overrides
+
+    from ponder_pt.config import load_config
+
+    data = {"padded_vocab_size": 50432, "train_prefix": "/x/train", "tokenizer": "/x/tok"}
+    for scale in ("toy", "cpu", "gpu", "cluster"):
+        sc = load_study_config(scale)
+        sc["train_sets"] = []
+        for run in plan_runs(sc):
+            cfg = load_config(sc["train"]["config"], run_overrides(sc, run, data, "/x/run"),
+                              validate=True)
+            assert cfg.ponder.steps == run["ponder_steps"]
+            assert cfg.ponder.feedback == run["feedback"]
+            assert cfg.train.iters == run["iters"]
