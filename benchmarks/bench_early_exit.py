@@ -8,7 +8,7 @@ Backbone: a random-initialised 6-layer BERT (hidden 128) fine-tuned from scratch
 polarity task (ponder_pt.early_exit.toy: negations and small margins make some samples need
 depth; `--arch albert` for PALBERT's shared-layer setting, which learns the negations less
 well at this size). Each strategy is trained in its own process, then timed alone (one
-untimed pass, best of 3 timed passes). Writes early_exit.md / .json / .png into --out.
+untimed pass, best of 5 timed passes). Writes early_exit.md / .json / .png into --out.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     ap.add_argument("--fresh", action="store_true", help="retrain even if results exist")
+    ap.add_argument("--reeval", action="store_true",
+                    help="keep the trained models, redo only their evaluation and timing")
     args = ap.parse_args(argv)
     if args.quick:
         args.layers, args.hidden, args.epochs, args.train, args.valid = 4, 32, 1, 128, 32
@@ -49,11 +51,11 @@ def main(argv=None) -> int:
         tiny_encoder(args.arch, backbone, layers=args.layers, hidden=args.hidden)
     overrides = [f"train.lr={args.lr}", f"train.exit_lr={args.lr}", f"train.epochs={args.epochs}",
                  "train.batch_size=32", "train.early_stop=0", "eval.batch_size=32",
-                 "eval.timing_repeats=3", "exit.dropout=0.0"]
+                 "eval.timing_repeats=5", "exit.dropout=0.0"]
     if args.quick:
         overrides += ["eval.timing_repeats=1", "eval.batch1=false"]
     results = run_strategies(backbone, task, os.path.join(args.out, "runs"), args.strategies,
-                             overrides, skip_existing=not args.fresh)
+                             overrides, skip_existing=not args.fresh, reevaluate=args.reeval)
     report = write_report(results, args.out, title=f"Early exit on CPU ({platform.machine()}, "
                           f"{os.cpu_count()} cores, torch {torch.__version__}, "
                           f"{torch.get_num_threads()} threads)")

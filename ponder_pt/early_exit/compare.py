@@ -20,14 +20,19 @@ STRATEGIES = ("none", "palbert", "pondernet", "pabee", "entropy")
 def run_strategies(backbone: str, task: str, out_dir: str,
                    strategies: Sequence[str] = STRATEGIES, overrides: Iterable[str] = (),
                    per_strategy: Optional[dict] = None, nproc: int = 1,
-                   skip_existing: bool = True) -> dict:
-    """strategy -> eval.json contents. `per_strategy` maps a strategy to extra overrides."""
+                   skip_existing: bool = True, reevaluate: bool = False) -> dict:
+    """strategy -> eval.json contents. `per_strategy` maps a strategy to extra overrides.
+    reevaluate: keep the trained models (OUT/best) and redo only their final evaluation
+    (e.g. to re-time them on a quiet machine)."""
     results = {}
     for strategy in strategies:
         run_dir = os.path.join(out_dir, strategy)
         eval_path = os.path.join(run_dir, "eval.json")
-        if not (skip_existing and os.path.exists(eval_path)):
-            cmd = [sys.executable, "-m", "ponder_pt", "finetune", "--backbone", backbone,
+        best = os.path.join(run_dir, "best")
+        again = reevaluate and os.path.exists(os.path.join(best, "exit_heads.pt"))
+        if again or not (skip_existing and os.path.exists(eval_path)):
+            source = ["--eval-only", best] if again else ["--backbone", backbone]
+            cmd = [sys.executable, "-m", "ponder_pt", "finetune", *source,
                    "--task", task, "--exit", strategy, "--out", run_dir, "--nproc", str(nproc)]
             for item in [*overrides, *(per_strategy or {}).get(strategy, [])]:
                 cmd += ["--set", item]
@@ -113,10 +118,10 @@ def plot(results: dict, path: str) -> None:
         pts = [(s["avg_exit_layer"], s["wall_speedup"], s["metrics"][metric])
                for s in doc["sweep"]]
         pts.append((doc["avg_exit_layer"], doc["wall_speedup"], doc["metric"]))
-        pts.sort()
         style = "*" if not doc["sweep"] else "o-"
-        ax1.plot([p[0] for p in pts], [p[2] for p in pts], style, label=strategy, ms=6)
-        ax2.plot([p[1] for p in pts], [p[2] for p in pts], style, label=strategy, ms=6)
+        by_layer, by_speed = sorted(pts), sorted(pts, key=lambda p: p[1])
+        ax1.plot([p[0] for p in by_layer], [p[2] for p in by_layer], style, label=strategy, ms=6)
+        ax2.plot([p[1] for p in by_speed], [p[2] for p in by_speed], style, label=strategy, ms=6)
     ax1.set_xlabel("average exit layer")
     ax2.set_xlabel("wall-clock speed-up vs full model (batched)")
     for ax in (ax1, ax2):

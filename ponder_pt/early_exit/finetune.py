@@ -232,7 +232,12 @@ def cmd_finetune(args) -> int:
             raise FileNotFoundError(f"--eval-only {args.eval_only}: no exit_heads.pt (point it "
                                     f"at a finetune OUT/best directory)")
         check(cfg)
-        path = final_eval(cfg, args.eval_only, cfg.out)
+        previous = os.path.join(cfg.out, "eval.json")  # keep the training record on a re-run
+        extra = None
+        if os.path.exists(previous):
+            with open(previous, encoding="utf-8") as fh:
+                extra = {k: v for k, v in json.load(fh).items() if k == "training"}
+        path = final_eval(cfg, args.eval_only, cfg.out, extra=extra)
         print(f"finetune: wrote {path}")
         return 0
     launched = "WORLD_SIZE" in os.environ
