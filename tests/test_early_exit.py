@@ -34,8 +34,9 @@ STRATEGIES = ["none", "palbert", "pondernet", "pabee", "entropy"]
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
+    # the bag-of-words version (no negations): tiny models learn it in a few dozen steps
     return write_polarity_task(str(tmp_path_factory.mktemp("polarity") / "polarity"),
-                               n_train=256, n_valid=48)
+                               n_train=256, n_valid=48, negation=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -474,3 +475,7 @@ def test_finetune_rejects_bad_config_before_starting(backbones, task_dir):
                            "--set", "exit.beta=-1", "--nproc", "2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "exit.beta" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "ponder_pt", "finetune", "--backbone",
+                           backbones["albert"], "--task", str(task_dir) + "_missing/", "--nproc",
+                           "2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no such directory" in proc.stderr

@@ -175,8 +175,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
                     improved = result["metric"] > best
                     if improved:
                         best, best_step = result["metric"], step
-                        engine.module.save(best_dir, {"step": step, "metric": best})
-                        tokenizer.save_pretrained(best_dir)
+                        _save_atomic(engine.module, tokenizer, best_dir,
+                                     {"step": step, "metric": best})
                 stale = 0 if D.any_true(improved) else stale + 1
                 if t.early_stop and stale >= t.early_stop:
                     stop = True
@@ -189,10 +189,26 @@ def finetune(cfg: FinetuneConfig) -> dict:
     logger.close()
     summary = {"best_step": best_step, "best_metric": best, "steps": step,
                "stopped_early": step < total, "history": history}
+    D.shutdown()  # the final evaluation is rank 0's alone: nobody waits on a barrier for it
     if main:
         summary["eval_json"] = final_eval(cfg, best_dir, cfg.out, extra={"training": summary})
-    D.shutdown()
     return summary
+
+
+def _save_atomic(model, tokenizer, out_dir: str, extra: dict) -> None:
+    """Write the new best model next to the old one and swap directories, so a crash while
+    saving never leaves a half-written OUT/best."""
+    import shutil
+
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp, extra)
+    tokenizer.save_pretrained(tmp)
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def final_eval(cfg: FinetuneConfig, model_dir: str, out_dir: str,
@@ -242,6 +258,13 @@ def cmd_finetune(args) -> int:
         return 0
     launched = "WORLD_SIZE" in os.environ
     check(cfg, args.nproc if not launched else None)
+    if not launched:  # fail on a bad task directory before any process starts
+        from .tasks import load_task
+
+        if os.path.isdir(cfg.task):
+            load_task(cfg.task)
+        elif os.sep in cfg.task:
+            raise FileNotFoundError(f"--task {cfg.task}: no such directory")
     if args.nproc > 1 and not launched:
         import subprocess
 

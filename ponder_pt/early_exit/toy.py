@@ -47,12 +47,13 @@ def polarity_rows(n: int, seed: int, negation: float = 0.3) -> list[dict]:
 
 
 def write_polarity_task(out_dir: str, n_train: int = 2000, n_valid: int = 400,
-                        seed: int = 0) -> str:
-    """train.jsonl, validation.jsonl and task.json (SST-2-shaped fields)."""
+                        seed: int = 0, negation: float = 0.3) -> str:
+    """train.jsonl, validation.jsonl and task.json (SST-2-shaped fields). negation=0 gives
+    the easy bag-of-words version (for quick tests)."""
     os.makedirs(out_dir, exist_ok=True)
     for split, n, s in (("train", n_train, seed), ("validation", n_valid, seed + 1)):
         with open(os.path.join(out_dir, f"{split}.jsonl"), "w", encoding="utf-8") as fh:
-            for row in polarity_rows(n, s):
+            for row in polarity_rows(n, s, negation):
                 fh.write(json.dumps(row) + "\n")
     with open(os.path.join(out_dir, "task.json"), "w", encoding="utf-8") as fh:
         json.dump({"name": "polarity", "text_keys": ["sentence"], "num_labels": 2,
