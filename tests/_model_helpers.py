@@ -121,6 +121,11 @@ TP_CASES = {
                                   {"steps": 1}, True),
     "llama_ponder1_ckpt_sel": ("llama", {"activation_checkpointing": "selective"},
                                {"steps": 1, "top_k": 3}, False),
+    # the looped baseline (ponder.feedback=hidden): the fed-back hidden is SP-sharded like e
+    "neox_looped2": ("gpt_neox", {}, {"steps": 2, "feedback": "hidden"}, False),
+    "neox_looped2_sp": ("gpt_neox", {}, {"steps": 2, "feedback": "hidden"}, True),
+    "llama_tied_looped1_sp": ("llama", {"tie_embeddings": True},
+                              {"steps": 1, "feedback": "hidden"}, True),
     "neox_ponder2_sp_manual": ("gpt_neox", {}, {"steps": 2}, True),
     "llama_ponder1_ckpt_full_sp_manual": ("llama", {"activation_checkpointing": "full"},
                                           {"steps": 1}, True),

@@ -4,6 +4,8 @@ start(), and load_backbone reads saved directories (and refuses unsupported type
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import pytest
@@ -11,6 +13,10 @@ import torch
 
 from ponder_pt.early_exit.backbones import (LayerwiseBackbone, LayerState, load_backbone,
                                             wrap_backbone)
+from ponder_pt.early_exit.toy import word_tokenizer
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _ee_helpers import pondering_export  # noqa: E402
 
 VOCAB = 100
 LENGTHS = [9, 5, 7, 3]  # padded batch of mixed lengths, right padding
@@ -201,22 +207,6 @@ def test_unsupported_types_raise_clear_error(tmp_path):
         load_backbone(str(tmp_path))
 
 
-def _word_tokenizer(out_dir):
-    """A tiny WordLevel tokenizer with BERT-style [CLS] ... [SEP] templates."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]",
-                                 pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")
-    hf.save_pretrained(out_dir)
-
-
 def test_load_backbone_encoder_dirs(tmp_path):
     import transformers as tf
 
@@ -224,7 +214,7 @@ def test_load_backbone_encoder_dirs(tmp_path):
     for arch, cls in (("bert", tf.BertModel), ("roberta", tf.RobertaForMaskedLM)):
         out = str(tmp_path / arch)
         build(arch, cls=cls).save_pretrained(out)
-        _word_tokenizer(out)
+        word_tokenizer([f"w{i}" for i in range(40)]).save_pretrained(out)
         if arch == "roberta":  # no pooler weights in a masked-LM checkpoint
             with pytest.warns(UserWarning, match="pooler"):
                 bb, tok = load_backbone(out)
@@ -252,31 +242,13 @@ def test_load_backbone_encoder_dirs(tmp_path):
 @pytest.fixture(scope="module")
 def exports(bpe_dir, tmp_path_factory):
     """ponder-pt HF exports (with tokenizer) of tiny random models: name -> directory."""
-    import sys
-
-    sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    from _model_helpers import random_hf_model, tiny_model_config
-
-    from ponder_pt.config import Config
-    from ponder_pt.export import export_full
-    from ponder_pt.models import hf_to_full
-
     specs = {"neox_k2": ("gpt_neox", dict(steps=2)),
              "llama_k2_top5": ("llama", dict(steps=2, top_k=5)),
-             "neox_k0": ("gpt_neox", dict(steps=0))}
-    if hasattr(Config().ponder, "feedback"):
-        specs["llama_k2_hidden"] = ("llama", dict(steps=2, feedback="hidden"))
-    root, out = tmp_path_factory.mktemp("ee_exports"), {}
-    for seed, (name, (arch, ponder)) in enumerate(specs.items()):
-        cfg = Config()
-        cfg.model = tiny_model_config(arch, vocab_size=640, max_seq_len=64)
-        for k, v in ponder.items():
-            setattr(cfg.ponder, k, v)
-        hf = random_hf_model(cfg.model, seed=seed + 1)
-        out[name] = str(root / name)
-        export_full(cfg, hf_to_full(hf.state_dict(), cfg.model), out[name],
-                    tokenizer_path=bpe_dir, progress=False)
-    return out
+             "neox_k0": ("gpt_neox", dict(steps=0)),
+             "llama_k2_hidden": ("llama", dict(steps=2, feedback="hidden"))}
+    root = tmp_path_factory.mktemp("ee_exports")
+    return {name: pondering_export(str(root / name), bpe_dir, arch=arch, seed=seed + 1, **ponder)
+            for seed, (name, (arch, ponder)) in enumerate(specs.items())}
 
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world",
@@ -287,8 +259,6 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world",
 def test_pondering_export_last_layer_gives_forward_logits(exports, name):
     """start() runs the K pondering passes: lm_head(pooled after the last layer) equals the
     exported model's forward logits at the last real token of a right-padded batch."""
-    if name not in exports:
-        pytest.skip("ponder.feedback not available")
     bb, tok = load_backbone(exports[name], dtype=torch.float32)
     k = int(name.split("_k")[1][0])
     assert bb.is_decoder and bb.ponder_steps == k and bb.ponder == (k > 0)

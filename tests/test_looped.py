@@ -1,6 +1,6 @@
 """The looped baseline (`ponder.feedback="hidden"`, PonderingLM's ablation) against an
-independent re-implementation of its formula on stock HF models, its TP=2 (+SP) equality with
-TP=1, the pipeline chain, the HF export, and the config key's validation.
+independent re-implementation of its formula on stock HF models, the pipeline chain, the HF
+export, and the config key's validation (TP=2 (+SP) = TP=1: tests/test_model_tp.py).
 
 e_0 = W_in[x] * s; for k = 1..K: h_k = final-norm hidden of a full pass on e_{k-1};
 e_k = e_{k-1} + h_k; logits = head(final pass on e_K).
@@ -8,11 +8,7 @@ e_k = e_{k-1} + h_k; logits = head(final pass on e_K).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,8 +16,6 @@ from _model_helpers import (batch, masked_ce, random_hf_model, single_process,  
                             tiny_model_config)
 
 from ponder_pt.config.schema import PonderConfig
-
-HERE = os.path.abspath(__file__)
 
 
 def looped_reference(hf, ids, K, *, scale_embeds=True):
@@ -139,85 +133,8 @@ def test_looped_export_matches_native(bpe_dir, tmp_path):
     assert res["cached"] == res["nocache"]
 
 
-# --------------------------------------------------------------------------- TP=2 vs TP=1
-
-LOOPED_TP_CASES = {  # same format as _model_helpers.TP_CASES
-    "neox_looped2": ("gpt_neox", {}, {"steps": 2, "feedback": "hidden"}, False),
-    "neox_looped2_sp": ("gpt_neox", {}, {"steps": 2, "feedback": "hidden"}, True),
-    "llama_tied_looped1_sp": ("llama", {"tie_embeddings": True},
-                              {"steps": 1, "feedback": "hidden"}, True),
-}
-
-
-def _tp_worker(rank, world, port, out_path):
-    import torch.distributed as dist
-    from _model_helpers import _run_case
-    from megatron.core import parallel_state as ps
-
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    report = {}
-    try:
-        ps.initialize_model_parallel(tensor_model_parallel_size=2)
-        tp2 = {n: _run_case(n, spec) for n, spec in LOOPED_TP_CASES.items()}
-        ps.destroy_model_parallel()
-        ps.initialize_model_parallel(tensor_model_parallel_size=1)
-        for n, spec in LOOPED_TP_CASES.items():
-            ref, got = _run_case(n, spec), tp2[n]
-            report[n] = {
-                "loss_tp1": ref["loss"], "loss_tp2": got["loss"],
-                "max_grad_diff": max((got["grads"][k] - v).abs().max().item()
-                                     for k, v in ref["grads"].items()),
-                "min_grad_norm": min(v.norm().item() for v in ref["grads"].values()),
-                "tp2_sequence_parallel": got["sequence_parallel"],
-            }
-        ps.destroy_model_parallel()
-    except Exception as exc:  # report instead of hanging the other rank
-        import traceback
-
-        with open(f"{out_path}.rank{rank}.err", "w") as fh:
-            fh.write(f"{exc!r}\n{traceback.format_exc()}")
-        raise
-    dist.barrier()
-    if rank == 0:
-        with open(out_path, "w") as fh:
-            json.dump(report, fh)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def tp_report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("looped_tp") / "report.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, HERE, "--tp-report", str(out)], capture_output=True,
-                          text=True, timeout=300, env=env)
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(f"TP worker failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
-
-
-@pytest.mark.parametrize("name", list(LOOPED_TP_CASES))
-def test_looped_tp2_matches_tp1(tp_report, name):
-    r = tp_report[name]
-    assert r["tp2_sequence_parallel"] == LOOPED_TP_CASES[name][3]
-    assert abs(r["loss_tp1"] - r["loss_tp2"]) <= 1e-5
-    assert r["min_grad_norm"] > 0
-    assert r["max_grad_diff"] <= 1e-5
-
-
-if __name__ == "__main__":
-    import socket
-
-    import torch.multiprocessing as mp
-
-    sys.path.insert(0, os.path.dirname(HERE))
-    assert sys.argv[1] == "--tp-report"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        free = sock.getsockname()[1]
-    mp.spawn(_tp_worker, args=(2, free, sys.argv[2]), nprocs=2, join=True)
+# TP=2 vs TP=1 (with and without sequence parallelism): the looped cases are in
+# _model_helpers.TP_CASES, checked by tests/test_model_tp.py.
 
 
 def test_pp2_looped_training_matches_single_process(prepared, bpe_dir, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from typing import Optional
 
 POSITIVE = ["good", "great", "fine", "happy", "bright", "calm", "kind", "warm", "clean", "sweet"]
 NEGATIVE = ["bad", "awful", "poor", "sad", "dark", "angry", "cruel", "cold", "dirty", "bitter"]
@@ -61,12 +62,15 @@ def write_polarity_task(out_dir: str, n_train: int = 2000, n_valid: int = 400,
     return out_dir
 
 
-def word_tokenizer(max_length: int = 64):
-    """A word-level BERT-style tokenizer ([CLS] a [SEP] b [SEP]) over the task's words."""
+def word_tokenizer(words: Optional[list[str]] = None, max_length: int = 64):
+    """A word-level BERT-style tokenizer ([CLS] a [SEP] b [SEP]) over `words` (default: the
+    polarity task's words); ids 0-4 are [PAD] [UNK] [CLS] [SEP] [MASK]."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(SPECIALS + sorted(set(POSITIVE + NEGATIVE + FILLER + ["not"])))}
+    if words is None:
+        words = sorted(set(POSITIVE + NEGATIVE + FILLER + ["not"]))
+    vocab = {w: i for i, w in enumerate(SPECIALS + list(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     cls, sep = vocab["[CLS]"], vocab["[SEP]"]
