@@ -26,7 +26,6 @@ itself by appending a stage (a function of the `Study`) that stores its numbers 
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import os
@@ -39,6 +38,8 @@ from typing import Callable, Optional
 
 import yaml
 
+from ponder_pt.config.loader import _deep_merge
+
 from .early_exit import stage_early_exit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,22 +50,12 @@ REPO = os.path.dirname(HERE)
 # --------------------------------------------------------------------------- study config
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def _load_chain(path: str) -> dict:
     with open(path, encoding="utf-8") as fh:
         raw = yaml.safe_load(fh) or {}
     base = raw.pop("base", None)
     if base:
-        return _merge(_load_chain(os.path.join(CONFIGS, f"{base}.yaml")), raw)
+        return _deep_merge(_load_chain(os.path.join(CONFIGS, f"{base}.yaml")), raw)
     return raw
 
 
