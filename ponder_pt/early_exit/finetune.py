@@ -44,19 +44,6 @@ def _ds_config(cfg: FinetuneConfig, dp: int) -> dict:
             "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
 
 
-def _dp_mean(values: dict, dp: int) -> dict:
-    """Batch statistics averaged over the data-parallel ranks (what a 1-process run logs)."""
-    t = torch.stack([v.float().reshape(()).cpu() for v in values.values()])
-    if dp > 1:
-        import torch.distributed as dist
-
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-        t = t.cpu() / dp
-    return dict(zip(values, t.tolist()))
-
-
 def build(cfg: FinetuneConfig, heads_from: Optional[str] = None):
     """(ExitModel, tokenizer, TaskData, train Encoded, validation Encoded)."""
     from .backbones import load_backbone
@@ -162,7 +149,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
             engine.step()
             step += 1
             bar.update(1)
-            logged = _dp_mean({"loss": loss.detach(), **stats}, world.dp)
+            # batch statistics averaged over the data-parallel ranks, as a 1-process run logs
+            stats = {"loss": loss, **stats}
+            logged = dict(zip(stats, D.dp_mean(torch.stack(
+                [v.reshape(()).float() for v in stats.values()]), world).tolist()))
             if main:
                 logger.log(step, {**logged, "lr": scheduler.get_last_lr()[0], "epoch": epoch})
                 bar.set_postfix(loss=f"{logged['loss']:.4f}")

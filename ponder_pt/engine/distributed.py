@@ -139,6 +139,18 @@ def all_true(flag: bool) -> bool:
     return int(t.item()) == 0
 
 
+def dp_mean(value: torch.Tensor, world: World) -> torch.Tensor:
+    """A detached float copy of `value` averaged over the data-parallel group (what a
+    1-process run would compute for the whole batch); on `world.device`."""
+    from megatron.core import parallel_state as ps
+
+    value = value.detach().float().to(world.device).clone()
+    if world.dp > 1:
+        dist.all_reduce(value, group=ps.get_data_parallel_group())
+        value /= world.dp
+    return value
+
+
 def any_true(flag: bool) -> bool:
     return not all_true(not flag)
 

@@ -141,13 +141,7 @@ class Trainer:
                            batch["loss_mask"])
 
     def _dp_mean(self, value: torch.Tensor) -> float:
-        from megatron.core import parallel_state as ps
-
-        value = value.detach().float().to(self.device).clone()
-        if self.world.dp > 1:
-            dist.all_reduce(value, group=ps.get_data_parallel_group())
-            value /= self.world.dp
-        return float(value.item())
+        return float(D.dp_mean(value, self.world).item())
 
     @torch.no_grad()
     def evaluate(self) -> Optional[dict]:
