@@ -16,6 +16,9 @@ Memory, two measures:
 
 CPU (the table in benchmarks/README.md):
     .venv/bin/python benchmarks/bench_ponder.py
+Vocab-chunked loss and feedback (`model.vocab_chunk`) side by side with the unchunked path:
+    .venv/bin/python benchmarks/bench_ponder.py --preset pythia-70m --seq 512 --batch 2 \
+        --steps 0,3 --ckpt full --vocab-chunk 0,4096
 GPU, tokens/s and MFU for a Pythia-410M shape (bf16):
     python benchmarks/bench_ponder.py --device cuda --dtype bf16 --preset pythia-410m \
         --seq 2048 --batch 8 --iters 10
@@ -24,6 +27,7 @@ GPU, tokens/s and MFU for a Pythia-410M shape (bf16):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -52,6 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--steps", default="0,1,2,3", help="pondering steps K to compare")
     ap.add_argument("--ckpt", default="none,full", help="activation checkpointing modes")
     ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--vocab-chunk", default="0", help="model.vocab_chunk values to compare "
+                    "(comma list; 0 = unchunked logits)")
     ap.add_argument("--iters", type=int, default=5, help="timed steps")
     ap.add_argument("--stat", default="min", choices=["min", "median"],
                     help="step-time statistic; min is robust to other load on a shared machine")
@@ -64,7 +70,7 @@ def parse_args(argv=None):
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="accelerator peak for MFU (H100 SXM dense bf16: 989)")
     ap.add_argument("--json", action="store_true", help="print raw results as JSON lines too")
-    ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # "K,ckpt" (child mode)
+    ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # "K,ckpt,chunk" (child)
     return ap.parse_args(argv)
 
 
@@ -109,11 +115,12 @@ def run_single(args) -> dict:
     from ponder_pt.models import PonderLM, init_single_process
 
     torch.set_num_threads(args.threads)
-    K, ckpt = args.single.split(",")
-    K = int(K)
+    K, ckpt, chunk = args.single.split(",")
+    K, chunk = int(K), int(chunk)
     init_single_process("nccl" if args.device == "cuda" else "gloo")
     cfg = model_config(args)
     cfg.activation_checkpointing = ckpt
+    cfg.vocab_chunk = chunk
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = PonderLM(cfg, PonderConfig(steps=K, top_k=args.top_k), params_dtype=dtype)
     model.to(args.device).train()
@@ -165,7 +172,7 @@ def run_single(args) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
     tokens = args.batch * args.seq
     flops = train_flops_per_token(cfg, args.seq, K) * tokens
-    return {"K": K, "ckpt": ckpt, "step_s": t, "flops": flops,
+    return {"K": K, "ckpt": ckpt, "vocab_chunk": chunk, "step_s": t, "flops": flops,
             "step_s_median": statistics.median(times), "step_s_min": min(times), "saved_mib": saved_bytes / 2**20,
             "peak_mib": peak, "tokens_per_s": tokens / t,
             "mfu": flops / t / (args.peak_tflops * 1e12) if args.device == "cuda" else None,
@@ -174,18 +181,22 @@ def run_single(args) -> dict:
 
 
 def table(rows, args) -> str:
-    plain = {r["ckpt"]: r for r in rows if r["K"] == 0}
+    plain = {r["ckpt"]: r for r in rows if r["K"] == 0 and not r["vocab_chunk"]}
     base = plain.get("none") or next(iter(plain.values()), None)
+    unchunked = {(r["K"], r["ckpt"]): r for r in rows if not r["vocab_chunk"]}
     peak_name = "peak MiB (CUDA)" if args.device == "cuda" else "peak RSS delta MiB"
-    head = ["K", "ckpt", f"step s ({args.stat})", "time x plain", "FLOPs x plain", "tokens/s", "saved MiB",
-            "saved x plain", peak_name]
+    head = ["K", "ckpt", "vocab chunk", f"step s ({args.stat})", "time x plain",
+            "time x unchunked", "FLOPs x plain", "tokens/s", "saved MiB", "saved x plain",
+            peak_name]
     if args.device == "cuda":
         head.append("MFU")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ref = plain.get(r["ckpt"], base)
-        cells = [str(r["K"]), r["ckpt"], f"{r['step_s']:.3f}",
+        same = unchunked.get((r["K"], r["ckpt"]))
+        cells = [str(r["K"]), r["ckpt"], str(r["vocab_chunk"] or "-"), f"{r['step_s']:.3f}",
                  f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-",
+                 f"{r['step_s'] / same['step_s']:.2f}" if same else "-",
                  f"{r['flops'] / ref['flops']:.2f}" if ref else "-",
                  f"{r['tokens_per_s']:.0f}", f"{r['saved_mib']:.1f}",
                  f"{r['saved_mib'] / base['saved_mib']:.2f}" if base else "-",
@@ -205,19 +216,22 @@ def main(argv=None):
     load0 = os.getloadavg()[0]
     best = {}
     for _ in range(args.repeats):
-        for ckpt in args.ckpt.split(","):
-            for K in (int(k) for k in args.steps.split(",")):
-                cmd = [sys.executable, os.path.abspath(__file__), *argv, "--single", f"{K},{ckpt}"]
-                env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-                if out.returncode or not line:
-                    sys.exit(f"K={K} ckpt={ckpt} failed:\n{out.stderr[-3000:]}")
-                row = json.loads(line[-1][len("RESULT "):])
-                if args.json:
-                    print(json.dumps(row), flush=True)
-                if (K, ckpt) not in best or row["step_s"] < best[K, ckpt]["step_s"]:
-                    best[K, ckpt] = row
+        for ckpt, K, chunk in itertools.product(args.ckpt.split(","),
+                                                (int(k) for k in args.steps.split(",")),
+                                                (int(c) for c in args.vocab_chunk.split(","))):
+            cmd = [sys.executable, os.path.abspath(__file__), *argv, "--single",
+                   f"{K},{ckpt},{chunk}"]
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                sys.exit(f"K={K} ckpt={ckpt} vocab_chunk={chunk} failed:\n"
+                         f"{out.stderr[-3000:]}")
+            row = json.loads(line[-1][len("RESULT "):])
+            if args.json:
+                print(json.dumps(row), flush=True)
+            if (K, ckpt, chunk) not in best or row["step_s"] < best[K, ckpt, chunk]["step_s"]:
+                best[K, ckpt, chunk] = row
     rows = list(best.values())
     cfg = model_config(args)
     print(f"\nshape: {cfg.arch} L={cfg.num_layers} h={cfg.hidden_size} heads={cfg.num_heads} "

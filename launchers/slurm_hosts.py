@@ -5,7 +5,8 @@ DeepSpeed hostfile ("host slots=N" per line).
   python launchers/slurm_hosts.py                 # one host per line
   python launchers/slurm_hosts.py --first         # the first host (MASTER_ADDR)
   python launchers/slurm_hosts.py --hostfile hostfile --slots 8
-Uses `scontrol show hostnames` when available, else parses the list itself.
+Uses `scontrol show hostnames` when it works, else parses the list itself (also where
+scontrol is installed but has no cluster configuration, as on a login-less test box).
 """
 
 from __future__ import annotations
@@ -42,10 +43,14 @@ def hosts_from_env() -> list[str]:
     if not nodelist:
         raise SystemExit("error: SLURM_JOB_NODELIST is not set (run inside a SLURM allocation)")
     if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                             text=True, check=True).stdout.split()
-        if out:
-            return out
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist],
+                                 capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            out = None
+        # a failing scontrol (no slurm.conf, controller down) is no reason to fail here
+        if out is not None and out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()
     return expand_nodelist(nodelist)
 
 

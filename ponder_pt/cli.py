@@ -207,9 +207,13 @@ def cmd_plot(args) -> int:
 
 # ---------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import DemoCheckFailed, run_demo
 
-    run_demo(args.out, quick=args.quick)
+    try:
+        run_demo(args.out, quick=args.quick)
+    except DemoCheckFailed as exc:
+        print(f"ponder-pt demo: FAILED: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -228,6 +232,9 @@ def _add_convert_parsers(sub) -> None:
     p.add_argument("--tag", help="step_NNNNNNNN (default: the newest complete one)")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--unsafe-unpickle", action="store_true",
+                   help="unpickle the checkpoint files fully (runs any code they hold; only for "
+                        "files you trust); by default only tensors and DeepSpeed's types load")
     _lazy(p, "ponder_pt.export.to_hf", "cmd_to_hf")
     p = s_conv.add_parser("from-hf", help="HF GPT-NeoX/LLaMA directory -> checkpoint.dir to "
                                           "train from (checkpoint.init_from) or run")

@@ -3,8 +3,9 @@
 embedded corpus -> BPE tokenizer -> indexed dataset (2 workers) -> packed samples with pause
 tokens -> a tiny PonderPythia (K=1) with pause tokens trained by 2 processes under DeepSpeed
 ZeRO-1 (the real `ponder-pt train` launch path) -> validation loss -> loss-curve PNG ->
-Hugging Face export (trust_remote_code pondering class) -> a sample generated from the export
-with the K+1 KV caches and the model's default pauses.
+Hugging Face export (the pondering class registered by ponder-pt) -> a sample generated from
+the export with the K+1 KV caches and the model's default pauses, checked token for token
+against native generation from the same checkpoint (the demo fails if they differ).
 """
 
 from __future__ import annotations
@@ -15,6 +16,16 @@ import subprocess
 import time
 
 from .config import load_config
+
+
+class DemoCheckFailed(RuntimeError):
+    """The demo's own end-to-end check did not hold."""
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _stage(name: str):
@@ -106,13 +117,23 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
     from .inference import generate_text, load_model
 
     hf_dir = os.path.join(out_dir, "hf")
-    tag = checkpoint_to_hf(os.path.join(run_dir, "checkpoints"), hf_dir, progress=False)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    tag = checkpoint_to_hf(ckpt_dir, hf_dir, progress=False)
     prompt = "Return the number of"
     sample = generate_text(load_model(hf_dir), prompt, max_new_tokens=40, greedy=True)
-    print(f"exported {tag} to {hf_dir} (AutoModelForCausalLM.from_pretrained(..., "
-          f"trust_remote_code=True)); greedy sample after {sample['pauses']} pauses:")
+    print(f"exported {tag} to {hf_dir} (AutoModelForCausalLM.from_pretrained(...) with "
+          f"ponder-pt installed); greedy sample after {sample['pauses']} pauses:")
     print(f"  {prompt}{sample['text']}")
+    # the demo checks itself: the export must generate exactly what the checkpoint does
+    native = generate_text(load_model(ckpt_dir, tag=tag), prompt, max_new_tokens=40, greedy=True)
+    if native["token_ids"] != sample["token_ids"]:
+        raise DemoCheckFailed(
+            f"the export generated different tokens than native generation from {ckpt_dir}/{tag}"
+            f" (transformers {_transformers_version()}):\n  export: {sample['token_ids']}\n"
+            f"  native: {native['token_ids']}")
+    print(f"native generation from {tag} gives the same {len(native['token_ids'])} tokens")
     summary["export"] = {"dir": hf_dir, "tag": tag, "prompt": prompt, "sample": sample["text"],
+                         "token_ids": sample["token_ids"], "matches_native": True,
                          "pauses": sample["pauses"], "seconds": round(time.perf_counter() - t, 1)}
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=2)

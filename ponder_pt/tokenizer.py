@@ -168,6 +168,19 @@ def _text_lines(files: Sequence[str], text_key: str = "text") -> Iterable[str]:
                     yield line
 
 
+# LLaMA's sentencepiece settings (its tokenizer.model's trainer/normalizer spec): BPE, unk=0,
+# bos=1, eos=2, byte fallback so nothing is ever unknown, digits split, whitespace-only pieces,
+# and *identity* normalisation with whitespace kept as it is (no NFKC, no collapsing of runs of
+# spaces, newlines and tabs stay themselves): the text a model is trained on is exactly the text
+# it is given, decode(encode(text)) == text, and the export's tokenizer.json reproduces it.
+SENTENCEPIECE_SETTINGS = dict(
+    model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+    character_coverage=0.9995, split_digits=True, allow_whitespace_only_pieces=True,
+    normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+    hard_vocab_limit=False,
+)
+
+
 def train_tokenizer(files: Sequence[str], vocab_size: int, out_dir: str, kind: str = "bpe",
                     text_key: str = "text", show_progress: bool = True) -> str:
     """Train a tokenizer on text/jsonl files; returns the written file path."""
@@ -196,13 +209,10 @@ def train_tokenizer(files: Sequence[str], vocab_size: int, out_dir: str, kind: s
         import sentencepiece as spm
 
         prefix = os.path.join(out_dir, "tokenizer")
-        # LLaMA style: unk=0, bos=1, eos=2, byte fallback so nothing is ever unknown.
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(_text_lines(files, text_key)), model_prefix=prefix,
-            vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=0.9995,
-            split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-            hard_vocab_limit=False, minloglevel=2, num_threads=max(1, os.cpu_count() or 1),
+            vocab_size=vocab_size, **SENTENCEPIECE_SETTINGS,
+            minloglevel=2, num_threads=max(1, os.cpu_count() or 1),
         )
         return prefix + ".model"
     raise ValueError(f"--type {kind!r}: expected 'bpe' or 'sentencepiece'")

@@ -56,8 +56,9 @@ def run_stock(script: str, *args, timeout: int = 300) -> dict:
              "        if name == 'ponder_pt' or name.startswith('ponder_pt.'):\n"
              "            raise ImportError('ponder_pt must not be imported here')\n"
              "sys.meta_path.insert(0, _Block())\n")
+    # PYTHONPATH is kept: the compat run puts an older transformers on it, and the stock process
+    # must load that one too (stock_check asserts it); the guard above keeps ponder_pt out
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    env.pop("PYTHONPATH", None)
     proc = subprocess.run([sys.executable, "-c", guard + script, *args], capture_output=True,
                           text=True, timeout=timeout, cwd="/", env=env)
     if proc.returncode != 0:
@@ -68,7 +69,7 @@ def run_stock(script: str, *args, timeout: int = 300) -> dict:
 # per job {"path", "rows", "n_new"}: logits on rows[0], KV-cached generate() of the left-padded
 # batch vs a cache-free greedy loop, each row alone, and a sampled batch
 STOCK_SCRIPT = r"""
-import json, sys, torch
+import json, sys, torch, transformers
 from transformers import AutoModelForCausalLM
 results = []
 for job in json.loads(sys.argv[1]):
@@ -76,7 +77,8 @@ for job in json.loads(sys.argv[1]):
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True,
                                                  dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
-    out = {"class": type(model).__name__, "module": type(model).__module__}
+    out = {"class": type(model).__name__, "module": type(model).__module__,
+           "transformers": transformers.__version__}
     with torch.no_grad():
         out["logits"] = model(torch.tensor([rows[0]]), use_cache=False).logits[0].tolist()
         width, pad = max(len(r) for r in rows), 0
@@ -103,4 +105,9 @@ print(json.dumps(results))
 
 
 def stock_check(jobs: list[dict]) -> list[dict]:
-    return run_stock(STOCK_SCRIPT, json.dumps(jobs))
+    import transformers
+
+    results = run_stock(STOCK_SCRIPT, json.dumps(jobs))
+    for res in results:  # the stock process ran the transformers this test session runs
+        assert res["transformers"] == transformers.__version__
+    return results

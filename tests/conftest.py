@@ -13,6 +13,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 
+def pytest_report_header(config):
+    import torch
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+def pytest_sessionstart(session):
+    # make test-compat puts another transformers in front of the venv's: make sure it is the
+    # one imported, or the second run would silently test the first one's version again
+    want = os.environ.get("PONDER_EXPECT_TRANSFORMERS")
+    if want:
+        import transformers
+
+        if transformers.__version__ != want:
+            raise pytest.UsageError(f"expected transformers {want} (PONDER_EXPECT_TRANSFORMERS), "
+                                    f"imported {transformers.__version__} from "
+                                    f"{transformers.__file__}")
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -135,3 +135,25 @@ def test_cli_config_show_and_error_exit_code(capsys):
     assert shown["ponder"]["steps"] == 3 and shown["parallel"]["tp"] == 2
     assert main(["config", "show", "--config", "pythia-70m", "--set", "parallel.tp=3"]) == 2
     assert "parallel.tp=3" in capsys.readouterr().err
+
+
+def test_optimizer_choice_in_the_deepspeed_config(monkeypatch):
+    """torch's AdamW by default (fused on CUDA: nothing to JIT-compile on a fresh GPU node);
+    DeepSpeed's FusedAdam only when asked for and CUDA is there; CPU offload keeps CPU Adam."""
+    import torch
+
+    from ponder_pt.engine.ds_config import build_ds_config
+
+    def params(*sets, cuda):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        cfg = load_config("pythia-14m", [*sets, "train.global_batch=8", "train.micro_batch=8"])
+        return build_ds_config(cfg, dp=1)["optimizer"]["params"]
+
+    assert params(cuda=False)["torch_adam"] is True and "fused" not in params(cuda=False)
+    assert params(cuda=True)["torch_adam"] is True and params(cuda=True)["fused"] is True
+    fused = params("train.optimizer=deepspeed", cuda=True)
+    assert "torch_adam" not in fused and "fused" not in fused
+    assert params("train.optimizer=deepspeed", cuda=False)["torch_adam"] is True
+    assert "torch_adam" not in params("parallel.cpu_offload=true", cuda=True)
+    with pytest.raises(ConfigError, match="train.optimizer"):
+        check(load_config("pythia-14m", ["train.optimizer=sgd"]))

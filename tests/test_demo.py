@@ -19,3 +19,6 @@ def test_demo_quick_end_to_end(tmp_path):
     assert summary["train"]["last_loss"] < summary["train"]["first_loss"]
     assert os.path.getsize(summary["train"]["loss_curve"]) > 1000
     assert os.path.exists(tmp_path / "hf" / "config.json") and summary["export"]["pauses"] == 10
+    # the demo compared the export's generation with native generation itself
+    assert summary["export"]["matches_native"] and summary["export"]["token_ids"]
+    assert "gives the same" in proc.stdout

@@ -435,7 +435,7 @@ def test_finetune_cli_writes_consistent_eval_json(backbones, task_dir, tmp_path)
         [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     assert all(sum(s["exit_histogram"]) == len(records) for s in doc["sweep"])
     assert os.path.exists(os.path.join(out, "threshold_sweep.png"))
-    assert os.path.exists(os.path.join(out, "best", "exit_heads.pt"))
+    assert os.path.exists(os.path.join(out, "best", "exit_heads.safetensors"))
     assert doc["training"]["best_metric"] >= max(h["metric"] for h in doc["training"]["history"])
     # --eval-only on the saved model reproduces the decisions
     again = str(tmp_path / "again")

@@ -11,6 +11,9 @@ import sys
 import pytest
 from _export_helpers import trained  # noqa: F401
 
+# hf_compat: CI runs these again at the oldest declared transformers
+pytestmark = pytest.mark.hf_compat
+
 pytest.importorskip("lm_eval")
 
 ROWS = [

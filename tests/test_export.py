@@ -19,7 +19,8 @@ from ponder_pt.export.native import merge_tp, tp_spec
 from ponder_pt.models import PonderLM, full_state_dict, hf_to_full
 from ponder_pt.models import parallel as par
 
-pytestmark = pytest.mark.usefixtures("single_process")
+# hf_compat: CI runs these again at the oldest declared transformers
+pytestmark = [pytest.mark.usefixtures("single_process"), pytest.mark.hf_compat]
 
 
 def _ids(vocab, s=20, seed=3):

@@ -53,8 +53,17 @@ def test_nodelist_expansion():
     assert expand_nodelist("a[1-2]-ib,b[09-10]") == ["a1-ib", "a2-ib", "b09", "b10"]
 
 
-def test_hostfile_from_slurm_env(tmp_path):
-    env = dict(os.environ, SLURM_JOB_NODELIST="n[1-2]", PATH="/usr/bin:/bin")
+@pytest.mark.parametrize("scontrol", ["absent", "broken"])
+def test_hostfile_from_slurm_env(tmp_path, scontrol):
+    """The nodelist is expanded without SLURM's tools, and also where an installed scontrol
+    fails (no slurm.conf on this box): that is what a broken scontrol looks like."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    if scontrol == "broken":
+        fake = bindir / "scontrol"
+        fake.write_text("#!/bin/sh\necho 'scontrol: error: resolve_ctls_from_dns_srv' >&2\nexit 1\n")
+        fake.chmod(0o755)
+    env = dict(os.environ, SLURM_JOB_NODELIST="n[1-2]", PATH=f"{bindir}:/nonexistent")
     hostfile = tmp_path / "hosts"
     out = subprocess.run([sys.executable, os.path.join(ROOT, "launchers", "slurm_hosts.py"),
                           "--hostfile", str(hostfile), "--slots", "4"], env=env,

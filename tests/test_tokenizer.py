@@ -19,7 +19,20 @@ def test_sentencepiece_tokenizer(sp_dir, corpus_texts):
     assert tok.kind == "sentencepiece" and tok.eod_id == 2 and tok.vocab_size >= 600
     ids = tok.encode(corpus_texts[1])
     assert ids and max(ids) < tok.vocab_size
-    assert tok.decode(ids).split() == corpus_texts[1].split()
+    # LLaMA's settings: identity normalisation, whitespace kept, byte fallback -> lossless
+    assert all(tok.decode(tok.encode(t)) == t for t in corpus_texts)
+    for text in ("a\n\n  b\t c   d", " leading", "ｆｕｌｌ ①", "日本 😀", "x\r\n"):
+        assert tok.decode(tok.encode(text)) == text
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    with open(tok.path, "rb") as fh:
+        proto.ParseFromString(fh.read())
+    norm, trainer = proto.normalizer_spec, proto.trainer_spec
+    assert norm.name == "identity" and not norm.precompiled_charsmap and norm.add_dummy_prefix
+    assert not norm.remove_extra_whitespaces
+    assert trainer.byte_fallback and trainer.split_digits and trainer.allow_whitespace_only_pieces
+    assert trainer.model_type == pb.TrainerSpec.BPE
 
 
 def test_describe_padded_vocab_and_pause_row(bpe_dir):

@@ -37,6 +37,11 @@ class ModelConfig:
     dropout: float = 0.0
     activation_checkpointing: str = "none"
     """none | full | selective."""
+    vocab_chunk: int = 0
+    """Vocabulary rows per chunk for the training loss and the full-softmax pondering feedback
+    (online softmax, recomputed in backward: no [tokens, vocab] tensor is kept for backward);
+    0 = off (materialise the logits). Values above the per-rank shard (vocab / tp) act as one
+    chunk. Top-k feedback (ponder.top_k > 0) and inference logits are never chunked."""
 
     @property
     def kv_heads(self) -> int:
@@ -111,6 +116,11 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    optimizer: str = "torch"
+    """AdamW implementation: torch (torch.optim.AdamW driven by DeepSpeed, its fused kernel on
+    CUDA: nothing to compile) | deepspeed (DeepSpeed's FusedAdam, a CUDA extension JIT-built
+    with nvcc on first use: minutes on a fresh node). ZeRO-Offload always uses DeepSpeed's
+    CPU Adam."""
     precision: str = "bf16"
     """fp32 | bf16 | fp16 (fp16 is GPU-only)."""
     seed: int = 1234
@@ -152,6 +162,9 @@ class CheckpointConfig:
     init_from: Optional[str] = None
     """Initial weights for a fresh run (ignored when resuming): an HF GPT-NeoX/LLaMA directory
     or a checkpoint.dir (e.g. the output of `ponder-pt convert from-hf`)."""
+    unsafe_unpickle: bool = False
+    """Read an `init_from` checkpoint.dir with full unpickling (runs any code its files hold).
+    Off: only tensors, containers and DeepSpeed's own types load (torch weights_only)."""
 
 
 @dataclass

@@ -12,6 +12,7 @@ from .schema import Config, parse_blend
 
 ARCHS = ("gpt_neox", "llama")
 PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("torch", "deepspeed")
 CHECKPOINTING = ("none", "full", "selective")
 LR_DECAYS = ("cosine", "linear", "constant")
 PONDER_FEEDBACKS = ("embedding", "hidden")
@@ -52,6 +53,9 @@ def problems(cfg: Config, world_size: Optional[int] = None,
                    f"{CHECKPOINTING}")
     if m.make_vocab_size_divisible_by < 1:
         out.append("model.make_vocab_size_divisible_by: must be >= 1")
+    if m.vocab_chunk < 0:
+        out.append(f"model.vocab_chunk: must be >= 0 (0 = off, else vocabulary rows per chunk "
+                   f"of the loss and the pondering softmax, e.g. 4096), got {m.vocab_chunk}")
     if not 0.0 <= m.dropout < 1.0:
         out.append(f"model.dropout: must be in [0, 1), got {m.dropout}")
 
@@ -117,6 +121,8 @@ def problems(cfg: Config, world_size: Optional[int] = None,
                    f"train.iters={tr.iters}; use a fraction < 1 or fewer iterations")
     if tr.lr_decay not in LR_DECAYS:
         out.append(f"train.lr_decay: {tr.lr_decay!r} is not one of {LR_DECAYS}")
+    if tr.optimizer not in OPTIMIZERS:
+        out.append(f"train.optimizer: {tr.optimizer!r} is not one of {OPTIMIZERS}")
     if tr.precision not in PRECISIONS:
         out.append(f"train.precision: {tr.precision!r} is not one of {PRECISIONS}")
     if tr.eval_interval < 1 or tr.eval_iters < 0:

@@ -302,8 +302,9 @@ class DecoderBackbone(LayerwiseBackbone):
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         e = self._ponder_inputs(input_ids, attention_mask, position_ids)
         hidden = self.base.emb_dropout(e) if self.kind == "gpt_neox" else e
-        layer_mask = create_causal_mask(config=self.config, inputs_embeds=hidden,
-                                        attention_mask=attention_mask, past_key_values=None,
+        # no cache, passed by position: transformers 5.24 renamed that parameter
+        # (past_key_values -> cache), and the old keyword now warns
+        layer_mask = create_causal_mask(self.config, hidden, attention_mask, None,
                                         position_ids=position_ids)
         cos, sin = self.base.rotary_emb(hidden, position_ids=position_ids)  # [B, T, rot]
         extras = {"layer_mask": layer_mask, "position_ids": position_ids, "cos": cos, "sin": sin}
@@ -344,29 +345,31 @@ def wrap_backbone(model) -> LayerwiseBackbone:
     return _ADAPTERS[kind](model, kind)
 
 
-def load_backbone(path_or_name: str, *, trust_remote_code: bool = True, dtype=None,
+def load_backbone(path_or_name: str, *, trust_remote_code: bool = False, dtype=None,
                   attn_implementation: str = "sdpa"):
     """(LayerwiseBackbone, tokenizer) from a HF directory or hub name.
 
     Encoders load with AutoModel (the pooler kept; freshly initialised, with a warning, when
     the checkpoint has none, e.g. RobertaForMaskedLM); decoders with AutoModelForCausalLM
-    (pondering exports need the LM head). Decoder tokenizers without a pad token pad with
-    eos (or unk); padding is on the right."""
+    (pondering exports need the LM head; they load with ponder-pt's registered classes, and
+    code from the directory runs only with trust_remote_code, see ponder_pt.export.hf_auto).
+    Decoder tokenizers without a pad token pad with eos (or unk); padding is on the right."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(path_or_name, trust_remote_code=trust_remote_code)
+    from ..export.hf_auto import from_pretrained
+
+    config = from_pretrained(AutoConfig, path_or_name, trust_remote_code)
     kind = _kind_of(config, str(path_or_name))
     auto = AutoModelForCausalLM if kind in DECODERS else AutoModel
     kw = {"dtype": dtype} if dtype is not None else {}
-    model, info = auto.from_pretrained(path_or_name, config=config,
-                                       trust_remote_code=trust_remote_code,
-                                       attn_implementation=attn_implementation,
-                                       output_loading_info=True, **kw)
+    model, info = from_pretrained(auto, path_or_name, trust_remote_code, config=config,
+                                  attn_implementation=attn_implementation,
+                                  output_loading_info=True, **kw)
     if kind in ENCODERS and any("pooler" in k for k in info.get("missing_keys", ())):
         warnings.warn(f"{path_or_name} has no pooler weights: the pooler is freshly "
                       "initialised (it is trained with the exit heads)", stacklevel=2)
     model.eval()
-    tok = AutoTokenizer.from_pretrained(path_or_name, trust_remote_code=trust_remote_code)
+    tok = from_pretrained(AutoTokenizer, path_or_name, trust_remote_code)
     if kind in DECODERS and tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "right"

@@ -24,12 +24,14 @@ def run_strategies(backbone: str, task: str, out_dir: str,
     """strategy -> eval.json contents. `per_strategy` maps a strategy to extra overrides.
     reevaluate: keep the trained models (OUT/best) and redo only their final evaluation
     (e.g. to re-time them on a quiet machine)."""
+    from .heads import heads_file
+
     results = {}
     for strategy in strategies:
         run_dir = os.path.join(out_dir, strategy)
         eval_path = os.path.join(run_dir, "eval.json")
         best = os.path.join(run_dir, "best")
-        again = reevaluate and os.path.exists(os.path.join(best, "exit_heads.pt"))
+        again = reevaluate and heads_file(best) is not None
         if again or not (skip_existing and os.path.exists(eval_path)):
             source = ["--eval-only", best] if again else ["--backbone", backbone]
             cmd = [sys.executable, "-m", "ponder_pt", "finetune", *source,

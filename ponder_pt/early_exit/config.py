@@ -97,6 +97,9 @@ class FinetuneConfig:
     task: str = ""
     """GLUE task name (rte, mrpc, stsb, cola, sst2, qnli, qqp, mnli) or a local directory."""
     out: str = "finetune_out"
+    trust_remote_code: bool = False
+    """Run Python code shipped in the backbone directory (`--trust-remote-code`); ponder-pt
+    exports and stock ALBERT/BERT/RoBERTa/GPT-NeoX/LLaMA models do not need it."""
     exit: ExitConfig = field(default_factory=ExitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

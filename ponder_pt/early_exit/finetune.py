@@ -53,7 +53,8 @@ def build(cfg: FinetuneConfig, heads_from: Optional[str] = None):
     task = load_task(cfg.task, max_train=cfg.train.max_train_samples,
                      max_eval=cfg.eval.max_eval_samples)
     # fp32 master weights whatever the checkpoint's dtype; DeepSpeed casts for bf16/fp16
-    backbone, tokenizer = load_backbone(cfg.backbone, dtype=torch.float32)
+    backbone, tokenizer = load_backbone(cfg.backbone, dtype=torch.float32,
+                                        trust_remote_code=cfg.trust_remote_code)
     model = ExitModel(backbone, task.spec.num_labels, cfg.exit)
     if heads_from:
         model.load_heads(heads_from)
@@ -203,13 +204,15 @@ def _save_atomic(model, tokenizer, out_dir: str, extra: dict) -> None:
 
 def final_eval(cfg: FinetuneConfig, model_dir: str, out_dir: str,
                extra: Optional[dict] = None) -> str:
-    """Evaluate the saved model in `model_dir` (backbone + exit_heads.pt) into out_dir."""
+    """Evaluate the saved model in `model_dir` (backbone + exit heads) into out_dir."""
     from .evaluate import evaluate_model, write_eval
+    from .heads import heads_file
 
     eval_cfg = load_finetune_config(None, None, (), validate=False)
     eval_cfg.exit, eval_cfg.train, eval_cfg.eval = cfg.exit, cfg.train, cfg.eval
     eval_cfg.backbone, eval_cfg.task = model_dir, cfg.task
-    model, _, task, _, valid = build(eval_cfg, heads_from=os.path.join(model_dir, "exit_heads.pt"))
+    eval_cfg.trust_remote_code = cfg.trust_remote_code
+    model, _, task, _, valid = build(eval_cfg, heads_from=heads_file(model_dir))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device).eval()
     thresholds = [float(x) for x in cfg.eval.sweep] or None
@@ -227,16 +230,18 @@ def final_eval(cfg: FinetuneConfig, model_dir: str, out_dir: str,
 def _config_from(args) -> FinetuneConfig:
     return load_finetune_config(args.exit, args.config, args.overrides, validate=False,
                                 backbone=args.backbone or args.eval_only, task=args.task,
-                                out=args.out)
+                                out=args.out, trust_remote_code=args.trust_remote_code or None)
 
 
 def cmd_finetune(args) -> int:
     cfg = _config_from(args)
     if args.eval_only:
-        saved = os.path.join(args.eval_only, "exit_heads.pt")
-        if not os.path.exists(saved):
-            raise FileNotFoundError(f"--eval-only {args.eval_only}: no exit_heads.pt (point it "
-                                    f"at a finetune OUT/best directory)")
+        from .heads import heads_file
+
+        if heads_file(args.eval_only) is None:
+            raise FileNotFoundError(f"--eval-only {args.eval_only}: no exit_heads.safetensors "
+                                    f"(or older exit_heads.pt): point it at a finetune "
+                                    f"OUT/best directory")
         check(cfg)
         previous = os.path.join(cfg.out, "eval.json")  # keep the training record on a re-run
         extra = None
@@ -264,6 +269,8 @@ def cmd_finetune(args) -> int:
                "--out", cfg.out]
         if args.config:
             cmd += ["--config", args.config]
+        if args.trust_remote_code:
+            cmd += ["--trust-remote-code"]
         for item in args.overrides:
             cmd += ["--set", item]
         return subprocess.call(cmd)

@@ -17,5 +17,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="e.g. --set train.lr=2e-5 --set exit.q=0.3")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (torchrun)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped in the backbone directory (its auto_map); "
+                        "ponder-pt exports and stock encoders/decoders do not need it")
     p.add_argument("--eval-only", metavar="MODEL_DIR",
                    help="skip training: evaluate a fine-tuned OUT/best directory")

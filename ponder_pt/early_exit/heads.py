@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 from typing import Optional
 
 import torch
@@ -127,19 +129,61 @@ class ExitModel(nn.Module):
     # ------------------------------------------------------------------ saving
 
     def save(self, out_dir: str, extra: Optional[dict] = None) -> None:
-        """Heads and halting network in exit_heads.pt; the backbone with save_pretrained
-        (so it stays a normal HF directory)."""
+        """Heads and halting network in exit_heads.safetensors (tensors only: loading them
+        runs no code) with num_labels and `extra` in exit_heads.json; the backbone with
+        save_pretrained (so it stays a normal HF directory)."""
+        from safetensors.torch import save_file
+
         os.makedirs(out_dir, exist_ok=True)
-        heads = {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
-        torch.save({"heads": heads, "num_labels": self.num_labels, **(extra or {})},
-                   os.path.join(out_dir, "exit_heads.pt"))
+        heads = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if not k.startswith("backbone.")}
+        save_file(heads, os.path.join(out_dir, HEADS_FILE), metadata={"format": "pt"})
+        with open(os.path.join(out_dir, HEADS_META), "w", encoding="utf-8") as fh:
+            json.dump({"num_labels": self.num_labels, **(extra or {})}, fh, indent=1,
+                      default=float)
         self.backbone.save_pretrained(out_dir)
 
     def load_heads(self, path: str) -> dict:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        """Load exit_heads.safetensors (+ .json), or an older exit_heads.pt; returns the
+        metadata with the tensors under "heads"."""
+        blob = read_heads(path)
         missing, unexpected = self.load_state_dict(blob["heads"], strict=False)
         bad = [k for k in missing if not k.startswith("backbone.")] + list(unexpected)
         if bad:
             raise ValueError(f"{path}: exit heads do not match exit.strategy="
                              f"{self.strategy} (mismatched keys: {bad[:4]})")
         return blob
+
+
+HEADS_FILE, HEADS_META = "exit_heads.safetensors", "exit_heads.json"
+LEGACY_HEADS = "exit_heads.pt"  # before safetensors: a pickle, read with weights_only=True
+
+
+def heads_file(model_dir: str) -> Optional[str]:
+    """The exit-heads file of a fine-tuned model directory (new format first), or None."""
+    for name in (HEADS_FILE, LEGACY_HEADS):
+        if os.path.exists(os.path.join(model_dir, name)):
+            return os.path.join(model_dir, name)
+    return None
+
+
+def read_heads(path: str) -> dict:
+    """{"heads": {name: tensor}, "num_labels": ..., **extra} from either format. Old .pt files
+    are unpickled with weights_only=True: plain tensors and containers load, anything that
+    would run code is refused."""
+    if path.endswith(".pt"):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(f"{path}: refusing to unpickle it (it holds objects other than "
+                             f"tensors and plain containers, which could run code): {exc}. "
+                             "Re-create it with `ponder-pt finetune`, which now writes "
+                             f"{HEADS_FILE}") from exc
+    from safetensors.torch import load_file
+
+    meta_path = os.path.join(os.path.dirname(path), HEADS_META)
+    meta = {}
+    if os.path.exists(meta_path):
+        with open(meta_path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    return {**meta, "heads": load_file(path)}

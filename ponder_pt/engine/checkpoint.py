@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from typing import Callable, Optional
@@ -77,6 +78,54 @@ def verify(ckpt_dir: str, tag: str) -> Optional[str]:
 def read_meta(ckpt_dir: str, tag: str) -> dict:
     with open(os.path.join(ckpt_dir, tag, META), encoding="utf-8") as fh:
         return json.load(fh)
+
+
+# ------------------------------------------------------------------ reading checkpoint files
+
+UNSAFE_UNPICKLE_HINT = ("`--unsafe-unpickle` (convert to-hf, generate, eval) or "
+                        "`--set checkpoint.unsafe_unpickle=true` (checkpoint.init_from)")
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds pickled objects beyond tensors and DeepSpeed's own types."""
+
+
+# The non-tensor types DeepSpeed pickles into model_states / optim_states files, found by
+# loading real ZeRO 0-3, TP and PP checkpoints with weights_only=True; all plain data.
+DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                          "deepspeed.runtime.zero.config.ZeroStageEnum",
+                          "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def _resolve(name: str):
+    import importlib
+
+    module, attr = name.rsplit(".", 1)
+    return getattr(importlib.import_module(module), attr)
+
+
+def load_checkpoint_file(path: str, unsafe_unpickle: bool = False, mmap: bool = False):
+    """torch.load a training-checkpoint file on CPU without running code from it.
+
+    Unpickling is restricted (weights_only=True) to tensors, containers and the allow-listed
+    DeepSpeed types; a file needing more is refused with UnsafeCheckpointError naming the
+    opt-in, `unsafe_unpickle=True`, which unpickles fully (only for files you trust). DeepSpeed
+    is imported only when the file names its types (its import prints to stdout)."""
+    if unsafe_unpickle:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
+    needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    unknown = [n for n in needed if n not in DEEPSPEED_SAFE_GLOBALS]
+    try:
+        if unknown:
+            raise pickle.UnpicklingError(f"it names {', '.join(unknown)}")
+        with torch.serialization.safe_globals([_resolve(n) for n in needed]):
+            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to unpickle it: it holds objects beyond tensors and DeepSpeed's "
+            f"checkpoint types ({str(exc).splitlines()[0]}), and unpickling those can run "
+            f"arbitrary code. If you trust this file, opt in with {UNSAFE_UNPICKLE_HINT}."
+        ) from exc
 
 
 def rng_state() -> dict:

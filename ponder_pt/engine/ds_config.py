@@ -20,6 +20,17 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _adam_impl(cfg: Config) -> dict:
+    """DeepSpeed's AdamW params that pick the implementation (train.optimizer)."""
+    if cfg.parallel.cpu_offload:
+        return {}  # DeepSpeedCPUAdam
+    cuda = torch.cuda.is_available()
+    if cfg.train.optimizer == "deepspeed" and cuda:
+        return {}  # FusedAdam (JIT-compiled); it needs CUDA, so CPU falls through to torch
+    # torch.optim.AdamW with its fused multi-tensor kernel on CUDA
+    return {"torch_adam": True, **({"fused": True} if cuda else {})}
+
+
 def build_ds_config(cfg: Config, dp: int, user_json: Optional[str] = None) -> dict:
     tr, par = cfg.train, cfg.parallel
     ga = tr.global_batch // (tr.micro_batch * dp)
@@ -41,8 +52,7 @@ def build_ds_config(cfg: Config, dp: int, user_json: Optional[str] = None) -> di
         "optimizer": {"type": "AdamW", "params": {
             "lr": tr.lr, "betas": [tr.adam_beta1, tr.adam_beta2], "eps": tr.adam_eps,
             "weight_decay": tr.weight_decay,
-            # FusedAdam needs CUDA; on CPU DeepSpeed must use torch's AdamW
-            **({} if torch.cuda.is_available() or par.cpu_offload else {"torch_adam": True})}},
+            **_adam_impl(cfg)}},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "checkpoint": {"tag_validation": "Ignore"},

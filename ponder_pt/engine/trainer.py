@@ -102,7 +102,8 @@ class Trainer:
         if self.cfg.checkpoint.init_from:
             from ..export.from_hf import load_initial_weights
 
-            load_initial_weights(model, self.cfg.checkpoint.init_from)
+            load_initial_weights(model, self.cfg.checkpoint.init_from,
+                                 unsafe_unpickle=self.cfg.checkpoint.unsafe_unpickle)
             self.log(f"initial weights from {self.cfg.checkpoint.init_from}")
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, self.cfg.train.weight_decay),

@@ -37,7 +37,7 @@ from .native import read_checkpoint, tp_spec
 
 _PONDER_KEYS = ("ponder_steps", "ponder_scale_embeds", "ponder_scale_initial_by_steps",
                 "ponder_top_k", "ponder_feedback", "pause_token_id", "default_pauses",
-                "auto_map")
+                "ponder_transformers", "auto_map")
 
 
 def read_hf_config(path: str):
@@ -87,14 +87,17 @@ def _pad_vocab(full: dict, rows: int) -> dict:
     return full
 
 
-def load_initial_weights(model: torch.nn.Module, path: str) -> None:
+def load_initial_weights(model: torch.nn.Module, path: str, unsafe_unpickle: bool = False
+                         ) -> None:
     """Copy the weights of an HF dir or a checkpoint.dir into `model` (this rank's shards).
-    Vocabulary rows beyond the source's (TP padding, a new <pause>) are zero."""
+    Vocabulary rows beyond the source's (TP padding, a new <pause>) are zero. A checkpoint.dir
+    is read without running code from it unless `unsafe_unpickle`
+    (checkpoint.unsafe_unpickle, see engine.checkpoint.load_checkpoint_file)."""
     cfg = model.cfg
     if os.path.exists(os.path.join(path, "config.json")):
         full = hf_to_full(read_hf_weights(path), cfg)
     else:
-        src_cfg, full, _ = read_checkpoint(path)
+        src_cfg, full, _ = read_checkpoint(path, unsafe_unpickle=unsafe_unpickle)
         for key in ("arch", "num_layers", "hidden_size", "num_heads", "kv_heads", "ffn_size",
                     "tie_embeddings"):
             if getattr(src_cfg.model, key) != getattr(cfg, key):

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ..config import Config, load_config
-from ..engine.checkpoint import list_tags, read_meta, verify
+from ..engine.checkpoint import list_tags, load_checkpoint_file, read_meta, verify
 from ..models import parallel as par
 
 RUN_CONFIG = "run_config.yaml"
@@ -81,8 +81,8 @@ def merge_tp(parts: list[dict], cfg) -> dict:
     return full
 
 
-def _load(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+def _load(path: str, unsafe_unpickle: bool = False) -> dict:
+    return load_checkpoint_file(path, unsafe_unpickle)
 
 
 def _clean(sd: dict) -> dict:
@@ -90,8 +90,12 @@ def _clean(sd: dict) -> dict:
             if torch.is_tensor(v) and not k.endswith("_extra_state")}
 
 
-def _zero_fp32(root: str, mp_rank: int) -> dict:
-    """DeepSpeed's fp32 reconstruction restricted to one model-parallel rank's files."""
+def _zero_fp32(root: str, mp_rank: int, unsafe_unpickle: bool = False) -> dict:
+    """DeepSpeed's fp32 reconstruction restricted to one model-parallel rank's files.
+
+    zero_to_fp32 unpickles with weights_only=False, so every file is first opened with the
+    restricted unpickler (memory-mapped: the tensor data is not read) and refused there if it
+    holds anything else; only files that pass reach DeepSpeed."""
     from deepspeed.utils import zero_to_fp32
 
     pattern = f"*mp_rank_{mp_rank:02d}_"
@@ -99,11 +103,14 @@ def _zero_fp32(root: str, mp_rank: int) -> dict:
              if f.endswith(("_model_states.pt", "_optim_states.pt"))]
     if not any(f.endswith("_optim_states.pt") for f in files):
         raise ValueError(f"{root}: no ZeRO optimizer files for model-parallel rank {mp_rank}")
+    if not unsafe_unpickle:
+        for f in files:
+            load_checkpoint_file(f, mmap=True)
     with tempfile.TemporaryDirectory() as tmp:
         for f in files:
             dst = os.path.join(tmp, os.path.basename(f))
             if f.endswith("_model_states.pt") and os.path.basename(f).startswith("mp_rank"):
-                state = _load(f)  # small; the pipeline engine saves module=None here
+                state = _load(f, unsafe_unpickle)  # small; the pipeline engine saves module=None
                 if state.get("module") is None:
                     state["module"] = {}
                     torch.save(state, dst)
@@ -115,7 +122,7 @@ def _zero_fp32(root: str, mp_rank: int) -> dict:
     return _clean(sd)
 
 
-def _pipeline_full(root: str, cfg: Config, meta: dict) -> dict:
+def _pipeline_full(root: str, cfg: Config, meta: dict, unsafe_unpickle: bool) -> dict:
     if cfg.parallel.tp != 1:
         raise ValueError("export of checkpoints with both pipeline (PP > 1) and tensor (TP > 1) "
                          "parallelism is not supported yet; TP-only and PP-only runs export")
@@ -125,7 +132,7 @@ def _pipeline_full(root: str, cfg: Config, meta: dict) -> dict:
                          "native); train PP runs with parallel.zero_stage=1 to export them")
     full = {}
     for stage in range(cfg.parallel.pp):
-        for name, t in _zero_fp32(root, stage).items():
+        for name, t in _zero_fp32(root, stage, unsafe_unpickle).items():
             m = re.match(r"tied_modules\.block(\d+)\.block\.(.+)$", name)
             if m:
                 full[f"layers.{m.group(1)}.{m.group(2)}"] = t
@@ -134,21 +141,27 @@ def _pipeline_full(root: str, cfg: Config, meta: dict) -> dict:
     return full
 
 
-def read_checkpoint(ckpt_dir: str, tag: Optional[str] = None) -> tuple[Config, dict, str]:
-    """(run config, full fp32 state dict in our naming, tag) of a training checkpoint."""
+def read_checkpoint(ckpt_dir: str, tag: Optional[str] = None, unsafe_unpickle: bool = False
+                    ) -> tuple[Config, dict, str]:
+    """(run config, full fp32 state dict in our naming, tag) of a training checkpoint.
+
+    Files are unpickled with torch's weights_only loader, DeepSpeed's checkpoint types
+    allow-listed (engine.checkpoint.load_checkpoint_file); `unsafe_unpickle` lifts that for
+    checkpoints you trust that hold other objects."""
     cfg = load_run_config(ckpt_dir)
     tag = resolve_tag(ckpt_dir, tag)
     root = os.path.join(ckpt_dir, tag)
     meta = read_meta(ckpt_dir, tag)
     tp = cfg.parallel.tp
     if cfg.parallel.pp > 1 or glob.glob(os.path.join(root, "layer_*-model_states.pt")):
-        full = _pipeline_full(root, cfg, meta)
+        full = _pipeline_full(root, cfg, meta, unsafe_unpickle)
     elif int(meta.get("zero_stage", cfg.parallel.zero_stage)) == 3:
-        full = merge_tp([_zero_fp32(root, r) for r in range(tp)], cfg.model)
+        full = merge_tp([_zero_fp32(root, r, unsafe_unpickle) for r in range(tp)], cfg.model)
     else:
         parts = []
         for r in range(tp):
-            module = _load(os.path.join(root, f"mp_rank_{r:02d}_model_states.pt"))["module"]
+            path = os.path.join(root, f"mp_rank_{r:02d}_model_states.pt")
+            module = _load(path, unsafe_unpickle)["module"]
             parts.append(_clean(module))
         full = merge_tp(parts, cfg.model)
     if cfg.model.tie_embeddings:

@@ -1,9 +1,13 @@
 """Training checkpoint -> Hugging Face directory (`ponder-pt convert to-hf`).
 
 Plain models (ponder.steps = 0) become stock `GPTNeoXForCausalLM` / `LlamaForCausalLM`.
-Pondering models get our small HF class written into the directory (`modeling_ponder.py`,
-`configuration_ponder.py`, `auto_map` in config.json): load them with
-`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+Pondering models get model_type `ponder_gpt_neox` / `ponder_llama`. With ponder-pt installed
+they load with its registered classes (`ponder_pt.export.hf_auto`), no code from the directory
+run; for users without ponder-pt the same classes are copied into the directory
+(`modeling_ponder.py`, `configuration_ponder.py`, `auto_map` in config.json), loaded with
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. config.json records the
+transformers range this ponder-pt was tested with (`ponder_transformers`); the classes refuse
+to load under any other transformers.
 
 All padded vocabulary rows are exported (so a `<pause>` row stays addressable); pause-trained
 models record `pause_token_id` and `default_pauses` (pause.inference_pauses) in config.json.
@@ -25,6 +29,10 @@ from .native import read_checkpoint
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 REMOTE_FILES = ("configuration_ponder.py", "modeling_ponder.py")
+# The transformers versions the exported pondering code is tested with: pyproject's
+# `transformers` requirement, which tests/test_export.py checks this equals. CI runs the
+# hf_compat tests at both ends of it.
+TESTED_TRANSFORMERS = ">=5.17,<5.25"
 
 
 def pause_fields(cfg: Config) -> dict:
@@ -56,7 +64,8 @@ def build_hf_config(cfg: Config, tokenizer=None):
         raw.pop(key, None)
     raw.update(extra, ponder_steps=cfg.ponder.steps, ponder_scale_embeds=cfg.ponder.scale_embeds,
                ponder_scale_initial_by_steps=cfg.ponder.scale_initial_by_steps,
-               ponder_top_k=cfg.ponder.top_k, ponder_feedback=cfg.ponder.feedback)
+               ponder_top_k=cfg.ponder.top_k, ponder_feedback=cfg.ponder.feedback,
+               ponder_transformers=TESTED_TRANSFORMERS)
     hf = cls(**raw)
     model_cls = cls.__name__.replace("Config", "ForCausalLM")
     hf.architectures = [model_cls]
@@ -65,33 +74,16 @@ def build_hf_config(cfg: Config, tokenizer=None):
     return hf
 
 
-def save_tokenizer(tok_path: str, out: str, pause_id: Optional[int] = None) -> None:
-    """tokenizer.json -> PreTrainedTokenizerFast files; sentencepiece .model ->
-    LlamaTokenizer files. A `<pause>` token is added when its id lands on `pause_id`.
+def save_tokenizer(tok_path: str, out: str, pause_id: Optional[int] = None,
+                   samples=(), allow_mismatch: Optional[bool] = None) -> dict:
+    """HF tokenizer files for our tokenizer (tokenizer.json as is; a sentencepiece .model
+    converted to a tokenizer.json reproducing its normalisation), a `<pause>` token added when
+    its id lands on `pause_id`, then loaded back with AutoTokenizer and checked id for id
+    against ours on `samples` + built-in probe texts: a difference raises
+    TokenizerMismatchError (or only warns when allowed). See export/tokenizer_export.py."""
+    from .tokenizer_export import save_tokenizer as _save
 
-    Caveat: transformers' LLaMA tokenizer applies LLaMA's normalisation (byte fallback for
-    newlines etc.), so a sentencepiece model trained with other settings encodes plain text
-    the same but may differ on newlines / unusual whitespace."""
-    from ..tokenizer import PAUSE_TOKEN, load_tokenizer
-
-    ours = load_tokenizer(tok_path)
-    eos = ours.id_to_token(ours.eod_id)
-    if ours.kind == "bpe":
-        from transformers import PreTrainedTokenizerFast
-
-        kw = {"eos_token": eos, "bos_token": eos, "unk_token": eos}
-        if ours.pad_id is not None:
-            kw["pad_token"] = ours.id_to_token(ours.pad_id)
-        hf = PreTrainedTokenizerFast(tokenizer_file=ours.path, **kw)
-    else:
-        from transformers import LlamaTokenizer
-
-        # transformers builds its (fast) LLaMA tokenizer from the .model file in the directory
-        shutil.copy(ours.path, os.path.join(out, "tokenizer.model"))
-        hf = LlamaTokenizer.from_pretrained(out, add_bos_token=False, add_eos_token=False)
-    if pause_id is not None and ours.own_pause_id is None and len(hf) == pause_id:
-        hf.add_tokens([PAUSE_TOKEN], special_tokens=True)
-    hf.save_pretrained(out)
+    return _save(tok_path, out, pause_id, samples=samples, allow_mismatch=allow_mismatch)
 
 
 def export_full(cfg: Config, full: dict, out: str, tokenizer_path: Optional[str] = None,
@@ -124,7 +116,10 @@ def export_full(cfg: Config, full: dict, out: str, tokenizer_path: Optional[str]
                            else hf_cfg.eos_token_id)
     gen.save_pretrained(out)
     if tokenizer_path:
-        save_tokenizer(tokenizer_path, out, pause_fields(cfg).get("pause_token_id"))
+        from .tokenizer_export import training_samples
+
+        save_tokenizer(tokenizer_path, out, pause_fields(cfg).get("pause_token_id"),
+                       samples=training_samples(cfg, tok))
     with open(os.path.join(out, "ponder_pt_export.json"), "w", encoding="utf-8") as fh:
         json.dump({"ponder_steps": cfg.ponder.steps, "arch": cfg.model.arch,
                    "padded_vocab_size": cfg.model.vocab_size, **pause_fields(cfg)}, fh, indent=1)
@@ -132,13 +127,14 @@ def export_full(cfg: Config, full: dict, out: str, tokenizer_path: Optional[str]
 
 
 def checkpoint_to_hf(ckpt_dir: str, out: str, tag: Optional[str] = None,
-                     progress: bool = True) -> str:
-    cfg, full, tag = read_checkpoint(ckpt_dir, tag)
+                     progress: bool = True, unsafe_unpickle: bool = False) -> str:
+    cfg, full, tag = read_checkpoint(ckpt_dir, tag, unsafe_unpickle=unsafe_unpickle)
     export_full(cfg, full, out, cfg.data.tokenizer or None, progress)
     return tag
 
 
 def cmd_to_hf(args) -> int:
-    tag = checkpoint_to_hf(args.checkpoint, args.out, args.tag, progress=not args.quiet)
+    tag = checkpoint_to_hf(args.checkpoint, args.out, args.tag, progress=not args.quiet,
+                           unsafe_unpickle=args.unsafe_unpickle)
     print(f"exported {args.checkpoint}/{tag} -> {args.out}")
     return 0

@@ -1,5 +1,10 @@
 """Arguments of `ponder-pt generate` and `ponder-pt eval` (no heavy imports)."""
 
+TRUST_HELP = ("run Python code shipped in the model directory (its auto_map); ponder-pt exports "
+              "do not need it, they load with the installed ponder-pt's classes")
+UNSAFE_HELP = ("read a training checkpoint with full unpickling (runs any code its files hold); "
+               "by default only tensors and DeepSpeed's checkpoint types load")
+
 
 def add_generate_args(p) -> None:
     p.add_argument("--model", required=True, metavar="DIR",
@@ -16,6 +21,8 @@ def add_generate_args(p) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true",
                    help='print {"token_ids": [...], "text": ...} of the new tokens')
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.add_argument("--unsafe-unpickle", action="store_true", help=UNSAFE_HELP)
 
 
 def add_eval_args(p) -> None:
@@ -31,3 +38,5 @@ def add_eval_args(p) -> None:
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.add_argument("--unsafe-unpickle", action="store_true", help=UNSAFE_HELP)

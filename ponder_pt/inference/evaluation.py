@@ -107,12 +107,14 @@ class PonderEvalLM(LM):
 def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,
              include_path: Optional[str] = None, limit: Optional[float] = None,
              num_fewshot: Optional[int] = None, device: str = "cpu", progress: bool = True,
-             seed: int = 1234) -> dict:
+             seed: int = 1234, trust_remote_code: bool = False,
+             unsafe_unpickle: bool = False) -> dict:
     """lm_eval.simple_evaluate on our wrapper; returns its results dict."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    lm = PonderEvalLM(load_model(model_dir, device=device), pauses, progress=progress)
+    lm = PonderEvalLM(load_model(model_dir, device=device, trust_remote_code=trust_remote_code,
+                                 unsafe_unpickle=unsafe_unpickle), pauses, progress=progress)
     tm = TaskManager(include_path=include_path) if include_path else TaskManager()
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                    task_manager=tm, log_samples=False, random_seed=seed,
@@ -126,7 +128,9 @@ def cmd_eval(args) -> int:
     if limit is not None and float(limit).is_integer():
         limit = int(limit)
     res = run_eval(args.model, tasks, args.pauses, args.include_path, limit, args.num_fewshot,
-                   args.device, progress=not args.quiet)
+                   args.device, progress=not args.quiet,
+                   trust_remote_code=args.trust_remote_code,
+                   unsafe_unpickle=args.unsafe_unpickle)
     results = res.get("results", {}) if res else {}
     if args.json:
         print(json.dumps({"results": results}, default=str))

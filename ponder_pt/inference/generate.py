@@ -23,7 +23,8 @@ def generate_text(lm: InferenceModel, prompt: str, max_new_tokens: int = 32,
 
 
 def cmd_generate(args) -> int:
-    lm = load_model(args.model, device=args.device)
+    lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
+                    unsafe_unpickle=args.unsafe_unpickle)
     res = generate_text(lm, args.prompt, args.max_new_tokens, args.greedy, args.pauses,
                         args.temperature, args.top_k, args.seed)
     if args.json:

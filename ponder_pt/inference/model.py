@@ -66,14 +66,15 @@ class NativeModel(InferenceModel):
 
     kind = "native"
 
-    def __init__(self, ckpt_dir: str, tag: Optional[str] = None, device: str = "cpu"):
+    def __init__(self, ckpt_dir: str, tag: Optional[str] = None, device: str = "cpu",
+                 unsafe_unpickle: bool = False):
         from ..export.native import read_checkpoint
         from ..export.to_hf import pause_fields
         from ..models import PonderLM, init_single_process
         from ..tokenizer import load_tokenizer
 
         init_single_process()
-        cfg, full, self.tag = read_checkpoint(ckpt_dir, tag)
+        cfg, full, self.tag = read_checkpoint(ckpt_dir, tag, unsafe_unpickle=unsafe_unpickle)
         cfg.parallel.tp, cfg.model.activation_checkpointing = 1, "none"
         self.cfg, self.device = cfg, torch.device(device)
         self.model = PonderLM(cfg.model, cfg.ponder).eval()
@@ -121,13 +122,17 @@ class HFModel(InferenceModel):
 
     kind = "hf"
 
-    def __init__(self, path: str, device: str = "cpu"):
+    def __init__(self, path: str, device: str = "cpu", trust_remote_code: bool = False):
+        """Pondering exports load with ponder-pt's own classes; code from the directory runs
+        only with trust_remote_code (`--trust-remote-code`), see ponder_pt.export.hf_auto."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..export.hf_auto import from_pretrained
+
         self.device = torch.device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=True, dtype=torch.float32).to(self.device).eval()
-        self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        self.model = from_pretrained(AutoModelForCausalLM, path, trust_remote_code,
+                                     dtype=torch.float32).to(self.device).eval()
+        self.tok = from_pretrained(AutoTokenizer, path, trust_remote_code)
         c = self.model.config
         self.eos_id = c.eos_token_id if c.eos_token_id is not None else self.tok.eos_token_id
         self.pause_id = getattr(c, "pause_token_id", None)
@@ -168,8 +173,11 @@ def is_hf_dir(path: str) -> bool:
     return os.path.exists(os.path.join(path, "config.json"))
 
 
-def load_model(path: str, device: str = "cpu", tag: Optional[str] = None) -> InferenceModel:
-    """A native checkpoint dir (with run_config.yaml) or an HF directory."""
+def load_model(path: str, device: str = "cpu", tag: Optional[str] = None,
+               trust_remote_code: bool = False, unsafe_unpickle: bool = False
+               ) -> InferenceModel:
+    """A native checkpoint dir (with run_config.yaml) or an HF directory. Nothing executable
+    in them runs unless asked: trust_remote_code (HF dirs), unsafe_unpickle (checkpoints)."""
     if is_hf_dir(path):
-        return HFModel(path, device)
-    return NativeModel(path, tag, device)
+        return HFModel(path, device, trust_remote_code)
+    return NativeModel(path, tag, device, unsafe_unpickle)

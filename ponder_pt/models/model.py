@@ -13,6 +13,11 @@ e_K. K = 0 is the plain model (no embedding scaling at all, identical to HF).
 passes and the same e_0, but e_k = e_{k-1} + h_k with h_k the final-norm hidden state of pass
 k (the vector the output head would multiply), unscaled; no softmax, no p.W_in, and the head
 runs on the last pass only.
+
+`model.vocab_chunk` > 0 computes the full-softmax feedback and the training loss from the
+final-norm hidden state over chunks of vocabulary rows (`vocab_chunk.py`), so no [tokens, V]
+tensor is kept for backward; top-k feedback (`ponder.top_k` > 0) and calls without labels
+(logits for inference) keep the unchunked path.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config.schema import ModelConfig, PonderConfig
 from . import parallel as par
+from . import vocab_chunk as vchunk
 from .layers import Block, KVCache, RMSNorm, Rotary, make_norm
 
 
@@ -142,11 +148,31 @@ class PonderLM(nn.Module):
         """True for the looped baseline (`ponder.feedback="hidden"`)."""
         return self.ponder_cfg.feedback == "hidden"
 
+    @property
+    def vocab_chunk(self) -> int:
+        """Vocabulary rows per chunk of the loss and the full-softmax feedback; 0 = off."""
+        return self.cfg.vocab_chunk
+
+    @property
+    def chunked_feedback(self) -> bool:
+        """Pondering feedback from the hidden state by the chunked soft embedding. Top-k
+        feedback stays unchunked: its global threshold needs every logit of a token at once."""
+        return (self.vocab_chunk > 0 and not self.feeds_back_hidden
+                and self.ponder_cfg.top_k == 0)
+
+    @property
+    def pass_returns_hidden(self) -> bool:
+        """Whether a pondering pass hands `ponder_step` the final-norm hidden state (looped
+        baseline, chunked feedback) rather than the logits."""
+        return self.feeds_back_hidden or self.chunked_feedback
+
     def ponder_step(self, e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The next pass's input embedding from pass k's output `out`.
 
         feedback "embedding" (PonderingLM): `out` is the logits z [s, b, V/tp];
-        e_k = e_{k-1} + s * softmax(z) . W_in (vocab-parallel, logits never gathered).
+        e_k = e_{k-1} + s * softmax(z) . W_in (vocab-parallel, logits never gathered). With
+        `vocab_chunk` (and no top-k) `out` is the final-norm hidden state instead and the same
+        sum is computed chunk by chunk without the logits.
         feedback "hidden" (looped baseline): `out` is h_k, the final-norm hidden state of pass
         k [s(/tp under SP), b, h], i.e. the vector the output head would multiply by W_out; we
         feed back that post-norm vector (not the pre-norm residual stream, whose scale grows
@@ -155,6 +181,10 @@ class PonderLM(nn.Module):
         """
         if self.feeds_back_hidden:
             return e + out.to(e.dtype)
+        if self.chunked_feedback:
+            mix = vchunk.soft_embedding(out, self.output_weight(), self.embed.weight,
+                                        self.vocab_chunk, self.sequence_parallel)
+            return e + self.embed_scale * mix
         probs = par.vocab_parallel_softmax(out, self.ponder_cfg.top_k)
         mix = par.soft_embedding(probs, self.embed.weight, self.sequence_parallel)
         return e + self.embed_scale * mix
@@ -173,7 +203,8 @@ class PonderLM(nn.Module):
 
         input_ids [b, s], or inputs_embeds [b, s, h] taken as e_0 as is (no scaling).
         labels [b, s] are the targets already aligned with the inputs (no shift here); with
-        labels the return value is the mean cross-entropy over loss_mask (all ones if None).
+        labels the return value is the mean cross-entropy over loss_mask (all ones if None),
+        computed vocab-chunked from the hidden state when `model.vocab_chunk` > 0.
         Without labels returns logits [b, s, V/tp] (vocab shard; full vocab with
         gather_logits=True, no autograd through the gather).
         ponder_steps overrides `ponder.steps` for this call.
@@ -204,7 +235,10 @@ class PonderLM(nn.Module):
         per_pass = caches if caches is not None else [None] * (K + 1)
         for k in range(K):
             e = self.ponder_step(e, self.transformer(e, position_ids, per_pass[k],
-                                                     hidden=self.feeds_back_hidden))
+                                                     hidden=self.pass_returns_hidden))
+        if labels is not None and self.vocab_chunk:
+            hidden = self.transformer(e, position_ids, per_pass[K], hidden=True)
+            return self.chunked_loss(hidden, labels, loss_mask)
         logits = self.transformer(e, position_ids, per_pass[K])
 
         if labels is None:
@@ -224,15 +258,37 @@ class PonderLM(nn.Module):
 
         Negative labels (HF's -100) are ignored as if masked.
         """
-        target = labels.t().contiguous()
-        mask = (target >= 0).float()
-        if loss_mask is not None:
-            mask = mask * loss_mask.t().float()
-        target = target.masked_fill(mask == 0, 0)
+        target, mask = PonderLM._targets(labels, loss_mask)
         # megatron's CE overwrites its input in place; the logits are not needed afterwards.
         per_token = vocab_parallel_cross_entropy(logits.float(), target)
         return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
+    def chunked_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+                     loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`loss` computed from the final-norm hidden state [s(/tp under SP), b, h] over
+        chunks of `vocab_chunk` vocabulary rows, without the [s, b, V/tp] logits."""
+        return chunked_loss(hidden, self.output_weight(), labels, loss_mask, self.vocab_chunk,
+                            self.sequence_parallel)
+
+    @staticmethod
+    def _targets(labels: torch.Tensor, loss_mask: Optional[torch.Tensor]):
+        """[b, s] labels / mask -> [s, b] targets (masked ones set to 0) and float mask."""
+        target = labels.t().contiguous()
+        mask = (target >= 0).float()
+        if loss_mask is not None:
+            mask = mask * loss_mask.t().float()
+        return target.masked_fill(mask == 0, 0), mask
+
     def num_parameters(self) -> int:
         """Local (this rank's) parameter count."""
         return sum(p.numel() for p in self.parameters())
+
+
+def chunked_loss(hidden: torch.Tensor, output_weight: torch.Tensor, labels: torch.Tensor,
+                 loss_mask: Optional[torch.Tensor], chunk: int,
+                 sequence_parallel: bool = False) -> torch.Tensor:
+    """Mean CE over loss_mask of the logits hidden · output_weightᵀ, vocab-chunked (also the
+    pipeline's loss). hidden [s(/tp under SP), b, h]; labels / loss_mask [b, s]."""
+    target, mask = PonderLM._targets(labels, loss_mask)
+    per_token = vchunk.cross_entropy(hidden, output_weight, target, chunk, sequence_parallel)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)

@@ -18,6 +18,11 @@ Activations between layers are (x, e): the residual stream and the current pass'
 embedding e_{k-1}, which the feedback needs (e_k = e_{k-1} + s·p·W_in, or e_k = e_{k-1} + h_k
 with h_k = final_norm(x) for the looped baseline, `ponder.feedback="hidden"`). Positions are
 0..s-1 (packed samples; pauses take positions like any token).
+
+With `model.vocab_chunk` > 0 the feedback uses the chunked soft embedding (unless top-k), and
+the head hands the loss (h, W_out, chunk) instead of logits -- DeepSpeed gives the loss
+function only the last layer's outputs and the labels, so W_out rides along -- and
+`pipeline_loss` computes the vocab-chunked cross-entropy: no [tokens, V] tensor is kept.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from torch.utils.checkpoint import checkpoint
 from ..config.schema import ModelConfig, PonderConfig
 from . import parallel as par
 from .layers import Block, Rotary, make_norm
-from .model import PonderLM
+from . import vocab_chunk as vchunk
+from .model import PonderLM, chunked_loss
 
 
 def _inits(cfg: ModelConfig, seed: int):
@@ -64,6 +70,8 @@ class SharedParams(nn.Module):
         steps = ponder.steps
         self.top_k = ponder.top_k
         self.feedback = ponder.feedback
+        self.vocab_chunk = cfg.vocab_chunk
+        self.chunked_feedback = cfg.vocab_chunk > 0 and ponder.top_k == 0
         self.scale = math.sqrt(cfg.hidden_size) if (steps > 0 and ponder.scale_embeds) else 1.0
         self.initial_scale = self.scale * (steps if steps > 0 and ponder.scale_initial_by_steps
                                            else 1)
@@ -72,6 +80,9 @@ class SharedParams(nn.Module):
         """Give the parameters this layer does not use a zero gradient instead of None:
         DeepSpeed all-reduces the gradient of every tied weight on every stage holding it."""
         return x + 0.0 * sum(p.sum() for p in self.parameters()).to(x.dtype)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.tied else self.output.weight
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.final_norm(x)
@@ -96,15 +107,24 @@ def _feedback_fn(shared: SharedParams, xe):
     if shared.feedback == "hidden":
         e = shared._touch(e + shared.final_norm(x))  # embed / head unused: zero grads
         return e, e
-    probs = par.vocab_parallel_softmax(shared.logits(x), shared.top_k)
-    e = e + shared.scale * par.soft_embedding(probs, shared.embed.weight)
+    if shared.chunked_feedback:
+        mix = vchunk.soft_embedding(shared.final_norm(x), shared.head_weight(),
+                                    shared.embed.weight, shared.vocab_chunk)
+    else:
+        mix = par.soft_embedding(par.vocab_parallel_softmax(shared.logits(x), shared.top_k),
+                                 shared.embed.weight)
+    e = e + shared.scale * mix
     return e, e
 
 
-def _head_fn(shared: SharedParams, xe) -> torch.Tensor:
+def _head_fn(shared: SharedParams, xe):
+    """Logits [s, b, V/tp]; with vocab_chunk (h, W_out, chunk) for `pipeline_loss`."""
     x, e = xe
     # e must receive a (zero) gradient too: DeepSpeed sends back a gradient for every
     # activation it received, and a None would leave the previous stage waiting
+    if shared.vocab_chunk:
+        h = shared._touch(shared.final_norm(x) + 0.0 * e.sum())
+        return h, shared.head_weight(), shared.vocab_chunk
     return shared._touch(shared.logits(x) + 0.0 * e.sum())
 
 
@@ -158,6 +178,8 @@ def pipeline_layers(cfg: ModelConfig, ponder: PonderConfig, seed: int,
     return layers
 
 
-def pipeline_loss(logits: torch.Tensor, targets) -> torch.Tensor:
+def pipeline_loss(outputs, targets) -> torch.Tensor:
     labels, loss_mask = targets
-    return PonderLM.loss(logits, labels, loss_mask)
+    if isinstance(outputs, tuple):  # vocab-chunked head: (h, W_out, chunk)
+        return chunked_loss(*outputs[:2], labels, loss_mask, outputs[2])
+    return PonderLM.loss(outputs, labels, loss_mask)

@@ -1,13 +1,47 @@
 """Configs of ponder-pt pondering models (continuous-space pondering, PonderingLM).
 
 Written into the export directory by `ponder-pt convert to-hf`; needs only transformers.
-Fields on top of the stock GPT-NeoX / LLaMA config:
+ponder-pt itself registers these classes with transformers' Auto classes (model types
+`ponder_gpt_neox` / `ponder_llama`), so with ponder-pt installed an export loads without
+running the directory's copy. Fields on top of the stock GPT-NeoX / LLaMA config:
     ponder_steps (K), ponder_scale_embeds, ponder_scale_initial_by_steps, ponder_top_k,
     ponder_feedback ("embedding", or "hidden" for the looped baseline),
-    pause_token_id / default_pauses (pause-trained models; None / 0 otherwise).
+    pause_token_id / default_pauses (pause-trained models; None / 0 otherwise),
+    ponder_transformers (the transformers versions the export was tested with, e.g.
+    ">=5.17,<5.25"; the model refuses to load outside them).
 """
 
 from transformers import GPTNeoXConfig, LlamaConfig
+
+
+class TransformersVersionError(ValueError):
+    """The installed transformers is outside the range an export was tested with."""
+
+
+def check_transformers_version(config) -> None:
+    """Refuse to build a pondering model under an untested transformers.
+
+    transformers has changed how generate() hands the KV cache to forward (5.24 renamed
+    `past_key_values` to `cache`); a model that misses the cache silently generates wrong
+    tokens, so an untested version is an error, never a guess. Exports without the field
+    (older ones) are not checked."""
+    wanted = getattr(config, "ponder_transformers", None)
+    if not wanted:
+        return
+    import sys
+
+    from packaging.specifiers import SpecifierSet  # a dependency of transformers
+    from packaging.version import Version
+
+    # the transformers imported now (sys.modules), not a module object bound at import time
+    installed = sys.modules["transformers"].__version__
+    if Version(installed) not in SpecifierSet(wanted):
+        raise TransformersVersionError(
+            f"this pondering export supports transformers{wanted}, but transformers "
+            f"{installed} is installed. Install a version in that range (pip install "
+            f"'transformers{wanted}'), or re-export the checkpoint with a newer ponder-pt "
+            "(`ponder-pt convert to-hf`) that supports this transformers.")
+
 
 class PonderGPTNeoXConfig(GPTNeoXConfig):
     model_type = "ponder_gpt_neox"
@@ -18,6 +52,7 @@ class PonderGPTNeoXConfig(GPTNeoXConfig):
     ponder_feedback: str = "embedding"
     pause_token_id: int | None = None
     default_pauses: int = 0
+    ponder_transformers: str | None = None
 
 
 class PonderLlamaConfig(LlamaConfig):
@@ -29,3 +64,4 @@ class PonderLlamaConfig(LlamaConfig):
     ponder_feedback: str = "embedding"
     pause_token_id: int | None = None
     default_pauses: int = 0
+    ponder_transformers: str | None = None

@@ -14,15 +14,38 @@ Pass k at position t attends only to pass-k keys/values of positions <= t, so ge
 keeps K+1 KV caches, one per pass: the cache `generate()` hands in is the last pass's, and it
 carries the K others as `cache.ponder_passes`. Each new token costs K+1 one-token forwards.
 Attention masks (left padding) and position ids are applied identically in every pass.
+
+Cache naming differs across the supported transformers: up to 5.23 generate() hands the cache
+to forward as `past_key_values` and reads it back from `output.past_key_values`; from 5.24 both
+are called `cache` (the old name still works with a deprecation warning). forward accepts
+either, and speaks the installed version's name to the backbone and in its output. The model
+refuses to load under a transformers outside the range recorded at export
+(`config.ponder_transformers`, see configuration_ponder.check_transformers_version).
 """
 
+import dataclasses
+import functools
+import inspect
 import math
 
 import torch
 from transformers import DynamicCache, GPTNeoXForCausalLM, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_ponder import PonderGPTNeoXConfig, PonderLlamaConfig
+from .configuration_ponder import (PonderGPTNeoXConfig, PonderLlamaConfig,
+                                   check_transformers_version)
+
+# the output field holding the cache: `cache` from transformers 5.24, `past_key_values` before
+_OUT_CACHE = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+              else "past_key_values")
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg(backbone_cls) -> str:
+    """The keyword the backbone's forward takes its cache by (`cache` or `past_key_values`).
+    inspect follows the deprecation wrapper (functools.wraps) to the real signature."""
+    params = inspect.signature(backbone_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _ponder_caches(past_key_values, steps, use_cache):
@@ -43,6 +66,10 @@ def _ponder_caches(past_key_values, steps, use_cache):
 
 
 class _PonderMixin:
+    def __init__(self, config, *args, **kwargs):
+        check_transformers_version(config)
+        super().__init__(config, *args, **kwargs)
+
     def _backbone(self):
         return getattr(self, self.base_model_prefix)
 
@@ -68,7 +95,10 @@ class _PonderMixin:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 inputs_embeds=None, past_key_values=None, labels=None, use_cache=None,
-                logits_to_keep=0, **kwargs):
+                logits_to_keep=0, cache=None, **kwargs):
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+        past = cache if cache is not None else past_key_values
         steps, scale, first, top_k = self._ponder_settings()
         feedback = self._feedback()
         w_in = self.get_input_embeddings().weight
@@ -79,13 +109,15 @@ class _PonderMixin:
         else:
             e = inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        caches, main = _ponder_caches(past_key_values, steps, use_cache)
+        caches, main = _ponder_caches(past, steps, use_cache)
         head = self.get_output_embeddings()
         kwargs.pop("return_dict", None)
+        backbone = self._backbone()
+        cache_arg = _cache_arg(type(backbone))
         for k in range(steps + 1):
-            out = self._backbone()(inputs_embeds=e, attention_mask=attention_mask,
-                                   position_ids=position_ids, past_key_values=caches[k],
-                                   use_cache=use_cache, return_dict=True, **kwargs)
+            out = backbone(inputs_embeds=e, attention_mask=attention_mask,
+                           position_ids=position_ids, use_cache=use_cache, return_dict=True,
+                           **{cache_arg: caches[k]}, **kwargs)
             hidden = out.last_hidden_state
             if k < steps and feedback == "hidden":
                 e = e + hidden.to(e.dtype)
@@ -99,7 +131,7 @@ class _PonderMixin:
             loss = self.loss_function(logits=logits, labels=labels,
                                       vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      past_key_values=main if use_cache else None)
+                                      **{_OUT_CACHE: main if use_cache else None})
 
 
 class PonderGPTNeoXForCausalLM(_PonderMixin, GPTNeoXForCausalLM):
