@@ -112,6 +112,7 @@ def run_single(args) -> dict:
     import torch
 
     from ponder_pt.config.schema import PonderConfig
+    from ponder_pt.engine.estimate import saved_for_backward
     from ponder_pt.models import PonderLM, init_single_process
 
     torch.set_num_threads(args.threads)
@@ -127,7 +128,6 @@ def run_single(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen).to(args.device)
     labels = torch.roll(ids, -1, dims=1)
-    params = {p.data_ptr() for p in model.parameters()}
 
     def sync():
         if args.device == "cuda":
@@ -135,15 +135,8 @@ def run_single(args) -> dict:
 
     def step(measure_saved=False):
         saved = {}
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
-                saved[ptr] = t.untyped_storage().nbytes()
-            return t
-
         if measure_saved:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with saved_for_backward(model) as saved:
                 loss = model(ids, labels=labels)
         else:
             loss = model(ids, labels=labels)

@@ -167,9 +167,9 @@ def cmd_train(args) -> int:
         cmd = torchrun_command(args.nproc, args.config, args.overrides)
         if args.dry_run:
             return run(args.config, args.overrides, dry_run=True, world_size=args.nproc,
-                       launch=" ".join(shlex.quote(c) for c in cmd))
+                       launch=" ".join(shlex.quote(c) for c in cmd), mfu_from=args.mfu_from)
         return _launch_and_wait(cmd, args)
-    return run(args.config, args.overrides, dry_run=args.dry_run)
+    return run(args.config, args.overrides, dry_run=args.dry_run, mfu_from=args.mfu_from)
 
 
 def _launch_and_wait(cmd: list[str], args) -> int:
@@ -327,7 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (launches torchrun when > 1)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print resolved config, layout, parameters, FLOPs/token, launch command")
+                   help="print resolved config, layout, parameters, FLOPs/token, per-GPU "
+                        "memory and time-to-train estimates, launch command")
+    p.add_argument("--mfu-from", metavar="FILE", default=None,
+                   help="with --dry-run: a gpu_results.json whose measured MFU the time "
+                        "estimate uses (default: benchmarks/results/*/gpu_results.json)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("plot", help="loss curves of runs (their log dirs) to a PNG")
     p.add_argument("runs", nargs="+", help="log.dir of each run, or metrics.jsonl files")

@@ -68,7 +68,9 @@ def _check_optional_packages(cfg: Config) -> None:
         raise ConfigError(missing)
 
 
-def dry_run_report(cfg: Config, world_size: int, launch: str) -> str:
+def dry_run_report(cfg: Config, world_size: int, launch: str,
+                   mfu_from: Optional[str] = None) -> str:
+    from ponder_pt.engine.estimate import format_estimate, memory_estimate, time_estimate
     from ponder_pt.engine.flops import flops_per_token, param_count
 
     m, tr, par = cfg.model, cfg.train, cfg.parallel
@@ -92,6 +94,8 @@ def dry_run_report(cfg: Config, world_size: int, launch: str) -> str:
         f"flops_per_token: {fpt:.4g} (training, {cfg.ponder.steps + 1} pass"
         f"{'es' if cfg.ponder.steps else ''})",
         f"total: {tokens:,} tokens, {fpt * tokens:.3g} FLOPs",
+        *format_estimate(memory_estimate(cfg, world_size),
+                         time_estimate(cfg, world_size, mfu_from)),
         "# launch",
         launch,
     ]
@@ -103,14 +107,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, metavar="NAME_OR_YAML")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, layout, size and launch command; train nothing")
+                   help="print the resolved config, layout, size, per-GPU memory and time "
+                        "estimates and the launch command; train nothing")
+    p.add_argument("--mfu-from", metavar="FILE", default=None,
+                   help="with --dry-run: a gpu_results.json whose measured MFU the time "
+                        "estimate uses (default: benchmarks/results/*/gpu_results.json)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
 
 def run(config: Optional[str], overrides: Sequence[str], dry_run: bool = False,
-        launch: Optional[str] = None, world_size: Optional[int] = None) -> int:
+        launch: Optional[str] = None, world_size: Optional[int] = None,
+        mfu_from: Optional[str] = None) -> int:
     from ponder_pt.engine import distributed as D
 
     world_size = world_size or D.env_world_size()
@@ -120,7 +129,7 @@ def run(config: Optional[str], overrides: Sequence[str], dry_run: bool = False,
         if launch is None:
             launch = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "ponder_pt.train",
                                                        *sys.argv[1:]])
-        print(dry_run_report(cfg, world_size, launch))
+        print(dry_run_report(cfg, world_size, launch, mfu_from))
         return 0
     from ponder_pt.engine.trainer import Trainer
 
@@ -141,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ponder_pt.config import ConfigError
 
     try:
-        return run(args.config, args.overrides, args.dry_run)
+        return run(args.config, args.overrides, args.dry_run, mfu_from=args.mfu_from)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"ponder-pt train: error: {exc}", file=sys.stderr)
         return 2

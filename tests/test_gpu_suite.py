@@ -50,7 +50,7 @@ def test_gpu_suite_smoke(tmp_path):
     assert env_["device"] == "cpu"
 
     secs = res["sections"]
-    assert set(secs) >= {"sdpa", "train", "generate", "throughput-toy"}, list(secs)
+    assert set(secs) >= {"sdpa", "train", "generate", "gen", "throughput-toy"}, list(secs)
     for name, part in secs.items():
         assert part["status"] == "done", (name, part["status"], log)
         assert part["entries"], name
@@ -75,6 +75,16 @@ def test_gpu_suite_smoke(tmp_path):
     assert len(gen) == 4 and all(isinstance(e.get("equal"), bool) for e in gen[1:])
     assert all(e["n_tokens"] == 16 for e in gen[1:])
 
+    speed = {e["case"]: e for e in secs["gen"]["entries"]}
+    assert secs["gen"]["K"] == 3 and secs["gen"]["new_tokens"] == 32
+    for case in ("build", "k3_cached", "k0_cached", "ratio"):
+        assert speed[case]["status"] == "ok", (case, speed[case])
+    assert speed["k3_cached"]["n_tokens"] == speed["k0_cached"]["n_tokens"] == 32
+    assert speed["k3_cached"]["ms_per_token"] > 0 and speed["ratio"]["ratio"] > 0
+    for case in ("recompute", "hf_generate"):  # ok, or skipped if the busy CPU ran late
+        assert speed[case]["status"] in ("ok", "skipped"), (case, speed[case])
+    if speed["recompute"]["status"] == "ok":  # fp math on CPU: same greedy tokens
+        assert speed["recompute"]["n_tokens"] == 16
     thr = {(e["impl"], e["K"], e["ckpt"], e["chunked"]): e for e in res["throughput"]}
     want = [("hf", 0, c, False) for c in ("none", "full")] + [
         ("ours", K, c, False) for K in range(4) for c in ("none", "full")]
@@ -87,5 +97,5 @@ def test_gpu_suite_smoke(tmp_path):
     chunk = thr[("ours", 3, "none", True)]
     assert chunk["status"] == ("ok" if env_["vocab_chunk_available"] else "skipped")
     for heading in ("## Environment", "## SDPA kernels", "## Training through the real trainer",
-                    "## Generation", "## Training throughput"):
+                    "## Generation", "## Generation speed", "## Training throughput"):
         assert heading in md

@@ -88,7 +88,7 @@ def _validate(model, task, valid, cfg) -> dict:
             "avg_exit_layer": summary["avg_exit_layer"]}
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
+def finetune(cfg: FinetuneConfig, device: Optional[str] = None) -> dict:
     import deepspeed
     from torch.utils.data import DataLoader, DistributedSampler
     from tqdm import tqdm
@@ -182,7 +182,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
                "stopped_early": step < total, "history": history}
     D.shutdown()  # the final evaluation is rank 0's alone: nobody waits on a barrier for it
     if main:
-        summary["eval_json"] = final_eval(cfg, best_dir, cfg.out, extra={"training": summary})
+        summary["eval_json"] = final_eval(cfg, best_dir, cfg.out, extra={"training": summary},
+                                          device=device)
     return summary
 
 
@@ -203,8 +204,9 @@ def _save_atomic(model, tokenizer, out_dir: str, extra: dict) -> None:
 
 
 def final_eval(cfg: FinetuneConfig, model_dir: str, out_dir: str,
-               extra: Optional[dict] = None) -> str:
-    """Evaluate the saved model in `model_dir` (backbone + exit heads) into out_dir."""
+               extra: Optional[dict] = None, device: Optional[str] = None) -> str:
+    """Evaluate the saved model in `model_dir` (backbone + exit heads) into out_dir, on
+    `device` ("auto"/None: cuda when available, else cpu)."""
     from .evaluate import evaluate_model, write_eval
     from .heads import heads_file
 
@@ -213,7 +215,9 @@ def final_eval(cfg: FinetuneConfig, model_dir: str, out_dir: str,
     eval_cfg.backbone, eval_cfg.task = model_dir, cfg.task
     eval_cfg.trust_remote_code = cfg.trust_remote_code
     model, _, task, _, valid = build(eval_cfg, heads_from=heads_file(model_dir))
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    from ..inference.device import resolve_device
+
+    device = torch.device(resolve_device(device))
     model.to(device).eval()
     thresholds = [float(x) for x in cfg.eval.sweep] or None
     result = evaluate_model(model, task.spec, valid, batch_size=cfg.eval.batch_size,
@@ -233,8 +237,28 @@ def _config_from(args) -> FinetuneConfig:
                                 out=args.out, trust_remote_code=args.trust_remote_code or None)
 
 
+def training_device(device: Optional[str]) -> str:
+    """`--device` for training: DeepSpeed trains on its accelerator (CUDA, the process's
+    LOCAL_RANK GPU, whenever torch sees one), so only a device that agrees with it is
+    accepted; returns the resolved device."""
+    import torch
+
+    from ..inference.device import resolve_device
+
+    dev = resolve_device(device)
+    if dev == "cpu" and torch.cuda.is_available():
+        raise ValueError(f"--device {device}: fine-tuning trains on the GPU whenever one is "
+                         f"visible; to train on the CPU hide the GPUs "
+                         f"(CUDA_VISIBLE_DEVICES= ponder-pt finetune ...)")
+    if dev.startswith("cuda:") and dev != "cuda:0":
+        raise ValueError(f"--device {device}: training uses the process's LOCAL_RANK GPU; "
+                         f"pick the GPU with CUDA_VISIBLE_DEVICES={dev[5:]} instead")
+    return dev
+
+
 def cmd_finetune(args) -> int:
     cfg = _config_from(args)
+    device = getattr(args, "device", "auto")
     if args.eval_only:
         from .heads import heads_file
 
@@ -248,11 +272,12 @@ def cmd_finetune(args) -> int:
         if os.path.exists(previous):
             with open(previous, encoding="utf-8") as fh:
                 extra = {k: v for k, v in json.load(fh).items() if k == "training"}
-        path = final_eval(cfg, args.eval_only, cfg.out, extra=extra)
+        path = final_eval(cfg, args.eval_only, cfg.out, extra=extra, device=device)
         print(f"finetune: wrote {path}")
         return 0
     launched = "WORLD_SIZE" in os.environ
     check(cfg, args.nproc if not launched else None)
+    training_device(device)
     if not launched:  # fail on a bad task directory before any process starts
         from .tasks import load_task
 
@@ -266,7 +291,7 @@ def cmd_finetune(args) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={args.nproc}", "-m", "ponder_pt.early_exit.finetune",
                "--exit", args.exit, "--backbone", cfg.backbone, "--task", cfg.task,
-               "--out", cfg.out]
+               "--out", cfg.out, "--device", device]
         if args.config:
             cmd += ["--config", args.config]
         if args.trust_remote_code:
@@ -274,7 +299,7 @@ def cmd_finetune(args) -> int:
         for item in args.overrides:
             cmd += ["--set", item]
         return subprocess.call(cmd)
-    summary = finetune(cfg)
+    summary = finetune(cfg, device=device)
     if "eval_json" in summary:
         with open(summary["eval_json"], encoding="utf-8") as fh:
             doc = json.load(fh)

@@ -20,5 +20,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run Python code shipped in the backbone directory (its auto_map); "
                         "ponder-pt exports and stock encoders/decoders do not need it")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: cuda when torch.cuda.is_available(), else cpu), cpu, "
+                        "cuda or cuda:N. Training follows DeepSpeed's accelerator (the "
+                        "process's GPU when CUDA is visible); the final evaluation and "
+                        "--eval-only run on this device")
     p.add_argument("--eval-only", metavar="MODEL_DIR",
                    help="skip training: evaluate a fine-tuned OUT/best directory")

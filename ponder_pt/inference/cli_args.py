@@ -1,5 +1,7 @@
 """Arguments of `ponder-pt generate` and `ponder-pt eval` (no heavy imports)."""
 
+from .device import DEVICE_HELP
+
 TRUST_HELP = ("run Python code shipped in the model directory (its auto_map); ponder-pt exports "
               "do not need it, they load with the installed ponder-pt's classes")
 UNSAFE_HELP = ("read a training checkpoint with full unpickling (runs any code its files hold); "
@@ -18,7 +20,7 @@ def add_generate_args(p) -> None:
     p.add_argument("--pauses", type=int, default=None,
                    help="M <pause> tokens appended to the prompt (default: the model's recorded "
                         "pause.inference_pauses for pause-trained models, else 0)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true",
                    help='print {"token_ids": [...], "text": ...} of the new tokens')
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
@@ -34,7 +36,7 @@ def add_eval_args(p) -> None:
     p.add_argument("--include-path", help="directory of extra lm-eval task YAMLs (offline tasks)")
     p.add_argument("--limit", type=float, help="examples per task (int) or fraction (< 1)")
     p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -49,7 +49,7 @@ class PonderEvalLM(LM):
         n = len(cont)
         inp = torch.tensor([ids[:-1]])
         logp = F.log_softmax(self.lm.logits(inp)[0, -n:], dim=-1)
-        target = torch.tensor(ids[-n:])
+        target = torch.tensor(ids[-n:], device=logp.device)
         ll = float(logp.gather(1, target[:, None]).sum())
         greedy = bool((logp.argmax(-1) == target).all())
         return ll, greedy
@@ -77,7 +77,8 @@ class PonderEvalLM(LM):
             for ctx, cont in windows:
                 inp = torch.tensor([(ctx + cont)[:-1]])
                 logp = F.log_softmax(self.lm.logits(inp)[0, -len(cont):], dim=-1)
-                total += float(logp.gather(1, torch.tensor(cont)[:, None]).sum())
+                target = torch.tensor(cont, device=logp.device)
+                total += float(logp.gather(1, target[:, None]).sum())
             out.append(total)
         return out
 
@@ -106,10 +107,11 @@ class PonderEvalLM(LM):
 
 def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,
              include_path: Optional[str] = None, limit: Optional[float] = None,
-             num_fewshot: Optional[int] = None, device: str = "cpu", progress: bool = True,
+             num_fewshot: Optional[int] = None, device: str = "auto", progress: bool = True,
              seed: int = 1234, trust_remote_code: bool = False,
              unsafe_unpickle: bool = False) -> dict:
-    """lm_eval.simple_evaluate on our wrapper; returns its results dict."""
+    """lm_eval.simple_evaluate on our wrapper; returns its results dict. device: "auto"
+    (cuda when available, else cpu), "cpu", "cuda" or "cuda:N"."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 

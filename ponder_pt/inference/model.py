@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .device import resolve_device
+
 
 def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int,
           gen: Optional[torch.Generator]) -> int:
@@ -28,6 +30,37 @@ def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int,
         vals, idx = z.topk(min(top_k, z.shape[-1]))
         return int(idx[torch.multinomial(torch.softmax(vals, -1), 1, generator=gen)])
     return int(torch.multinomial(torch.softmax(z, -1), 1, generator=gen))
+
+
+@torch.no_grad()
+def generate_cached(model, prompt: Sequence[int], max_new_tokens: int, *,
+                    vocab_rows: Optional[int] = None, eos_id: Optional[int] = None,
+                    greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
+                    generator: Optional[torch.Generator] = None,
+                    ponder_steps: Optional[int] = None, on_token=None) -> list[int]:
+    """Batch-1 decoding of a `PonderLM` with K+1 KV caches (one per pass): a prefill of the
+    prompt, then one one-token forward (K+1 one-token passes) per new token. Rows >=
+    vocab_rows are never emitted; stops after eos_id (None: never). ponder_steps overrides
+    the model's K (0: plain decoding). on_token(i, token) is called after each new token
+    (benchmarks time lengths with it). `NativeModel.generate` and benchmarks/gpu_suite.py's
+    `gen` section both run this loop."""
+    device = next(model.parameters()).device
+    caches = model.new_caches(ponder_steps)
+    ids = torch.tensor([list(prompt)], device=device)
+    out: list[int] = []
+    for i in range(max_new_tokens):
+        z = model(ids, caches=caches, gather_logits=True, ponder_steps=ponder_steps)[0, -1]
+        z = z.float()
+        if vocab_rows is not None:
+            z[vocab_rows:] = float("-inf")
+        nxt = _pick(z, greedy, temperature, top_k, generator)
+        out.append(nxt)
+        if on_token is not None:
+            on_token(i, nxt)
+        if eos_id is not None and nxt == eos_id:
+            break
+        ids = torch.tensor([[nxt]], device=device)
+    return out
 
 
 class InferenceModel(abc.ABC):
@@ -66,7 +99,7 @@ class NativeModel(InferenceModel):
 
     kind = "native"
 
-    def __init__(self, ckpt_dir: str, tag: Optional[str] = None, device: str = "cpu",
+    def __init__(self, ckpt_dir: str, tag: Optional[str] = None, device: str = "auto",
                  unsafe_unpickle: bool = False):
         from ..export.native import read_checkpoint
         from ..export.to_hf import pause_fields
@@ -76,7 +109,7 @@ class NativeModel(InferenceModel):
         init_single_process()
         cfg, full, self.tag = read_checkpoint(ckpt_dir, tag, unsafe_unpickle=unsafe_unpickle)
         cfg.parallel.tp, cfg.model.activation_checkpointing = 1, "none"
-        self.cfg, self.device = cfg, torch.device(device)
+        self.cfg, self.device = cfg, torch.device(resolve_device(device))
         self.model = PonderLM(cfg.model, cfg.ponder).eval()
         missing, unexpected = self.model.load_state_dict(full, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
@@ -99,22 +132,12 @@ class NativeModel(InferenceModel):
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids.to(self.device), gather_logits=True).float()
 
-    @torch.no_grad()
     def generate(self, prompt, max_new_tokens, greedy=True, temperature=1.0, top_k=0, seed=0,
                  stop_at_eos=True):
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        caches = self.model.new_caches()
-        ids = torch.tensor([list(prompt)], device=self.device)
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            z = self.model(ids, caches=caches, gather_logits=True)[0, -1].float()
-            z[self.vocab_rows:] = float("-inf")
-            nxt = _pick(z, greedy, temperature, top_k, gen)
-            out.append(nxt)
-            if stop_at_eos and nxt == self.eos_id:
-                break
-            ids = torch.tensor([[nxt]], device=self.device)
-        return out
+        return generate_cached(self.model, prompt, max_new_tokens, vocab_rows=self.vocab_rows,
+                               eos_id=self.eos_id if stop_at_eos else None, greedy=greedy,
+                               temperature=temperature, top_k=top_k, generator=gen)
 
 
 class HFModel(InferenceModel):
@@ -122,14 +145,14 @@ class HFModel(InferenceModel):
 
     kind = "hf"
 
-    def __init__(self, path: str, device: str = "cpu", trust_remote_code: bool = False):
+    def __init__(self, path: str, device: str = "auto", trust_remote_code: bool = False):
         """Pondering exports load with ponder-pt's own classes; code from the directory runs
         only with trust_remote_code (`--trust-remote-code`), see ponder_pt.export.hf_auto."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..export.hf_auto import from_pretrained
 
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(device))
         self.model = from_pretrained(AutoModelForCausalLM, path, trust_remote_code,
                                      dtype=torch.float32).to(self.device).eval()
         self.tok = from_pretrained(AutoTokenizer, path, trust_remote_code)
@@ -173,11 +196,12 @@ def is_hf_dir(path: str) -> bool:
     return os.path.exists(os.path.join(path, "config.json"))
 
 
-def load_model(path: str, device: str = "cpu", tag: Optional[str] = None,
+def load_model(path: str, device: str = "auto", tag: Optional[str] = None,
                trust_remote_code: bool = False, unsafe_unpickle: bool = False
                ) -> InferenceModel:
     """A native checkpoint dir (with run_config.yaml) or an HF directory. Nothing executable
-    in them runs unless asked: trust_remote_code (HF dirs), unsafe_unpickle (checkpoints)."""
+    in them runs unless asked: trust_remote_code (HF dirs), unsafe_unpickle (checkpoints).
+    device: "auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N"."""
     if is_hf_dir(path):
         return HFModel(path, device, trust_remote_code)
     return NativeModel(path, tag, device, unsafe_unpickle)

@@ -1,0 +1,153 @@
+"""`train --dry-run`'s per-GPU memory and time estimates (ponder_pt/engine/estimate.py).
+
+The memory estimate is checked against a real model on the CPU: activations as autograd's
+saved tensors at the end of forward (as benchmarks/bench_ponder.py measures `saved MiB`:
+saved_tensors_hooks over unique storages, parameters excluded), parameters and gradients from
+the model, optimizer state from a real torch AdamW after one step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _model_helpers import single_process  # noqa: E402,F401  (pytest fixture)
+
+from ponder_pt.config import load_config  # noqa: E402
+from ponder_pt.config.schema import Config, ModelConfig, PonderConfig  # noqa: E402
+from ponder_pt.engine import estimate as E  # noqa: E402
+from ponder_pt.engine.flops import param_count  # noqa: E402
+
+
+def tiny_config(arch: str, K: int, ckpt: str, chunk: int = 0) -> Config:
+    cfg = Config()
+    llama = dict(rotary_pct=1.0, parallel_residual=False) if arch == "llama" else {}
+    cfg.model = ModelConfig(arch=arch, num_layers=2, hidden_size=128, num_heads=4,
+                            vocab_size=1024, max_seq_len=64, activation_checkpointing=ckpt,
+                            vocab_chunk=chunk, **llama)
+    cfg.ponder = PonderConfig(steps=K)
+    cfg.data.seq_len = 64
+    cfg.train.micro_batch = cfg.train.global_batch = 4
+    cfg.train.precision = "fp32"
+    cfg.parallel.zero_stage = 0
+    return cfg
+
+
+def measure(cfg: Config) -> dict:
+    """Bytes of parameters, gradients, AdamW state (after one step) and saved activations."""
+    from ponder_pt.models import PonderLM
+
+    torch.manual_seed(0)
+    model = PonderLM(cfg.model, cfg.ponder).train()
+    b, s = cfg.train.micro_batch, cfg.data.seq_len
+    ids = torch.randint(0, cfg.model.vocab_size, (b, s))
+    with E.saved_for_backward(model) as saved:
+        loss = model(ids, labels=torch.roll(ids, -1, dims=1))
+    loss.backward()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt.step()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    return {
+        "parameters": nbytes(model.parameters()),
+        "gradients": nbytes(p.grad for p in model.parameters()),
+        "optimizer state": nbytes(t for st in opt.state.values() for t in st.values()
+                                  if torch.is_tensor(t) and t.dim() > 0),
+        "activations": sum(saved.values()),
+    }
+
+
+@pytest.mark.parametrize("arch,K,ckpt", [("gpt_neox", 2, "none"), ("gpt_neox", 2, "full"),
+                                         ("llama", 0, "selective")])
+def test_memory_estimate_matches_cpu_measurement(single_process, arch, K, ckpt):
+    cfg = tiny_config(arch, K, ckpt)
+    measured = measure(cfg)
+    est = {name: nbytes for name, nbytes, _ in E.memory_estimate(cfg, 1)["rows"]}
+    for name, value in measured.items():
+        assert est[name] == pytest.approx(value, rel=0.25), (name, est[name], value)
+    weights_and_acts = sum(est[k] for k in measured)
+    assert weights_and_acts == pytest.approx(sum(measured.values()), rel=0.25)
+
+
+def test_vocab_chunk_and_checkpointing_shrink_activations():
+    acts = {}
+    for ckpt in ("none", "selective", "full"):
+        for chunk in (0, 256):
+            rows = E.memory_estimate(tiny_config("gpt_neox", 3, ckpt, chunk), 1)["rows"]
+            acts[ckpt, chunk] = dict((r[0], r[1]) for r in rows)["activations"]
+    assert acts["full", 0] < acts["selective", 0] < acts["none", 0]
+    assert acts["full", 256] < acts["full", 0] / 2  # logits dominate under full checkpointing
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_params_per_rank_add_up(arch):
+    m = tiny_config(arch, 0, "none").model
+    total = m.num_layers * E.block_params(m) + E.shared_params(m, m.vocab_size)
+    assert total == param_count(m, m.vocab_size)["total"]
+    # TP shards the matrices, not the replicated norms / row-parallel biases
+    assert m.num_layers * E.block_params(m, 2) + E.shared_params(m, m.vocab_size, 2) > total / 2
+
+
+def test_zero_stages_and_offload_partition_states():
+    cfg = load_config("ponderpythia-1b", ["model.vocab_size=50304"], validate=False)
+
+    def states(zero, offload=False):
+        cfg.parallel.zero_stage, cfg.parallel.cpu_offload = zero, offload
+        return [r[1] for r in E.memory_estimate(cfg, 8)["rows"][:3]]
+
+    n = param_count(cfg.model, 50304)["total"]
+    assert states(0) == [2 * n, 2 * n, 12 * n]
+    assert states(1) == [2 * n, 2 * n, 12 * n / 8]
+    assert states(2) == [2 * n, 2 * n / 8, 12 * n / 8]
+    assert states(3) == [2 * n / 8, 2 * n / 8, 12 * n / 8]
+    assert states(1, offload=True)[2] == 0
+
+
+def test_pipeline_stages_hold_tied_copies():
+    stages = E.pipeline_stages(num_layers=4, steps=3, pp=2)
+    blocks = [[i for kind, i in st if kind == "block"] for st in stages]
+    assert [len(b) for b in blocks] == [8, 8]  # 16 blocks of the unrolled chain, balanced
+    assert all(set(b) == set(range(4)) for b in blocks)  # each stage runs every block
+    assert sum(len(st) for st in stages) == 1 + 4 * 5
+    cfg = load_config("ponderpythia-1b", ["model.vocab_size=50304", "parallel.pp=2",
+                                          "parallel.zero_stage=1"], validate=False)
+    mem = E.memory_estimate(cfg, 8)
+    assert mem["rows"][0][1] == 2 * param_count(cfg.model, 50304)["total"]  # all of it
+
+
+def test_mfu_from_closest_measurement(tmp_path):
+    entry = dict(status="ok", impl="ours", chunked=False, seq=2048, micro_batch=8)
+    data = {"env": {"gpu": "NVIDIA H100 80GB HBM3"}, "throughput": [
+        dict(entry, name="a", shape="pythia-160m", K=3, ckpt="full", mfu=0.2),
+        dict(entry, name="b", shape="pythia-1b", K=0, ckpt="full", mfu=0.3),
+        dict(entry, name="c", shape="pythia-1b", K=3, ckpt="none", mfu=0.4),
+        dict(entry, name="d", shape="pythia-1b", K=3, ckpt="full", mfu=0.35),
+        dict(entry, name="e", shape="pythia-1b", K=3, ckpt="full", mfu=0.5, impl="hf")]}
+    path = tmp_path / "gpu_results.json"
+    path.write_text(json.dumps(data))
+    cfg = load_config("ponderpythia-1b", ["model.vocab_size=50304",
+                                          "model.activation_checkpointing=full"],
+                      validate=False)
+    t = E.time_estimate(cfg, 8, mfu_from=str(path))
+    assert t["mfu"] == 0.35 and "d (" in t["mfu_source"]
+    tokens = cfg.train.iters * cfg.train.global_batch * cfg.data.seq_len
+    assert t["seconds"] == pytest.approx(t["flops"] / (8 * t["peak_tflops"] * 1e12 * 0.35))
+    assert t["tokens"] == tokens
+    path.write_text(json.dumps({"throughput": []}))
+    t = E.time_estimate(cfg, 8, mfu_from=str(path))
+    assert t["mfu"] == E.DEFAULT_MFU and "assumed" in t["mfu_source"]
+
+
+def test_dry_run_prints_estimates(capsys, tmp_path):
+    from ponder_pt.cli import main
+
+    assert main(["train", "--config", "ponderpythia-1b", "--dry-run", "--nproc", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "# memory per GPU" in out and "optimizer state" in out and "allocator" in out
+    assert "# time to train" in out and "MFU" in out
+    assert main(["train", "--config", "ponderpythia-1b", "--dry-run",
+                 "--mfu-from", str(tmp_path / "missing.json")]) == 2
