@@ -6,6 +6,15 @@ model, same batch size, gradient clipping) in one process, side by side in one r
   python benchmarks/bench_train_overhead.py [--steps 30] [--ponder 0] [--hidden 256]
 
 Prints a markdown row per setting with the median step times and their ratio (target <= 1.10).
+
+  python benchmarks/bench_train_overhead.py --compile [--ponder 0 3]
+
+instead times ponder-pt's training step eager vs `train.compile=true` (torch.compile per
+block, Inductor) side by side, alternated `--rounds` times: the fastest median step time of
+each (the first 3 steps, which compile, left out), their ratio compiled / eager, and the first
+compiled step of the first K (compile time; later Ks reuse the same block graphs; Inductor's
+cache goes under the run's temporary folder unless TORCHINDUCTOR_CACHE_DIR is set, but other
+on-disk caches can still shorten a rerun).
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ def plain_loop(cfg, steps: int) -> float:
     return statistics.median(times[3:])
 
 
-def ours(cfg, tok) -> float:
+def ours(cfg, tok, first: bool = False):
     from ponder_pt.engine import distributed as D
     from ponder_pt.engine.metrics import read_metrics
     from ponder_pt.engine.trainer import Trainer
@@ -54,7 +63,8 @@ def ours(cfg, tok) -> float:
     world = D.init(1, 1)
     Trainer(cfg, tok, world, log=lambda *a, **k: None).train()
     rows = [r for r in read_metrics(os.path.join(cfg.log.dir, "metrics.jsonl")) if "loss" in r]
-    return statistics.median(r["step_time"] for r in rows[3:])
+    median = statistics.median(r["step_time"] for r in rows[3:])
+    return (median, rows[0]["step_time"]) if first else median
 
 
 def main() -> None:
@@ -64,6 +74,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--ponder", type=int, nargs="+", default=[0, 3])
+    ap.add_argument("--compile", action="store_true",
+                    help="time eager vs train.compile=true instead of plain PyTorch vs ours")
+    ap.add_argument("--checkpointing", default="none", choices=["none", "full", "selective"])
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="--compile: eager/compiled runs alternated this many times; the "
+                         "fastest median of each is reported (robust to other load)")
     args = ap.parse_args()
 
     import torch
@@ -77,6 +93,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tmp, "inductor"))
         corpus = os.path.join(tmp, "c.jsonl")
         write_corpus(corpus, max_bytes=1_500_000)
         train_tokenizer([corpus], 4096, os.path.join(tmp, "tok"), show_progress=False)
@@ -90,14 +107,37 @@ def main() -> None:
                 f"ponder.steps={k}", "pause.rate=0", "train.global_batch=8", "train.micro_batch=4",
                 f"train.iters={args.steps}", "train.warmup=1", "train.eval_iters=0",
                 "train.precision=fp32", "parallel.zero_stage=0", f"log.dir={tmp}/run{k}",
+                f"model.activation_checkpointing={args.checkpointing}",
             ]
             cfg, tok = resolve("demo", overrides, 1)
+            if args.compile:
+                eager, comp, first = [], [], []
+                for r in range(args.rounds):
+                    cfg, tok = resolve("demo", overrides[:-2] + [
+                        f"log.dir={tmp}/run{k}e{r}", overrides[-1]], 1)
+                    eager.append(ours(cfg, tok))
+                    cfg, tok = resolve("demo", overrides[:-2] + [
+                        f"log.dir={tmp}/run{k}c{r}", overrides[-1], "train.compile=true"], 1)
+                    median, first_step = ours(cfg, tok, first=True)
+                    comp.append(median)
+                    first.append(first_step)
+                rows.append((k, min(eager), min(comp), first[0]))
+                continue
             t_ours = ours(cfg, tok)
             init_single_process()
             t_plain = plain_loop(cfg, args.steps)
             rows.append((k, t_plain, t_ours))
     print(f"CPU, {os.cpu_count()} cores, fp32; model {args.layers} layers x {args.hidden} hidden, "
-          f"seq {args.seq_len}, global batch 8 (2 x micro 4)\n")
+          f"seq {args.seq_len}, global batch 8 (2 x micro 4), activation checkpointing "
+          f"{args.checkpointing}; torch {torch.__version__}\n")
+    if args.compile:
+        print("| pondering K | eager step (s) | compiled step (s) | compiled / eager | "
+              "compiled first step (s) |\n|---|---:|---:|---:|---:|")
+        for k, eager, comp, first in rows:
+            print(f"| {k} | {eager:.3f} | {comp:.3f} | {comp / eager:.2f} | {first:.1f} |")
+        print(json.dumps([{"ponder": k, "eager_s": e, "compiled_s": c, "compiled_first_step_s": f}
+                          for k, e, c, f in rows]))
+        return
     print("| pondering K | plain PyTorch step (s) | ponder-pt step (s) | ratio |\n|---|---:|---:|---:|")
     for k, plain, our in rows:
         print(f"| {k} | {plain:.3f} | {our:.3f} | {our / plain:.2f} |")

@@ -128,6 +128,10 @@ class TrainConfig:
     eval_iters: int = 10
     max_bad_steps: int = 10
     """Consecutive NaN/inf steps tolerated (skipped) before training stops."""
+    compile: bool = False
+    """torch.compile each transformer block (in place, so checkpoint keys are unchanged; the
+    K+1 pondering passes reuse the compiled block). TP = PP = 1 only; the first steps pay the
+    compile time (Inductor needs a C++ compiler on CPU, Triton on GPU)."""
 
     @property
     def min_lr_value(self) -> float:

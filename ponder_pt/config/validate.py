@@ -127,6 +127,9 @@ def problems(cfg: Config, world_size: Optional[int] = None,
         out.append(f"train.precision: {tr.precision!r} is not one of {PRECISIONS}")
     if tr.eval_interval < 1 or tr.eval_iters < 0:
         out.append("train.eval_interval must be >= 1 and train.eval_iters >= 0")
+    if tr.compile and (par.tp > 1 or par.pp > 1):
+        out.append(f"train.compile=true is supported at parallel.tp=1 and parallel.pp=1 only "
+                   f"(got tp={par.tp} pp={par.pp}); set train.compile=false or tp=pp=1")
 
     # methods
     p = cfg.ponder

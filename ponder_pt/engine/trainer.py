@@ -105,6 +105,8 @@ class Trainer:
             load_initial_weights(model, self.cfg.checkpoint.init_from,
                                  unsafe_unpickle=self.cfg.checkpoint.unsafe_unpickle)
             self.log(f"initial weights from {self.cfg.checkpoint.init_from}")
+        if self.cfg.train.compile:
+            model.compile_blocks()  # before DeepSpeed wraps it; compiles on the first step
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, self.cfg.train.weight_decay),
             config=ds_cfg, mpu=D.MegatronMPU(),

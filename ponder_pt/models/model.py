@@ -106,6 +106,24 @@ class PonderLM(nn.Module):
         for block in self.layers:
             block.attn.selective = mode == "selective"
 
+    def compile_blocks(self) -> None:
+        """torch.compile every transformer block in place (`nn.Module.compile`: parameter and
+        state_dict names stay as they are, no `_orig_mod.`). The K+1 pondering passes and
+        full checkpointing (`checkpoint` calls the block) run the compiled block; selective
+        checkpointing is traced inside it. Blocks share one graph per mode (train / eval).
+        For training at TP = PP = 1 (validation enforces it): at TP = 2 the results match but
+        Dynamo breaks the graph at every column-parallel linear (megatron's autograd.Function
+        issues an async all-reduce), and the pipeline builds its own blocks."""
+        import warnings
+
+        # megatron-core calls warnings.warn (a DeprecationWarning, hidden by default) on every
+        # linear without a tp_group; each call would be a graph break splitting a block into
+        # ~8 graphs. Dynamo drops warnings.warn calls in traced code instead (a process-wide
+        # Dynamo setting; eager code still warns).
+        torch._dynamo.config.ignore_logging_functions.add(warnings.warn)
+        for block in self.layers:
+            block.compile()
+
     # ------------------------------------------------------------------ pieces
 
     @property
