@@ -739,6 +739,14 @@ def section_generate(args, part: Part) -> None:
             res["status"] = "fail"
         return res
 
+    def cached_and_nocache(lm):
+        """Greedy tokens of every prompt: the model's cached generate() and the cache-free loop."""
+        cached, free = [], []
+        for ids in prompts(lm):
+            cached.append(lm.generate(ids, n_new, greedy=True, stop_at_eos=False))
+            free.append(nocache(lm, ids))
+        return cached, free
+
     def hf_check():
         import transformers
 
@@ -747,12 +755,8 @@ def section_generate(args, part: Part) -> None:
         lm = HFModel(hf_dir, dev)
         lm.model.generation_config.eos_token_id = None
         state["hf"] = lm
-        out = {"cached": [], "nocache": []}
-        for ids in prompts(lm):
-            out["cached"].append(lm.generate(ids, n_new, greedy=True, stop_at_eos=False))
-            out["nocache"].append(nocache(lm, ids))
-        state["hf_nocache"] = out["nocache"]
-        return compare(out["cached"], out["nocache"],
+        cached, state["hf_nocache"] = cached_and_nocache(lm)
+        return compare(cached, state["hf_nocache"],
                        f"transformers {transformers.__version__}, {type(lm.model).__name__}, "
                        f"{lm.default_pauses} pauses appended, K={lm.ponder_steps}")
 
@@ -763,12 +767,9 @@ def section_generate(args, part: Part) -> None:
 
         lm = NativeModel(ckpt, device=dev)
         state["native"] = lm
-        out = {"cached": [], "nocache": []}
-        for ids in prompts(lm):
-            out["cached"].append(lm.generate(ids, n_new, greedy=True, stop_at_eos=False))
-            out["nocache"].append(nocache(lm, ids))
-        state["native_nocache"] = out["nocache"]
-        return compare(out["cached"], out["nocache"], f"native PonderLM, K+1={lm.ponder_steps + 1} caches")
+        cached, state["native_nocache"] = cached_and_nocache(lm)
+        return compare(cached, state["native_nocache"],
+                       f"native PonderLM, K+1={lm.ponder_steps + 1} caches")
 
     record(part, "native generate (K+1 KV caches) == cache-free loop", native_check)
 
@@ -1352,13 +1353,9 @@ class Throughput:
                 + [("ours", 3, "full", True), ("ours", 3, "none", True)])
 
     def run(self) -> None:
-        params = None
-        try:
-            from ponder_pt.engine.flops import param_count
+        from ponder_pt.engine.flops import param_count
 
-            params = param_count(self.cfg, self.cfg.vocab_size)["total"]
-        except Exception:  # noqa: BLE001
-            pass
+        params = param_count(self.cfg, self.cfg.vocab_size)["total"]
         self.part.update(shape=self.shape, seq=self.seq, device=self.dev, params=params,
                          precision="bf16 params + torch.optim.AdamW(fused=True), no autocast",
                          vocab_chunk_available=self.vocab_chunk_ok)
@@ -1461,7 +1458,7 @@ def child_main(args) -> int:
             if ps.model_parallel_is_initialized():
                 ps.destroy_model_parallel()
             dist.destroy_process_group()
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001  (the results are written; teardown at exit only)
         pass
     return 0
 

@@ -188,34 +188,42 @@ def _hf_roundtrip_tp():
     return out
 
 
-def _worker(rank, world, port, out_path):
-    import torch.distributed as dist
+def _tp_report() -> dict:
+    """Every TP_CASES case at TP=2, then at TP=1 (same world, DP=2), and their differences."""
     from megatron.core import parallel_state as ps
+
+    report = {}
+    ps.initialize_model_parallel(tensor_model_parallel_size=2)
+    tp2 = {n: _run_case(n, spec) for n, spec in TP_CASES.items()}
+    report["hf_tp2"] = _hf_roundtrip_tp()
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    for n, spec in TP_CASES.items():
+        ref, got = _run_case(n, spec), tp2[n]
+        report[n] = {
+            "loss_tp1": ref["loss"], "loss_tp2": got["loss"],
+            "max_weight_diff": max((got["weights"][k] - v).abs().max().item()
+                                   for k, v in ref["weights"].items()),
+            "max_grad_diff": max((got["grads"][k] - v).abs().max().item()
+                                 for k, v in ref["grads"].items()),
+            "min_grad_norm": min(v.norm().item() for v in ref["grads"].values()),
+            "same_params": sorted(ref["grads"]) == sorted(got["grads"]),
+            "tp2_sequence_parallel": got["sequence_parallel"],
+            "tp2_local_vocab_rows": got["local_vocab_rows"],
+        }
+    ps.destroy_model_parallel()
+    return report
+
+
+def _gloo_worker(rank, world, port, out_path, body):
+    """One gloo rank running body() -> a JSON-able report, which rank 0 writes to out_path."""
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    report = {}
     try:
-        ps.initialize_model_parallel(tensor_model_parallel_size=2)
-        tp2 = {n: _run_case(n, spec) for n, spec in TP_CASES.items()}
-        report["hf_tp2"] = _hf_roundtrip_tp()
-        ps.destroy_model_parallel()
-        ps.initialize_model_parallel(tensor_model_parallel_size=1)
-        for n, spec in TP_CASES.items():
-            ref, got = _run_case(n, spec), tp2[n]
-            report[n] = {
-                "loss_tp1": ref["loss"], "loss_tp2": got["loss"],
-                "max_weight_diff": max((got["weights"][k] - v).abs().max().item()
-                                       for k, v in ref["weights"].items()),
-                "max_grad_diff": max((got["grads"][k] - v).abs().max().item()
-                                     for k, v in ref["grads"].items()),
-                "min_grad_norm": min(v.norm().item() for v in ref["grads"].values()),
-                "same_params": sorted(ref["grads"]) == sorted(got["grads"]),
-                "tp2_sequence_parallel": got["sequence_parallel"],
-                "tp2_local_vocab_rows": got["local_vocab_rows"],
-            }
-        ps.destroy_model_parallel()
+        report = body()
     except Exception as exc:  # report instead of hanging the other rank
         import traceback
 
@@ -231,20 +239,26 @@ def _worker(rank, world, port, out_path):
     dist.destroy_process_group()
 
 
-def main(argv=None):
-    import argparse
+def spawn_gloo(body, out_path: str, world: int = 2) -> None:
+    """Run `body` (a module-level function, picklable) in `world` spawned gloo processes; rank
+    0 writes its report as JSON to out_path. For the `python tests/X.py --out FILE` workers."""
+    import socket
 
     import torch.multiprocessing as mp
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, args.out), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(world, port, out_path, body), nprocs=world, join=True)
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    spawn_gloo(_tp_report, args.out)
 
 
 if __name__ == "__main__":

@@ -204,36 +204,22 @@ def test_tp2_matches_unchunked(tmp_path):
         _check(r, feedback_chunked="top5" not in name)
 
 
-def _worker(rank, world, port, out_path):
-    import torch.distributed as dist
+def _tp2_report() -> dict:
     from megatron.core import parallel_state as ps
 
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     ps.initialize_model_parallel(tensor_model_parallel_size=2)
     report = {name: _compare(spec) for name, spec in CASES.items()}
     ps.destroy_model_parallel()
-    dist.barrier()
-    if rank == 0:
-        with open(out_path, "w") as fh:
-            json.dump(report, fh, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    return report
 
 
 if __name__ == "__main__":
     import argparse
-    import socket
 
-    import torch.multiprocessing as mp
+    from _model_helpers import spawn_gloo
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, args.out), nprocs=2, join=True)
+    spawn_gloo(_tp2_report, ap.parse_args().out)
 else:
     from _model_helpers import single_process  # noqa: F401  (pytest fixture)
