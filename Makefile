@@ -18,7 +18,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test test-fast test-compat test-latest lock wheelhouse install-offline \
-        bench study study-toy clean
+        bench study study-toy clean slurm-up slurm-down slurm-status test-slurm
 
 install: $(STAMP)
 
@@ -103,6 +103,23 @@ study: $(STAMP)
 
 study-toy: $(STAMP)
 	$(PY) -m experiments.study --toy --out study_toy_out $(STUDY_ARGS)
+
+# A private one-node SLURM on this machine (root; installs slurm-wlm + munge with apt-get if
+# missing) for trying the sbatch scripts on CPUs: see README.md, SLURM. Then
+#   export SLURM_CONF=$(SLURM_DIR)/slurm.conf
+SLURM_DIR ?= /tmp/ponder-slurm
+slurm-up:
+	python3 tools/slurm_local.py up --dir $(SLURM_DIR)
+
+slurm-down:
+	python3 tools/slurm_local.py down --dir $(SLURM_DIR)
+
+slurm-status:
+	python3 tools/slurm_local.py status --dir $(SLURM_DIR)
+
+# only the live-SLURM tests (they start and stop their own SLURM; part of `make test` too)
+test-slurm: $(STAMP)
+	$(PY) -m pytest -q tests/test_slurm_live.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf demo_out study_toy_out .pytest_cache $(COMPAT_DIR) $(LATEST_VENV)

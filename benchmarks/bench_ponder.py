@@ -46,7 +46,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default=None, help="model preset (e.g. pythia-410m); "
                     "default: a small CPU shape set by the flags below")
-    ap.add_argument("--arch", default="gpt_neox", choices=["gpt_neox", "llama"])
+    ap.add_argument("--arch", default="gpt_neox", choices=["gpt_neox", "llama", "gpt2"])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
@@ -80,9 +80,11 @@ def model_config(args):
 
     if args.preset:
         fields = dict(MODEL_PRESETS[args.preset])
-        fields.setdefault("vocab_size", 50304 if fields["arch"] == "gpt_neox" else 32000)
+        fields.setdefault("vocab_size", 32000 if fields["arch"] == "llama" else 50304)
         return ModelConfig(preset=args.preset, **fields)
-    over = dict(rotary_pct=1.0, parallel_residual=False) if args.arch == "llama" else {}
+    over = {"llama": dict(rotary_pct=1.0, parallel_residual=False),
+            "gpt2": dict(rotary_pct=0.0, parallel_residual=False, tie_embeddings=True)}.get(
+        args.arch, {})
     return ModelConfig(arch=args.arch, num_layers=args.layers, hidden_size=args.hidden,
                        num_heads=args.heads, vocab_size=args.vocab, max_seq_len=args.seq, **over)
 

@@ -41,6 +41,7 @@ import yaml
 from ponder_pt.config.loader import _deep_merge
 
 from .early_exit import stage_early_exit
+from .pause_ft import stage_pause_ft
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "configs")
@@ -462,6 +463,7 @@ STAGES: list[tuple[str, Callable[[Study], None]]] = [
     ("data", stage_data),
     ("runs", stage_runs),
     ("early_exit", stage_early_exit),
+    ("pause_ft", stage_pause_ft),
     ("report", stage_report),
 ]
 

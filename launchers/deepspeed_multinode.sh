@@ -2,10 +2,19 @@
 # DeepSpeed's own launcher over pdsh/ssh, with a hostfile built from the SLURM allocation.
 # Run once (on the first node) inside an allocation:
 #   salloc -N 4 --gpus-per-node 8 bash launchers/deepspeed_multinode.sh --config ponderpythia-1b --set ...
+# Slots per node: NPROC_PER_NODE, else GPUS_PER_NODE (8); GPUS_PER_NODE=0 runs NPROC_PER_NODE
+# (default 1) CPU processes per node with gloo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launchers/env.sh
+GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
+NPROC_PER_NODE="${NPROC_PER_NODE:-$((GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1))}"
+if [[ "${SLURM_NNODES:-1}" == 1 && -z "${HOSTFILE:-}" ]]; then
+  # one node: no hostfile, or DeepSpeed insists on reaching this very host over ssh
+  exec "${DEEPSPEED:-deepspeed}" --num_gpus "$NPROC_PER_NODE" --master_addr "$MASTER_ADDR" \
+    --master_port "$MASTER_PORT" ponder_pt/train.py "$@"
+fi
 HOSTFILE="${HOSTFILE:-$(mktemp)}"
-python launchers/slurm_hosts.py --hostfile "$HOSTFILE" --slots "${GPUS_PER_NODE:-8}" >/dev/null
-exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  ponder_pt/train.py "$@"
+"${PYTHON:-python3}" launchers/slurm_hosts.py --hostfile "$HOSTFILE" --slots "$NPROC_PER_NODE" >/dev/null
+exec "${DEEPSPEED:-deepspeed}" --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" \
+  --master_port "$MASTER_PORT" ponder_pt/train.py "$@"

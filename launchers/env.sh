@@ -1,6 +1,6 @@
 # Sourced by the launchers and sbatch scripts: rendezvous address and NCCL settings.
 # Override any of these in the environment before submitting.
-export MASTER_ADDR="${MASTER_ADDR:-$(python launchers/slurm_hosts.py --first 2>/dev/null || echo 127.0.0.1)}"
+export MASTER_ADDR="${MASTER_ADDR:-$("${PYTHON:-python3}" launchers/slurm_hosts.py --first 2>/dev/null || echo 127.0.0.1)}"
 export MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export TOKENIZERS_PARALLELISM=false

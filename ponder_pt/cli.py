@@ -134,6 +134,10 @@ def cmd_data_inspect(args) -> int:
         pause_id = tok.layout(need_pause=True).pause_id
     if cfg is None and pause_rate > 0 and pause_id is None:
         raise ValueError("--pause-rate needs --pause-id (or --tokenizer to use its reserved row)")
+    from .data.verify import check_data, config_prefixes
+
+    check_data(config_prefixes(cfg) if cfg is not None else [args.data] if args.data else [],
+               tok.vocab_size if tok else None)
     ds = open_samples(args.data, args.seq_len, seed=args.seed, pause_rate=pause_rate,
                       pause_id=pause_id, eod_id=tok.eod_id if tok else args.eod_id,
                       vocab_size=tok.vocab_size if tok else 65536,
@@ -144,6 +148,28 @@ def cmd_data_inspect(args) -> int:
     for record in iter_records(ds, args.start, args.num_samples):
         print(dumps(record) if args.json else render(record, tok, pause_id))
     return 0
+
+
+def cmd_data_verify(args) -> int:
+    from .data.verify import verify_prefixes
+
+    vocab = args.vocab_size
+    if args.tokenizer:
+        from .tokenizer import load_tokenizer
+
+        vocab = load_tokenizer(args.tokenizer).vocab_size
+    reports = verify_prefixes(args.prefixes, vocab, full=args.full)
+    for rep in reports:
+        if args.json:
+            print(json.dumps(rep.as_dict()))
+        elif rep.ok:
+            print(f"ok {rep.prefix}: {rep.documents:,} documents, {rep.tokens:,} {rep.dtype} "
+                  f"tokens, {rep.bin_bytes:,} bytes"
+                  + (f", max token id {rep.max_token}" if rep.max_token is not None else ""))
+        else:
+            for problem in rep.problems:
+                print(f"FAILED {rep.prefix}: {problem}", file=sys.stderr)
+    return 0 if all(r.ok for r in reports) else 1
 
 
 # ---------------------------------------------------------------- train
@@ -179,20 +205,26 @@ def _launch_and_wait(cmd: list[str], args) -> int:
     import subprocess
 
     from .config import load_config
+    from .engine.failures import run_torchrun
     from .engine.preemption import EXIT_REQUEUE, marker_path
 
     ckpt_dir = load_config(args.config, args.overrides, validate=False).checkpoint.dir
-    child = subprocess.Popen(cmd)
 
-    def forward(signum, frame):
-        child.send_signal(signal.SIGTERM)
+    def wait(full_cmd: list) -> int:
+        child = subprocess.Popen(full_cmd)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        code = child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        def forward(signum, frame):
+            child.send_signal(signal.SIGTERM)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            return child.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # the last line names the failing rank and its exception (engine/failures.py)
+    code = run_torchrun(cmd, "ponder-pt train", wait)
     if code != 0 and ckpt_dir and os.path.exists(marker_path(ckpt_dir)):
         return EXIT_REQUEUE
     return code
@@ -316,6 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per sample")
     _add_config_args(p)
     p.set_defaults(func=cmd_data_inspect)
+    p = s_data.add_parser("verify", help="check PREFIX.bin/.idx: index header, .bin size, "
+                                         "dtype vs vocabulary (--full: every token id)")
+    p.add_argument("prefixes", nargs="+", metavar="PREFIX")
+    p.add_argument("--full", action="store_true",
+                   help="also scan every token id of the .bin against the vocabulary")
+    p.add_argument("--tokenizer", help="the vocabulary to check against (else --vocab-size)")
+    p.add_argument("--vocab-size", type=int)
+    p.add_argument("--json", action="store_true", help="one JSON report per prefix")
+    p.set_defaults(func=cmd_data_verify)
     p = s_data.add_parser("corpus", help="write the embedded (stdlib docstring) corpus as jsonl")
     p.add_argument("--out", required=True)
     p.add_argument("--max-mb", type=float, default=4.0)
@@ -358,6 +399,18 @@ def build_parser() -> argparse.ArgumentParser:
                                         "Q-exit, PonderNet, PABEE, entropy) on a GLUE task")
     finetune_args.add_args(p)
     _lazy(p, "ponder_pt.early_exit.finetune", "cmd_finetune")
+
+    # supervised fine-tuning with pauses (ponder_pt.sft)
+    from .sft import args as sft_args
+
+    p = sub.add_parser("sft", help="supervised fine-tuning of our decoders, M <pause> tokens "
+                                   "after each prompt (PauseFT; M=0: standard)")
+    sft_args.add_args(p)
+    _lazy(p, "ponder_pt.sft.train", "cmd_sft")
+    p = sub.add_parser("sft-task", help="write a synthetic task directory for sft (addition, "
+                                        "multi-hop variables, sorting)")
+    sft_args.add_task_args(p)
+    _lazy(p, "ponder_pt.sft.synthetic", "cmd_sft_task")
 
     # demo
     p = sub.add_parser("demo", help="the embedded end-to-end run on a CPU")

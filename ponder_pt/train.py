@@ -52,6 +52,10 @@ def resolve(config: Optional[str], overrides: Sequence[str], world_size: int,
 
         raise ConfigError("data.train: no training data; set it to the PREFIX written by "
                           "`ponder-pt data prepare` (or a weighted list)")
+    if need_tokenizer:  # a truncated .bin or a foreign .idx fails here, not at some step
+        from ponder_pt.data.verify import check_data, config_prefixes
+
+        check_data(config_prefixes(cfg), tok.vocab_size if tok is not None else None)
     return cfg, tok
 
 
@@ -147,12 +151,27 @@ def run(config: Optional[str], overrides: Sequence[str], dry_run: bool = False,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    if os.environ.get("SLURM_JOB_ID") and not args.dry_run:  # before anything slow
+        from ponder_pt.engine.preemption import catch_early
+
+        catch_early()
+    # torch elastic's @record: torchrun's failure summary names the rank and its exception,
+    # and a failing rank ends its output with one line (ponder_pt/engine/failures.py)
+    from ponder_pt.engine.failures import recorded
+
+    return recorded("ponder-pt train", lambda: _run_main(args))
+
+
+def _run_main(args: argparse.Namespace) -> int:
     from ponder_pt.config import ConfigError
+    from ponder_pt.data.prepare import DataError
+    from ponder_pt.engine.failures import record_error
 
     try:
         return run(args.config, args.overrides, args.dry_run, mfu_from=args.mfu_from)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, FileNotFoundError) as exc:
         print(f"ponder-pt train: error: {exc}", file=sys.stderr)
+        record_error(exc)  # exit code 2, but torchrun's summary still shows the message
         return 2
 
 

@@ -5,6 +5,8 @@
 #   sbatch slurm/pretrain_pausepythia_70m.sh                 # from the repository root; override with e.g.
 #   DATA=/data/pile_text_document TOKENIZER=/data/neox-tokenizer sbatch slurm/pretrain_pausepythia_70m.sh
 #   bash slurm/pretrain_pausepythia_70m.sh --dry-run         # resolved config, layout, size, FLOPs, command
+# Arguments after the script name go to the trainer last (`--set k=v` wins); sbatch options
+# override the lines below; GPUS_PER_NODE=0 runs CPU tasks with gloo (README.md, SLURM).
 #
 # Preemption / time limit: SLURM sends SIGUSR1 to every task 5 minutes before the end; each
 # rank saves, the job exits 99 and requeues itself, and the requeued job resumes.

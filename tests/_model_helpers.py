@@ -28,34 +28,39 @@ VOCAB = 128
 
 
 def tiny_model_config(arch: str = "gpt_neox", **over) -> ModelConfig:
-    """2 layers, hidden 64; GPT-NeoX (parallel residual, rotary 0.25) or LLaMA (GQA 4/2)."""
+    """2 layers, hidden 64; GPT-NeoX (parallel residual, rotary 0.25), LLaMA (GQA 4/2) or
+    GPT-2 (learned positions, tied)."""
     if arch == "gpt_neox":
         base = dict(arch="gpt_neox", num_layers=2, hidden_size=64, num_heads=4,
                     ffn_hidden_size=128, rotary_pct=0.25, parallel_residual=True)
+    elif arch == "gpt2":
+        base = dict(arch="gpt2", num_layers=2, hidden_size=64, num_heads=4,
+                    ffn_hidden_size=256, rotary_pct=0.0, parallel_residual=False)
     else:
         base = dict(arch="llama", num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,
                     ffn_hidden_size=96, rotary_pct=1.0, parallel_residual=False, norm_eps=1e-6)
-    base.update(max_seq_len=64, vocab_size=VOCAB, tie_embeddings=False)
+    base.update(max_seq_len=64, vocab_size=VOCAB, tie_embeddings=arch == "gpt2")
     base.update(over)
     return ModelConfig(**base)
 
 
 def random_hf_model(cfg: ModelConfig, seed: int = 0):
     """fp32 eval-mode HF model of our shape with every parameter randomised (norms too)."""
-    from transformers import GPTNeoXForCausalLM, LlamaForCausalLM
+    from transformers import GPT2LMHeadModel, GPTNeoXForCausalLM, LlamaForCausalLM
 
     from ponder_pt.models import hf_config_from
 
     hf_cfg = hf_config_from(cfg)
     hf_cfg._attn_implementation = "eager"
-    cls = GPTNeoXForCausalLM if cfg.arch == "gpt_neox" else LlamaForCausalLM
+    cls = {"gpt_neox": GPTNeoXForCausalLM, "llama": LlamaForCausalLM,
+           "gpt2": GPT2LMHeadModel}[cfg.arch]
     torch.manual_seed(seed)
     model = cls(hf_cfg).float().eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name and name.endswith("weight"):
+            if ("norm" in name or ".ln_" in name) and name.endswith("weight"):
                 p.copy_(1.0 + 0.1 * noise)
             else:
                 p.copy_(0.08 * noise)
@@ -155,12 +160,12 @@ def _run_case(name, spec):
             "local_vocab_rows": model.embed.weight.shape[0]}
 
 
-def _hf_roundtrip_tp():
+def _hf_roundtrip_tp(archs=("gpt_neox", "llama")):
     """At TP=2: HF -> ours -> HF, and our gathered logits vs HF's."""
     from ponder_pt.models import PonderLM, load_hf_state_dict, to_hf_state_dict
 
     out = {}
-    for arch in ("gpt_neox", "llama"):
+    for arch in archs:
         cfg = tiny_model_config(arch)
         hf = random_hf_model(cfg, seed=3)
         sd = hf.state_dict()
@@ -188,17 +193,20 @@ def _hf_roundtrip_tp():
     return out
 
 
-def _tp_report() -> dict:
-    """Every TP_CASES case at TP=2, then at TP=1 (same world, DP=2), and their differences."""
+def _tp_report(cases=None, hf_archs=("gpt_neox", "llama")) -> dict:
+    """Every case (default TP_CASES) at TP=2, then at TP=1 (same world, DP=2), and their
+    differences; `hf_archs`: the HF round trips at TP=2. (tests/test_gpt2.py runs its own
+    cases through functools.partial(_tp_report, ...).)"""
     from megatron.core import parallel_state as ps
 
+    cases = TP_CASES if cases is None else cases
     report = {}
     ps.initialize_model_parallel(tensor_model_parallel_size=2)
-    tp2 = {n: _run_case(n, spec) for n, spec in TP_CASES.items()}
-    report["hf_tp2"] = _hf_roundtrip_tp()
+    tp2 = {n: _run_case(n, spec) for n, spec in cases.items()}
+    report["hf_tp2"] = _hf_roundtrip_tp(hf_archs)
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=1)
-    for n, spec in TP_CASES.items():
+    for n, spec in cases.items():
         ref, got = _run_case(n, spec), tp2[n]
         report[n] = {
             "loss_tp1": ref["loss"], "loss_tp2": got["loss"],

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.hf_compat
 VOCAB = 100
 LENGTHS = [9, 5, 7, 3]  # padded batch of mixed lengths, right padding
 TOL = 1e-5
-ARCHS = ["albert", "bert", "roberta", "gpt_neox", "llama"]
+ARCHS = ["albert", "bert", "roberta", "gpt_neox", "llama", "gpt2"]
+DECODER_ARCHS = ("gpt_neox", "llama", "gpt2")
 
 
 def _randomise(model, seed):
@@ -33,7 +34,7 @@ def _randomise(model, seed):
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            is_norm = "norm" in name.lower() and name.endswith("weight")
+            is_norm = ("norm" in name.lower() or ".ln_" in name) and name.endswith("weight")
             p.copy_(1.0 + 0.1 * noise if is_norm else 0.1 * noise)
     return model.eval()
 
@@ -52,6 +53,9 @@ def build(arch: str, attn: str = "sdpa", seed: int = 0, cls=None):
     elif arch == "roberta":
         common["max_position_embeddings"] = 66
         cfg = tf.RobertaConfig(**common, num_hidden_layers=3, pad_token_id=1)
+    elif arch == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_head=4, n_inner=64, n_positions=64,
+                            n_layer=3, pad_token_id=0)
     elif arch == "gpt_neox":
         cfg = tf.GPTNeoXConfig(**common, num_hidden_layers=3, pad_token_id=0,
                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -62,7 +66,8 @@ def build(arch: str, attn: str = "sdpa", seed: int = 0, cls=None):
     cfg._attn_implementation = attn
     if cls is None:
         cls = {"albert": tf.AlbertModel, "bert": tf.BertModel, "roberta": tf.RobertaModel,
-               "gpt_neox": tf.GPTNeoXForCausalLM, "llama": tf.LlamaForCausalLM}[arch]
+               "gpt_neox": tf.GPTNeoXForCausalLM, "llama": tf.LlamaForCausalLM,
+               "gpt2": tf.GPT2LMHeadModel}[arch]
     torch.manual_seed(seed)
     return _randomise(cls(cfg), seed)
 
@@ -102,7 +107,8 @@ def reference_pooled(model, arch, ids, mask):
         _close(ref[-1], out.pooler_output, 0)
         return ref
     base = model.base_model
-    norm = base.final_layer_norm if arch == "gpt_neox" else base.norm
+    norm = {"gpt_neox": "final_layer_norm", "gpt2": "ln_f"}.get(arch, "norm")
+    norm = getattr(base, norm)
     rows, last = torch.arange(ids.shape[0]), mask.sum(-1) - 1
     n = len(hs) - 1
     # HF's last hidden state is already normed: the logits are lm_head of it
@@ -115,7 +121,7 @@ def reference_pooled(model, arch, ids, mask):
 def test_layerwise_matches_hf_forward(arch, attn):
     model = build(arch, attn)
     bb = wrap_backbone(model)
-    assert bb.kind == arch and bb.is_decoder == (arch in ("gpt_neox", "llama"))
+    assert bb.kind == arch and bb.is_decoder == (arch in DECODER_ARCHS)
     assert bb.num_layers == model.config.num_hidden_layers and bb.hidden_size == 32
     assert not bb.training and not bb.ponder
     ids, mask = padded_batch(_pad(model))
@@ -201,9 +207,10 @@ def test_wrap_heads_and_missing_pooler():
 def test_unsupported_types_raise_clear_error(tmp_path):
     import transformers as tf
 
-    tiny = dict(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2)
-    with pytest.raises(ValueError, match=r"'gpt2' is not supported.*albert, bert, roberta"):
-        wrap_backbone(tf.GPT2Model(tf.GPT2Config(**tiny)))
+    tiny = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                ffn_dim=32, word_embed_proj_dim=16)
+    with pytest.raises(ValueError, match=r"'opt' is not supported.*albert, bert, roberta"):
+        wrap_backbone(tf.OPTModel(tf.OPTConfig(**tiny)))
     tf.T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=1, num_heads=2,
                 d_kv=8).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"'t5' is not supported.*gpt_neox, llama"):
@@ -248,7 +255,8 @@ def exports(bpe_dir, tmp_path_factory):
     specs = {"neox_k2": ("gpt_neox", dict(steps=2)),
              "llama_k2_top5": ("llama", dict(steps=2, top_k=5)),
              "neox_k0": ("gpt_neox", dict(steps=0)),
-             "llama_k2_hidden": ("llama", dict(steps=2, feedback="hidden"))}
+             "llama_k2_hidden": ("llama", dict(steps=2, feedback="hidden")),
+             "gpt2_k2": ("gpt2", dict(steps=2)), "gpt2_k0": ("gpt2", dict(steps=0))}
     root = tmp_path_factory.mktemp("ee_exports")
     return {name: pondering_export(str(root / name), bpe_dir, arch=arch, seed=seed + 1, **ponder)
             for seed, (name, (arch, ponder)) in enumerate(specs.items())}
@@ -258,7 +266,8 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world",
          "def main(): return 0  # a line of code"]
 
 
-@pytest.mark.parametrize("name", ["neox_k2", "llama_k2_top5", "llama_k2_hidden", "neox_k0"])
+@pytest.mark.parametrize("name", ["neox_k2", "llama_k2_top5", "llama_k2_hidden", "neox_k0",
+                                  "gpt2_k2", "gpt2_k0"])
 def test_pondering_export_last_layer_gives_forward_logits(exports, name):
     """start() runs the K pondering passes: lm_head(pooled after the last layer) equals the
     exported model's forward logits at the last real token of a right-padded batch."""
@@ -280,7 +289,7 @@ def test_pondering_export_last_layer_gives_forward_logits(exports, name):
             alone = bb.model(ids[b:b + 1, :n], use_cache=False).logits[0, -1]
             _close(bb.lm_head(pooled[-1][b]), alone)
         if k == 0:  # a plain export behaves as the stock decoder, layer by layer
-            arch = "gpt_neox" if "neox" in name else "llama"
+            arch = "gpt_neox" if "neox" in name else "gpt2" if "gpt2" in name else "llama"
             for g, r in zip(pooled, reference_pooled(bb.model, arch, ids, mask)):
                 _close(g, r)
         else:  # the pondering passes matter: a stock run of the same weights differs

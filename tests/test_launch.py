@@ -22,11 +22,19 @@ def test_every_method_and_size_has_a_script():
             assert f"pretrain_{method}_{size}.sh" in names
 
 
+def _script_env(**extra):
+    env = dict(os.environ, PYTHON=sys.executable, **extra)
+    for key in ("WORLD_SIZE", "GPUS_PER_NODE", "PRECISION", "SLURM_GPUS_PER_NODE",
+                "SLURM_NTASKS", "SLURM_JOB_ID"):
+        if key not in extra:
+            env.pop(key, None)
+    return env
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
 def test_script_syntax_and_dry_run(script):
     subprocess.run(["bash", "-n", script], check=True)
-    env = dict(os.environ, PYTHON=sys.executable)
-    env.pop("WORLD_SIZE", None)
+    env = _script_env()
     out = subprocess.run(["bash", script, "--dry-run"], env=env, capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -42,6 +50,25 @@ def test_script_syntax_and_dry_run(script):
             assert "activation_checkpointing: full" in text
     if method == "pausepythia":
         assert "rate: 0.1" in text
+
+
+def test_script_on_cpus_passes_trailing_arguments_last():
+    """GPUS_PER_NODE=0: CPU tasks (fp32, world = the tasks SLURM gives); `--set` pairs after
+    the script name reach the trainer after the script's own, so they win. The same scripts
+    run under a live SLURM in tests/test_slurm_live.py."""
+    script = os.path.join(ROOT, "slurm", "pretrain_ponderpythia_2.8b.sh")
+    out = subprocess.run(["bash", script, "--dry-run", "--set", "train.iters=30",
+                          "--set", "parallel.tp=1", "--set", "train.micro_batch=2"],
+                         env=_script_env(GPUS_PER_NODE="0", SLURM_NTASKS="2"),
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    assert "world_size: 2 = tp 1 x pp 1 x dp 2" in text
+    assert "precision: fp32" in text and "iters: 30" in text and "micro_batch: 2" in text
+    # the trailing pairs come after the script's own in the launch command
+    launch = text.split("# launch\n")[1]
+    assert launch.index("parallel.tp=2") < launch.index("parallel.tp=1")
+    assert launch.rstrip().endswith("--set train.micro_batch=2")
 
 
 def test_nodelist_expansion():

@@ -108,6 +108,23 @@ def test_train_valid_split_and_missing_prefix(prepared, tmp_path):
                        eod_id=0, vocab_size=600)
 
 
+
+def test_split_with_no_documents_is_dropped_or_refused(prepared, tmp_path):
+    """A share of data.split too small for the corpus (megatron-core would loop forever on it):
+    dropped when nothing is asked of it, with the other splits' documents unchanged; refused
+    with the split and the prefix named when samples are asked of it."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    n = len(IndexedDataset(prepared, mmap=True))
+    tiny = 1 / (4 * n)  # a share that rounds to no document
+    split = f"{1 - 0.1 - tiny},0.1,{tiny}"
+    kw = dict(seq_len=L, seed=1, eod_id=0, vocab_size=600, split=split, cache_dir=str(tmp_path))
+    tr, va, te = build_datasets([(prepared, 1.0)], num_samples=(10, 5, 0), **kw)
+    assert te is None and len(tr) >= 10 and len(va) >= 5
+    with pytest.raises(ValueError, match=f"the test split gets none of the {n} documents"):
+        build_datasets([(prepared, 1.0)], num_samples=(10, 5, 2), **kw)
+
+
 def test_cli_inspect_json(prepared, bpe_dir, tmp_path, capsys):
     argv = ["data", "inspect", "--data", prepared, "--seq-len", str(L), "--pause-rate", "0.1",
             "--pause-id", str(PAUSE), "--num-samples", "3", "--seed", "7", "--json",

@@ -81,8 +81,14 @@ def test_toy_study_reports_every_run(toy):
     for name in planned:
         assert f"| {name} |" in md, name
     for section in ("## Equal tokens", "## Equal training FLOPs", "## Pause tokens",
-                    "## The papers' claims", "## Early exit"):
+                    "## The papers' claims", "## Early exit", "## Pause fine-tuning"):
         assert section in md
+    # the pause paper's 2x2 with `ponder-pt sft`, every cell scored at M = 0, 2, 5, 10
+    pft = res["pause_ft"]
+    assert [(r["pt"], r["ft"]) for r in pft["rows"]] == [
+        ("StdPT", "StdFT"), ("StdPT", "PauseFT"), ("PausePT", "StdFT"), ("PausePT", "PauseFT")]
+    assert all(sorted(r["scores"], key=int) == ["0", "2", "5", "10"] for r in pft["rows"])
+    assert pft["rows"][0]["scores"]["2"] is None  # StdPT + StdFT has no <pause> row
     # early exit on the study's own plain model, exported to HF: every strategy, its sweep
     ee = res["early_exit"]
     assert ee["backbone"] == "plain" and (out / "early_exit.png").stat().st_size > 1000

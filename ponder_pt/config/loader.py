@@ -189,10 +189,15 @@ def resolve_model_preset(raw: dict) -> dict:
     preset = model.get("preset")
     if preset is None:
         return raw
+    if preset == "from_init":  # the shape of checkpoint.init_from (config/init_source.py)
+        from .init_source import resolve_from_init
+
+        return resolve_from_init(raw)
     if preset not in MODEL_PRESETS:
         raise ConfigError(
             f"model.preset: unknown preset {preset!r}{_suggest(str(preset), MODEL_PRESETS)}; "
-            f"available: {', '.join(MODEL_PRESETS)}"
+            f"available: {', '.join(MODEL_PRESETS)}, or from_init (the shape of "
+            f"checkpoint.init_from)"
         )
     return _deep_merge(raw, {"model": {**MODEL_PRESETS[preset], **model}})
 

@@ -3,7 +3,10 @@
 Model shapes follow the published configs: Pythia from EleutherAI's gpt-neox
 `configs/pythia/*.yml` (all: rotary_pct 0.25, parallel residual, untied embeddings,
 seq 2048, ffn 4 x hidden, 2M-token batches of 1024 x 2048, 143k iters, min_lr 0.1 x lr),
-LLaMA from the HF configs of TinyLlama-1.1B and Llama-2-7B.
+LLaMA from the HF configs of TinyLlama-1.1B and Llama-2-7B, GPT-2 from OpenAI's GPT-2 configs
+(n_positions 1024, learned positions, tied embeddings, GELU tanh, LayerNorm eps 1e-5, init
+std 0.02 with residual projections scaled by 1/sqrt(2L); vocabulary 50257 padded by the
+tokenizer layout, 50304 at TP <= 2).
 """
 
 from __future__ import annotations
@@ -74,6 +77,23 @@ MODEL_PRESETS["pythia-tiny"] = dict(
     max_seq_len=256,
 )
 
+# name: (layers, hidden, heads, lr) -- lr from the GPT-3 paper's table for the same sizes
+_GPT2_SHAPES = {
+    "gpt2-small": (12, 768, 12, 6.0e-4),
+    "gpt2-medium": (24, 1024, 16, 3.0e-4),
+    "gpt2-large": (36, 1280, 20, 2.5e-4),
+    "gpt2-xl": (48, 1600, 25, 2.0e-4),
+}
+_GPT2_MODEL = dict(arch="gpt2", num_kv_heads=None, max_seq_len=1024, rotary_pct=0.0,
+                   parallel_residual=False, tie_embeddings=True, norm_eps=1e-5,
+                   init_method_std=0.02)
+for _name, (_l, _h, _a, _) in _GPT2_SHAPES.items():
+    MODEL_PRESETS[_name] = dict(_GPT2_MODEL, num_layers=_l, hidden_size=_h, num_heads=_a,
+                                ffn_hidden_size=4 * _h)
+# A tiny GPT-2 shape for CPU tests and demos.
+MODEL_PRESETS["gpt2-tiny"] = dict(_GPT2_MODEL, num_layers=2, hidden_size=64, num_heads=4,
+                                  ffn_hidden_size=256, max_seq_len=256)
+
 _PYTHIA_TRAIN = dict(iters=143000, global_batch=1024, warmup=0.01, weight_decay=0.01,
                      adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, grad_clip=1.0)
 
@@ -91,6 +111,19 @@ for _name, (_l, _h, _a, _lr) in _PYTHIA_SHAPES.items():
                                                 ponder={"steps": 3})
     RUN_PRESETS[f"pausepythia-{_size}"] = dict(_base, name=f"pausepythia-{_size}",
                                                pause={"rate": 0.1})
+for _name, (_l, _h, _a, _lr) in _GPT2_SHAPES.items():
+    _size = _name.split("-", 1)[1]
+    # nanoGPT's GPT-2 recipe: 0.5M-token batches (512 x 1024), 600k iters (~300B tokens),
+    # 2000 warmup steps, weight decay 0.1; peak lr from the GPT-3 paper for the same sizes
+    _base = {
+        "model": {"preset": _name},
+        "data": {"seq_len": 1024},
+        "train": dict(_PYTHIA_TRAIN, iters=600000, global_batch=512, warmup=2000,
+                      weight_decay=0.1, lr=_lr, min_lr=0.1 * _lr),
+    }
+    RUN_PRESETS[_name] = dict(_base, name=_name)
+    RUN_PRESETS[f"pondergpt2-{_size}"] = dict(_base, name=f"pondergpt2-{_size}",
+                                              ponder={"steps": 3})
 RUN_PRESETS["tinyllama-1.1b"] = {
     "name": "tinyllama-1.1b",
     "model": {"preset": "tinyllama-1.1b"},

@@ -15,7 +15,8 @@ class ModelConfig:
     preset: Optional[str] = None
     """Named shape from the registry (pythia-70m, tinyllama-1.1b, ...). Explicit fields win."""
     arch: str = "gpt_neox"
-    """gpt_neox (Pythia) or llama."""
+    """gpt_neox (Pythia), llama or gpt2 (learned positions: max_seq_len rows, rotary_pct=0,
+    tied embeddings, sequential blocks)."""
     num_layers: int = 6
     hidden_size: int = 512
     num_heads: int = 8
@@ -25,6 +26,7 @@ class ModelConfig:
     """None = 4 x hidden (GPT-NeoX); LLaMA presets set it explicitly."""
     max_seq_len: int = 2048
     rotary_pct: float = 0.25
+    """Fraction of each head's dims rotated (gpt_neox: (0, 1], llama: 1, gpt2: 0 = none)."""
     rotary_base: float = 10000.0
     parallel_residual: bool = True
     tie_embeddings: bool = False
@@ -164,7 +166,7 @@ class CheckpointConfig:
     load: Optional[str] = None
     """Resume from this directory (default: `dir` when it holds a checkpoint)."""
     init_from: Optional[str] = None
-    """Initial weights for a fresh run (ignored when resuming): an HF GPT-NeoX/LLaMA directory
+    """Initial weights for a fresh run (ignored when resuming): an HF GPT-NeoX/LLaMA/GPT-2 directory
     or a checkpoint.dir (e.g. the output of `ponder-pt convert from-hf`)."""
     unsafe_unpickle: bool = False
     """Read an `init_from` checkpoint.dir with full unpickling (runs any code its files hold).

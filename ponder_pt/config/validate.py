@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .exportable import ROTARY_ARCHS, export_problems
 from .loader import ConfigError
 from .schema import Config, parse_blend
 
-ARCHS = ("gpt_neox", "llama")
+ARCHS = ("gpt_neox", "llama", "gpt2")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("torch", "deepspeed")
 CHECKPOINTING = ("none", "full", "selective")
@@ -39,15 +40,13 @@ def problems(cfg: Config, world_size: Optional[int] = None,
                    f"{m.num_heads}; choose num_heads among {_divisors_hint(m.hidden_size)}")
     if m.num_kv_heads is not None and (m.num_kv_heads < 1 or m.num_heads % m.num_kv_heads):
         out.append(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
-    if m.num_heads >= 1 and m.hidden_size % m.num_heads == 0:
+    if m.num_heads >= 1 and m.hidden_size % m.num_heads == 0 and m.arch in ROTARY_ARCHS:
         rot = int(m.head_dim * m.rotary_pct)
-        if not 0.0 < m.rotary_pct <= 1.0:
-            out.append(f"model.rotary_pct: must be in (0, 1], got {m.rotary_pct}")
-        elif rot % 2:
+        if 0.0 < m.rotary_pct <= 1.0 and rot % 2:  # the range: export_problems below
             out.append(f"model.rotary_pct={m.rotary_pct} gives {rot} rotary dims of head_dim "
                        f"{m.head_dim}; it must be even: adjust rotary_pct or the head size")
-    if m.arch == "llama" and m.parallel_residual:
-        out.append("model.parallel_residual: LLaMA blocks are sequential; set it to false")
+    if m.arch in ARCHS:  # every config that trains must export (config/exportable.py)
+        out.extend(export_problems(m))
     if m.activation_checkpointing not in CHECKPOINTING:
         out.append(f"model.activation_checkpointing: {m.activation_checkpointing!r} is not one of "
                    f"{CHECKPOINTING}")
@@ -164,7 +163,10 @@ def problems(cfg: Config, world_size: Optional[int] = None,
         out.append(f"data.seq_len: must be >= 2, got {d.seq_len}")
     if d.seq_len > m.max_seq_len:
         out.append(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
-                   "raise model.max_seq_len or shorten data.seq_len")
+                   + ("GPT-2 has model.max_seq_len learned positions (n_positions): shorten "
+                      "data.seq_len or raise model.max_seq_len (a new model only)"
+                      if m.arch == "gpt2" else
+                      "raise model.max_seq_len or shorten data.seq_len"))
     try:
         parts = [float(x) for x in d.split.replace("/", ",").split(",")]
         if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0 or parts[0] <= 0:
@@ -181,6 +183,10 @@ def problems(cfg: Config, world_size: Optional[int] = None,
         out.append("data.num_workers: must be >= 0")
     if cfg.checkpoint.interval < 1 or cfg.checkpoint.keep_last < 1:
         out.append("checkpoint.interval and checkpoint.keep_last must be >= 1")
+    if cfg.checkpoint.init_from:  # the source's shape against ours (config/init_source.py)
+        from .init_source import init_from_problems
+
+        out.extend(init_from_problems(cfg, vocab))
     return out
 
 

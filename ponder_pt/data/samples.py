@@ -95,6 +95,29 @@ def _process_group_for_megatron():
         torch.distributed.destroy_process_group()
 
 
+def _drop_empty_splits(config, prefixes: Sequence[str],
+                       num_samples: tuple[Optional[int], Optional[int], Optional[int]],
+                       split: str) -> None:
+    """A split that `data.split` gives a share but that gets no documents of some prefix (a
+    small corpus: 969,30,1 of 50 documents leaves test empty) makes megatron-core loop forever
+    counting epochs. Drop such a split when nothing is asked of it (its bounds are kept, so the
+    other splits keep exactly their documents); refuse it when samples are asked of it."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    matrix = config.split_matrix
+    for prefix in prefixes:
+        n = len(IndexedDataset(prefix, mmap=True))
+        for i, bounds in enumerate(matrix):
+            if bounds is None or int(round(bounds[0] * n)) < int(round(bounds[1] * n)):
+                continue
+            if num_samples[i] or i == 0:
+                raise ValueError(
+                    f"data.split={split}: the {SPLITS[i]} split gets none of the {n} documents "
+                    f"of {prefix}; give it a larger share (e.g. data.split=95,5,0), name its data "
+                    f"(data.{SPLITS[i]}), or prepare more documents")
+            matrix[i] = None
+
+
 def build_datasets(train: Sequence[tuple[str, float]], *, seq_len: int, seed: int,
                    num_samples: tuple[Optional[int], Optional[int], Optional[int]],
                    eod_id: int, vocab_size: int, valid: Sequence[tuple[str, float]] = (),
@@ -120,6 +143,7 @@ def build_datasets(train: Sequence[tuple[str, float]], *, seq_len: int, seed: in
             blend_per_split=[_blend(train), _blend(valid), _blend(test)], **common)
     else:
         config = GPTDatasetConfig(blend=_blend(train), split=split, **common)
+        _drop_empty_splits(config, [p for p, _ in train], num_samples, split)
     # megatron-core: a None size means "one full epoch", which blends (weights) do not allow
     sizes = [n if n else 0 for n in num_samples]
     with _process_group_for_megatron():

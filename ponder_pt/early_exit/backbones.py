@@ -13,14 +13,16 @@ forward does (transformers 5.x):
         state = backbone.select(state, still_running)     # drop exited rows
 
 Pooled vector: encoders (ALBERT, BERT, RoBERTa) take the model's pooler (dense + tanh) on the
-first ([CLS]) token; decoders (GPT-NeoX, LLaMA) take the final norm of the last non-pad token.
+first ([CLS]) token; decoders (GPT-NeoX, LLaMA, GPT-2) take the final norm of the last non-pad
+token.
 
 Pondering decoders (ponder-pt's remote-code exports, config.ponder_steps = K > 0) run the K
 full pondering passes inside `start()` to build e_K; the layer-by-layer pass then runs on e_K,
 so the exit happens inside the final pass. K = 0 behaves exactly like a stock decoder.
 
-Masks (`masking_utils.create_*_mask`) and rotary embeddings (`model.rotary_emb`) come from
-transformers itself and follow config._attn_implementation, which is forced to eager or sdpa.
+Masks (`masking_utils.create_*_mask`) and rotary embeddings (`model.rotary_emb`; GPT-2: its
+learned `wpe` added to the embeddings) come from transformers itself and follow
+config._attn_implementation, which is forced to eager or sdpa.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ import torch
 from torch import nn
 
 ENCODERS = ("albert", "bert", "roberta")
-DECODERS = ("gpt_neox", "llama")
+DECODERS = ("gpt_neox", "llama", "gpt2")
 # model_type -> kind; the ponder_* types are our remote-code exports (`ponder-pt convert to-hf`)
 MODEL_TYPES = {"albert": "albert", "bert": "bert", "roberta": "roberta",
-               "gpt_neox": "gpt_neox", "llama": "llama",
-               "ponder_gpt_neox": "gpt_neox", "ponder_llama": "llama"}
+               "gpt_neox": "gpt_neox", "llama": "llama", "gpt2": "gpt2",
+               "ponder_gpt_neox": "gpt_neox", "ponder_llama": "llama", "ponder_gpt2": "gpt2"}
 
 
 def _kind_of(config, what: str) -> str:
@@ -46,9 +48,10 @@ def _kind_of(config, what: str) -> str:
         raise ValueError(
             f"{what}: model type {model_type!r} is not supported for early exit. Supported: "
             f"encoders {', '.join(ENCODERS)}; decoders {', '.join(DECODERS)} (stock, or "
-            "ponder-pt pondering exports ponder_gpt_neox / ponder_llama). Use a checkpoint of "
-            "one of these types (e.g. albert-base-v2, bert-base-uncased, roberta-base, a "
-            "Pythia or LLaMA model, or the output of `ponder-pt convert to-hf`).")
+            "ponder-pt pondering exports ponder_gpt_neox / ponder_llama / ponder_gpt2). Use a "
+            "checkpoint of one of these types (e.g. albert-base-v2, bert-base-uncased, "
+            "roberta-base, a Pythia, LLaMA or GPT-2 model, or the output of `ponder-pt convert "
+            "to-hf`).")
     return MODEL_TYPES[model_type]
 
 
@@ -263,7 +266,8 @@ class DecoderBackbone(LayerwiseBackbone):
 
     @property
     def final_norm(self) -> nn.Module:
-        return self.base.final_layer_norm if self.kind == "gpt_neox" else self.base.norm
+        name = {"gpt_neox": "final_layer_norm", "gpt2": "ln_f"}.get(self.kind, "norm")
+        return getattr(self.base, name)
 
     def _ponder_inputs(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         """e_K after the K full pondering passes (as the exported model's forward):
@@ -326,17 +330,43 @@ class DecoderBackbone(LayerwiseBackbone):
         return self.final_norm(state.hidden[rows, last])  # the norm is per token
 
 
+class GPT2Backbone(DecoderBackbone):
+    """GPT-2 (stock GPT2LMHeadModel or our pondering export): no rotary; the layer input is
+    drop(e + wpe[position_ids]) as GPT2Model builds it (e = e_K for pondering exports, whose
+    passes add wpe the same way), then h[i](hidden, attention_mask=causal 4-D mask)."""
+
+    def start(self, input_ids, attention_mask, token_type_ids=None) -> LayerState:
+        from transformers.masking_utils import create_causal_mask
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        e = self._ponder_inputs(input_ids, attention_mask, position_ids)
+        hidden = self.base.drop(e + self.base.wpe(position_ids).to(e.dtype))
+        layer_mask = create_causal_mask(self.config, hidden, attention_mask, None,
+                                        position_ids=position_ids)
+        extras = {"layer_mask": layer_mask, "position_ids": position_ids}
+        return LayerState(hidden, attention_mask, extras, {"layer_mask": (2, 3),
+                                                           "position_ids": (1,)})
+
+    def layer(self, i: int, state: LayerState) -> LayerState:
+        x = state.extras
+        hidden = self.base.h[i](state.hidden, attention_mask=x["layer_mask"],
+                                position_ids=x["position_ids"])
+        return LayerState(hidden, state.attention_mask, state.extras, state.seq_dims)
+
+
 # --------------------------------------------------------------------------- entry points
 
 _ADAPTERS = {"albert": AlbertBackbone, "bert": EncoderBackbone, "roberta": EncoderBackbone,
-             "gpt_neox": DecoderBackbone, "llama": DecoderBackbone}
+             "gpt_neox": DecoderBackbone, "llama": DecoderBackbone, "gpt2": GPT2Backbone}
 
 
 def wrap_backbone(model) -> LayerwiseBackbone:
     """A LayerwiseBackbone over an already built HF model: Albert/Bert/RobertaModel (or any
-    of their *For... models: only the base model is kept), GPTNeoX/Llama (*ForCausalLM keeps
-    the LM head) and our pondering remote-code classes. Attention is forced to sdpa unless it
-    is eager already (the layer masks built here must match the attention kernel)."""
+    of their *For... models: only the base model is kept), GPTNeoX/Llama/GPT2 (*ForCausalLM /
+    GPT2LMHeadModel keep the LM head) and our pondering remote-code classes. Attention is
+    forced to sdpa unless it is eager already (the layer masks built here must match the attention kernel)."""
     kind = _kind_of(model.config, type(model).__name__)
     if model.config._attn_implementation not in ("eager", "sdpa"):
         model.set_attn_implementation("sdpa")

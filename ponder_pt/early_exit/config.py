@@ -96,6 +96,10 @@ class FinetuneConfig:
     """HF directory or hub name (ALBERT, BERT, RoBERTa, or our GPT-NeoX/LLaMA exports)."""
     task: str = ""
     """GLUE task name (rte, mrpc, stsb, cola, sst2, qnli, qqp, mnli) or a local directory."""
+    task_format: str = ""
+    """GLUE task whose columns and labels a local task directory has, when neither its name
+    (RTE/, SST-2/, ...) nor a task.json says (`--task-format rte`; mnli_mismatched picks
+    MNLI's dev_mismatched.tsv)."""
     out: str = "finetune_out"
     trust_remote_code: bool = False
     """Run Python code shipped in the backbone directory (`--trust-remote-code`); ponder-pt

@@ -51,7 +51,7 @@ def build(cfg: FinetuneConfig, heads_from: Optional[str] = None):
     from .tasks import Encoded, load_task
 
     task = load_task(cfg.task, max_train=cfg.train.max_train_samples,
-                     max_eval=cfg.eval.max_eval_samples)
+                     max_eval=cfg.eval.max_eval_samples, task_format=cfg.task_format)
     # fp32 master weights whatever the checkpoint's dtype; DeepSpeed casts for bf16/fp16
     backbone, tokenizer = load_backbone(cfg.backbone, dtype=torch.float32,
                                         trust_remote_code=cfg.trust_remote_code)
@@ -213,6 +213,7 @@ def final_eval(cfg: FinetuneConfig, model_dir: str, out_dir: str,
     eval_cfg = load_finetune_config(None, None, (), validate=False)
     eval_cfg.exit, eval_cfg.train, eval_cfg.eval = cfg.exit, cfg.train, cfg.eval
     eval_cfg.backbone, eval_cfg.task = model_dir, cfg.task
+    eval_cfg.task_format = cfg.task_format
     eval_cfg.trust_remote_code = cfg.trust_remote_code
     model, _, task, _, valid = build(eval_cfg, heads_from=heads_file(model_dir))
     from ..inference.device import resolve_device
@@ -234,6 +235,7 @@ def final_eval(cfg: FinetuneConfig, model_dir: str, out_dir: str,
 def _config_from(args) -> FinetuneConfig:
     return load_finetune_config(args.exit, args.config, args.overrides, validate=False,
                                 backbone=args.backbone or args.eval_only, task=args.task,
+                                task_format=getattr(args, "task_format", None),
                                 out=args.out, trust_remote_code=args.trust_remote_code or None)
 
 
@@ -278,16 +280,13 @@ def cmd_finetune(args) -> int:
     launched = "WORLD_SIZE" in os.environ
     check(cfg, args.nproc if not launched else None)
     training_device(device)
-    if not launched:  # fail on a bad task directory before any process starts
-        from .tasks import load_task
+    if not launched:
+        # before any process starts: a bad task directory fails with its rows listed, a hub
+        # task is fetched into the cache (or fails in one line when the Hub is unreachable)
+        from .tasks import resolve_task
 
-        if os.path.isdir(cfg.task):
-            load_task(cfg.task)
-        elif os.sep in cfg.task:
-            raise FileNotFoundError(f"--task {cfg.task}: no such directory")
+        resolve_task(cfg.task, cfg.task_format)
     if args.nproc > 1 and not launched:
-        import subprocess
-
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={args.nproc}", "-m", "ponder_pt.early_exit.finetune",
                "--exit", args.exit, "--backbone", cfg.backbone, "--task", cfg.task,
@@ -296,9 +295,13 @@ def cmd_finetune(args) -> int:
             cmd += ["--config", args.config]
         if args.trust_remote_code:
             cmd += ["--trust-remote-code"]
+        if cfg.task_format:
+            cmd += ["--task-format", cfg.task_format]
         for item in args.overrides:
             cmd += ["--set", item]
-        return subprocess.call(cmd)
+        from ..engine.failures import run_torchrun
+
+        return run_torchrun(cmd, "ponder-pt finetune")
     summary = finetune(cfg, device=device)
     if "eval_json" in summary:
         with open(summary["eval_json"], encoding="utf-8") as fh:
@@ -315,11 +318,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     add_args(parser)
     args = parser.parse_args(argv)
-    try:
-        return cmd_finetune(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"finetune: error: {exc}", file=sys.stderr)
-        return 2
+    from ..engine.failures import record_error, recorded
+
+    def run() -> int:
+        try:
+            return cmd_finetune(args)
+        except (ConfigError, FileNotFoundError, ValueError) as exc:
+            print(f"finetune: error: {exc}", file=sys.stderr)
+            record_error(exc)
+            return 2
+
+    return recorded("ponder-pt finetune", run)
 
 
 if __name__ == "__main__":

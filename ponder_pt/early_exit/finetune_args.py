@@ -10,6 +10,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                       "`ponder-pt convert to-hf` export)")
     p.add_argument("--task", help="GLUE task name (rte, mrpc, stsb, cola, sst2, qnli, qqp, "
                                   "mnli) or a local task directory")
+    p.add_argument("--task-format", metavar="GLUE_TASK",
+                   help="the GLUE task whose original layout (columns, label strings) a local "
+                        "--task directory has, when its name does not say (RTE/, SST-2/, MNLI/ "
+                        "are recognised); mnli_mismatched validates on dev_mismatched.tsv")
     p.add_argument("--exit", default="palbert", help="none | palbert | pondernet | pabee | "
                                                      "entropy (its preset's defaults)")
     p.add_argument("--config", help="YAML file with exit/train/eval/log sections")

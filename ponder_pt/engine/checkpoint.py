@@ -8,6 +8,12 @@ Layout under `checkpoint.dir`:
 
 A directory without a valid ponder_meta.json (a save cut short) is never loaded; a tag whose
 files are missing or truncated, or that fails to load, is skipped for the previous one.
+
+ponder_meta.json records the layout (TP, PP, DP, ZeRO stage). Resuming at the same layout is
+DeepSpeed's exact load. Resuming at another one (fewer or more GPUs, another TP or PP size)
+converts the newest intact checkpoint into `step_N/universal/` (engine.reshard, built in a
+temporary directory and renamed into place; the shards are only read) and carries the weights,
+Adam's moments and step, the LR schedule and the data position over.
 """
 
 from __future__ import annotations
@@ -157,13 +163,38 @@ class CheckpointManager:
 
     def __init__(self, ckpt_dir: str, keep_last: int, rank: int, world_size: int,
                  barrier: Callable[[], None], log: Callable[[str], None] = print,
-                 dp: int = 1, zero_stage: int = 0, extra: Optional[tuple] = None):
+                 dp: int = 1, zero_stage: int = 0, extra: Optional[tuple] = None,
+                 tp: int = 1, pp: int = 1):
         """extra: (save(tag_dir), load(tag_dir)) for state DeepSpeed does not checkpoint."""
         self.extra = extra
         self.dir, self.keep_last = ckpt_dir, keep_last
         self.rank, self.world_size = rank, world_size
         self.dp, self.zero_stage = dp, zero_stage
+        self.tp, self.pp = tp, pp
         self.barrier, self.log = barrier, log
+        self.elastic: Optional[tuple[str, str, str]] = None  # (src, tag, universal dir)
+
+    @property
+    def layout(self) -> dict:
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "zero_stage": self.zero_stage}
+
+    def saved_layout(self, meta: dict) -> dict:
+        """The layout a tag was saved at (checkpoints from before layouts were recorded are
+        taken as TP and PP unchanged)."""
+        layout = meta.get("layout") or {}
+        return {"tp": int(layout.get("tp", self.tp)), "pp": int(layout.get("pp", self.pp)),
+                "dp": int(layout.get("dp", meta.get("dp", self.dp))),
+                "zero_stage": int(layout.get("zero_stage", meta.get("zero_stage",
+                                                                     self.zero_stage)))}
+
+    def _needs_conversion(self, saved: dict) -> bool:
+        """Whether resuming needs the layout-free conversion (engine.reshard). Only a ZeRO-0
+        run changing nothing but DP loads DeepSpeed's files directly: its optimizer state is
+        whole in every rank's file."""
+        if saved == self.layout:
+            return False
+        return not (saved["zero_stage"] == self.zero_stage == 0 and saved["tp"] == self.tp
+                    and saved["pp"] == self.pp)
 
     def save(self, engine, step: int, state: dict) -> str:
         tag = tag_for(step)
@@ -181,7 +212,8 @@ class CheckpointManager:
         self.barrier()  # every rank's files are on disk
         if self.rank == 0:
             meta = {"tag": tag, "step": step, "world_size": self.world_size, "dp": self.dp,
-                    "zero_stage": self.zero_stage, "state": state, "files": _file_sizes(root)}
+                    "zero_stage": self.zero_stage, "layout": self.layout, "state": state,
+                    "files": _file_sizes(root)}
             _atomic_write(os.path.join(root, META), json.dumps(meta, indent=1))
             _atomic_write(os.path.join(self.dir, "latest"), tag)
             self._prune()
@@ -197,21 +229,59 @@ class CheckpointManager:
             if newest and tag < newest and tag not in complete:
                 shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
 
+    def prepare_resume(self, load_dir: Optional[str], model_cfg, unsafe_unpickle: bool = False
+                       ) -> Optional[str]:
+        """Before the engine is built: if the newest usable checkpoint was saved at another
+        layout, convert it (rank 0; engine.reshard) and return its universal directory, which
+        the trainer loads the weights from before `deepspeed.initialize` and `resume` the
+        optimizer from after. None when resume takes DeepSpeed's exact path (or there is
+        nothing to resume). A tag whose conversion fails is skipped for the previous one."""
+        from . import reshard
+
+        src = load_dir or self.dir
+        choice = None
+        if self.rank == 0:
+            for tag in list_tags(src):
+                if verify(src, tag) is not None:
+                    continue  # resume() reports it
+                saved = self.saved_layout(read_meta(src, tag))
+                if not self._needs_conversion(saved):
+                    break
+                try:
+                    reshard.convert(src, tag, saved, model_cfg, unsafe_unpickle, self.log)
+                    choice = (src, tag, reshard.universal_dir(src, tag))
+                    self.log(f"checkpoint {tag}: saved at {reshard.describe(saved)}, resuming "
+                             f"at {reshard.describe(self.layout)} (weights, optimizer moments, "
+                             "LR schedule and data position carried over)")
+                    break
+                except Exception as exc:
+                    self.log(f"checkpoint {tag}: cannot convert it for "
+                             f"{reshard.describe(self.layout)} ({type(exc).__name__}: {exc})")
+        if torch.distributed.is_initialized():
+            box = [choice]
+            torch.distributed.broadcast_object_list(box, src=0)
+            choice = box[0]
+        self.elastic = choice
+        return choice[2] if choice else None
+
     def _load(self, engine, src: str, tag: str, meta: dict):
-        """DeepSpeed cannot re-partition ZeRO optimizer state for a new DP size: then the
-        model, LR schedule and data position are restored and Adam's moments restart."""
-        saved_dp = meta.get("dp", self.dp)
-        if saved_dp == self.dp or self.zero_stage == 0:
-            return engine.load_checkpoint(src, tag=tag)
-        if self.zero_stage == 3:
-            raise RuntimeError(f"{tag} was saved with ZeRO-3 on DP={saved_dp}; ZeRO-3 resumes "
-                               f"on the same DP size only (now {self.dp}). Use {saved_dp} data-"
-                               "parallel ranks, or export the weights and start a new run")
-        self.log(f"warning: {tag} was saved with DP={saved_dp}, resuming with DP={self.dp}: "
-                 "model, LR schedule and data position are restored; the optimizer's moments "
-                 "restart (DeepSpeed re-partitions ZeRO optimizer state only via its universal "
-                 "checkpoint conversion)")
-        return engine.load_checkpoint(src, tag=tag, load_optimizer_states=False)
+        saved = self.saved_layout(meta)
+        if self._needs_conversion(saved):
+            from .reshard import describe
+
+            raise RuntimeError(f"saved at {describe(saved)}, now {describe(self.layout)}; only "
+                               "the newest usable checkpoint is converted to a new layout")
+        return engine.load_checkpoint(src, tag=tag)
+
+    def _load_elastic(self, engine) -> dict:
+        from . import reshard
+
+        src, tag, udir = self.elastic
+        reshard.load_optimizer(engine, udir)
+        meta = read_meta(src, tag)
+        self.log(f"resumed from {os.path.join(src, tag)} (converted from "
+                 f"{reshard.describe(self.saved_layout(meta))})")
+        return meta["state"]
 
     def resume(self, engine, load_dir: Optional[str] = None, all_ok: Callable[[bool], bool] = None
                ) -> Optional[dict]:
@@ -223,6 +293,8 @@ class CheckpointManager:
         are checkpoints but none loads, that is an error, never a silent fresh start.
         """
         src = load_dir or self.dir
+        if self.elastic is not None:
+            return self._load_elastic(engine)
         failures = []
         for tag in list_tags(src):
             reason = verify(src, tag)

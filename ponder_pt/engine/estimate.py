@@ -52,10 +52,12 @@ def block_params(m: ModelConfig, tp: int = 1) -> int:
 
 
 def shared_params(m: ModelConfig, vocab: int, tp: int = 1) -> int:
-    """W_in, the output head (unless tied) and the final norm on one TP rank."""
+    """W_in, the output head (unless tied), GPT-2's replicated position table and the final
+    norm on one TP rank."""
     head = 0 if m.tie_embeddings else vocab * m.hidden_size
-    return (vocab * m.hidden_size + head) // tp + (m.hidden_size if m.arch == "llama"
-                                                  else 2 * m.hidden_size)
+    positions = m.max_seq_len * m.hidden_size if m.arch == "gpt2" else 0
+    return (vocab * m.hidden_size + head) // tp + positions + (
+        m.hidden_size if m.arch == "llama" else 2 * m.hidden_size)
 
 
 # ------------------------------------------------------------------ activations per token
@@ -235,7 +237,7 @@ def _preset_params(shape: str) -> Optional[int]:
     fields = MODEL_PRESETS.get(shape)
     if fields is None:
         return None
-    vocab = 50304 if fields.get("arch", "gpt_neox") == "gpt_neox" else 32000
+    vocab = 32000 if fields.get("arch", "gpt_neox") == "llama" else 50304
     return param_count(ModelConfig(**fields), vocab)["total"]
 
 

@@ -22,7 +22,8 @@ def _block_weights(m: ModelConfig) -> int:
 
 
 def param_count(m: ModelConfig, vocab_size: int) -> dict:
-    """Exact parameter counts of our GPT-NeoX / LLaMA definitions."""
+    """Exact parameter counts of our GPT-NeoX / LLaMA / GPT-2 definitions (GPT-2's position
+    table counts as embedding)."""
     h, f, kv = m.hidden_size, m.ffn_size, m.kv_heads * m.head_dim
     per_layer = _block_weights(m)
     if m.arch == "llama":
@@ -32,7 +33,7 @@ def param_count(m: ModelConfig, vocab_size: int) -> dict:
         per_layer += (h + 2 * kv) + h + f + h  # qkv, dense, mlp-in, mlp-out biases
         per_layer += 4 * h  # two LayerNorms (weight + bias)
         final_norm = 2 * h
-    embed = vocab_size * h
+    embed = vocab_size * h + (m.max_seq_len * h if m.arch == "gpt2" else 0)
     head = 0 if m.tie_embeddings else vocab_size * h
     total = embed + head + m.num_layers * per_layer + final_norm
     return {"total": total, "embedding": embed, "output": head,

@@ -13,7 +13,10 @@ from ..config.schema import LogConfig
 
 class MetricsLogger:
     def __init__(self, cfg: LogConfig, enabled: bool = True, run_config: Optional[dict] = None,
-                 resume: bool = False):
+                 resume: bool | int = False):
+        """resume: append to metrics.jsonl. Given as the step a run resumed from (an int),
+        rows past that step, logged by the run that died after its last checkpoint, are
+        dropped first, so every step is in the file once."""
         self.enabled = enabled
         self._tb = self._wandb = None
         self.path = os.path.join(cfg.dir, "metrics.jsonl")
@@ -22,6 +25,8 @@ class MetricsLogger:
             return
         os.makedirs(cfg.dir, exist_ok=True)
         # a resumed run appends; a fresh run starts the file anew
+        if resume and not isinstance(resume, bool) and os.path.exists(self.path):
+            _drop_after(self.path, int(resume))
         self._file = open(self.path, "a" if resume else "w", encoding="utf-8")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -62,6 +67,24 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf
     return value
+
+
+def _drop_after(path: str, step: int) -> None:
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) > step:
+                continue
+        except (ValueError, KeyError, TypeError):  # a line cut short by the crash
+            continue
+        keep.append(line)
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(keep)
+        os.replace(tmp, path)
 
 
 def read_metrics(path: str) -> list[dict]:

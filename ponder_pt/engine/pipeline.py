@@ -32,6 +32,7 @@ class PipelineTrainer(Trainer):
         module = PipelineModule(
             layers=pipeline_layers(cfg.model, cfg.ponder, cfg.train.seed), loss_fn=pipeline_loss,
             topology=topo, partition_method="type:BlockLayer", activation_checkpoint_interval=0)
+        self._initial_weights(module)
         engine, _, _, _ = deepspeed.initialize(
             model=module, model_parameters=param_groups(module, cfg.train.weight_decay),
             config=ds_cfg, lr_scheduler=lambda opt: make_scheduler(opt, cfg.train))

@@ -20,7 +20,7 @@ from .checkpoint import CheckpointManager
 from .ds_config import build_ds_config
 from .flops import flops_per_token, peak_tflops
 from .metrics import MetricsLogger
-from .preemption import EXIT_REQUEUE, PreemptionFlag, marker_path
+from .preemption import EXIT_REQUEUE, PreemptionFlag, announce_requeue, marker_path
 from .schedule import lr_at, make_scheduler
 
 EXIT_DIVERGED = 3
@@ -63,9 +63,19 @@ class Trainer:
         tr = cfg.train
         self.ga = tr.global_batch // (tr.micro_batch * world.dp)
         torch.manual_seed(tr.seed)
-        if cfg.checkpoint.init_from and cfg.parallel.pp > 1:
-            raise ValueError("checkpoint.init_from is not supported with pipeline parallelism "
-                             "(parallel.pp > 1) yet")
+        self.ckpt, self.universal = None, None
+        if cfg.checkpoint.dir:
+            self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last,
+                                          world.rank, world.world_size, D.barrier, self.log,
+                                          dp=world.dp, zero_stage=cfg.parallel.zero_stage,
+                                          extra=self._checkpoint_extra(), tp=world.tp,
+                                          pp=world.pp)
+            # a checkpoint saved at another layout: converted now, its weights go into the
+            # model before DeepSpeed partitions it, its optimizer state in train()
+            self.universal = self.ckpt.prepare_resume(cfg.checkpoint.load, cfg.model,
+                                                      cfg.checkpoint.unsafe_unpickle)
+            if world.is_main:
+                write_run_config(cfg, cfg.checkpoint.dir)
 
         self.engine = self._build_engine(build_ds_config(cfg, world.dp, cfg.parallel.ds_config))
         self.device = self.engine.device
@@ -75,15 +85,6 @@ class Trainer:
             cfg, tokenizer, (tr.iters * tr.global_batch, valid_samples, 0))
         if self.valid_ds is None and tr.eval_iters:
             self.log("note: no validation split (data.split / data.valid); validation is off")
-
-        self.ckpt = None
-        if cfg.checkpoint.dir:
-            self.ckpt = CheckpointManager(cfg.checkpoint.dir, cfg.checkpoint.keep_last,
-                                          world.rank, world.world_size, D.barrier, self.log,
-                                          dp=world.dp, zero_stage=cfg.parallel.zero_stage,
-                                          extra=self._checkpoint_extra())
-            if world.is_main:
-                write_run_config(cfg, cfg.checkpoint.dir)
         vocab = cfg.model.vocab_size
         self.flops_per_token = flops_per_token(cfg.model, vocab, cfg.data.seq_len, cfg.ponder.steps,
                                                cfg.ponder.feedback)
@@ -99,12 +100,7 @@ class Trainer:
         from ..models import build_model
 
         model = build_model(self.cfg)
-        if self.cfg.checkpoint.init_from:
-            from ..export.from_hf import load_initial_weights
-
-            load_initial_weights(model, self.cfg.checkpoint.init_from,
-                                 unsafe_unpickle=self.cfg.checkpoint.unsafe_unpickle)
-            self.log(f"initial weights from {self.cfg.checkpoint.init_from}")
+        self._initial_weights(model)
         if self.cfg.train.compile:
             model.compile_blocks()  # before DeepSpeed wraps it; compiles on the first step
         engine, _, _, _ = deepspeed.initialize(
@@ -112,6 +108,21 @@ class Trainer:
             config=ds_cfg, mpu=D.MegatronMPU(),
             lr_scheduler=lambda opt: make_scheduler(opt, self.cfg.train))
         return engine
+
+    def _initial_weights(self, model: torch.nn.Module) -> None:
+        """checkpoint.init_from, then (winning over it) a checkpoint converted from another
+        layout. `model` is this rank's piece: a PonderLM, or a PipelineModule stage."""
+        from .reshard import FullNameView, load_weights
+
+        if self.cfg.checkpoint.init_from and not self.universal:
+            from ..export.from_hf import load_initial_weights
+
+            target = model if hasattr(model, "cfg") else FullNameView(model, self.cfg.model)
+            load_initial_weights(target, self.cfg.checkpoint.init_from,
+                                 unsafe_unpickle=self.cfg.checkpoint.unsafe_unpickle)
+            self.log(f"initial weights from {self.cfg.checkpoint.init_from}")
+        if self.universal:
+            load_weights(model, self.universal)
 
     def _checkpoint_extra(self):
         """(save, load) of state DeepSpeed's checkpoint misses; None for the plain engine."""
@@ -182,7 +193,7 @@ class Trainer:
         elif cfg.checkpoint.load:
             raise ValueError("checkpoint.load needs checkpoint.dir to save into")
         metrics = MetricsLogger(cfg.log, enabled=world.is_main, run_config=config_to_dict(cfg),
-                                resume=start_step > 0)
+                                resume=start_step)  # drops rows past it
         preempt = PreemptionFlag()
         tokens_per_step = tr.global_batch * cfg.data.seq_len
         bad_in_a_row, skipped = int(state.get("bad_in_a_row", 0)), int(state.get("skipped", 0))
@@ -244,6 +255,8 @@ class Trainer:
                     if world.is_main and cfg.checkpoint.dir:
                         with open(marker_path(cfg.checkpoint.dir), "w") as fh:
                             fh.write(f"step {done}\n")
+                    if world.is_main:
+                        announce_requeue(done)  # for the sbatch script, every rank saved
                     exit_code = EXIT_REQUEUE
                     break
                 if done % cfg.checkpoint.interval == 0 or done == tr.iters:

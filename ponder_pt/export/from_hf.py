@@ -41,17 +41,18 @@ _PONDER_KEYS = ("ponder_steps", "ponder_scale_embeds", "ponder_scale_initial_by_
 
 
 def read_hf_config(path: str):
-    """(stock GPTNeoXConfig/LlamaConfig, our extra fields) of an HF dir (ponder exports too)."""
-    from transformers import GPTNeoXConfig, LlamaConfig
+    """(stock GPTNeoXConfig/LlamaConfig/GPT2Config, our extra fields) of an HF dir (ponder
+    exports too)."""
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
     with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
         raw = json.load(fh)
     extra = {k: raw.pop(k) for k in _PONDER_KEYS if k in raw}
     kind = raw.get("model_type", "").removeprefix("ponder_")
-    classes = {"gpt_neox": GPTNeoXConfig, "llama": LlamaConfig}
+    classes = {"gpt_neox": GPTNeoXConfig, "llama": LlamaConfig, "gpt2": GPT2Config}
     if kind not in classes:
         raise ValueError(f"{path}: unsupported model_type {raw.get('model_type')!r} "
-                         "(gpt_neox or llama)")
+                         "(gpt_neox, llama or gpt2)")
     raw["model_type"] = kind
     raw.pop("architectures", None)
     return classes[kind].from_dict(raw), extra

@@ -2,8 +2,8 @@
 
 ponder-pt registers its pondering classes (the same modules the export copies into the
 directory, `ponder_pt.export.templates`) with transformers' Auto classes under the model types
-the export writes (`ponder_gpt_neox`, `ponder_llama`). transformers then prefers these
-registered classes to the directory's `auto_map` copy, so ponder exports load with the
+the export writes (`ponder_gpt_neox`, `ponder_llama`, `ponder_gpt2`). transformers then prefers
+these registered classes to the directory's `auto_map` copy, so ponder exports load with the
 installed package's code. Any other directory whose config (or tokenizer config) names code
 through `auto_map` is refused unless `trust_remote_code` is set (`--trust-remote-code`).
 
@@ -24,14 +24,18 @@ class RemoteCodeRefused(ValueError):
 
 
 def register_auto_classes() -> None:
-    """AutoConfig / AutoModelForCausalLM know ponder_gpt_neox and ponder_llama (idempotent)."""
+    """AutoConfig / AutoModelForCausalLM know ponder_gpt_neox, ponder_llama and ponder_gpt2
+    (idempotent)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .templates.configuration_ponder import PonderGPTNeoXConfig, PonderLlamaConfig
-    from .templates.modeling_ponder import PonderGPTNeoXForCausalLM, PonderLlamaForCausalLM
+    from .templates.configuration_ponder import (PonderGPT2Config, PonderGPTNeoXConfig,
+                                                 PonderLlamaConfig)
+    from .templates.modeling_ponder import (PonderGPT2ForCausalLM, PonderGPTNeoXForCausalLM,
+                                            PonderLlamaForCausalLM)
 
     for config_cls, model_cls in ((PonderGPTNeoXConfig, PonderGPTNeoXForCausalLM),
-                                  (PonderLlamaConfig, PonderLlamaForCausalLM)):
+                                  (PonderLlamaConfig, PonderLlamaForCausalLM),
+                                  (PonderGPT2Config, PonderGPT2ForCausalLM)):
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
 

@@ -8,7 +8,7 @@ Where the weights live in `checkpoint.dir/<tag>/`:
 * ZeRO-3: parameters are partitioned over DP in `zero_pp_rank_D_mp_rank_XX_*` files; each TP
   rank's slice is rebuilt with DeepSpeed's `zero_to_fp32` (which assumes one model-parallel
   rank, so it is run on that rank's files only), then TP-merged as above.
-* PP (TP=1, ZeRO >= 1): the unrolled chain of `ponder_pt.models.pipeline`. DeepSpeed writes
+* PP (any TP, ZeRO >= 1): the unrolled chain of `ponder_pt.models.pipeline`. DeepSpeed writes
   per-layer files only for the BlockLayers; the SharedParams (embedding, final norm, output
   head) are bound to the layer chain through `forward_fn` and appear in no layer file, so every
   stage's fp32 master copy is rebuilt with `zero_to_fp32` (names `tied_modules.block<i>.block.*`
@@ -123,22 +123,24 @@ def _zero_fp32(root: str, mp_rank: int, unsafe_unpickle: bool = False) -> dict:
 
 
 def _pipeline_full(root: str, cfg: Config, meta: dict, unsafe_unpickle: bool) -> dict:
-    if cfg.parallel.tp != 1:
-        raise ValueError("export of checkpoints with both pipeline (PP > 1) and tensor (TP > 1) "
-                         "parallelism is not supported yet; TP-only and PP-only runs export")
+    """TP x PP: DeepSpeed's model-parallel rank of (stage, TP rank) is stage * TP + TP rank;
+    each TP rank's weights are gathered over the stages, then the TP shards merged."""
     if int(meta.get("zero_stage", cfg.parallel.zero_stage)) == 0:
         raise ValueError("pipeline checkpoint saved with ZeRO-0: DeepSpeed writes no file "
                          "holding the shared embedding / head weights (see ponder_pt.export."
                          "native); train PP runs with parallel.zero_stage=1 to export them")
-    full = {}
+    tp = cfg.parallel.tp
+    parts = [{} for _ in range(tp)]
     for stage in range(cfg.parallel.pp):
-        for name, t in _zero_fp32(root, stage, unsafe_unpickle).items():
-            m = re.match(r"tied_modules\.block(\d+)\.block\.(.+)$", name)
-            if m:
-                full[f"layers.{m.group(1)}.{m.group(2)}"] = t
-            elif name.startswith("tied_modules.shared."):
-                full[name[len("tied_modules.shared."):]] = t
-    return full
+        for tp_rank in range(tp):
+            full = parts[tp_rank]
+            for name, t in _zero_fp32(root, stage * tp + tp_rank, unsafe_unpickle).items():
+                m = re.match(r"tied_modules\.block(\d+)\.block\.(.+)$", name)
+                if m:
+                    full[f"layers.{m.group(1)}.{m.group(2)}"] = t
+                elif name.startswith("tied_modules.shared."):
+                    full[name[len("tied_modules.shared."):]] = t
+    return merge_tp(parts, cfg.model)
 
 
 def read_checkpoint(ckpt_dir: str, tag: Optional[str] = None, unsafe_unpickle: bool = False
@@ -153,7 +155,9 @@ def read_checkpoint(ckpt_dir: str, tag: Optional[str] = None, unsafe_unpickle: b
     root = os.path.join(ckpt_dir, tag)
     meta = read_meta(ckpt_dir, tag)
     tp = cfg.parallel.tp
-    if cfg.parallel.pp > 1 or glob.glob(os.path.join(root, "layer_*-model_states.pt")):
+    # a pipeline engine's checkpoint (`convert from-hf --pp N` writes plain TP shards)
+    if (glob.glob(os.path.join(root, "layer_*-model_states.pt"))
+            or int((meta.get("layout") or {}).get("pp", 1)) > 1):
         full = _pipeline_full(root, cfg, meta, unsafe_unpickle)
     elif int(meta.get("zero_stage", cfg.parallel.zero_stage)) == 3:
         full = merge_tp([_zero_fp32(root, r, unsafe_unpickle) for r in range(tp)], cfg.model)

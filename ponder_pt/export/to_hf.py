@@ -1,7 +1,8 @@
 """Training checkpoint -> Hugging Face directory (`ponder-pt convert to-hf`).
 
-Plain models (ponder.steps = 0) become stock `GPTNeoXForCausalLM` / `LlamaForCausalLM`.
-Pondering models get model_type `ponder_gpt_neox` / `ponder_llama`. With ponder-pt installed
+Plain models (ponder.steps = 0) become stock `GPTNeoXForCausalLM` / `LlamaForCausalLM` /
+`GPT2LMHeadModel`. Pondering models get model_type `ponder_gpt_neox` / `ponder_llama` /
+`ponder_gpt2`. With ponder-pt installed
 they load with its registered classes (`ponder_pt.export.hf_auto`), no code from the directory
 run; for users without ponder-pt the same classes are copied into the directory
 (`modeling_ponder.py`, `configuration_ponder.py`, `auto_map` in config.json), loaded with
@@ -33,6 +34,8 @@ REMOTE_FILES = ("configuration_ponder.py", "modeling_ponder.py")
 # `transformers` requirement, which tests/test_export.py checks this equals. CI runs the
 # hf_compat tests at both ends of it.
 TESTED_TRANSFORMERS = ">=5.17,<5.25"
+STOCK_CLASSES = {"gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
+                 "gpt2": "GPT2LMHeadModel"}
 
 
 def pause_fields(cfg: Config) -> dict:
@@ -53,12 +56,13 @@ def build_hf_config(cfg: Config, tokenizer=None):
     if cfg.ponder.steps == 0:
         for k, v in extra.items():
             setattr(base, k, v)
-        base.architectures = ["GPTNeoXForCausalLM" if cfg.model.arch == "gpt_neox"
-                              else "LlamaForCausalLM"]
+        base.architectures = [STOCK_CLASSES[cfg.model.arch]]
         return base
-    from .templates.configuration_ponder import PonderGPTNeoXConfig, PonderLlamaConfig
+    from .templates.configuration_ponder import (PonderGPT2Config, PonderGPTNeoXConfig,
+                                                 PonderLlamaConfig)
 
-    cls = PonderGPTNeoXConfig if cfg.model.arch == "gpt_neox" else PonderLlamaConfig
+    cls = {"gpt_neox": PonderGPTNeoXConfig, "llama": PonderLlamaConfig,
+           "gpt2": PonderGPT2Config}[cfg.model.arch]
     raw = base.to_dict()
     for key in ("model_type", "transformers_version", "architectures"):
         raw.pop(key, None)

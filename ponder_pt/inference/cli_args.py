@@ -18,8 +18,9 @@ def add_generate_args(p) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pauses", type=int, default=None,
-                   help="M <pause> tokens appended to the prompt (default: the model's recorded "
-                        "pause.inference_pauses for pause-trained models, else 0)")
+                   help="M <pause> tokens appended to the prompt (default: the M the model "
+                        "records: pause.inference_pauses of a pause-trained run, or `sft "
+                        "--pauses M`; else 0)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true",
                    help='print {"token_ids": [...], "text": ...} of the new tokens')
@@ -32,7 +33,8 @@ def add_eval_args(p) -> None:
                    help="training checkpoint.dir (with run_config.yaml) or an HF directory")
     p.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names (comma or space)")
     p.add_argument("--pauses", type=int, default=None,
-                   help="M <pause> tokens after each prompt (default: the model's recorded value)")
+                   help="M <pause> tokens after each prompt (default: the model's recorded M, "
+                        "e.g. from `sft --pauses M`)")
     p.add_argument("--include-path", help="directory of extra lm-eval task YAMLs (offline tasks)")
     p.add_argument("--limit", type=float, help="examples per task (int) or fraction (< 1)")
     p.add_argument("--num-fewshot", type=int)

@@ -1,4 +1,5 @@
-"""Models: GPT-NeoX / LLaMA on megatron-core TP layers, pondering, HF weights in and out."""
+"""Models: GPT-NeoX / LLaMA / GPT-2 on megatron-core TP layers, pondering, HF weights in and
+out."""
 
 from .hf import (full_state_dict, full_to_hf, hf_config_from, hf_to_full, load_hf_state_dict,
                  model_config_from_hf, to_hf_state_dict)

@@ -1,4 +1,5 @@
-"""Hugging Face <-> ponder-pt weights and configs (GPTNeoXForCausalLM, LlamaForCausalLM).
+"""Hugging Face <-> ponder-pt weights and configs (GPTNeoXForCausalLM, LlamaForCausalLM,
+GPT2LMHeadModel).
 
 Weights go through a "full" state dict in our naming (unsharded tensors), which is then
 sharded for this rank with the same rule megatron's CPU init uses (`parallel.shard`), so
@@ -9,6 +10,12 @@ Layout notes:
   per-head [q, k, v] interleave when kv_heads == heads; LLaMA's separate q/k/v are regrouped.
 * LLaMA gate/up are fused as fc1 = [gate; up] and TP-split with stride 2.
 * transformers 5 names GPT-NeoX's head `lm_head`; `embed_out` (older checkpoints) is accepted.
+* GPT-2's Conv1D weights are stored [in, out] (transposed to our [out, in]); its `c_attn`
+  is [q | k | v] along the output dim, each head-contiguous, and is regrouped into our
+  per-head [q, k, v] layout before any TP split, so a contiguous TP shard of the fused QKV
+  (weight rows and bias) still holds whole heads. `wpe` (positions) is replicated over TP.
+  Stock GPT-2 directories (openai-community/gpt2) store GPT2Model keys without the
+  `transformer.` prefix and unused `attn.bias` mask buffers: both are accepted.
 """
 
 from __future__ import annotations
@@ -43,11 +50,18 @@ _TOP_KEYS = {
 
 
 def hf_config_from(cfg: ModelConfig, vocab_size: Optional[int] = None):
-    """A transformers config (GPTNeoXConfig or LlamaConfig) for our model shape.
+    """A transformers config (GPTNeoXConfig, LlamaConfig or GPT2Config) for our model shape.
 
     vocab_size: HF vocabulary rows if not all of cfg.vocab_size (see `to_hf_state_dict`).
     Token ids (bos/eos/pad) are left at transformers' defaults: set them from the tokenizer.
+    Raises ValueError when the stock class cannot represent the model: the rules are
+    `ponder_pt.config.exportable`, which config validation applies before training too.
     """
+    from ..config.exportable import export_problems
+
+    found = export_problems(cfg)
+    if found:
+        raise ValueError(f"{cfg.arch} export impossible: " + "; ".join(found))
     rope = {"rope_type": "default", "rope_theta": float(cfg.rotary_base)}
     common = dict(vocab_size=vocab_size or cfg.vocab_size, hidden_size=cfg.hidden_size,
                   num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
@@ -61,11 +75,23 @@ def hf_config_from(cfg: ModelConfig, vocab_size: Optional[int] = None):
                              use_parallel_residual=cfg.parallel_residual, attention_bias=True,
                              rope_parameters=rope, attention_dropout=cfg.dropout,
                              hidden_dropout=cfg.dropout)
+    if cfg.arch == "gpt2":
+        from transformers import GPT2Config
+
+        rows = vocab_size or cfg.vocab_size
+        eot = 50256 if rows > 50256 else None  # GPT-2's <|endoftext|>, when it exists
+        return GPT2Config(vocab_size=rows, n_positions=cfg.max_seq_len,
+                          bos_token_id=eot, eos_token_id=eot,
+                          n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+                          n_inner=None if cfg.ffn_size == 4 * cfg.hidden_size else cfg.ffn_size,
+                          activation_function="gelu_new", resid_pdrop=cfg.dropout,
+                          embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                          layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=True,
+                          scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                          reorder_and_upcast_attn=False)
     if cfg.arch == "llama":
         from transformers import LlamaConfig
 
-        if cfg.rotary_pct != 1.0 or cfg.parallel_residual:
-            raise ValueError("llama export needs rotary_pct=1.0 and parallel_residual=False")
         return LlamaConfig(**common, num_key_value_heads=cfg.kv_heads, hidden_act="silu",
                            rms_norm_eps=cfg.norm_eps, rope_parameters=rope,
                            attention_bias=False, mlp_bias=False, attention_dropout=cfg.dropout)
@@ -93,8 +119,10 @@ def model_config_from_hf(hf_config, base: Optional[ModelConfig] = None) -> Model
     a model at TP > 1 if it does not divide -- `load_hf_state_dict` zero-fills extra rows.
     """
     base = base or ModelConfig()
-    theta, pct = _rope(hf_config)
     kind = hf_config.model_type
+    if kind == "gpt2":
+        return _gpt2_model_config(hf_config, base)
+    theta, pct = _rope(hf_config)
     common = dict(preset=None, num_layers=hf_config.num_hidden_layers,
                   hidden_size=hf_config.hidden_size, num_heads=hf_config.num_attention_heads,
                   ffn_hidden_size=hf_config.intermediate_size,
@@ -118,6 +146,29 @@ def model_config_from_hf(hf_config, base: Optional[ModelConfig] = None) -> Model
                        num_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
                        rotary_pct=pct, parallel_residual=False, norm_eps=hf_config.rms_norm_eps)
     raise ValueError(f"unsupported HF model_type {kind!r}")
+
+
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation
+
+
+def _gpt2_model_config(hf_config, base: ModelConfig) -> ModelConfig:
+    c = hf_config
+    if c.activation_function not in GPT2_ACTIVATIONS:
+        raise ValueError(f"GPT-2 with activation_function={c.activation_function!r} is not "
+                         f"supported (only {', '.join(GPT2_ACTIVATIONS)})")
+    if not getattr(c, "scale_attn_weights", True) or \
+            getattr(c, "scale_attn_by_inverse_layer_idx", False) or \
+            getattr(c, "add_cross_attention", False):
+        raise ValueError("GPT-2 with scale_attn_weights=False, scale_attn_by_inverse_layer_idx "
+                         "or cross-attention is not supported")
+    if not getattr(c, "tie_word_embeddings", True):
+        raise ValueError("GPT-2 with untied embeddings (tie_word_embeddings=False) is not "
+                         "supported: model.arch=gpt2 ties the head to the input embedding")
+    return replace(base, preset=None, arch="gpt2", num_layers=c.n_layer, hidden_size=c.n_embd,
+                   num_heads=c.n_head, num_kv_heads=None,
+                   ffn_hidden_size=c.n_inner or 4 * c.n_embd, max_seq_len=c.n_positions,
+                   rotary_pct=0.0, parallel_residual=False, tie_embeddings=True,
+                   norm_eps=c.layer_norm_epsilon, vocab_size=c.vocab_size)
 
 
 # --------------------------------------------------------------------------- tensors
@@ -146,12 +197,58 @@ def _pad_rows(t: torch.Tensor, rows: int, name: str) -> torch.Tensor:
     return torch.cat([t, t.new_zeros((rows - t.shape[0],) + tuple(t.shape[1:]))])
 
 
+_GPT2_LINEAR = {"attn.dense": "attn.c_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def _gpt2_to_full(sd: dict, cfg: ModelConfig) -> dict:
+    # GPT2LMHeadModel keys are `transformer.*`; a bare GPT2Model (stock GPT-2 dirs) has none
+    pre = "transformer." if "transformer.wte.weight" in sd else ""
+    h = cfg.hidden_size
+    out = {"embed.weight": _pad_rows(sd[pre + "wte.weight"], cfg.vocab_size, "embed.weight"),
+           "pos_embed.weight": sd[pre + "wpe.weight"],
+           "final_norm.weight": sd[pre + "ln_f.weight"], "final_norm.bias": sd[pre + "ln_f.bias"]}
+    for i in range(cfg.num_layers):
+        hp, op = f"{pre}h.{i}.", f"layers.{i}."
+        for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
+            for suf in ("weight", "bias"):
+                out[f"{op}{ours}.{suf}"] = sd[f"{hp}{theirs}.{suf}"]
+        w = sd[hp + "attn.c_attn.weight"].t()  # Conv1D [h, 3h] -> [3h, h] = [q; k; v]
+        out[op + "attn.qkv.weight"] = _qkv_from_hf(*w.split(h, dim=0), cfg)
+        out[op + "attn.qkv.bias"] = _qkv_from_hf(*sd[hp + "attn.c_attn.bias"].split(h), cfg)
+        for ours, theirs in _GPT2_LINEAR.items():
+            out[f"{op}{ours}.weight"] = sd[f"{hp}{theirs}.weight"].t()
+            out[f"{op}{ours}.bias"] = sd[f"{hp}{theirs}.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _full_to_gpt2(full: dict, cfg: ModelConfig, rows: int) -> dict:
+    pre = "transformer."
+    embed = full["embed.weight"][:rows]
+    sd = {pre + "wte.weight": embed, pre + "wpe.weight": full["pos_embed.weight"],
+          pre + "ln_f.weight": full["final_norm.weight"], pre + "ln_f.bias": full["final_norm.bias"],
+          "lm_head.weight": embed}
+    for i in range(cfg.num_layers):
+        hp, op = f"{pre}h.{i}.", f"layers.{i}."
+        for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
+            for suf in ("weight", "bias"):
+                sd[f"{hp}{theirs}.{suf}"] = full[f"{op}{ours}.{suf}"]
+        qkv = _qkv_to_hf(full[op + "attn.qkv.weight"], cfg)
+        sd[hp + "attn.c_attn.weight"] = torch.cat(qkv).t()  # -> Conv1D [h, 3h]
+        sd[hp + "attn.c_attn.bias"] = torch.cat(_qkv_to_hf(full[op + "attn.qkv.bias"], cfg))
+        for ours, theirs in _GPT2_LINEAR.items():
+            sd[f"{hp}{theirs}.weight"] = full[f"{op}{ours}.weight"].t()
+            sd[f"{hp}{theirs}.bias"] = full[f"{op}{ours}.bias"]
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
 def hf_to_full(sd: dict, cfg: ModelConfig) -> dict:
     """HF state dict -> full (unsharded) tensors under our parameter names.
 
     An HF vocabulary smaller than cfg.vocab_size (padded for TP) gets zero rows appended to
     the embedding and the output head.
     """
+    if cfg.arch == "gpt2":
+        return _gpt2_to_full(sd, cfg)
     arch, pre = cfg.arch, _PREFIX[cfg.arch]
     out = {ours: sd[pre + theirs + ".weight"] for ours, theirs in
            [("embed", _TOP_KEYS[arch]["embed"]), ("final_norm", _TOP_KEYS[arch]["final_norm"])]}
@@ -185,8 +282,10 @@ def full_to_hf(full: dict, cfg: ModelConfig, vocab_size: Optional[int] = None) -
 
     vocab_size: keep only the first rows of the embedding / head (drop TP padding).
     """
-    arch, pre = cfg.arch, _PREFIX[cfg.arch]
     rows = vocab_size or cfg.vocab_size
+    if cfg.arch == "gpt2":
+        return _full_to_gpt2(full, cfg, rows)
+    arch, pre = cfg.arch, _PREFIX[cfg.arch]
     embed = full["embed.weight"][:rows]
     sd = {pre + _TOP_KEYS[arch]["embed"] + ".weight": embed,
           pre + _TOP_KEYS[arch]["final_norm"] + ".weight": full["final_norm.weight"]}

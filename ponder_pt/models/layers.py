@@ -1,4 +1,4 @@
-"""Transformer blocks built from megatron-core TP layers (GPT-NeoX and LLaMA flavours).
+"""Transformer blocks built from megatron-core TP layers (GPT-NeoX, LLaMA and GPT-2 flavours).
 
 Activations are [seq, batch, hidden] (megatron's layout); under sequence parallelism the
 residual stream holds this rank's sequence shard and the TP regions see the full sequence.
@@ -36,6 +36,40 @@ def make_norm(cfg, sequence_parallel: bool) -> nn.Module:
     # Replicated params that only see a sequence shard: grads need a TP all-reduce.
     par.mark_sequence_parallel(norm.parameters(), sequence_parallel)
     return norm
+
+
+class LearnedPositions(nn.Module):
+    """GPT-2's learned absolute position embeddings (`wpe`): a [max_seq_len, hidden] table,
+    vocabulary-independent and replicated on every TP rank, added to a pass's input.
+
+    Used at the start of every transformer pass (the K pondering passes and the final one),
+    like HF's GPT2Model adds `wpe` to the `inputs_embeds` it is given; the pondering stream
+    e_k itself never holds positions. Under sequence parallelism each rank adds the rows of its
+    own sequence shard, so the table's gradient is partial and marked `sequence_parallel`.
+    """
+
+    def __init__(self, cfg, init, sequence_parallel: bool, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.max_seq_len, cfg.hidden_size,
+                                               dtype=torch.float32))
+        init(self.weight)
+        self.weight.data = self.weight.data.to(dtype)
+        self.sequence_parallel = sequence_parallel and par.tp_size() > 1
+        self.dropout = cfg.dropout
+        par.mark_sequence_parallel([self.weight], self.sequence_parallel)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """x [s(/tp under SP), b, h] + wpe[position_ids] (position_ids [b, s], full sequence),
+        then GPT-2's embedding dropout."""
+        if self.sequence_parallel:
+            n = x.shape[0]
+            position_ids = position_ids[:, par.tp_rank() * n:(par.tp_rank() + 1) * n]
+        if not self.training and position_ids.numel() and \
+                int(position_ids.max()) >= self.weight.shape[0]:  # (no GPU sync in training)
+            raise ValueError(f"position {int(position_ids.max())} is beyond GPT-2's "
+                             f"{self.weight.shape[0]} learned positions (model.max_seq_len)")
+        x = x + F.embedding(position_ids, self.weight).transpose(0, 1).to(x.dtype)
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
 
 class Rotary(nn.Module):
@@ -162,11 +196,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GELU MLP (GPT-NeoX) or SwiGLU (LLaMA; gate and up fused with stride 2 for TP)."""
+    """GELU MLP (GPT-NeoX exact, GPT-2 tanh approximation) or SwiGLU (LLaMA; gate and up
+    fused with stride 2 for TP)."""
 
     def __init__(self, cfg, mp, inits, sequence_parallel, prefix):
         super().__init__()
         self.swiglu = cfg.arch == "llama"
+        self.gelu = "tanh" if cfg.arch == "gpt2" else "none"  # GPT-2's gelu_new
         bias = not self.swiglu
         width = 2 * cfg.ffn_size if self.swiglu else cfg.ffn_size
         self.fc1 = column(mp, cfg.hidden_size, width, inits(prefix + "fc1"), bias,
@@ -181,7 +217,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.gelu)
         return row_forward(self.fc2, h, self.sequence_parallel)
 
 
@@ -198,7 +234,8 @@ class KVCache:
 
 
 class Block(nn.Module):
-    """Pre-norm block; GPT-NeoX parallel residual x + attn(ln1 x) + mlp(ln2 x) or sequential."""
+    """Pre-norm block; GPT-NeoX parallel residual x + attn(ln1 x) + mlp(ln2 x) or sequential
+    (LLaMA, GPT-2)."""
 
     def __init__(self, cfg, mp, inits, sequence_parallel, index):
         super().__init__()

@@ -1,13 +1,21 @@
 """The language model: embeddings, blocks, final norm, output head, and the pondering loop.
 
-One class serves GPT-NeoX (Pythia) and LLaMA, chosen by `ModelConfig.arch`. The same code runs
-at TP=1 and TP>1 (megatron-core's parallel_state must be initialised; at TP=1 outside a
+One class serves GPT-NeoX (Pythia), LLaMA and GPT-2, chosen by `ModelConfig.arch`. The same
+code runs at TP=1 and TP>1 (megatron-core's parallel_state must be initialised; at TP=1 outside a
 launcher call `ponder_pt.models.init_single_process()` first).
 
 Pondering (DESIGN.md): e_0 = W_in[x]*s (s = sqrt(d) if scale_embeds else 1; *K if
 scale_initial_by_steps); for k = 1..K run the transformer on e_{k-1}, p = softmax(logits) (or
 renormalised top-k), e_k = e_{k-1} + s * p.W_in; the loss uses the logits of one more pass on
 e_K. K = 0 is the plain model (no embedding scaling at all, identical to HF).
+
+GPT-2 (learned absolute positions, no rotary): the stream e_k holds token embeddings only and
+every pass adds the position table to its input, transformer(e_{k-1}) = blocks(e_{k-1} + wpe);
+so positions enter each pass exactly once, as rotary does in the other two archs. This is what
+a pondering loop over HF's GPT2Model computes (it adds `wpe` to whatever `inputs_embeds` a pass
+hands it), hence what the exported PonderGPT2ForCausalLM runs. The `sqrt(d)` scaling applies to
+the token embeddings (e_0 and p.W_in), never to the positions; `inputs_embeds` given to
+`forward` are e_0 without positions, as for HF's GPT2Model.
 
 `ponder.feedback="hidden"` is the "looped" baseline of PonderingLM's ablation: the same K+1
 passes and the same e_0, but e_k = e_{k-1} + h_k with h_k the final-norm hidden state of pass
@@ -34,11 +42,13 @@ from torch.utils.checkpoint import checkpoint
 from ..config.schema import ModelConfig, PonderConfig
 from . import parallel as par
 from . import vocab_chunk as vchunk
-from .layers import Block, KVCache, RMSNorm, Rotary, make_norm
+from .layers import Block, KVCache, LearnedPositions, RMSNorm, Rotary, make_norm
+
+ARCHS = ("gpt_neox", "llama", "gpt2")
 
 
 class PonderLM(nn.Module):
-    """GPT-NeoX / LLaMA decoder with optional continuous-space pondering.
+    """GPT-NeoX / LLaMA / GPT-2 decoder with optional continuous-space pondering.
 
     Args:
         cfg: model shape (`cfg.vocab_size` must be the padded vocabulary, divisible by TP).
@@ -58,8 +68,8 @@ class PonderLM(nn.Module):
                  sequence_parallel: bool = False, sp_grad_sync: str = "hooks", seed: int = 1234,
                  params_dtype: torch.dtype = torch.float32):
         super().__init__()
-        if cfg.arch not in ("gpt_neox", "llama"):
-            raise ValueError(f"model.arch must be gpt_neox or llama, got {cfg.arch!r}")
+        if cfg.arch not in ARCHS:
+            raise ValueError(f"model.arch must be one of {ARCHS}, got {cfg.arch!r}")
         if not cfg.vocab_size:
             raise ValueError("model.vocab_size (padded) must be set before building the model")
         self.cfg = cfg
@@ -76,6 +86,9 @@ class PonderLM(nn.Module):
 
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
                                             init_method=inits("embed"), config=mp)
+        # GPT-2: learned positions (replicated over TP), added at the start of every pass
+        self.pos_embed = (LearnedPositions(cfg, inits("pos_embed"), self.sequence_parallel,
+                                           params_dtype) if cfg.arch == "gpt2" else None)
         self.layers = nn.ModuleList(
             Block(cfg, mp, inits, self.sequence_parallel, i) for i in range(cfg.num_layers))
         self.final_norm = make_norm(cfg, self.sequence_parallel)
@@ -145,7 +158,7 @@ class PonderLM(nn.Module):
         state instead of the logits: [s, b, h], full hidden on every TP rank, and this rank's
         sequence shard [s/tp, b, h] under SP (the layout of the embedding stream e)."""
         cos, sin = self.rotary(position_ids, embeds.dtype)
-        x = embeds
+        x = embeds if self.pos_embed is None else self.pos_embed(embeds, position_ids)
         full = (self.checkpointing == "full" and self.training and torch.is_grad_enabled()
                 and cache is None)
         for block in self.layers:

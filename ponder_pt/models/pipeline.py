@@ -17,7 +17,9 @@ from exactly the single-process model.
 Activations between layers are (x, e): the residual stream and the current pass's input
 embedding e_{k-1}, which the feedback needs (e_k = e_{k-1} + s·p·W_in, or e_k = e_{k-1} + h_k
 with h_k = final_norm(x) for the looped baseline, `ponder.feedback="hidden"`). Positions are
-0..s-1 (packed samples; pauses take positions like any token).
+0..s-1 (packed samples; pauses take positions like any token). GPT-2's learned position
+table lives with the shared weights: the embedding and every feedback start the next pass
+from x = e + wpe (e itself never holds positions, as in `PonderLM`).
 
 With `model.vocab_chunk` > 0 the feedback uses the chunked soft embedding (unless top-k), and
 the head hands the loss (h, W_out, chunk) instead of logits -- DeepSpeed gives the loss
@@ -36,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config.schema import ModelConfig, PonderConfig
 from . import parallel as par
-from .layers import Block, Rotary, make_norm
+from .layers import Block, LearnedPositions, Rotary, make_norm
 from . import vocab_chunk as vchunk
 from .model import PonderLM, chunked_loss
 
@@ -53,14 +55,17 @@ def _inits(cfg: ModelConfig, seed: int):
 
 
 class SharedParams(nn.Module):
-    """W_in, the final norm and the output head: everything outside the blocks. Used by the
-    first layer (embedding), every feedback (head + p·W_in) and the last layer (head)."""
+    """W_in, the final norm, the output head and GPT-2's position table: everything outside
+    the blocks. Used by the first layer (embedding), every feedback (head + p·W_in) and the
+    last layer (head)."""
 
     def __init__(self, cfg: ModelConfig, ponder: PonderConfig, seed: int, dtype: torch.dtype):
         super().__init__()
         mp, inits = par.megatron_config(dtype), _inits(cfg, seed)
         self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
                                             init_method=inits("embed"), config=mp)
+        self.pos_embed = (LearnedPositions(cfg, inits("pos_embed"), False, dtype)
+                          if cfg.arch == "gpt2" else None)
         self.final_norm = make_norm(cfg, False).to(dtype)
         self.tied = cfg.tie_embeddings
         if not self.tied:
@@ -81,6 +86,13 @@ class SharedParams(nn.Module):
         DeepSpeed all-reduces the gradient of every tied weight on every stage holding it."""
         return x + 0.0 * sum(p.sum() for p in self.parameters()).to(x.dtype)
 
+    def pass_input(self, e: torch.Tensor) -> torch.Tensor:
+        """x entering a pass: e, plus the positions 0..s-1 for GPT-2."""
+        if self.pos_embed is None:
+            return e
+        s, b = e.shape[:2]
+        return self.pos_embed(e, torch.arange(s, device=e.device).unsqueeze(0).expand(b, s))
+
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.tied else self.output.weight
 
@@ -96,7 +108,7 @@ def _embed_fn(shared: SharedParams, tokens: torch.Tensor):
     """tokens [b, s] -> (x, e), both the scaled e_0 [s, b, h]."""
     e = shared.embed(tokens.t().contiguous()) * shared.initial_scale
     e = shared._touch(e)
-    return e, e
+    return shared.pass_input(e), e
 
 
 def _feedback_fn(shared: SharedParams, xe):
@@ -106,7 +118,7 @@ def _feedback_fn(shared: SharedParams, xe):
     x, e = xe
     if shared.feedback == "hidden":
         e = shared._touch(e + shared.final_norm(x))  # embed / head unused: zero grads
-        return e, e
+        return shared.pass_input(e), e
     if shared.chunked_feedback:
         mix = vchunk.soft_embedding(shared.final_norm(x), shared.head_weight(),
                                     shared.embed.weight, shared.vocab_chunk)
@@ -114,7 +126,7 @@ def _feedback_fn(shared: SharedParams, xe):
         mix = par.soft_embedding(par.vocab_parallel_softmax(shared.logits(x), shared.top_k),
                                  shared.embed.weight)
     e = e + shared.scale * mix
-    return e, e
+    return shared.pass_input(e), e
 
 
 def _head_fn(shared: SharedParams, xe):

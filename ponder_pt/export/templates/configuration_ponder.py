@@ -2,8 +2,9 @@
 
 Written into the export directory by `ponder-pt convert to-hf`; needs only transformers.
 ponder-pt itself registers these classes with transformers' Auto classes (model types
-`ponder_gpt_neox` / `ponder_llama`), so with ponder-pt installed an export loads without
-running the directory's copy. Fields on top of the stock GPT-NeoX / LLaMA config:
+`ponder_gpt_neox` / `ponder_llama` / `ponder_gpt2`), so with ponder-pt installed an export loads without
+running the directory's copy. Fields on top of the stock GPT-NeoX / LLaMA / GPT-2
+config:
     ponder_steps (K), ponder_scale_embeds, ponder_scale_initial_by_steps, ponder_top_k,
     ponder_feedback ("embedding", or "hidden" for the looped baseline),
     pause_token_id / default_pauses (pause-trained models; None / 0 otherwise),
@@ -11,7 +12,7 @@ running the directory's copy. Fields on top of the stock GPT-NeoX / LLaMA config
     ">=5.17,<5.25"; the model refuses to load outside them).
 """
 
-from transformers import GPTNeoXConfig, LlamaConfig
+from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
 
 class TransformersVersionError(ValueError):
@@ -57,6 +58,18 @@ class PonderGPTNeoXConfig(GPTNeoXConfig):
 
 class PonderLlamaConfig(LlamaConfig):
     model_type = "ponder_llama"
+    ponder_steps: int = 3
+    ponder_scale_embeds: bool = True
+    ponder_scale_initial_by_steps: bool = False
+    ponder_top_k: int = 0
+    ponder_feedback: str = "embedding"
+    pause_token_id: int | None = None
+    default_pauses: int = 0
+    ponder_transformers: str | None = None
+
+
+class PonderGPT2Config(GPT2Config):
+    model_type = "ponder_gpt2"
     ponder_steps: int = 3
     ponder_scale_embeds: bool = True
     ponder_scale_initial_by_steps: bool = False

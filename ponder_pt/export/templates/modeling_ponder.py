@@ -1,7 +1,9 @@
-"""PonderingLM for transformers: GPT-NeoX / LLaMA with K continuous-space pondering steps.
+"""PonderingLM for transformers: GPT-NeoX / LLaMA / GPT-2 with K continuous-space pondering
+steps.
 
 Written into the export directory by `ponder-pt convert to-hf`; needs only torch and
-transformers. Weights and names are the stock model's (`gpt_neox.*` / `model.*`, `lm_head`).
+transformers. Weights and names are the stock model's (`gpt_neox.*` / `model.*` /
+`transformer.*`, `lm_head`).
 
 Forward (K = config.ponder_steps, s = sqrt(hidden) if ponder_scale_embeds else 1):
     e_0 = W_in[x] * s (* K if ponder_scale_initial_by_steps)
@@ -14,6 +16,8 @@ Pass k at position t attends only to pass-k keys/values of positions <= t, so ge
 keeps K+1 KV caches, one per pass: the cache `generate()` hands in is the last pass's, and it
 carries the K others as `cache.ponder_passes`. Each new token costs K+1 one-token forwards.
 Attention masks (left padding) and position ids are applied identically in every pass.
+GPT-2: the backbone (GPT2Model) adds its learned positions `wpe` to the inputs_embeds of every
+pass; e_k holds token embeddings only (ponder-pt trains it the same way).
 
 Cache naming differs across the supported transformers: up to 5.23 generate() hands the cache
 to forward as `past_key_values` and reads it back from `output.past_key_values`; from 5.24 both
@@ -29,10 +33,10 @@ import inspect
 import math
 
 import torch
-from transformers import DynamicCache, GPTNeoXForCausalLM, LlamaForCausalLM
+from transformers import DynamicCache, GPT2LMHeadModel, GPTNeoXForCausalLM, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_ponder import (PonderGPTNeoXConfig, PonderLlamaConfig,
+from .configuration_ponder import (PonderGPT2Config, PonderGPTNeoXConfig, PonderLlamaConfig,
                                    check_transformers_version)
 
 # the output field holding the cache: `cache` from transformers 5.24, `past_key_values` before
@@ -140,3 +144,7 @@ class PonderGPTNeoXForCausalLM(_PonderMixin, GPTNeoXForCausalLM):
 
 class PonderLlamaForCausalLM(_PonderMixin, LlamaForCausalLM):
     config_class = PonderLlamaConfig
+
+
+class PonderGPT2ForCausalLM(_PonderMixin, GPT2LMHeadModel):
+    config_class = PonderGPT2Config
