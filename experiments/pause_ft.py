@@ -1,12 +1,31 @@
-"""The pause paper's 2x2 in the miniature study (issue 13): StdPT / PausePT (the study's `plain`
-and `pause` runs) x StdFT / PauseFT (`ponder-pt sft --pauses 0` / `--pauses M_ft`) on one
-synthetic task (`ponder-pt sft-task`), each fine-tuned model scored with M in
-`pause_ft.eval_pauses` pauses at inference (0 shows the paper's collapse of a pause-fine-tuned
-model without pauses). A model that has no `<pause>` row (StdPT + StdFT) is scored at M = 0
-only.
+"""Pause fine-tuning and pondering under fine-tuning, in the miniature study (stage `pause_ft`).
 
-Resumable: a fine-tuning run whose OUT/spec.json matches its settings and that has its
-OUT/final is not retrained, and its scores (OUT/scores.json) are reused when they match too.
+For every task in `pause_ft.tasks` (a synthetic `ponder-pt sft-task` and a task built from the
+study's own corpus) and every fine-tuning seed in `pause_ft.seeds`:
+
+* the pause paper's 2x2: StdPT / PausePT (the study's `plain` and `pause` runs) x StdFT /
+  PauseFT (`ponder-pt sft --pauses 0` / `--pauses M_ft`), each fine-tuned model scored with M in
+  `pause_ft.eval_pauses` pauses at inference (M = 0 shows the paper's collapse of a
+  pause-fine-tuned model without pauses). A model without a `<pause>` row (StdPT + StdFT) is
+  scored at M = 0 only;
+* pondering K in `pause_ft.ponder_steps`: the study's `ponder_k{K}` runs fine-tuned with the
+  same settings (equal tokens; K = 0 is the StdPT + StdFT cell) and, at equal FLOPs, the K = 0
+  model fine-tuned for (K+1)x the steps (a K-step pondering model costs K+1 passes per token).
+  The K = 0 backbone of those rows is the study's `plain_x{K+1}` run when it has a checkpoint
+  (pretraining FLOPs matched too), else `plain` (only fine-tuning FLOPs matched); the table
+  says which.
+
+Every cell is reported as mean ± sample standard deviation over the fine-tuning seeds.
+
+The corpus task (`kind: corpus`) is cut from the study's corpus: `context_words` consecutive
+words of a docstring, then either (`mode: next`) the next word as the answer, chosen only where
+that word already occurs in the prompt (recall), or (`mode: first`) " first:" and the prompt's
+first word as the answer (span copy). Train rows come from the training documents, validation
+and test rows from the held-out ones.
+
+Resumable: each unit (task, cell, seed) lives in its own directory; a fine-tuning run whose
+OUT/spec.json matches its settings and that has its OUT/final is not retrained, and its scores
+(OUT/scores.json) are reused when they match too. Units run `schedule.jobs` at a time.
 """
 
 from __future__ import annotations
@@ -14,11 +33,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
+import random
+import re
+import statistics
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 CELLS = [("StdPT", "plain", "StdFT"), ("StdPT", "plain", "PauseFT"),
          ("PausePT", "pause", "StdFT"), ("PausePT", "pause", "PauseFT")]
+_TASK_DEFAULTS = {"train": 2000, "validation": 100, "test": 200, "seed": 0}
 
 
 def _digest(obj) -> str:
@@ -32,107 +56,375 @@ def _read(path: str):
         return json.load(fh)
 
 
+def _write(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def task_name(t: dict) -> str:
+    if t["kind"] == "corpus":
+        return f"corpus_{t.get('mode', 'next')}{t.get('context_words', 16)}"
+    return f"{t['kind']}{t['level']}"
+
+
+_WORD = re.compile(r"^[A-Za-z][A-Za-z_]{2,}$")
+
+
+def corpus_rows(texts: list, n: int, seed: int, context_words: int, exclude=frozenset(),
+                mode: str = "next") -> list:
+    """n {prompt, answer} rows from documents. mode "next": `context_words` words of a
+    document, then the next word, taken only where that word (letters, >= 3) already occurs
+    among the prompt's words (recall); mode "first": the prompt's words then " first:", the
+    answer its first word (span copy)."""
+    rng = random.Random(f"corpus:{mode}:{seed}:{context_words}:{len(texts)}")
+    strip = ".,:;()[]'\"`"
+    cands = []
+    for d, text in enumerate(texts):
+        words = text.split()
+        for i in range(context_words, len(words)):
+            if mode == "first":
+                w = words[i - context_words].strip(strip)
+                ok = _WORD.match(w) and i % 4 == 0
+            else:
+                w = words[i].strip(strip)
+                ok = _WORD.match(w) and w.lower() != "the" and \
+                    w in {x.strip(strip) for x in words[i - context_words:i]}
+            if ok:
+                cands.append((d, i, w))
+    rng.shuffle(cands)
+    rows, seen = [], set(exclude)
+    for d, i, w in cands:
+        prompt = " ".join(texts[d].split()[i - context_words:i])
+        if mode == "first":
+            prompt = " ".join([w] + prompt.split()[1:]) + " first:"
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        rows.append({"prompt": prompt, "answer": w})
+        if len(rows) == n:
+            break
+    return rows
+
+
+def write_corpus_task(t: dict, data_dir: str, out: str) -> dict:
+    def texts(name):
+        with open(os.path.join(data_dir, f"{name}.jsonl"), encoding="utf-8") as fh:
+            return [json.loads(line)["text"] for line in fh if line.strip()]
+
+    cw, seed, mode = int(t.get("context_words", 16)), int(t["seed"]), t.get("mode", "next")
+    held = corpus_rows(texts("heldout"), int(t["validation"]) + int(t["test"]), seed, cw,
+                       mode=mode)
+    splits = {"test": held[:int(t["test"])], "validation": held[int(t["test"]):],
+              "train": corpus_rows(texts("train"), int(t["train"]), seed, cw,
+                                   frozenset(r["prompt"] for r in held), mode=mode)}
+    os.makedirs(out, exist_ok=True)
+    for split, rows in splits.items():
+        with open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+    _write(os.path.join(out, "task.json"),
+           {"name": task_name(t), "metric": "exact_match", "generator": "experiments/pause_ft.py",
+            "kind": "corpus", "mode": mode, "context_words": cw, "seed": seed})
+    return {s: len(r) for s, r in splits.items()}
+
+
+def ensure_task(study, t: dict, root: str) -> str:
+    from ponder_pt.sft.synthetic import write_task
+
+    out = os.path.join(root, f"task_{task_name(t)}")
+    if os.path.exists(os.path.join(out, "task.json")):
+        return out
+    if t["kind"] == "corpus":
+        counts = write_corpus_task(t, os.path.join(study.work, "data"), out)
+    else:
+        counts = write_task(t["kind"], int(t["level"]), out,
+                            {s: int(t[s]) for s in ("train", "validation", "test")},
+                            seed=int(t["seed"]))
+    study.log(f"pause_ft: task {task_name(t)}: " + ", ".join(f"{n} {s}" for s, n in
+                                                             counts.items()))
+    return out
+
+
+# --------------------------------------------------------------------------- units
+
+
+def _scale_steps(args: list, mult: int) -> list:
+    """`sft` arguments with (--max-steps or --epochs) multiplied by `mult` (and --eval-every,
+    so every run is validated as often)."""
+    out = list(args)
+    if "--eval-every" in out and mult != 1:
+        i = out.index("--eval-every") + 1
+        out[i] = str(int(out[i]) * mult)
+    for flag in ("--max-steps", "--epochs"):
+        if flag in out and mult != 1:
+            i = out.index(flag) + 1
+            out[i] = str(int(out[i]) * mult)
+            return out
+    if mult != 1:
+        raise ValueError("pause_ft.args must set --max-steps or --epochs for the equal-FLOPs "
+                         "rows")
+    return out
+
+
+def plan_units(cfg: dict, runs: dict) -> list:
+    """Every fine-tuning unit of one task and seed, as dicts (without task/seed)."""
+    m_ft = int(cfg.get("ft_pauses", 10))
+    units = [{"group": "2x2", "label": f"{pt}_{ft}", "pt": pt, "ft": ft, "run": run,
+              "m": m_ft if ft == "PauseFT" else 0, "mult": 1, "K": 0}
+             for pt, run, ft in CELLS]
+    for k in cfg.get("ponder_steps", []):
+        k = int(k)
+        units.append({"group": "ponder", "label": f"K{k}", "pt": f"ponder_k{k}", "ft": "StdFT",
+                      "run": f"ponder_k{k}", "m": 0, "mult": 1, "K": k})
+        flops = cfg.get("equal_flops", True)  # true, false, or the list of K to match
+        if flops is True or (isinstance(flops, list) and k in [int(x) for x in flops]):
+            long_run = f"plain_x{k + 1}"
+            run = long_run if runs.get(long_run, {}).get("has_ckpt") else "plain"
+            units.append({"group": "flops", "label": f"K0x{k + 1}", "pt": run, "ft": "StdFT",
+                          "run": run, "m": 0, "mult": k + 1, "K": 0, "matches_k": k})
+    return units
+
+
+_SCORE_LOCK = threading.Lock()
+
+
+def score(final: str, task_dir: str, pauses: list, max_eval: int) -> dict:
+    """{"metric", "scores": {M: metric}, "examples"} of an sft export on the task's test split
+    (in this process, one model at a time)."""
+    with _SCORE_LOCK:
+        return _score(final, task_dir, pauses, max_eval)
+
+
 def _score(final: str, task_dir: str, pauses: list, max_eval: int) -> dict:
-    """{M: headline metric} of an sft export on the task's test split."""
+    import torch
+
     from ponder_pt.inference import load_model
     from ponder_pt.sft.evaluate import evaluate
     from ponder_pt.sft.tasks import load_local_task
 
     task = load_local_task(task_dir)
     _, rows = task.eval_split
-    rows = rows[:max_eval] if max_eval else rows
-    lm = load_model(final, device="cpu")
-    out = {}
+    rows = rows[:int(max_eval)] if int(max_eval) else rows
+    lm = load_model(final, device="cuda" if torch.cuda.is_available() else "cpu")
+    scores = {}
     for m in pauses:
         if m and lm.pause_id is None:
-            out[str(m)] = None  # no <pause> row: only M = 0 exists for this model
+            scores[str(m)] = None  # no <pause> row: only M = 0 exists for this model
             continue
         metrics, _ = evaluate(lm, rows, task.kind, int(m))
-        out[str(m)] = metrics[task.metric]
-    return {"metric": task.metric, "scores": out, "examples": len(rows)}
+        scores[str(m)] = metrics[task.metric]
+    return {"metric": task.metric, "scores": scores, "examples": len(rows)}
 
 
-def _table(rows: list, pauses: list, metric: str) -> str:
-    head = "| pretraining | fine-tuning | M_ft | " + " | ".join(f"M={m}" for m in pauses) + " |"
-    sep = "|" + "---|" * (3 + len(pauses))
-    lines = [head, sep]
+def run_unit(study, u: dict, task_dir: str, cfg: dict, args: list, env: dict) -> dict | None:
+    from .study import _call
+
+    out = u["out"]
+    spec = {"ckpt": os.path.abspath(u["ckpt"]), "task": u["task"], "pauses": u["m"],
+            "args": args, "seed": u["seed"], "ckpt_step": u["ckpt_step"]}
+    digest = _digest(spec)
+    done = _read(os.path.join(out, "spec.json"))
+    tag = f"{u['task_name']}/{u['label']}/s{u['seed']}"
+    if not (done and done.get("digest") == digest
+            and os.path.exists(os.path.join(out, "final", "config.json"))):
+        if not cfg.get("run_missing", True):  # report what is finished, run nothing
+            return None
+        study.log(f"pause_ft: fine-tuning {tag} ({u['run']}, M={u['m']}, x{u['mult']} steps)")
+        os.makedirs(out, exist_ok=True)
+        cmd = [sys.executable, "-m", "ponder_pt", "sft", "--model", u["ckpt"], "--task",
+               task_dir, "--pauses", str(u["m"]), "--out", out, "--seed", str(u["seed"]), *args]
+        code = _call(cmd, os.path.join(out, "sft.log"), env, mode="w")
+        if code != 0 or not os.path.exists(os.path.join(out, "final", "config.json")):
+            study.results.setdefault("errors", []).append(
+                f"pause_ft {tag}: sft exited {code} (see {out}/sft.log)")
+            return None
+        _write(os.path.join(out, "spec.json"), {"digest": digest, **spec})
+    pauses = u["score_pauses"]
+    max_eval = int(cfg.get("max_eval", 0))
+    key = _digest({"digest": digest, "pauses": pauses, "max_eval": max_eval})
+    scores = _read(os.path.join(out, "scores.json"))
+    if not scores or scores.get("key") != key:
+        ev = _read(os.path.join(out, "eval.json")) or {}
+        n_rows = _count_rows(task_dir, max_eval)
+        reuse = {str(ev["M"]): ev["value"]} if ev.get("examples") == n_rows and \
+            ev.get("metric") else {}
+        todo = [m for m in pauses if str(m) not in reuse]
+        got = {"metric": ev.get("metric"), "scores": {}, "examples": n_rows}
+        if todo and u["run"] in ("plain", "ponder_k1", "ponder_k2", "ponder_k3") \
+                and u["m"] == 0 and all(todo):
+            got["scores"] = {str(m): None for m in todo}  # no <pause> row: M = 0 only
+        elif todo:
+            got = score(os.path.join(out, "final"), task_dir, todo, max_eval)
+        scores = {"key": key, "metric": got["metric"], "examples": got["examples"],
+                  "scores": {str(m): dict(reuse, **got["scores"]).get(str(m)) for m in pauses}}
+        _write(os.path.join(out, "scores.json"), scores)
+    history = (_read(os.path.join(out, "eval.json")) or {}).get("training", {})
+    return {k: u[k] for k in ("group", "label", "pt", "ft", "run", "m", "mult", "K", "seed",
+                              "task_name")} | {
+        "matches_k": u.get("matches_k"), "scores": scores["scores"], "metric": scores["metric"],
+        "examples": scores["examples"], "best_step": history.get("best_step"),
+        "steps": history.get("steps")}
+
+
+def _count_rows(task_dir: str, max_eval: int) -> int:
+    path = os.path.join(task_dir, "test.jsonl")
+    if not os.path.exists(path):
+        path = os.path.join(task_dir, "validation.jsonl")
+    with open(path, encoding="utf-8") as fh:
+        n = sum(1 for line in fh if line.strip())
+    return min(n, max_eval) if max_eval else n
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _agg(values: list) -> dict:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(vals),
+            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals),
+            "values": vals}
+
+
+def summarize(rows: list, pauses: list) -> list:
+    """One entry per (task, label): each M's mean/std over seeds."""
+    out, order = {}, []
     for r in rows:
-        cells = ["n/a" if r["scores"].get(str(m)) is None else f"{r['scores'][str(m)]:.3f}"
-                 for m in pauses]
-        lines.append(f"| {r['pt']} | {r['ft']} | {r['m_ft']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\n({metric} on the test split, greedy decoding after M pauses)"
+        key = (r["task_name"], r["label"])
+        if key not in out:
+            order.append(key)
+            out[key] = {k: r[k] for k in ("task_name", "group", "label", "pt", "ft", "run", "m",
+                                         "mult", "K", "matches_k", "metric")} | {"seeds": []}
+        out[key]["seeds"].append(r["seed"])
+    for key in order:
+        mine = [r for r in rows if (r["task_name"], r["label"]) == key]
+        out[key]["scores"] = {str(m): _agg([r["scores"].get(str(m)) for r in mine])
+                              for m in pauses if any(str(m) in r["scores"] for r in mine)}
+    return [out[k] for k in order]
+
+
+def _fmt(a: dict | None, n_max: int = 0) -> str:
+    """mean ± std, and the seed count where it is short of the table's (a grid stopped early)."""
+    if not a or a["mean"] is None:
+        return "n/a"
+    text = f"{a['mean']:.3f} ± {a['std']:.3f}" if a["n"] > 1 else f"{a['mean']:.3f}"
+    return text + (f" (n={a['n']})" if a["n"] < n_max else "")
+
+
+def tables(summary: list, pauses: list, m_ft: int) -> str:
+    parts = []
+    for task in dict.fromkeys(s["task_name"] for s in summary):
+        mine = [s for s in summary if s["task_name"] == task]
+        metric = mine[0]["metric"]
+        n = max(len(s["seeds"]) for s in mine)
+        parts += [f"### {task} ({metric}, mean ± std over {n} fine-tuning seeds)", "",
+                  "| pretraining | fine-tuning | M_ft | " +
+                  " | ".join(f"M={m}" for m in pauses) + " |",
+                  "|" + "---|" * (3 + len(pauses))]
+        for s in (s for s in mine if s["group"] == "2x2"):
+            parts.append(f"| {s['pt']} | {s['ft']} | {s['m']} | " +
+                         " | ".join(_fmt(s["scores"].get(str(m)), n) for m in pauses) + " |")
+        ponder = [s for s in mine if s["group"] in ("ponder", "flops")]
+        if ponder:
+            base = next((s for s in mine if s["label"] == "StdPT_StdFT"), None)
+            parts += ["", "| backbone | K | fine-tuning steps | fine-tuning FLOPs | M=0 |",
+                      "|---|---|---|---|---|"]
+            if base:
+                parts.append(f"| plain | 0 | 1x | 1x | {_fmt(base['scores'].get('0'), n)} |")
+            for s in ponder:
+                if s["group"] == "ponder":
+                    parts.append(f"| {s['run']} | {s['K']} | 1x | {s['K'] + 1}x (equal tokens) "
+                                 f"| {_fmt(s['scores'].get('0'), n)} |")
+                else:
+                    parts.append(f"| {s['run']} | 0 | {s['mult']}x | {s['mult']}x (equal FLOPs "
+                                 f"with K={s['matches_k']}) | {_fmt(s['scores'].get('0'), n)} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- the stage
 
 
 def stage_pause_ft(study) -> None:
-    from ponder_pt.sft.synthetic import write_task
+    from .study import _env, _trained
 
     cfg = study.sc.get("pause_ft") or {}
     if not cfg.get("enabled", True):
         return
     root = os.path.join(study.work, "pause_ft")
-    tcfg = dict({"kind": "addition", "level": 1, "train": 2000, "validation": 100, "test": 200,
-                 "seed": 0}, **(cfg.get("task") or {}))
-    task_dir = os.path.join(root, f"task_{tcfg['kind']}{tcfg['level']}")
-    if not os.path.exists(os.path.join(task_dir, "task.json")):
-        write_task(tcfg["kind"], int(tcfg["level"]), task_dir,
-                   {s: int(tcfg[s]) for s in ("train", "validation", "test")},
-                   seed=int(tcfg["seed"]))
+    task_cfgs = [dict(_TASK_DEFAULTS, **t) for t in
+                 (cfg.get("tasks") or [cfg.get("task") or {"kind": "addition", "level": 1}])]
     m_ft = int(cfg.get("ft_pauses", 10))
     pauses = [int(m) for m in cfg.get("eval_pauses", [0, 2, 5, 10])]
+    seeds = [int(s) for s in cfg.get("seeds", [42])]
     args = [str(a) for a in cfg.get("args", [])]
-    max_eval = int(cfg.get("max_eval", 0))
-    runs = {r["name"]: r for r in study.runs}
-    rows = []
-    for pt, run_name, ft in CELLS:
-        ckpt = os.path.join(study.run_dir(runs[run_name]), "ckpt") if run_name in runs else ""
-        if not os.path.isdir(ckpt):
-            study.log(f"pause_ft: {pt}/{ft} skipped (run {run_name} has no checkpoint; run the "
-                      f"'runs' stage)")
-            continue
-        m = m_ft if ft == "PauseFT" else 0
-        out = os.path.join(root, f"{pt}_{ft}")
-        spec = {"ckpt": os.path.abspath(ckpt), "task": tcfg, "pauses": m, "args": args,
-                "ckpt_step": open(os.path.join(ckpt, "latest")).read().strip()
-                if os.path.exists(os.path.join(ckpt, "latest")) else None}
-        digest = _digest(spec)
-        done = _read(os.path.join(out, "spec.json"))
-        if not (done and done.get("digest") == digest
-                and os.path.exists(os.path.join(out, "final", "config.json"))):
-            study.log(f"pause_ft: fine-tuning {pt}/{ft} (M={m}) on {tcfg['kind']}{tcfg['level']}")
-            cmd = [sys.executable, "-m", "ponder_pt", "sft", "--model", ckpt, "--task",
-                   task_dir, "--pauses", str(m), "--out", out, *args]
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "sft.log"), "w", encoding="utf-8") as log:
-                code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                       env=dict(os.environ, OMP_NUM_THREADS="2",
-                                                TOKENIZERS_PARALLELISM="false"))
-            if code != 0:
-                study.results.setdefault("errors", []).append(
-                    f"pause_ft {pt}/{ft}: sft exited {code} (see {out}/sft.log)")
+    runs = {}
+    for r in study.runs:  # only runs trained to the end (not one still training)
+        done = _trained(study.run_dir(r), r["iters"])
+        runs[r["name"]] = {"ckpt": os.path.join(study.run_dir(r), "ckpt"), "has_ckpt": done,
+                           "step": f"step_{r['iters']:08d}" if done else None}
+    todo, skipped = [], set()
+    for t in task_cfgs:
+        task_dir = ensure_task(study, t, root)
+        groups = t.get("groups", ["2x2", "ponder", "flops"])
+        for u in plan_units(cfg, runs):
+            if u["group"] not in groups:
                 continue
-            with open(os.path.join(out, "spec.json"), "w", encoding="utf-8") as fh:
-                json.dump({"digest": digest, **spec}, fh, indent=1)
-        score_key = _digest({"digest": digest, "pauses": pauses, "max_eval": max_eval})
-        scores = _read(os.path.join(out, "scores.json"))
-        if not scores or scores.get("key") != score_key:
-            scores = {"key": score_key, **_score(os.path.join(out, "final"), task_dir, pauses,
-                                                 max_eval)}
-            with open(os.path.join(out, "scores.json"), "w", encoding="utf-8") as fh:
-                json.dump(scores, fh, indent=1)
-        rows.append({"pt": pt, "ft": ft, "m_ft": m, "scores": scores["scores"],
-                     "metric": scores["metric"], "examples": scores["examples"]})
+            if not runs.get(u["run"], {}).get("has_ckpt"):
+                skipped.add(u["run"])
+                continue
+            for seed in seeds:
+                unit = dict(u, task=t, task_name=task_name(t), seed=seed,
+                            ckpt=runs[u["run"]]["ckpt"], ckpt_step=runs[u["run"]]["step"],
+                            out=os.path.join(root, task_name(t), f"{u['label']}_s{seed}"),
+                            score_pauses=pauses if u["group"] == "2x2" else [0])
+                todo.append((unit, task_dir, _scale_steps(args, u["mult"])))
+    for name in sorted(skipped):
+        study.log(f"pause_ft: cells on run {name} skipped (no checkpoint; run the 'runs' stage "
+                  f"for it)")
+    threads = int(study.sc["schedule"].get("threads_per_job", 1))
+    env = _env(threads)
+    import torch
+
+    torch.set_num_threads(threads)  # the in-process scoring
+    jobs = max(1, int(cfg.get("jobs", study.sc["schedule"].get("jobs", 1))))
+    # seed by seed (each seed completes the whole grid), the 2x2 first within a seed
+    prio = {"2x2": 0, "ponder": 1, "flops": 2}
+    todo.sort(key=lambda x: (seeds.index(x[0]["seed"]), prio[x[0]["group"]]))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(lambda x: run_unit(study, x[0], x[1], cfg, x[2], env), todo))
+    order = {(u["task_name"], u["label"], u["seed"]): i for i, (u, _, _) in
+             enumerate(sorted(todo, key=lambda x: (task_cfgs.index(x[0]["task"]),
+                                                   _LABEL_ORDER(x[0]), x[0]["seed"])))}
+    rows = sorted((r for r in results if r), key=lambda r: order[(r["task_name"], r["label"],
+                                                                  r["seed"])])
     if not rows:
         return
-    metric = rows[0]["metric"]
-    study.results["pause_ft"] = {"task": tcfg, "ft_pauses": m_ft, "eval_pauses": pauses,
-                                 "metric": metric, "rows": rows}
+    summary = summarize(rows, pauses)
+    study.results["pause_ft"] = {"tasks": task_cfgs, "ft_pauses": m_ft, "eval_pauses": pauses,
+                                 "seeds": seeds, "args": args, "rows": rows,
+                                 "summary": summary}
     study.sections.append("\n".join([
-        "## Pause fine-tuning: the 2x2 (StdPT/PausePT x StdFT/PauseFT)", "",
-        f"Task: `ponder-pt sft-task {tcfg['kind']} --level {tcfg['level']}` "
-        f"({tcfg['train']} train / {tcfg['test']} test rows, seed {tcfg['seed']}); backbones: "
-        f"the study's `plain` (StdPT) and `pause` (PausePT) runs; StdFT = `sft --pauses 0`, "
-        f"PauseFT = `sft --pauses {m_ft}`; each model scored with M pauses at inference "
-        f"(experiments/pause_ft.py). The paper (1B model) reports gains mostly for "
-        f"PausePT+PauseFT (SQuAD +18% EM, CommonsenseQA +8%, GSM8k +1%) and a collapse of "
-        f"pause-fine-tuned models at M=0.", "",
-        _table(rows, pauses, metric)]))
+        "## Pause fine-tuning: the 2x2 (StdPT/PausePT x StdFT/PauseFT) and pondering K", "",
+        f"Tasks: {', '.join('`' + task_name(t) + '`' for t in task_cfgs)}; backbones: the "
+        f"study's `plain` (StdPT), `pause` (PausePT) and `ponder_k*` runs; StdFT = `sft --pauses "
+        f"0`, PauseFT = `sft --pauses {m_ft}`; fine-tuning seeds {seeds}; each model scored "
+        f"with M pauses at inference (experiments/pause_ft.py). The paper (1B model) reports "
+        f"gains mostly for PausePT+PauseFT (SQuAD +18% EM, CommonsenseQA +8%, GSM8k +1%) and a "
+        f"collapse of pause-fine-tuned models at M=0.", "",
+        tables(summary, pauses, m_ft)]))
+
+
+def _LABEL_ORDER(u: dict) -> int:
+    fixed = ["StdPT_StdFT", "StdPT_PauseFT", "PausePT_StdFT", "PausePT_PauseFT"]
+    if u["label"] in fixed:
+        return fixed.index(u["label"])
+    return 10 + 2 * int(u.get("matches_k", u["K"])) + (u["group"] == "flops")
+
+

@@ -157,22 +157,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         catch_early()
     # torch elastic's @record: torchrun's failure summary names the rank and its exception,
     # and a failing rank ends its output with one line (ponder_pt/engine/failures.py)
-    from ponder_pt.engine.failures import recorded
-
-    return recorded("ponder-pt train", lambda: _run_main(args))
-
-
-def _run_main(args: argparse.Namespace) -> int:
     from ponder_pt.config import ConfigError
     from ponder_pt.data.prepare import DataError
-    from ponder_pt.engine.failures import record_error
+    from ponder_pt.engine.failures import run_cli
 
-    try:
-        return run(args.config, args.overrides, args.dry_run, mfu_from=args.mfu_from)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
-        print(f"ponder-pt train: error: {exc}", file=sys.stderr)
-        record_error(exc)  # exit code 2, but torchrun's summary still shows the message
-        return 2
+    return run_cli("ponder-pt train", lambda: run(args.config, args.overrides, args.dry_run,
+                                                  mfu_from=args.mfu_from),
+                   (ConfigError, DataError, FileNotFoundError))
 
 
 if __name__ == "__main__":

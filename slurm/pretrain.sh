@@ -41,6 +41,10 @@ mkdir -p logs "$RUN_DIR"
 # terminated while they exited, so the file decides
 export PONDER_PT_REQUEUE_FILE="$RUN_DIR/.requeue.${SLURM_JOB_ID:-0}"
 rm -f "$PONDER_PT_REQUEUE_FILE"
+# each rank records its exception here; after a failed srun the log's last line names the
+# first failing rank and its message (srun's own lines only give exit codes)
+export PONDER_PT_ERROR_DIR="$RUN_DIR/.errors.${SLURM_JOB_ID:-0}"
+rm -rf "$PONDER_PT_ERROR_DIR"
 set +e
 "${LAUNCH[@]}"
 rc=$?
@@ -50,5 +54,8 @@ if [[ $rc -eq 99 || ( $rc -ne 0 && -e "$PONDER_PT_REQUEUE_FILE" ) ]]; then
   echo "every rank saved (srun exit $rc): requeueing $SLURM_JOB_ID"
   scontrol requeue "$SLURM_JOB_ID"  # ends this run; the job restarts and resumes
   exit 99
+fi
+if [[ $rc -ne 0 ]]; then
+  "$PYTHON" -m ponder_pt.engine.failures "$PONDER_PT_ERROR_DIR" --prog "ponder-pt train" || true
 fi
 exit $rc

@@ -12,11 +12,13 @@ from train_utils import train_cmd
 
 from ponder_pt.engine.failures import first_failure, one_line, with_log_dir
 
-# imported by every Python process of the run (PYTHONPATH); only rank 1 of the workers fails,
+# imported by every Python process of the run (PYTHONPATH); only rank 1 of the workers fails
+# (torchrun's RANK, or srun's SLURM_PROCID),
 # inside the trainer's entry point (D.init), like an error only that rank can hit
 PLANT = '''
 import os
-if os.environ.get("RANK") == "1" and os.environ.get("PLANTED_FAILURE"):
+if os.environ.get("RANK", os.environ.get("SLURM_PROCID")) == "1" and \
+        os.environ.get("PLANTED_FAILURE"):
     import ponder_pt.engine.distributed as D
 
     def init(*args, **kwargs):
@@ -27,12 +29,17 @@ if os.environ.get("RANK") == "1" and os.environ.get("PLANTED_FAILURE"):
 MESSAGE = "planted failure: rank 1 cannot read its data shard"
 
 
-def test_failing_rank_ends_the_launcher_output(prepared, bpe_dir, tmp_path):
+def planted_env(env: dict, tmp_path) -> dict:
+    """`env` with the planted rank-1 failure on PYTHONPATH."""
     plant = tmp_path / "plant"
     plant.mkdir()
     (plant / "sitecustomize.py").write_text(PLANT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PLANTED_FAILURE=MESSAGE,
-               PYTHONPATH=os.pathsep.join([str(plant), os.environ.get("PYTHONPATH", "")]))
+    return dict(env, PLANTED_FAILURE=MESSAGE,
+                PYTHONPATH=os.pathsep.join([str(plant), env.get("PYTHONPATH", "")]))
+
+
+def test_failing_rank_ends_the_launcher_output(prepared, bpe_dir, tmp_path):
+    env = planted_env(dict(os.environ, OMP_NUM_THREADS="1"), tmp_path)
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(train_cmd(str(tmp_path / "run"), prepared, bpe_dir, nproc=2), env=env,
                           capture_output=True, text=True, timeout=300)

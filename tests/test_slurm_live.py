@@ -26,6 +26,7 @@ import time
 
 import pytest
 
+from test_rank_failure import MESSAGE, planted_env
 from train_utils import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -308,6 +309,17 @@ def test_killed_job_resubmitted_resumes_from_last_intact_checkpoint(slurm, job_e
     again.check(f"training steps {start}..{ITERS}" in again.text(),
                 f"resumed from step {start}")
     assert_matches_reference(again, tmp_path, reference[2])
+
+
+def test_failing_rank_is_the_last_line_of_the_job_log(slurm, job_env, tmp_path):
+    """A rank that raises: the job fails (no requeue), and its log ends with the rank and the
+    exception, not srun's exit codes."""
+    job = train_job(slurm, planted_env(job_env, tmp_path), tmp_path / "run")
+    info = job.wait()
+    job.check(info["JobState"] == "FAILED" and info["Restarts"] == "0", "fails, no requeue")
+    last = [x for x in job.text().splitlines() if x.strip()][-1]
+    job.check(last == f"ponder-pt train: rank 1 failed: RuntimeError: {MESSAGE}",
+              f"last line: {last!r}")
 
 
 def test_launchers_under_srun_with_two_cpu_tasks(slurm, job_env, prepared, bpe_dir, tmp_path):

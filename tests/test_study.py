@@ -16,6 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from experiments.pause_ft import _scale_steps, corpus_rows, summarize  # noqa: E402
 from experiments.study import load_study_config, plan_runs  # noqa: E402
 
 
@@ -83,12 +84,28 @@ def test_toy_study_reports_every_run(toy):
     for section in ("## Equal tokens", "## Equal training FLOPs", "## Pause tokens",
                     "## The papers' claims", "## Early exit", "## Pause fine-tuning"):
         assert section in md
-    # the pause paper's 2x2 with `ponder-pt sft`, every cell scored at M = 0, 2, 5, 10
+    # the pause paper's 2x2 with `ponder-pt sft` on a synthetic and a corpus task, every 2x2
+    # cell scored at M = 0, 2, 5, 10; pondering K = 1 and its equal-FLOPs K = 0 row (toy: one
+    # fine-tuning seed, pondering on the first task only)
     pft = res["pause_ft"]
-    assert [(r["pt"], r["ft"]) for r in pft["rows"]] == [
-        ("StdPT", "StdFT"), ("StdPT", "PauseFT"), ("PausePT", "StdFT"), ("PausePT", "PauseFT")]
-    assert all(sorted(r["scores"], key=int) == ["0", "2", "5", "10"] for r in pft["rows"])
-    assert pft["rows"][0]["scores"]["2"] is None  # StdPT + StdFT has no <pause> row
+    cells = ["StdPT_StdFT", "StdPT_PauseFT", "PausePT_StdFT", "PausePT_PauseFT"]
+    assert [(s["task_name"], s["label"]) for s in pft["summary"]] == [
+        *(("addition1", c) for c in [*cells, "K1", "K0x2"]),
+        *(("corpus_next6", c) for c in cells)]
+    assert len(pft["rows"]) == 10
+    for s in pft["summary"]:
+        assert s["seeds"] == [0], s["label"]
+        if s["group"] == "2x2":
+            assert sorted(s["scores"], key=int) == ["0", "2", "5", "10"]
+        else:
+            assert list(s["scores"]) == ["0"]
+        assert s["scores"]["0"]["n"] == 1 and 0 <= s["scores"]["0"]["mean"] <= 1
+    first = pft["summary"][0]
+    assert first["label"] == "StdPT_StdFT" and first["scores"]["2"]["mean"] is None  # no <pause>
+    assert all(s["scores"]["2"]["n"] == 1 for s in pft["summary"][1:4])
+    flops = next(s for s in pft["summary"] if s["label"] == "K0x2")
+    assert flops["mult"] == 2 and flops["matches_k"] == 1 and flops["run"] in ("plain", "plain_x2")
+    assert "equal FLOPs with K=1" in md
     # early exit on the study's own plain model, exported to HF: every strategy, its sweep
     ee = res["early_exit"]
     assert ee["backbone"] == "plain" and (out / "early_exit.png").stat().st_size > 1000
@@ -148,3 +165,27 @@ def test_every_scale_resolves_to_a_valid_trainer_config():
             assert cfg.ponder.steps == run["ponder_steps"]
             assert cfg.ponder.feedback == run["feedback"]
             assert cfg.train.iters == run["iters"]
+
+
+def test_pause_ft_corpus_task_summary_and_equal_flops_steps():
+    texts = ["alpha beta gamma delta alpha epsilon zeta beta theta iota kappa gamma lambda",
+             "one two three four five six seven eight nine ten eleven twelve"]
+    rows = corpus_rows(texts, 10, 0, 4)
+    # next word, found earlier in its 4-word prompt, never "the"
+    assert rows and all(r["answer"] in r["prompt"].split() and len(r["prompt"].split()) == 4
+                        for r in rows)
+    first = corpus_rows(texts, 10, 0, 4, mode="first")
+    assert first and all(r["prompt"].endswith(" first:") and
+                         r["prompt"].split()[0] == r["answer"] for r in first)
+    assert corpus_rows(texts, 10, 0, 4) == rows  # deterministic
+    summary = summarize([{"task_name": "t", "group": "2x2", "label": "a", "pt": "p", "ft": "f",
+                          "run": "plain", "m": 0, "mult": 1, "K": 0, "matches_k": None,
+                          "metric": "exact_match", "seed": s, "scores": {"0": v, "2": None}}
+                         for s, v in ((0, 0.5), (1, 0.7), (2, 0.9))], [0, 2])
+    (cell,) = summary
+    assert cell["scores"]["0"]["mean"] == pytest.approx(0.7)
+    assert cell["scores"]["0"]["std"] == pytest.approx(0.2)  # sample std over the seeds
+    assert cell["scores"]["2"] == {"mean": None, "std": None, "n": 0}
+    args = ["--max-steps", "120", "--eval-every", "60", "--lr", "1e-3"]
+    assert _scale_steps(args, 4) == ["--max-steps", "480", "--eval-every", "240", "--lr", "1e-3"]
+    assert _scale_steps(["--epochs", "3"], 2) == ["--epochs", "6"]

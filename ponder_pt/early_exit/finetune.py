@@ -318,17 +318,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     add_args(parser)
     args = parser.parse_args(argv)
-    from ..engine.failures import record_error, recorded
+    from ..engine.failures import run_cli
 
-    def run() -> int:
-        try:
-            return cmd_finetune(args)
-        except (ConfigError, FileNotFoundError, ValueError) as exc:
-            print(f"finetune: error: {exc}", file=sys.stderr)
-            record_error(exc)
-            return 2
-
-    return recorded("ponder-pt finetune", run)
+    return run_cli("ponder-pt finetune", lambda: cmd_finetune(args),
+                   (ConfigError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..data.rows import read_rows
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -219,55 +221,29 @@ def _split_file(path: str, split: str, spec: Optional[TaskSpec] = None,
 
 def _read_rows(path: str, rejected: list, spec: Optional[TaskSpec] = None
                ) -> list[tuple[int, dict]]:
-    """(line number, row) pairs of a jsonl/tsv/csv file; unparsable lines go to `rejected`.
+    """(line number, row) pairs of a jsonl/tsv/csv file (`data.rows.read_rows`: GLUE's own
+    quoting and BOM); unparsable lines go to `rejected`. CoLA's train/dev files have no header
+    (source, label, original mark, sentence)."""
+    if spec is not None and spec.name == "cola" and path.endswith(".tsv"):
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            if "sentence" not in fh.readline().rstrip("\r\n").split("\t"):
+                fh.seek(0)
+                return _read_cola(fh, path, rejected)
+    return read_rows(path, rejected)
 
-    TSV files are read as GLUE writes them: tab-separated with quoting disabled (MRPC and
-    QQP sentences contain quote characters), an optional UTF-8 BOM (MRPC's header), and
-    CoLA's train/dev files without a header (source, label, original mark, sentence)."""
+
+def _read_cola(fh, path: str, rejected: list) -> list[tuple[int, dict]]:
     rows = []
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        if path.endswith((".jsonl", ".json")):
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    rejected.append({"file": path, "line": line_no, "reason": f"bad JSON: {exc}"})
-                    continue
-                if not isinstance(row, dict):
-                    rejected.append({"file": path, "line": line_no, "reason": "not an object"})
-                    continue
-                rows.append((line_no, row))
-            return rows
-        tsv = path.endswith(".tsv")
-        delimiter = "\t" if tsv else ","
-        quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
-        first = fh.readline()
-        fh.seek(0)
-        if spec is not None and spec.name == "cola" and tsv and \
-                "sentence" not in first.rstrip("\r\n").split("\t"):
-            reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-            for fields in reader:
-                if not fields:
-                    continue
-                if len(fields) != 4:
-                    rejected.append({"file": path, "line": reader.line_num,
-                                     "reason": f"expected CoLA's 4 tab-separated fields (source, "
-                                               f"label, original mark, sentence), got "
-                                               f"{len(fields)}"})
-                    continue
-                rows.append((reader.line_num, {"sentence": fields[3], "label": fields[1]}))
-            return rows
-        reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
-        for row in reader:
-            extra = row.pop(None, None)
-            if extra:
-                rejected.append({"file": path, "line": reader.line_num,
-                                 "reason": f"{len(extra)} more field(s) than the header's "
-                                           f"{len(reader.fieldnames or [])}"})
-                continue
-            rows.append((reader.line_num, row))
+    reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+    for fields in reader:
+        if not fields:
+            continue
+        if len(fields) != 4:
+            rejected.append({"file": path, "line": reader.line_num,
+                             "reason": f"expected CoLA's 4 tab-separated fields (source, label, "
+                                       f"original mark, sentence), got {len(fields)}"})
+            continue
+        rows.append((reader.line_num, {"sentence": fields[3], "label": fields[1]}))
     return rows
 
 

@@ -45,9 +45,21 @@ def record_error(exc: BaseException) -> None:
     get_error_handler().record_exception(exc)
 
 
+def _error_file_from_dir() -> None:
+    """Under srun (no torchrun to name an error file), PONDER_PT_ERROR_DIR gives each rank
+    DIR/<rank>/error.json, the layout torchrun's --log-dir uses, so `first_failure` reads both."""
+    root = os.environ.get("PONDER_PT_ERROR_DIR")
+    if root and not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+        os.makedirs(os.path.join(root, rank), exist_ok=True)
+        os.environ["TORCHELASTIC_ERROR_FILE"] = os.path.join(root, rank, "error.json")
+
+
 def recorded(prog: str, fn: Callable[[], int]) -> int:
     """Run a worker's main under torch elastic's `@record`, ending a failure with one line."""
     from torch.distributed.elastic.multiprocessing.errors import record
+
+    _error_file_from_dir()
 
     def body() -> int:
         try:
@@ -57,6 +69,24 @@ def recorded(prog: str, fn: Callable[[], int]) -> int:
             raise
 
     return record(body)()
+
+
+def run_cli(prog: str, fn: Callable[[], int], user_errors: tuple = ()) -> int:
+    """A worker's or command's main: `fn()` under `recorded`; a user error (`user_errors`, e.g.
+    a config error) prints `prog: error: message` and exits 2, still written to torch elastic's
+    error file so the launcher's summary shows it. PONDER_PT_DEBUG=1 re-raises it instead."""
+
+    def body() -> int:
+        try:
+            return fn()
+        except user_errors as exc:
+            if os.environ.get("PONDER_PT_DEBUG"):
+                raise
+            print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+            record_error(exc)
+            return 2
+
+    return recorded(prog, body)
 
 
 def first_failure(log_dir: str) -> Optional[str]:
@@ -108,3 +138,23 @@ def run_torchrun(cmd: Sequence[str], prog: str,
         return code
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m ponder_pt.engine.failures DIR [--prog NAME]`: print the first failing rank's
+    one line from the error files under DIR (the SLURM scripts' last line after a failed srun)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ponder_pt.engine.failures")
+    parser.add_argument("dir")
+    parser.add_argument("--prog", default="ponder-pt train")
+    args = parser.parse_args(argv)
+    line = first_failure(args.dir)
+    if line is None:
+        return 1
+    print(f"{args.prog}: {line}", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

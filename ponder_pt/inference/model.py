@@ -94,7 +94,28 @@ class InferenceModel(abc.ABC):
         """New token ids after `prompt` (pauses, if any, already appended by the caller)."""
 
 
-class NativeModel(InferenceModel):
+class PonderLMModel(InferenceModel):
+    """A TP=1 `PonderLM` in this process (`self.model`, `self.tok`, `self.device`)."""
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([i for i in ids if i < self.vocab_rows])
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids.to(self.device), gather_logits=True).float()
+
+    def generate(self, prompt, max_new_tokens, greedy=True, temperature=1.0, top_k=0, seed=0,
+                 stop_at_eos=True):
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return generate_cached(self.model, prompt, max_new_tokens, vocab_rows=self.vocab_rows,
+                               eos_id=self.eos_id if stop_at_eos else None, greedy=greedy,
+                               temperature=temperature, top_k=top_k, generator=gen)
+
+
+class NativeModel(PonderLMModel):
     """A training checkpoint, rebuilt as a TP=1 `PonderLM` in one process (CPU or CUDA)."""
 
     kind = "native"
@@ -122,22 +143,6 @@ class NativeModel(InferenceModel):
         self.pause_id, self.default_pauses = pf.get("pause_token_id"), pf.get("default_pauses", 0)
         self.max_len, self.ponder_steps = cfg.model.max_seq_len, cfg.ponder.steps
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode(ids)
-
-    @torch.no_grad()
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids.to(self.device), gather_logits=True).float()
-
-    def generate(self, prompt, max_new_tokens, greedy=True, temperature=1.0, top_k=0, seed=0,
-                 stop_at_eos=True):
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        return generate_cached(self.model, prompt, max_new_tokens, vocab_rows=self.vocab_rows,
-                               eos_id=self.eos_id if stop_at_eos else None, greedy=greedy,
-                               temperature=temperature, top_k=top_k, generator=gen)
 
 
 class HFModel(InferenceModel):

@@ -18,12 +18,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..inference.model import InferenceModel, generate_cached
+from ..inference.model import InferenceModel, PonderLMModel
 from ..inference.pauses import append_pauses
 from .metrics import SCORERS, after_last_pause, best_over, choice_accuracy, generative_metrics
 
 
-class LiveModel(InferenceModel):
+class LiveModel(PonderLMModel):
     """The `PonderLM` being fine-tuned, seen through the inference interface."""
 
     kind = "live"
@@ -40,23 +40,6 @@ class LiveModel(InferenceModel):
     @property
     def device(self):
         return next(self.model.parameters()).device
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tok.decode([i for i in ids if i < self.vocab_rows])
-
-    @torch.no_grad()
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids.to(self.device), gather_logits=True).float()
-
-    def generate(self, prompt, max_new_tokens, greedy=True, temperature=1.0, top_k=0, seed=0,
-                 stop_at_eos=True):
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        return generate_cached(self.model, prompt, max_new_tokens, vocab_rows=self.vocab_rows,
-                               eos_id=self.eos_id if stop_at_eos else None, greedy=greedy,
-                               temperature=temperature, top_k=top_k, generator=gen)
 
 
 def _context(lm: InferenceModel, prompt: str, pauses: int, room: int) -> list[int]:

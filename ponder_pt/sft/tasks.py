@@ -23,12 +23,12 @@ task directory, so workers never touch the network; an unreachable hub is one li
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..data.rows import read_rows
 from .metrics import METRICS
 
 SPLITS = ("train", "validation", "test")
@@ -61,32 +61,6 @@ def _split_file(path: str, split: str) -> Optional[str]:
             if os.path.exists(candidate):
                 return candidate
     return None
-
-
-def _read_rows(path: str, rejected: list) -> list[tuple[int, dict]]:
-    """(line number, row) of a jsonl/tsv/csv file; unparsable lines go to `rejected`."""
-    rows = []
-    with open(path, encoding="utf-8", newline="") as fh:
-        if path.endswith((".jsonl", ".json")):
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    rejected.append({"file": path, "line": line_no, "reason": f"bad JSON: {exc}"})
-                    continue
-                if not isinstance(row, dict):
-                    rejected.append({"file": path, "line": line_no, "reason": "not an object"})
-                    continue
-                rows.append((line_no, row))
-        else:
-            tsv = path.endswith(".tsv")
-            reader = csv.DictReader(fh, delimiter="\t" if tsv else ",",
-                                    quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-            for row in reader:
-                rows.append((reader.line_num, {k: v for k, v in row.items() if k is not None}))
-    return rows
 
 
 def _as_list(value) -> Optional[list]:
@@ -154,7 +128,7 @@ def _example(row: dict, meta: dict) -> dict:
 
 def read_split(path: str, meta: dict, rejected: list) -> list[dict]:
     out = []
-    for line, row in _read_rows(path, rejected):
+    for line, row in read_rows(path, rejected):
         try:
             ex = _example(row, meta)
         except ValueError as exc:

@@ -355,22 +355,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_args(parser)
     args = parser.parse_args(argv)
     from ..config.loader import ConfigError
-    from ..engine.failures import record_error, recorded
+    from ..engine.failures import run_cli
 
     def run() -> int:
-        try:
-            if "WORLD_SIZE" in os.environ:  # a torchrun/deepspeed worker: train only
-                summary = train(args)
-                return 0 if summary is not None else 1
-            return cmd_sft(args)
-        except (ConfigError, FileNotFoundError, ValueError) as exc:
-            if os.environ.get("PONDER_PT_DEBUG"):
-                raise
-            print(f"sft: error: {exc}", file=sys.stderr)
-            record_error(exc)
-            return 2
+        if "WORLD_SIZE" in os.environ:  # a torchrun/deepspeed worker: train only
+            return 0 if train(args) is not None else 1
+        return cmd_sft(args)
 
-    return recorded("ponder-pt sft", run)
+    return run_cli("ponder-pt sft", run, (ConfigError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
