@@ -8,6 +8,14 @@ reports ms per generated token and the speed-up, at 64/256/1024 new tokens.
 
     .venv/bin/python benchmarks/bench_generate.py                  # CPU table (README_generate.md)
     .venv/bin/python benchmarks/bench_generate.py --device cuda --hidden 1024 --layers 24
+
+`--decoders` instead times one cached token four ways, for K = 0 and K = `--steps` side by
+side: megatron-core's linear forward with caches grown by concatenation (how ponder-pt decoded
+before), the eager decoder (preallocated caches, `F.linear` at TP = 1), its fixed-shape form
+(what a CUDA graph captures, run eagerly), and on CUDA the graph replay. It reports ms/token and
+the pondering cost ratio K-step / ((K+1) x plain), whose goal is <= 1.1.
+
+    .venv/bin/python benchmarks/bench_generate.py --decoders --layers 12 --hidden 64
 """
 
 from __future__ import annotations
@@ -37,15 +45,9 @@ def build(args):
     return PonderLM(cfg, PonderConfig(steps=args.steps), seed=0).to(args.device).eval()
 
 
-@torch.no_grad()
 def cached(model, prompt, n):
-    caches = model.new_caches()
-    ids, out = prompt, []
-    for _ in range(n):
-        nxt = model(ids, caches=caches)[:, -1].argmax(-1, keepdim=True)
-        out.append(int(nxt))
-        ids = nxt
-    return out
+    """ponder-pt's decoding (`Decoder`: preallocated caches; CUDA graph on a GPU)."""
+    return decoder(model, prompt, n, None, None)
 
 
 @torch.no_grad()
@@ -55,6 +57,63 @@ def recompute(model, prompt, n):
         nxt = model(seq)[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], 1)
     return seq[0, prompt.shape[1]:].tolist()
+
+
+@torch.no_grad()
+def grown(model, prompt, n, K):
+    """Before preallocation: megatron's linear forward, caches grown by torch.cat."""
+    from bench_linear import set_plain_linears
+
+    set_plain_linears(model, False)
+    try:
+        caches, ids, out = model.new_caches(K), prompt, []
+        for _ in range(n):
+            nxt = model(ids, caches=caches, ponder_steps=K)[:, -1].argmax(-1, keepdim=True)
+            out.append(int(nxt))
+            ids = nxt
+        return out
+    finally:
+        set_plain_linears(model, True)
+
+
+@torch.no_grad()
+def decoder(model, prompt, n, K, mode):
+    from ponder_pt.inference.decode import Decoder
+
+    dec = Decoder(model, prompt.shape[1] + n, ponder_steps=K, mode=mode)
+    z, out = dec.prefill_one(prompt[0].tolist()), []
+    for _ in range(n):
+        out.append(int(z.argmax()))
+        z = dec.step_one(out[-1])
+    return out
+
+
+def decoders_table(model, prompt, args) -> None:
+    """ms/token per decoder for K = 0 and K, min of two interleaved rounds."""
+    ways = {"megatron linear, grown caches": lambda K, n: grown(model, prompt, n, K)}
+    modes = ["eager", "static"] + (["graph"] if args.device.startswith("cuda") else [])
+    for mode in modes:
+        ways[f"decoder {mode}"] = (lambda m: lambda K, n: decoder(model, prompt, n, K, m))(mode)
+    n, best, tokens = args.lengths[0], {}, {}
+    for name, fn in ways.items():  # warm-up (and graph capture paths) once
+        for K in (0, args.steps):
+            fn(K, 8)
+    for _ in range(2):
+        for name, fn in ways.items():
+            for K in (0, args.steps):
+                out, t = timed(fn, K, n)
+                best[name, K] = min(best.get((name, K), float("inf")), t / n)
+                tokens.setdefault(K, out)
+                assert out == tokens[K] or args.device != "cpu", (name, K)
+    K = args.steps
+    print(f"| decoder | K=0 ms/token | K={K} ms/token | K={K} / ({K + 1} x K=0) "
+          f"| vs first row, K={K} |")
+    print("|---|---:|---:|---:|---:|")
+    first = best[next(iter(ways)), K]
+    for name in ways:
+        a, b = best[name, 0], best[name, K]
+        print(f"| {name} | {1e3 * a:.2f} | {1e3 * b:.2f} | {b / ((K + 1) * a):.2f} "
+              f"| {first / b:.2f}x |", flush=True)
 
 
 def timed(fn, *a):
@@ -78,11 +137,20 @@ def main(argv=None):
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--decoders", action="store_true",
+                   help="time the decoders against each other (first of --lengths tokens)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = build(args)
     prompt = torch.randint(0, args.vocab, (1, args.prompt),
                            generator=torch.Generator().manual_seed(0)).to(args.device)
+    if args.decoders:
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads "
+              f"{args.threads}, device {args.device}; GPT-NeoX {args.layers} layers x hidden "
+              f"{args.hidden}, vocab {args.vocab}, prompt {args.prompt}, "
+              f"{args.lengths[0]} new tokens, greedy, batch 1\n")
+        decoders_table(model, prompt, args)
+        return
     cached(model, prompt, 4)  # warm-up
     recompute(model, prompt, 4)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads "

@@ -149,23 +149,54 @@ def load_tokenizer(path: str, eod_token: Optional[str] = None) -> Tokenizer:
     return Tokenizer(path, eod_token=eod_token)
 
 
-def _text_lines(files: Sequence[str], text_key: str = "text") -> Iterable[str]:
-    """Training text from .txt (lines) or .jsonl (`text_key`) files; unreadable lines skipped
-    here because tokenizer training only samples text, it does not produce a corpus."""
+def _text_lines(files: Sequence[str], text_key: str = "text",
+                rejects: Optional[list] = None) -> Iterable[str]:
+    """Training text from .txt (lines) or .jsonl (`text_key`) files. A .jsonl line that is not
+    JSON or has no string `text_key` is skipped (tokenizer training only samples text) and
+    noted in `rejects` as (file, line number, reason); `train_tokenizer` reports them."""
     for path in files:
         with open(path, "rb") as fh:
-            for raw in fh:
+            for number, raw in enumerate(fh, 1):
                 line = raw.decode("utf-8", errors="replace")
                 if path.endswith((".jsonl", ".json")):
+                    if not line.strip():
+                        continue
                     try:
                         rec = json.loads(line)
-                    except json.JSONDecodeError:
+                    except json.JSONDecodeError as err:
+                        if rejects is not None:
+                            rejects.append((path, number, f"not JSON ({err.msg})"))
                         continue
                     text = rec.get(text_key) if isinstance(rec, dict) else None
-                    if isinstance(text, str) and text:
-                        yield text
+                    if isinstance(text, str):
+                        if text:  # an empty document has nothing to learn from
+                            yield text
+                    elif rejects is not None:
+                        rejects.append((path, number, f"no string {text_key!r} field"))
                 elif line.strip():
                     yield line
+
+
+def _sentence_chunks(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
+    """Texts cut into pieces of at most max_bytes UTF-8 bytes, at line ends where possible,
+    else at the last space, else anywhere between characters. sentencepiece's trainer drops
+    every "sentence" longer than its max_sentence_length (4192 bytes) without a word, which
+    for whole-document jsonl would drop most of a corpus."""
+    for text in texts:
+        if len(text.encode("utf-8")) <= max_bytes:
+            yield text
+            continue
+        for line in text.splitlines(keepends=True):
+            while len(line.encode("utf-8")) > max_bytes:
+                head = line.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+                cut = head.rfind(" ") + 1 or len(head)
+                yield line[:cut]
+                line = line[cut:]
+            if line:
+                yield line
+
+
+SENTENCEPIECE_MAX_BYTES = 4192  # sentencepiece's default max_sentence_length
 
 
 # LLaMA's sentencepiece settings (its tokenizer.model's trainer/normalizer spec): BPE, unk=0,
@@ -183,11 +214,28 @@ SENTENCEPIECE_SETTINGS = dict(
 
 def train_tokenizer(files: Sequence[str], vocab_size: int, out_dir: str, kind: str = "bpe",
                     text_key: str = "text", show_progress: bool = True) -> str:
-    """Train a tokenizer on text/jsonl files; returns the written file path."""
+    """Train a tokenizer on text/jsonl files; returns the written file path. Skipped .jsonl
+    lines are counted and the first few named (file:line) on stderr."""
     for path in files:
         if not os.path.exists(path):
             raise FileNotFoundError(f"tokenizer training input {path!r} does not exist")
     os.makedirs(out_dir, exist_ok=True)
+    rejects: list = []
+    try:
+        return _train(_text_lines(files, text_key, rejects), vocab_size, out_dir, kind,
+                      show_progress)
+    finally:
+        if rejects:
+            import sys
+
+            shown = "; ".join(f"{p}:{n}: {why}" for p, n, why in rejects[:5])
+            more = f" (and {len(rejects) - 5} more)" if len(rejects) > 5 else ""
+            print(f"tokenizer train: skipped {len(rejects)} unusable line(s): {shown}{more}",
+                  file=sys.stderr)
+
+
+def _train(texts: Iterable[str], vocab_size: int, out_dir: str, kind: str,
+           show_progress: bool) -> str:
     if kind == "bpe":
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -201,7 +249,7 @@ def train_tokenizer(files: Sequence[str], vocab_size: int, out_dir: str, kind: s
             vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
         )
-        tok.train_from_iterator(_text_lines(files, text_key), trainer=trainer)
+        tok.train_from_iterator(texts, trainer=trainer)
         out = os.path.join(out_dir, "tokenizer.json")
         tok.save(out)
         return out
@@ -210,8 +258,9 @@ def train_tokenizer(files: Sequence[str], vocab_size: int, out_dir: str, kind: s
 
         prefix = os.path.join(out_dir, "tokenizer")
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_text_lines(files, text_key)), model_prefix=prefix,
-            vocab_size=vocab_size, **SENTENCEPIECE_SETTINGS,
+            sentence_iterator=iter(_sentence_chunks(texts, SENTENCEPIECE_MAX_BYTES)),
+            model_prefix=prefix, vocab_size=vocab_size, **SENTENCEPIECE_SETTINGS,
+            max_sentence_length=SENTENCEPIECE_MAX_BYTES,
             minloglevel=2, num_threads=max(1, os.cpu_count() or 1),
         )
         return prefix + ".model"

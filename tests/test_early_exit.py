@@ -310,6 +310,13 @@ def _train_losses(model, data, steps, lr):
     return out
 
 
+def test_learned_position_tables_bound_the_input_length(backbones):
+    # tiny_encoder: 72 learned positions (RoBERTa's table has pad_token_id + 1 more, unused)
+    for arch in ("albert", "roberta"):
+        assert load_backbone(backbones[arch])[0].max_positions == 72
+    assert load_backbone(backbones["ponder_neox"])[0].max_positions is None  # rotary
+
+
 @pytest.mark.parametrize("arch", ["albert", "roberta", "ponder_neox"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_each_strategy_trains(backbones, task_dir, strategy, arch):

@@ -88,3 +88,23 @@ def test_generate_sampling_is_seeded(trained):  # noqa: F811
     b = generate_text(lm, "import os", 8, greedy=False, seed=3, top_k=20)
     assert a == b and a["pauses"] == 0
     assert all(0 <= t < lm.vocab_rows for t in a["token_ids"])
+
+
+def test_generate_batch_equals_one_at_a_time_native_and_hf(trained, tmp_path):  # noqa: F811
+    """`generate_batch` (left-padded batches of similar lengths, `sft` evaluation and lm-eval
+    `generate_until` use it) returns, in the given order, what `generate` gives each prompt:
+    on the pondering checkpoint (K+1 static caches) and on its HF export (HF generate() with an
+    attention mask), with EOS stops and a batch size that splits the prompts."""
+    from ponder_pt.export import checkpoint_to_hf
+    from ponder_pt.inference import HFModel, NativeModel
+
+    ckpt = trained["ponder"]
+    hf_dir = str(tmp_path / "hf")
+    checkpoint_to_hf(ckpt, hf_dir, progress=False)
+    texts = ["The file is", "Return", "import os and the number of lines in", "if x"]
+    for lm in (NativeModel(ckpt, device="cpu"), HFModel(hf_dir, device="cpu")):
+        prompts = [lm.encode(t) for t in texts]
+        one = [lm.generate(p, 10, greedy=True) for p in prompts]
+        assert lm.generate_batch(prompts, 10, batch_size=3) == one, lm.kind
+        free = [lm.generate(p, 10, greedy=True, stop_at_eos=False) for p in prompts]
+        assert lm.generate_batch(prompts, 10, stop_at_eos=False) == free, lm.kind

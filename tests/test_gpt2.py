@@ -337,6 +337,36 @@ def test_early_exit_backbone_runs_pondering_gpt2_export(bpe_dir, tmp_path):
     assert (bb.lm_head(pooled[-1]) - ref).abs().max().item() <= 1e-5
 
 
+def test_finetune_caps_max_length_at_gpt2_positions(bpe_dir, tmp_path, capsys):
+    """GPT-2's learned positions (64 in this export) bound train.max_length: a longer setting
+    is capped with a one-line notice instead of indexing past wpe inside the model."""
+    from _ee_helpers import pondering_export
+
+    from ponder_pt.early_exit.config import load_finetune_config
+    from ponder_pt.early_exit.finetune import build
+
+    backbone = pondering_export(str(tmp_path / "exp"), bpe_dir, arch="gpt2", steps=1)
+    task = tmp_path / "long"
+    task.mkdir()
+    sentence = " ".join(["the quick brown fox jumps over the lazy dog"] * 20)
+    for split in ("train", "validation"):
+        (task / f"{split}.jsonl").write_text("".join(
+            json.dumps({"sentence": sentence, "label": i % 2}) + "\n" for i in range(4)))
+    (task / "task.json").write_text(json.dumps({"name": "long", "text_keys": ["sentence"],
+                                                "num_labels": 2, "metric": "accuracy"}))
+    cfg = load_finetune_config("pabee", None, ["train.max_length=256"], validate=False,
+                               backbone=backbone, task=str(task), out=str(tmp_path / "ft"))
+    model, _, _, train, _ = build(cfg)
+    err = capsys.readouterr().err
+    assert "train.max_length 256 is more than the backbone's 64 positions; using 64" in err
+    assert cfg.train.max_length == 64
+    batch = train.collate([train[i] for i in range(len(train))])
+    assert batch["input_ids"].shape[1] == 64
+    with torch.no_grad():
+        loss, _ = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert torch.isfinite(loss)
+
+
 def test_finetune_on_gpt2_export(bpe_dir, tmp_path):
     from ponder_pt.early_exit.toy import write_polarity_task
     from _ee_helpers import pondering_export

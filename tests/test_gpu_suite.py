@@ -11,22 +11,56 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from _json_helpers import _numbers  # noqa: E402
+from benchmarks.gpu.profiling import CATEGORIES, categorize  # noqa: E402
 
 
-def _numbers(x, path=""):
-    """(path, value) for every number and every NaN/inf string (JSON has no NaN) in x."""
-    if isinstance(x, bool):
-        return
-    if isinstance(x, (int, float)):
-        yield path, x
-    elif isinstance(x, str) and x.lower() in ("nan", "inf", "-inf"):
-        yield path, float(x)
-    elif isinstance(x, dict):
-        for k, v in x.items():
-            yield from _numbers(v, f"{path}.{k}")
-    elif isinstance(x, list):
-        for i, v in enumerate(x):
-            yield from _numbers(v, f"{path}[{i}]")
+def test_profile_categories_from_kernel_names_and_callers():
+    """GPU kernel names (H100, torch 2.11) land in the category the profile table reports."""
+    cases = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1": "gemm",
+        "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT": "gemm",
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>": "gemm",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64": "attention",
+        "void cudnn::fusion::compute_dot_do_o_specialized<true, 256>(void const*)": "attention",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<256, 64>>": "attention",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel)":
+            "attention",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16>":
+            "norm",
+        "void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernel<c10::BFloat16>":
+            "norm",
+        "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>": "softmax_ce",
+        "void at::native::(anonymous namespace)::nll_loss_forward_reduce_cuda_kernel_2d<float>":
+            "softmax_ce",
+        "void at::native::multi_tensor_apply_kernel<at::native::FusedAdamMathFunctor<float>>":
+            "optimizer",
+        "ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)":
+            "communication",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>":
+            "elementwise",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>":
+            "elementwise",
+        "Memcpy DtoD (Device -> Device)": "elementwise",
+        "void at::native::(anonymous namespace)::indexSelectLargeIndex<c10::BFloat16>": "other",
+        "aten::addmm": "gemm",
+        "aten::_fused_adamw_": "optimizer",
+        "aten::native_layer_norm_backward": "norm",
+        "aten::gelu": "elementwise",
+    }
+    for name, want in cases.items():
+        assert categorize(name) == want, (name, categorize(name))
+        assert want in CATEGORIES
+    # a generic kernel takes the category of the op that launched it (or of its callers)
+    exp = "void at::native::vectorized_elementwise_kernel<4, at::native::exp_kernel_cuda>"
+    assert categorize(exp) == "elementwise"
+    assert categorize(exp, ["aten::exp", "_VocabParallelCrossEntropy"]) == "softmax_ce"
+    assert categorize(exp, ["aten::mul_", "Optimizer.step#AdamW.step"]) == "optimizer"
+    gemm = "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n"
+    assert categorize(gemm, ["aten::mm", "_VocabParallelCrossEntropy"]) == "gemm"
 
 
 @pytest.mark.slow
@@ -50,7 +84,8 @@ def test_gpu_suite_smoke(tmp_path):
     assert env_["device"] == "cpu"
 
     secs = res["sections"]
-    assert set(secs) >= {"sdpa", "train", "generate", "gen", "throughput-toy"}, list(secs)
+    assert set(secs) >= {"sdpa", "train", "generate", "gen", "profile", "throughput-toy"}, \
+        list(secs)
     for name, part in secs.items():
         assert part["status"] == "done", (name, part["status"], log)
         assert part["entries"], name
@@ -96,6 +131,25 @@ def test_gpu_suite_smoke(tmp_path):
     assert thr[("hf", 0, "none", False)]["oom_tried"] == [4]  # the injected OOM halved it
     chunk = thr[("ours", 3, "none", True)]
     assert chunk["status"] == ("ok" if env_["vocab_chunk_available"] else "skipped")
+    prof = {e["case"]: e for e in secs["profile"]["entries"]}
+    assert secs["profile"]["shape"] == "toy"
+    for case in ("hf_k0", "ours_k0", "ours_k3"):  # K=3 only if the busy CPU left time for it
+        e = prof[case]
+        if case == "ours_k3" and e["status"] == "skipped":
+            continue
+        assert e["status"] == "ok", (case, e)
+        cats = e["categories_ms"]
+        assert set(cats) == set(CATEGORIES)
+        assert all(math.isfinite(v) and v >= 0 for v in cats.values()), (case, cats)
+        assert sum(cats.values()) == pytest.approx(e["device_ms"], rel=1e-6), (case, cats)
+        assert e["device_ms"] > 0 and e["step_ms"] > 0 and e["step_ms_profiled"] > 0
+        assert e["gap_ms"] == pytest.approx(e["step_ms"] - e["device_ms"])
+        assert cats["gemm"] > 0 and cats["attention"] > 0 and cats["optimizer"] > 0, cats
+        assert 0 < len(e["top_kernels"]) <= 15
+        assert all(k["ms_per_step"] > 0 and k["calls_per_step"] > 0 for k in e["top_kernels"])
+        assert e["micro_batch"] == prof["hf_k0"]["micro_batch"] or case == "ours_k3"
+    assert prof["ours_k0"]["categories_ms"]["softmax_ce"] > 0  # megatron's CE, by its caller
     for heading in ("## Environment", "## SDPA kernels", "## Training through the real trainer",
-                    "## Generation", "## Generation speed", "## Training throughput"):
+                    "## Generation", "## Generation speed", "## Training throughput",
+                    "## Profile", "### Side by side"):
         assert heading in md

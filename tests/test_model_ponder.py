@@ -114,9 +114,10 @@ def test_activation_checkpointing_same_loss_and_grads(mode, arch):
         assert (g0[name] - g1[name]).abs().max().item() <= 1e-6, name
 
 
-def _decode_incrementally(model, ids, prefill):
-    """Prefill `prefill` tokens, then a 2-token chunk, then one token at a time."""
-    caches = model.new_caches()
+def _decode_incrementally(model, ids, prefill, capacity=0):
+    """Prefill `prefill` tokens, then a 2-token chunk, then one token at a time (growing
+    caches, or preallocated ones of `capacity` positions)."""
+    caches = model.new_caches(capacity=capacity, batch=ids.shape[0])
     outs = [model(ids[:, :prefill], caches=caches)]
     pos = prefill
     for width in [2] + [1] * (ids.shape[1] - prefill - 2):
@@ -126,13 +127,14 @@ def _decode_incrementally(model, ids, prefill):
     return torch.cat(outs, dim=1)
 
 
+@pytest.mark.parametrize("capacity", [0, 16], ids=["growing", "preallocated"])
 @pytest.mark.parametrize("arch,K,top_k", [("gpt_neox", 0, 0), ("gpt_neox", 2, 0),
                                           ("llama", 2, 4), ("llama", 3, 0)])
-def test_kv_cache_decoding_matches_full_forward(arch, K, top_k):
+def test_kv_cache_decoding_matches_full_forward(arch, K, top_k, capacity):
     """K+1 caches (one per pass): incremental logits == full-sequence pondering logits."""
     model = PonderLM(tiny_model_config(arch), PonderConfig(steps=K, top_k=top_k), seed=2).eval()
     ids, _, _ = batch(b=2, s=12, seed=9)
     with torch.no_grad():
         full = model(ids)
-        step = _decode_incrementally(model, ids, prefill=5)
+        step = _decode_incrementally(model, ids, prefill=5, capacity=capacity)
     assert (full - step).abs().max().item() <= 1e-5

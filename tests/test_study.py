@@ -16,6 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from _json_helpers import _numbers  # noqa: E402
 from experiments.pause_ft import _scale_steps, corpus_rows, summarize  # noqa: E402
 from experiments.study import load_study_config, plan_runs  # noqa: E402
 
@@ -38,19 +39,6 @@ def toy(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     stdout, _ = _study(out)
     return out, stdout
-
-
-def _numbers(obj, path=""):
-    if isinstance(obj, bool):
-        return
-    if isinstance(obj, (int, float)):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _numbers(v, f"{path}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _numbers(v, f"{path}[{i}]")
 
 
 @pytest.mark.slow

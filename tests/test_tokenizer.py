@@ -74,3 +74,39 @@ def test_cli_tokenizer_train_both_kinds(corpus, tmp_path, capsys):
     assert (tmp_path / "s" / "tokenizer.model").exists()
     assert main(["tokenizer", "info", str(tmp_path / "s"), "--tp", "4"]) == 0
     assert '"padded_vocab_size": 512' in capsys.readouterr().out
+
+
+def test_sentencepiece_learns_from_long_documents(tmp_path, capsys):
+    """Whole-document jsonl lines longer than sentencepiece's 4192-byte sentence limit are cut
+    at line ends / spaces instead of being dropped by its trainer: a word that appears only in
+    long documents still becomes one piece. Unusable lines are reported with file:line."""
+    import json
+
+    from ponder_pt.tokenizer import _sentence_chunks, train_tokenizer
+
+    filler = " ".join(f"w{i % 50}" for i in range(1200))  # ~6 KB, one line
+    docs = [f"{filler}\nzyxquvat zyxquvat zyxquvat {filler}\nend" for _ in range(40)]
+    path = tmp_path / "docs.jsonl"
+    with open(path, "w") as fh:
+        for d in docs:
+            fh.write(json.dumps({"text": d}) + "\n")
+        fh.write("{not json\n")
+        fh.write(json.dumps({"body": "x"}) + "\n")
+    chunks = list(_sentence_chunks(docs[:1], 4192))
+    assert "".join(chunks) == docs[0] and max(len(c.encode()) for c in chunks) <= 4192
+    model = train_tokenizer([str(path)], 300, str(tmp_path / "sp"), kind="sentencepiece")
+    err = capsys.readouterr().err
+    assert "skipped 2 unusable line(s)" in err and "docs.jsonl:41: not JSON" in err
+    assert "docs.jsonl:42: no string 'text' field" in err
+    tok = load_tokenizer(model)
+    assert len(tok.encode(" zyxquvat")) <= 2  # learned; unseen it would be ~8 byte/char pieces
+    assert tok.decode(tok.encode(docs[0])) == docs[0]
+
+
+def test_sentence_chunks_cut_long_lines_at_spaces_and_inside_words():
+    from ponder_pt.tokenizer import _sentence_chunks
+
+    text = "é" * 3000 + " " + "ab " * 2000
+    chunks = list(_sentence_chunks([text], 1000))
+    assert "".join(chunks) == text
+    assert all(len(c.encode()) <= 1000 for c in chunks)

@@ -106,6 +106,12 @@ class LayerwiseBackbone(nn.Module, abc.ABC):
     def ponder(self) -> bool:
         return self.ponder_steps > 0
 
+    @property
+    def max_positions(self):
+        """The longest input the model can embed, when its positions are a learned table
+        (longer inputs index past it and crash); None for rotary positions."""
+        return None
+
     def save_pretrained(self, out_dir: str, **kwargs) -> None:
         self.model.save_pretrained(out_dir, **kwargs)
 
@@ -192,6 +198,13 @@ class EncoderBackbone(LayerwiseBackbone):
         with torch.no_grad():
             lin.weight.normal_(0.0, self.config.initializer_range)
             lin.bias.zero_()
+
+    @property
+    def max_positions(self) -> int:
+        emb = self.base.embeddings
+        # RoBERTa numbers positions from padding_idx + 1
+        offset = emb.padding_idx + 1 if self.kind == "roberta" else 0
+        return emb.position_embeddings.num_embeddings - offset
 
     def _embed(self, input_ids, token_type_ids):
         # RoBERTa derives position ids from the pad id inside its embeddings: call them as is
@@ -334,6 +347,10 @@ class GPT2Backbone(DecoderBackbone):
     """GPT-2 (stock GPT2LMHeadModel or our pondering export): no rotary; the layer input is
     drop(e + wpe[position_ids]) as GPT2Model builds it (e = e_K for pondering exports, whose
     passes add wpe the same way), then h[i](hidden, attention_mask=causal 4-D mask)."""
+
+    @property
+    def max_positions(self) -> int:
+        return self.base.wpe.num_embeddings  # config.n_positions
 
     def start(self, input_ids, attention_mask, token_type_ids=None) -> LayerState:
         from transformers.masking_utils import create_causal_mask

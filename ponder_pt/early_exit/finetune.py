@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import sys
@@ -44,8 +43,20 @@ def _ds_config(cfg: FinetuneConfig, dp: int) -> dict:
             "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
 
 
-def build(cfg: FinetuneConfig, heads_from: Optional[str] = None):
-    """(ExitModel, tokenizer, TaskData, train Encoded, validation Encoded)."""
+def _cap_max_length(cfg: FinetuneConfig, limit: Optional[int], announce: bool) -> None:
+    """A learned position table cannot embed longer inputs (they would crash inside the model):
+    cap train.max_length at it, as a tokenizer's model_max_length does."""
+    if limit is None or cfg.train.max_length <= limit:
+        return
+    if announce:
+        print(f"finetune: train.max_length {cfg.train.max_length} is more than the backbone's "
+              f"{limit} positions; using {limit}", file=sys.stderr)
+    cfg.train.max_length = limit
+
+
+def build(cfg: FinetuneConfig, heads_from: Optional[str] = None, announce: bool = True):
+    """(ExitModel, tokenizer, TaskData, train Encoded, validation Encoded). Caps
+    cfg.train.max_length at the backbone's positions (with a notice when `announce`)."""
     from .backbones import load_backbone
     from .heads import ExitModel
     from .tasks import Encoded, load_task
@@ -55,6 +66,7 @@ def build(cfg: FinetuneConfig, heads_from: Optional[str] = None):
     # fp32 master weights whatever the checkpoint's dtype; DeepSpeed casts for bf16/fp16
     backbone, tokenizer = load_backbone(cfg.backbone, dtype=torch.float32,
                                         trust_remote_code=cfg.trust_remote_code)
+    _cap_max_length(cfg, backbone.max_positions, announce)
     model = ExitModel(backbone, task.spec.num_labels, cfg.exit)
     if heads_from:
         model.load_heads(heads_from)
@@ -91,10 +103,10 @@ def _validate(model, task, valid, cfg) -> dict:
 def finetune(cfg: FinetuneConfig, device: Optional[str] = None) -> dict:
     import deepspeed
     from torch.utils.data import DataLoader, DistributedSampler
-    from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
     from ..engine import distributed as D
+    from ..engine.finetune_loop import run_finetune_loop
     from ..engine.metrics import MetricsLogger
 
     world = D.init(1, 1)
@@ -104,7 +116,7 @@ def finetune(cfg: FinetuneConfig, device: Optional[str] = None) -> dict:
     if not cfg.log.dir or cfg.log.dir == "runs/default":
         cfg.log.dir = cfg.out
     _seed_everything(cfg.train.seed)
-    model, tokenizer, task, train, valid = build(cfg)
+    model, tokenizer, task, train, valid = build(cfg, announce=main)
     if main:
         _report_rejects(task, cfg.out)
         with open(os.path.join(cfg.out, "finetune_config.json"), "w", encoding="utf-8") as fh:
@@ -132,54 +144,31 @@ def finetune(cfg: FinetuneConfig, device: Optional[str] = None) -> dict:
         config=_ds_config(cfg, world.dp))
     device = engine.device
     logger = MetricsLogger(cfg.log, enabled=main, run_config=to_dict(cfg))
-    eval_every = t.eval_every or len(loader)
-    best, best_step, stale, step, history = -math.inf, 0, 0, 0, []
     best_dir = os.path.join(cfg.out, "best")
-    bar = tqdm(total=total, desc="finetune", disable=not main, dynamic_ncols=True)
-    stop = False
-    epoch = 0
-    while not stop:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            engine.train()
-            tt = batch.get("token_type_ids")
-            loss, stats = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                 batch["labels"].to(device),
-                                 tt.to(device) if tt is not None else None)
-            engine.backward(loss)
-            engine.step()
-            step += 1
-            bar.update(1)
-            # batch statistics averaged over the data-parallel ranks, as a 1-process run logs
-            stats = {"loss": loss, **stats}
-            logged = dict(zip(stats, D.dp_mean(torch.stack(
-                [v.reshape(()).float() for v in stats.values()]), world).tolist()))
-            if main:
-                logger.log(step, {**logged, "lr": scheduler.get_last_lr()[0], "epoch": epoch})
-                bar.set_postfix(loss=f"{logged['loss']:.4f}")
-            if step % eval_every == 0 or step == total:
-                improved = False
-                if main:
-                    result = _validate(engine.module, task, valid, cfg)
-                    history.append({"step": step, **result})
-                    logger.log(step, result, prefix="valid_")
-                    improved = result["metric"] > best
-                    if improved:
-                        best, best_step = result["metric"], step
-                        _save_atomic(engine.module, tokenizer, best_dir,
-                                     {"step": step, "metric": best})
-                stale = 0 if D.any_true(improved) else stale + 1
-                if t.early_stop and stale >= t.early_stop:
-                    stop = True
-            if step >= total:
-                stop = True
-            if stop:
-                break
-        epoch += 1
-    bar.close()
+
+    def train_step(batch) -> dict:
+        engine.train()
+        tt = batch.get("token_type_ids")
+        loss, stats = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                             batch["labels"].to(device),
+                             tt.to(device) if tt is not None else None)
+        engine.backward(loss)
+        engine.step()
+        # batch statistics averaged over the data-parallel ranks, as a 1-process run logs
+        stats = {"loss": loss, **stats}
+        logged = dict(zip(stats, D.dp_mean(torch.stack(
+            [v.reshape(()).float() for v in stats.values()]), world).tolist()))
+        return {**logged, "lr": scheduler.get_last_lr()[0]}
+
+    def save_best(step: int, metric: float) -> None:
+        _save_atomic(engine.module, tokenizer, best_dir, {"step": step, "metric": metric})
+
+    summary = run_finetune_loop(
+        loader, total=total, eval_every=t.eval_every or len(loader), patience=t.early_stop,
+        train_step=train_step, validate=lambda: _validate(engine.module, task, valid, cfg),
+        save_best=save_best, logger=logger, is_main=main, desc="finetune",
+        set_epoch=sampler.set_epoch)
     logger.close()
-    summary = {"best_step": best_step, "best_metric": best, "steps": step,
-               "stopped_early": step < total, "history": history}
     D.shutdown()  # the final evaluation is rank 0's alone: nobody waits on a barrier for it
     if main:
         summary["eval_json"] = final_eval(cfg, best_dir, cfg.out, extra={"training": summary},

@@ -52,6 +52,8 @@ def init(tp: int, pp: int) -> World:
     import deepspeed
     from megatron.core import parallel_state as ps
 
+    from .ext_locks import warn_stale_locks
+
     adopt_slurm_env()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -67,6 +69,9 @@ def init(tp: int, pp: int) -> World:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    # before DeepSpeed's first JIT build (its CPU comm op is built in init_distributed, GPU
+    # ops in deepspeed.initialize), which would hang on a lock a killed build left behind
+    warn_stale_locks()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if not ps.model_parallel_is_initialized():

@@ -2,7 +2,8 @@
 
 `PonderEvalLM` is an `lm_eval.api.model.LM` over an `InferenceModel` (native checkpoint or HF
 directory, pondering and pause models included; HFLM knows neither pondering checkpoints nor
-pauses). Requests are scored one at a time (small batch cost on CPU; correct for any model).
+pauses). Log-likelihood requests are scored one at a time (correct for any model); greedy
+`generate_until` requests are decoded `batch_size` at a time as left-padded batches.
 
 Pauses (M = --pauses or the model's recorded default): `loglikelihood` scores the
 continuation after context + M pauses (the first continuation token is predicted at the last
@@ -26,12 +27,13 @@ from .pauses import append_pauses, resolve_pauses
 
 class PonderEvalLM(LM):
     def __init__(self, lm: InferenceModel, pauses: Optional[int] = None,
-                 max_gen_toks: int = 64, progress: bool = True):
+                 max_gen_toks: int = 64, progress: bool = True, batch_size: int = 16):
         super().__init__()
         self.lm = lm
         self.pauses = resolve_pauses(pauses, lm.default_pauses, lm.pause_id)
         self.max_gen_toks = max_gen_toks
         self.progress = progress
+        self.batch_size = batch_size
 
     # ---------------------------------------------------------------- helpers
     def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -83,26 +85,50 @@ class PonderEvalLM(LM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        out = []
-        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm or not self.progress):
-            context, kwargs = req.args
-            kwargs = dict(kwargs or {})
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            greedy = not kwargs.get("do_sample", False) or kwargs.get("temperature", 1.0) == 0
-            ids = append_pauses(self.lm.encode(context) or [self.lm.eos_id], self.pauses,
-                                self.lm.pause_id)
-            room = self.lm.max_len - max_new
-            ids = ids[-room:] if room > 0 else ids[-1:]
-            new = self.lm.generate(ids, max_new, greedy=greedy,
-                                   temperature=float(kwargs.get("temperature", 1.0) or 1.0))
-            text = self.lm.decode(new)
-            for stop in until:
-                if stop and stop in text:
-                    text = text[:text.index(stop)]
-            out.append(text)
+        jobs = [self._generation_job(req) for req in requests]
+        out: list = [None] * len(jobs)
+        bar = tqdm(total=len(jobs), desc="generate_until",
+                   disable=disable_tqdm or not self.progress)
+        greedy: dict = {}  # max_new -> request indices, decoded in batches of similar lengths
+        for i, job in enumerate(jobs):
+            if job["greedy"]:
+                greedy.setdefault(job["max_new"], []).append(i)
+            else:
+                new = self.lm.generate(job["ids"], job["max_new"], greedy=False,
+                                       temperature=job["temperature"])
+                out[i] = self._until(new, job["until"])
+                bar.update(1)
+        for max_new, idx in greedy.items():
+            idx.sort(key=lambda i: len(jobs[i]["ids"]))
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start:start + self.batch_size]
+                news = self.lm.generate_batch([jobs[i]["ids"] for i in chunk], max_new,
+                                              batch_size=self.batch_size)
+                for i, new in zip(chunk, news):
+                    out[i] = self._until(new, jobs[i]["until"])
+                bar.update(len(chunk))
+        bar.close()
         return out
+
+    def _generation_job(self, req) -> dict:
+        context, kwargs = req.args
+        kwargs = dict(kwargs or {})
+        until = kwargs.get("until") or []
+        max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+        ids = append_pauses(self.lm.encode(context) or [self.lm.eos_id], self.pauses,
+                            self.lm.pause_id)
+        room = self.lm.max_len - max_new
+        return {"ids": ids[-room:] if room > 0 else ids[-1:], "max_new": max_new,
+                "until": [until] if isinstance(until, str) else list(until),
+                "greedy": not kwargs.get("do_sample", False) or kwargs.get("temperature", 1.0) == 0,
+                "temperature": float(kwargs.get("temperature", 1.0) or 1.0)}
+
+    def _until(self, new: list, until: list) -> str:
+        text = self.lm.decode(new)
+        for stop in until:
+            if stop and stop in text:
+                text = text[:text.index(stop)]
+        return text
 
 
 def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .decode import Decoder
 from .device import resolve_device
 
 
@@ -37,30 +38,58 @@ def generate_cached(model, prompt: Sequence[int], max_new_tokens: int, *,
                     vocab_rows: Optional[int] = None, eos_id: Optional[int] = None,
                     greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
                     generator: Optional[torch.Generator] = None,
-                    ponder_steps: Optional[int] = None, on_token=None) -> list[int]:
-    """Batch-1 decoding of a `PonderLM` with K+1 KV caches (one per pass): a prefill of the
-    prompt, then one one-token forward (K+1 one-token passes) per new token. Rows >=
-    vocab_rows are never emitted; stops after eos_id (None: never). ponder_steps overrides
-    the model's K (0: plain decoding). on_token(i, token) is called after each new token
-    (benchmarks time lengths with it). `NativeModel.generate` and benchmarks/gpu_suite.py's
-    `gen` section both run this loop."""
-    device = next(model.parameters()).device
-    caches = model.new_caches(ponder_steps)
-    ids = torch.tensor([list(prompt)], device=device)
+                    ponder_steps: Optional[int] = None, on_token=None,
+                    cuda_graph: Optional[bool] = None) -> list[int]:
+    """Batch-1 decoding of a `PonderLM` with K+1 KV caches (one per pass, preallocated for
+    prompt + new tokens): a prefill of the prompt, then one one-token step (K+1 one-token
+    passes) per new token, replayed from a CUDA graph on a GPU (`decode.Decoder`; cuda_graph
+    False turns that off). Rows >= vocab_rows are never emitted; stops after eos_id (None:
+    never). ponder_steps overrides the model's K (0: plain decoding). on_token(i, token) is
+    called after each new token (benchmarks time lengths with it). `NativeModel.generate`
+    and benchmarks' generation-speed section both run this loop."""
+    if max_new_tokens <= 0:
+        return []
+    mode = None if cuda_graph is None else ("graph" if cuda_graph else "eager")
+    dec = Decoder(model, len(prompt) + max_new_tokens - 1, ponder_steps, vocab_rows, mode)
+    z = dec.prefill_one(prompt)
     out: list[int] = []
     for i in range(max_new_tokens):
-        z = model(ids, caches=caches, gather_logits=True, ponder_steps=ponder_steps)[0, -1]
-        z = z.float()
-        if vocab_rows is not None:
-            z[vocab_rows:] = float("-inf")
         nxt = _pick(z, greedy, temperature, top_k, generator)
         out.append(nxt)
         if on_token is not None:
             on_token(i, nxt)
-        if eos_id is not None and nxt == eos_id:
+        if (eos_id is not None and nxt == eos_id) or i + 1 == max_new_tokens:
             break
-        ids = torch.tensor([[nxt]], device=device)
+        z = dec.step_one(nxt)
     return out
+
+
+@torch.no_grad()
+def generate_cached_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                          vocab_rows: Optional[int] = None, eos_id: Optional[int] = None,
+                          ponder_steps: Optional[int] = None,
+                          cuda_graph: Optional[bool] = None) -> list[list[int]]:
+    """Greedy `generate_cached` for several prompts at once (left-padded into one batch; each
+    row decodes as it would alone). A row's output ends after its eos_id; decoding stops when
+    every row has ended or after max_new_tokens."""
+    if max_new_tokens <= 0 or not prompts:
+        return [[] for _ in prompts]
+    mode = None if cuda_graph is None else ("graph" if cuda_graph else "eager")
+    dec = Decoder(model, max(len(p) for p in prompts) + max_new_tokens - 1, ponder_steps,
+                  vocab_rows, mode, batch=len(prompts))
+    z = dec.prefill(prompts)
+    outs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for i in range(max_new_tokens):
+        picked = z.argmax(-1).tolist()
+        for row, tok in enumerate(picked):
+            if not done[row]:
+                outs[row].append(tok)
+                done[row] = eos_id is not None and tok == eos_id
+        if all(done) or i + 1 == max_new_tokens:
+            break
+        z = dec.step(picked)
+    return outs
 
 
 class InferenceModel(abc.ABC):
@@ -93,6 +122,25 @@ class InferenceModel(abc.ABC):
                  stop_at_eos: bool = True) -> list[int]:
         """New token ids after `prompt` (pauses, if any, already appended by the caller)."""
 
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                       stop_at_eos: bool = True, batch_size: int = 16) -> list[list[int]]:
+        """Greedy `generate` of each prompt, in the given order (each output as `generate`
+        gives it, up to rounding), decoded `batch_size` at a time as left-padded batches of
+        similar lengths."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list = [None] * len(prompts)
+        for start in range(0, len(order), max(1, batch_size)):
+            chunk = order[start:start + max(1, batch_size)]
+            rows = self._generate_rows([prompts[i] for i in chunk], max_new_tokens, stop_at_eos)
+            for i, row in zip(chunk, rows):
+                out[i] = row
+        return out
+
+    def _generate_rows(self, prompts, max_new_tokens: int, stop_at_eos: bool) -> list:
+        """One batch of `generate_batch`; one prompt at a time unless a subclass batches."""
+        return [self.generate(p, max_new_tokens, greedy=True, stop_at_eos=stop_at_eos)
+                for p in prompts]
+
 
 class PonderLMModel(InferenceModel):
     """A TP=1 `PonderLM` in this process (`self.model`, `self.tok`, `self.device`)."""
@@ -113,6 +161,11 @@ class PonderLMModel(InferenceModel):
         return generate_cached(self.model, prompt, max_new_tokens, vocab_rows=self.vocab_rows,
                                eos_id=self.eos_id if stop_at_eos else None, greedy=greedy,
                                temperature=temperature, top_k=top_k, generator=gen)
+
+    def _generate_rows(self, prompts, max_new_tokens, stop_at_eos):
+        return generate_cached_batch(self.model, prompts, max_new_tokens,
+                                     vocab_rows=self.vocab_rows,
+                                     eos_id=self.eos_id if stop_at_eos else None)
 
 
 class NativeModel(PonderLMModel):
@@ -195,6 +248,23 @@ class HFModel(InferenceModel):
             kw.update(temperature=temperature, top_k=top_k or None)
         out = self.model.generate(ids, **kw)
         return out[0, ids.shape[1]:].tolist()
+
+    @torch.no_grad()
+    def _generate_rows(self, prompts, max_new_tokens, stop_at_eos):
+        width = max(len(p) for p in prompts)
+        pad = self.eos_id if self.eos_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts],
+                           device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                            device=self.device)
+        rows = self.model.config.vocab_size
+        eos = self.eos_id if stop_at_eos else None
+        out = self.model.generate(ids, attention_mask=mask, do_sample=False,
+                                  max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                  suppress_tokens=list(range(self.vocab_rows, rows)) or None,
+                                  eos_token_id=eos)
+        new = out[:, width:].tolist()  # finished rows are padded with `pad` (= EOS) after it
+        return [r[:r.index(eos) + 1] if eos is not None and eos in r else r for r in new]
 
 
 def is_hf_dir(path: str) -> bool:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import parallel as par
+from .linear import ColumnLinear, RowLinear
 
 
 class RMSNorm(nn.Module):
@@ -28,6 +28,11 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+
+def capturing() -> bool:
+    """Inside a CUDA graph capture, where a host sync (`int(tensor)`) is an error."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def make_norm(cfg, sequence_parallel: bool) -> nn.Module:
@@ -64,8 +69,8 @@ class LearnedPositions(nn.Module):
         if self.sequence_parallel:
             n = x.shape[0]
             position_ids = position_ids[:, par.tp_rank() * n:(par.tp_rank() + 1) * n]
-        if not self.training and position_ids.numel() and \
-                int(position_ids.max()) >= self.weight.shape[0]:  # (no GPU sync in training)
+        if (not self.training and position_ids.numel() and not capturing()
+                and int(position_ids.max()) >= self.weight.shape[0]):  # no sync in training
             raise ValueError(f"position {int(position_ids.max())} is beyond GPT-2's "
                              f"{self.weight.shape[0]} learned positions (model.max_seq_len)")
         x = x + F.embedding(position_ids, self.weight).transpose(0, 1).to(x.dtype)
@@ -115,13 +120,13 @@ def core_attention(q, k, v, cos, sin, dropout_p: float):
 def column(cfg_mp, inp, out, init, bias, sequence_parallel, stride=1):
     # Under SP the input arrives already all-gathered by `gather_seq`, whose backward
     # reduce-scatters; the layer must then not all-reduce its input grad itself.
-    return ColumnParallelLinear(inp, out, config=cfg_mp, init_method=init, bias=bias,
+    return ColumnLinear(inp, out, config=cfg_mp, init_method=init, bias=bias,
                                 gather_output=False, stride=stride,
                                 disable_grad_reduce=sequence_parallel and par.tp_size() > 1)
 
 
 def row(cfg_mp, inp, out, init, bias, sequence_parallel):
-    layer = RowParallelLinear(inp, out, config=cfg_mp, init_method=init, bias=bias,
+    layer = RowLinear(inp, out, config=cfg_mp, init_method=init, bias=bias,
                               input_is_parallel=True, skip_bias_add=False)
     if layer.bias is not None:
         par.mark_sequence_parallel([layer.bias], sequence_parallel)
@@ -181,18 +186,11 @@ class Attention(nn.Module):
         return row_forward(self.dense, out, self.sequence_parallel)
 
     def _cached_attention(self, q, k, v, cos, sin, cache):
-        """Incremental attention: append this chunk's (rotated) keys/values to `cache`
-        (a (layer_index, KVCache) pair) and attend causally over past + chunk."""
+        """Incremental attention: this chunk's (rotated) keys/values go into `cache` (a
+        (layer_index, KVCache or StaticKVCache) pair), then attend causally over past + chunk."""
         index, kv = cache
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        past = kv.layers[index]
-        if past is not None:
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        kv.layers[index] = (k, v)
-        n, t = q.shape[2], k.shape[2]
-        mask = None if n == 1 else torch.ones(n, t, dtype=torch.bool, device=q.device).tril(t - n)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                              enable_gqa=q.shape[1] != k.shape[1])
+        return kv.attend(index, q, k, v)
 
 
 class MLP(nn.Module):
@@ -221,9 +219,20 @@ class MLP(nn.Module):
         return row_forward(self.fc2, h, self.sequence_parallel)
 
 
+def _cached_sdpa(q, keys, values, mask):
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                          enable_gqa=q.shape[1] != keys.shape[1])
+
+
+def _causal_mask(n: int, t: int, device) -> torch.Tensor | None:
+    """[n, t] mask of n new queries over t keys (the last n are theirs); None for one query."""
+    return None if n == 1 else torch.ones(n, t, dtype=torch.bool, device=device).tril(t - n)
+
+
 class KVCache:
     """Keys/values of one pass for every layer: (k, v) each [b, kv_heads/tp, t, head_dim],
-    rotary already applied. Pondering generation keeps one per pass (K+1)."""
+    rotary already applied, grown by concatenation (no size to give in advance). Pondering
+    generation keeps one per pass (K+1); `StaticKVCache` is the preallocated kind."""
 
     def __init__(self, num_layers: int):
         self.layers: list = [None] * num_layers
@@ -231,6 +240,80 @@ class KVCache:
     @property
     def length(self) -> int:
         return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
+
+    def attend(self, index: int, q, k, v):
+        """Append k/v [b, kv, n, d] to layer `index`, attend q [b, h, n, d] over everything."""
+        past = self.layers[index]
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        self.layers[index] = (k, v)
+        return _cached_sdpa(q, k, v, _causal_mask(q.shape[2], k.shape[2], q.device))
+
+    def advance(self, n: int) -> None:
+        """The length follows the stored tensors; nothing to do."""
+
+
+class StaticKVCache:
+    """Preallocated keys/values of one pass: per layer [b, kv_heads, capacity, head_dim].
+
+    Eager use writes each chunk at column `length` and attends over the filled columns;
+    `advance(n)` (called by the model after the pass) moves `length`. No allocation per token,
+    unlike `KVCache`'s concatenation. With `columns` set (a device tensor of the columns to
+    write, updated in place by the caller), shapes no longer depend on the length: the chunk is
+    written with `index_copy_` there and attention covers the whole buffer under a mask of the
+    filled columns. That is the form a CUDA graph can capture once and replay for every token
+    (`ponder_pt.inference.decode`).
+
+    Rows of a batch share the columns; left-padded prompts mark their padding with
+    `set_valid`, and no query ever attends to a padding column (a padding query sees only
+    itself, so its output is finite and unused)."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int,
+                 capacity: int, dtype: torch.dtype, device):
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.capacity, self.length = capacity, 0
+        self.columns: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None  # [b, capacity] bool; None = every column
+        self._cols = torch.arange(capacity, device=device)
+        self._mask = None
+
+    def set_valid(self, valid: torch.Tensor) -> None:
+        """valid [b, n] (False = padding) for the next n columns; later ones are all valid."""
+        full = torch.ones(valid.shape[0], self.capacity, dtype=torch.bool, device=valid.device)
+        full[:, self.length:self.length + valid.shape[1]] = valid
+        self.valid = full
+
+    def _eager_mask(self, n: int, end: int, device):
+        if self.valid is None:
+            return _causal_mask(n, end, device)
+        query = torch.arange(end - n, end, device=device)[:, None]
+        keys = self._cols[None, :end]
+        seen = (keys <= query) & (self.valid[:, None, :end] | (keys == query))
+        return seen[:, None]  # [b, 1, n, end]
+
+    def attend(self, index: int, q, k, v):
+        n = q.shape[2]
+        if self.columns is not None:
+            self.keys[index].index_copy_(2, self.columns, k)
+            self.values[index].index_copy_(2, self.columns, v)
+            if index == 0:  # one mask per pass: column j is visible to new query i iff j <= col_i
+                mask = self._cols[None, :] <= self.columns[:, None]
+                self._mask = mask if self.valid is None else mask & self.valid[:, None, None, :]
+            return _cached_sdpa(q, self.keys[index], self.values[index], self._mask)
+        end = self.length + n
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; {end} needed")
+        self.keys[index][:, :, self.length:end] = k
+        self.values[index][:, :, self.length:end] = v
+        if index == 0:
+            self._mask = self._eager_mask(n, end, q.device)
+        return _cached_sdpa(q, self.keys[index][:, :, :end], self.values[index][:, :, :end],
+                            self._mask)
+
+    def advance(self, n: int) -> None:
+        self.length += n
 
 
 class Block(nn.Module):

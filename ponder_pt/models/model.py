@@ -34,15 +34,16 @@ import math
 from typing import Optional
 
 import torch
-from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
-                                           vocab_parallel_cross_entropy)
+from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config.schema import ModelConfig, PonderConfig
 from . import parallel as par
 from . import vocab_chunk as vchunk
-from .layers import Block, KVCache, LearnedPositions, RMSNorm, Rotary, make_norm
+from .layers import (Block, KVCache, LearnedPositions, RMSNorm, Rotary, StaticKVCache,
+                     make_norm)
+from .linear import ColumnLinear
 
 ARCHS = ("gpt_neox", "llama", "gpt2")
 
@@ -92,7 +93,7 @@ class PonderLM(nn.Module):
         self.layers = nn.ModuleList(
             Block(cfg, mp, inits, self.sequence_parallel, i) for i in range(cfg.num_layers))
         self.final_norm = make_norm(cfg, self.sequence_parallel)
-        self.output = ColumnParallelLinear(
+        self.output = ColumnLinear(
             cfg.hidden_size, cfg.vocab_size, config=mp, init_method=inits("output"), bias=False,
             gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
             disable_grad_reduce=self.sequence_parallel)
@@ -151,13 +152,16 @@ class PonderLM(nn.Module):
         return self.embed(input_ids.t().contiguous())
 
     def transformer(self, embeds: torch.Tensor, position_ids: torch.Tensor,
-                    cache: Optional[KVCache] = None, hidden: bool = False) -> torch.Tensor:
+                    cache: Optional[KVCache] = None, hidden: bool = False,
+                    rope: Optional[tuple] = None) -> torch.Tensor:
         """One full pass: [s, b, h] (this rank's sequence shard under SP) -> logits
         [s, b, V/tp] for the whole sequence. With `cache`, the pass continues after the
         cached positions and appends to the cache. hidden=True returns the final-norm hidden
         state instead of the logits: [s, b, h], full hidden on every TP rank, and this rank's
-        sequence shard [s/tp, b, h] under SP (the layout of the embedding stream e)."""
-        cos, sin = self.rotary(position_ids, embeds.dtype)
+        sequence shard [s/tp, b, h] under SP (the layout of the embedding stream e).
+        rope: `self.rotary(position_ids, dtype)` when the caller already has it (the K+1
+        passes of one forward share it)."""
+        cos, sin = self.rotary(position_ids, embeds.dtype) if rope is None else rope
         x = embeds if self.pos_embed is None else self.pos_embed(embeds, position_ids)
         full = (self.checkpointing == "full" and self.training and torch.is_grad_enabled()
                 and cache is None)
@@ -229,7 +233,7 @@ class PonderLM(nn.Module):
                 inputs_embeds: Optional[torch.Tensor] = None,
                 ponder_steps: Optional[int] = None,
                 gather_logits: bool = False,
-                caches: Optional[list[KVCache]] = None) -> torch.Tensor:
+                caches: Optional[list] = None) -> torch.Tensor:
         """Run K pondering passes and the final pass.
 
         input_ids [b, s], or inputs_embeds [b, s, h] taken as e_0 as is (no scaling).
@@ -239,7 +243,7 @@ class PonderLM(nn.Module):
         Without labels returns logits [b, s, V/tp] (vocab shard; full vocab with
         gather_logits=True, no autograd through the gather).
         ponder_steps overrides `ponder.steps` for this call.
-        caches: K+1 KVCaches from `new_caches()` (one per pass) for incremental decoding:
+        caches: K+1 KV caches from `new_caches()` (one per pass) for incremental decoding:
         the call continues after the cached positions (position_ids default accordingly), so
         a prefill followed by one-token calls reproduces the full forward's logits.
         """
@@ -264,23 +268,38 @@ class PonderLM(nn.Module):
         if self.sequence_parallel:
             e = par.split_seq(e)
         per_pass = caches if caches is not None else [None] * (K + 1)
+        rope = self.rotary(position_ids, e.dtype)
         for k in range(K):
             e = self.ponder_step(e, self.transformer(e, position_ids, per_pass[k],
-                                                     hidden=self.pass_returns_hidden))
+                                                     hidden=self.pass_returns_hidden, rope=rope))
         if labels is not None and self.vocab_chunk:
-            hidden = self.transformer(e, position_ids, per_pass[K], hidden=True)
+            hidden = self.transformer(e, position_ids, per_pass[K], hidden=True, rope=rope)
             return self.chunked_loss(hidden, labels, loss_mask)
-        logits = self.transformer(e, position_ids, per_pass[K])
+        logits = self.transformer(e, position_ids, per_pass[K], rope=rope)
+        for cache in caches or ():
+            cache.advance(s)
 
         if labels is None:
             logits = logits.transpose(0, 1)
             return par.gather_vocab(logits) if gather_logits else logits
         return self.loss(logits, labels, loss_mask)
 
-    def new_caches(self, ponder_steps: Optional[int] = None) -> list[KVCache]:
-        """Empty KV caches for incremental decoding: one per pass (K+1)."""
+    def new_caches(self, ponder_steps: Optional[int] = None, capacity: int = 0,
+                   batch: int = 1) -> list:
+        """Empty KV caches for incremental decoding, one per pass (K+1): growing ones
+        (`KVCache`), or with `capacity` > 0 preallocated ones of that many positions for
+        `batch` rows (`StaticKVCache`, in the parameters' dtype and device)."""
         K = self.ponder_cfg.steps if ponder_steps is None else ponder_steps
-        return [KVCache(self.cfg.num_layers) for _ in range(K + 1)]
+        n = self.cfg.num_layers
+        if capacity <= 0:
+            return [KVCache(n) for _ in range(K + 1)]
+        if self.pos_embed is not None and capacity > self.cfg.max_seq_len:
+            raise ValueError(f"{capacity} positions asked; GPT-2 has {self.cfg.max_seq_len} "
+                             f"learned positions (model.max_seq_len)")
+        w = self.embed.weight
+        kv = self.cfg.kv_heads // par.tp_size()
+        return [StaticKVCache(n, batch, kv, self.cfg.head_dim, capacity, w.dtype, w.device)
+                for _ in range(K + 1)]
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor,

@@ -32,13 +32,14 @@ from __future__ import annotations
 import math
 
 import torch
-from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config.schema import ModelConfig, PonderConfig
 from . import parallel as par
 from .layers import Block, LearnedPositions, Rotary, make_norm
+from .linear import ColumnLinear
 from . import vocab_chunk as vchunk
 from .model import PonderLM, chunked_loss
 
@@ -69,7 +70,7 @@ class SharedParams(nn.Module):
         self.final_norm = make_norm(cfg, False).to(dtype)
         self.tied = cfg.tie_embeddings
         if not self.tied:
-            self.output = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, config=mp,
+            self.output = ColumnLinear(cfg.hidden_size, cfg.vocab_size, config=mp,
                                                init_method=inits("output"), bias=False,
                                                gather_output=False)
         steps = ponder.steps

@@ -55,14 +55,15 @@ def answer_length(lm: InferenceModel, rows: list) -> int:
 
 @torch.no_grad()
 def predict(lm: InferenceModel, rows: list, kind: str, pauses: int,
-            max_new_tokens: int = 0) -> list[dict]:
-    """One record per row: prompt, prediction, golds and its scores."""
+            max_new_tokens: int = 0, batch_size: int = 16) -> list[dict]:
+    """One record per row: prompt, prediction, golds and its scores. Generative rows are
+    decoded greedily `batch_size` at a time (`InferenceModel.generate_batch`)."""
     records = []
     if kind == "generate":
         n_new = max_new_tokens or answer_length(lm, rows)
-        for i, row in enumerate(rows):
-            ids = _context(lm, row["prompt"], pauses, lm.max_len - n_new)
-            new = lm.generate(ids, n_new, greedy=True)
+        contexts = [_context(lm, row["prompt"], pauses, lm.max_len - n_new) for row in rows]
+        outputs = lm.generate_batch(contexts, n_new, batch_size=batch_size)
+        for i, (row, new) in enumerate(zip(rows, outputs)):
             out = after_last_pause(new, lm.pause_id)
             if lm.eos_id in out:
                 out = out[:out.index(lm.eos_id)]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -94,10 +93,10 @@ def train(args) -> dict:
     import deepspeed
     import torch
     from torch.utils.data import DataLoader, DistributedSampler
-    from tqdm import tqdm
 
     from ..engine import distributed as D
     from ..engine.ds_config import build_ds_config
+    from ..engine.finetune_loop import run_finetune_loop
     from ..engine.metrics import MetricsLogger
     from ..engine.schedule import make_scheduler
     from ..engine.trainer import param_groups
@@ -156,61 +155,42 @@ def train(args) -> dict:
         lr_scheduler=lambda opt: make_scheduler(opt, t))
     device = engine.device
     logger = MetricsLogger(cfg.log, enabled=main, run_config=vars(args))
-    eval_every = args.eval_every or len(loader)
     valid_rows = task.validation[:args.max_eval] if args.max_eval else task.validation
     valid_items = [it for it in valid_set.items if not args.max_eval
                    or it["index"] < args.max_eval]
-    best, best_step, stale, step, tokens, history = -math.inf, 0, 0, 0, 0, []
     best_dir = os.path.join(args.out, "best")
-    bar = tqdm(total=total, desc="sft", disable=not main, dynamic_ncols=True)
-    stop, epoch = False, 0
-    while not stop:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            engine.train()
-            ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-            n_local = (labels >= 0).sum().float()
-            n_global = D.dp_mean(n_local, world) * world.dp
-            lr = engine.get_lr()[0]
-            mean_local = engine(ids, labels=labels)
-            # this rank's token sum over the global token count, times dp (DeepSpeed averages
-            # gradients over ranks): the global token mean, as one process computes it
-            loss = mean_local * (n_local * world.dp / n_global)
-            engine.backward(loss)
-            engine.step()
-            step += 1
-            tokens += int(n_global)
-            logged = float(D.dp_mean(loss, world))
-            bar.update(1)
-            if main:
-                logger.log(step, {"loss": logged, "lr": lr, "tokens": tokens, "epoch": epoch})
-                bar.set_postfix(loss=f"{logged:.4f}")
-            if step % eval_every == 0 or step == total:
-                improved = False
-                if main:
-                    live = LiveModel(engine.module, tok, pause_id, m)
-                    metrics, _ = evaluate(live, valid_rows, task.kind, m, args.max_new_tokens)
-                    metric = args.metric or task.metric
-                    result = {"loss": validation_loss(engine.module, valid_items, pad_id),
-                              "metric": metrics[metric], **metrics}
-                    history.append({"step": step, **result})
-                    logger.log(step, result, prefix="valid_")
-                    improved = result["metric"] > best
-                    if improved:
-                        best, best_step = result["metric"], step
-                        _save_best(engine.module, best_dir, step, best)
-                stale = 0 if D.any_true(improved) else stale + 1
-                if args.early_stop and stale >= args.early_stop:
-                    stop = True
-            if step >= total:
-                stop = True
-            if stop:
-                break
-        epoch += 1
-    bar.close()
+    tokens = 0
+
+    def train_step(batch) -> dict:
+        nonlocal tokens
+        engine.train()
+        ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+        n_local = (labels >= 0).sum().float()
+        n_global = D.dp_mean(n_local, world) * world.dp
+        lr = engine.get_lr()[0]
+        mean_local = engine(ids, labels=labels)
+        # this rank's token sum over the global token count, times dp (DeepSpeed averages
+        # gradients over ranks): the global token mean, as one process computes it
+        loss = mean_local * (n_local * world.dp / n_global)
+        engine.backward(loss)
+        engine.step()
+        tokens += int(n_global)
+        return {"loss": float(D.dp_mean(loss, world)), "lr": lr, "tokens": tokens}
+
+    def validate() -> dict:
+        live = LiveModel(engine.module, tok, pause_id, m)
+        metrics, _ = evaluate(live, valid_rows, task.kind, m, args.max_new_tokens)
+        metric = args.metric or task.metric
+        return {"loss": validation_loss(engine.module, valid_items, pad_id),
+                "metric": metrics[metric], **metrics}
+
+    summary = run_finetune_loop(
+        loader, total=total, eval_every=args.eval_every or len(loader),
+        patience=args.early_stop, train_step=train_step, validate=validate,
+        save_best=lambda step, metric: _save_best(engine.module, best_dir, step, metric),
+        logger=logger, is_main=main, desc="sft", set_epoch=sampler.set_epoch)
     logger.close()
-    summary = {"best_step": best_step, "best_metric": best, "steps": step,
-               "stopped_early": step < total, "history": history, **counts}
+    summary.update(counts)
     D.shutdown()
     if main:
         summary["eval_json"] = finish(args, cfg, tok, task, m, summary)

@@ -1,0 +1,300 @@
+"""Where a training step's time goes: torch.profiler over forward + backward + fused AdamW
+steps of HF GPTNeoXForCausalLM and of our model (built and timed as the throughput section
+does) at one shape and micro-batch. Per model: the wall step time (unprofiled), device time
+per step by kernel category, the top kernels, and the gap between summed kernel time and the
+wall step time (launch / CPU-bound idle).
+
+On --smoke (CPU) the "kernels" are aten ops and their time is the ops' self CPU time, so the
+gap is the framework's Python / dispatch overhead instead of GPU idle time."""
+
+from __future__ import annotations
+
+import time
+
+from .common import cleanup, device_name, init_process_group, log, md_cell, md_table, sync
+from .results import Part, record
+from .throughput import Throughput
+
+PROFILE_SHAPE = {"gpu": "pythia-1b", "smoke": "toy"}
+PROFILED_STEPS = 2
+TOP_KERNELS = 15
+CATEGORIES = ("gemm", "attention", "norm", "elementwise", "softmax_ce", "optimizer",
+              "communication", "other")
+
+# (category, lower-case substrings of a CUDA kernel or aten op name); the first rule that
+# matches wins. Order matters: cuDNN's SDPA kernels carry gemm-like tile names (wgmma), fused
+# AdamW runs in multi_tensor_apply kernels, "addmm" contains "add", and the embedding's
+# gather / sort / scatter kernels would otherwise count as elementwise.
+_RULES = (
+    ("communication", ("nccl", "all_reduce", "allreduce", "all_gather", "allgather",
+                       "reduce_scatter", "c10d", "gloo")),
+    ("optimizer", ("adam", "multi_tensor_apply", "_foreach_", "optimizer.step")),
+    ("attention", ("flash", "fmha", "sdpa", "scaled_dot_product", "attention", "cudnn",
+                   "dot_do_o")),
+    ("softmax_ce", ("softmax", "cross_entropy", "crossentropy", "nll_loss", "nllloss")),
+    ("norm", ("layer_norm", "layernorm", "gammabeta", "rowwisemoments", "rms_norm",
+              "rmsnorm")),
+    ("gemm", ("gemm", "gemv", "nvjet", "cutlass", "cublas", "xmma", "splitkreduce",
+              "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm",
+              "aten::matmul", "aten::linear")),
+    ("other", ("embedding", "index", "gather", "scatter", "sort", "segment", "unique")),
+    ("elementwise", ("elementwise", "gelu", "add", "mul", "sub", "div", "neg", "pow", "sqrt",
+                     "exp", "tanh", "sin", "cos", "where", "masked", "copy", "memcpy", "memset",
+                     "fill", "zero", "clone", "cat", "_to_copy", "cast", "rotary", "bias",
+                     "reduce", "sum", "mean", "triu", "tril")),
+)
+# a generic kernel (a copy, an exp, a reduction) takes the category of the op that launched it
+# when that op or one of its callers says what it is: megatron's vocab-parallel cross-entropy
+# is plain max / sub / exp / sum kernels under a _VocabParallelCrossEntropy op, and fused
+# AdamW's bookkeeping runs under Optimizer.step
+_CONTEXT = ("communication", "optimizer", "attention", "softmax_ce", "norm")
+
+
+def _by_name(name: str, categories=None):
+    low = name.lower()
+    for category, keys in _RULES:
+        if (categories is None or category in categories) and any(k in low for k in keys):
+            return category
+    return None
+
+
+def categorize(name: str, context=()) -> str:
+    """Category of a kernel / op `name`; context: the names of the op that launched it and of
+    its callers, innermost first."""
+    category = _by_name(name) or "other"
+    if category in ("elementwise", "other"):
+        for op in context:
+            found = _by_name(op, _CONTEXT)
+            if found:
+                return found
+    return category
+
+
+def summarize(rows, steps: int, step_ms: float) -> dict:
+    """rows: (name, category, calls, microseconds) over `steps` profiled steps -> per-step
+    figures by category, the top kernels, and the gap to the wall step time `step_ms`."""
+    per_cat = dict.fromkeys(CATEGORIES, 0.0)
+    for _, category, _, us in rows:
+        per_cat[category] += us / 1e3 / steps
+    device_ms = sum(us for _, _, _, us in rows) / 1e3 / steps
+    top = sorted(rows, key=lambda r: -r[3])[:TOP_KERNELS]
+    gap_ms = step_ms - device_ms
+    return {
+        "step_ms": step_ms, "device_ms": device_ms, "gap_ms": gap_ms,
+        "gap_share": gap_ms / step_ms, "device_share": device_ms / step_ms,
+        "categories_ms": per_cat,
+        "category_share": {c: v / step_ms for c, v in per_cat.items()},
+        "kernel_calls_per_step": sum(r[2] for r in rows) / steps,
+        "distinct_kernels": len({r[0] for r in rows}),
+        "top_kernels": [{"name": n[:200], "category": c, "calls_per_step": k / steps,
+                         "ms_per_step": us / 1e3 / steps,
+                         "share_of_device": us / 1e3 / steps / device_ms if device_ms else 0.0}
+                        for n, c, k, us in top],
+    }
+
+
+def _callers(fe) -> list:
+    names = []
+    while fe is not None and len(names) < 40:
+        names.append(fe.name)
+        fe = fe.cpu_parent
+    return names
+
+
+def _device_rows(events, on_gpu: bool) -> list:
+    """(name, category, calls, microseconds) of the CUDA kernels / memcpys (GPU), or of the
+    aten ops' self CPU time (CPU: profiler annotations and autograd wrappers are overhead)."""
+    from torch.autograd import DeviceType
+
+    acc = {}  # (name, category) -> [calls, us]
+
+    def add(name, category, calls, us):
+        slot = acc.setdefault((name, category), [0, 0.0])
+        slot[0] += calls
+        slot[1] += us
+
+    if not on_gpu:
+        for fe in events:
+            if fe.device_type == DeviceType.CPU and fe.name.startswith("aten::"):
+                us = fe.self_cpu_time_total
+                if us > 0:
+                    add(fe.name, categorize(fe.name, _callers(fe.cpu_parent)), 1, us)
+    else:
+        total = {}  # kernel name -> [calls, us], from the device-side events
+        for fe in events:
+            if fe.device_type == DeviceType.CUDA:
+                slot = total.setdefault(fe.name, [0, 0.0])
+                slot[0] += 1
+                slot[1] += fe.time_range.end - fe.time_range.start
+        linked = {}  # the part of `total` that a launching CPU op claims
+        for fe in events:
+            if fe.device_type != DeviceType.CPU or not fe.kernels:
+                continue
+            context = _callers(fe)
+            for k in fe.kernels:
+                if k.name not in total:
+                    continue
+                add(k.name, categorize(k.name, context), 1, k.duration)
+                slot = linked.setdefault(k.name, [0, 0.0])
+                slot[0] += 1
+                slot[1] += k.duration
+        for name, (calls, us) in total.items():  # kernels no CPU op claimed: by name alone
+            lc, lu = linked.get(name, (0, 0.0))
+            if us - lu > 0:
+                add(name, categorize(name), max(calls - lc, 0), us - lu)
+    return [(n, c, calls, us) for (n, c), (calls, us) in acc.items() if us > 0]
+
+
+def profile_steps(tp: Throughput, impl: str, model, opt, K: int, mb: int) -> tuple:
+    """Run PROFILED_STEPS training steps under torch.profiler: (rows, profiled wall s/step)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = tp.dev
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, tp.cfg.vocab_size, (mb, tp.seq), generator=gen).to(dev)
+    labels = torch.roll(ids, -1, 1)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    sync(dev)
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        for _ in range(PROFILED_STEPS):
+            tp.train_step(impl, model, opt, ids, labels, K)
+        sync(dev)
+        wall = (time.perf_counter() - t) / PROFILED_STEPS
+    return _device_rows(prof.events(), dev == "cuda"), wall
+
+
+class _SameBatch(Throughput):
+    """Throughput with the micro-batch pinned once the first model has run, so that HF and
+    ours K=0 are profiled at the same micro-batch (after any OOM halving)."""
+
+    pinned = None  # K -> micro-batch
+
+    def start_mb(self, K: int, ckpt: str) -> int:
+        if self.pinned and K in self.pinned:
+            return self.pinned[K]
+        return super().start_mb(K, ckpt)
+
+
+def section_profile(args, part: Part) -> None:
+    dev = device_name(args.smoke)
+    init_process_group(dev)
+    shape = PROFILE_SHAPE["smoke" if args.smoke else "gpu"]
+    tp = _SameBatch(args, part, shape)
+    tp.pinned = {}
+    tp.fake_oom = False  # the throughput section exercises the OOM halving
+    tp.iters, tp.spec_cap = 3, 3.0  # enough timed steps for a median; the time is for profiling
+    part.update(shape=shape, seq=tp.seq, device=dev, profiled_steps=PROFILED_STEPS,
+                categories=list(CATEGORIES), top_kernels=TOP_KERNELS,
+                timed=("CUDA kernel time (self device time)" if dev == "cuda"
+                       else "aten op self CPU time"),
+                precision="bf16 params + torch.optim.AdamW(fused=True), no autocast")
+    model = opt = None
+    built = None
+    fresh_build_s = 1.0 if args.smoke else 12.0  # ours at 1B took 9 s to build on an H100
+    for impl, K in (("hf", 0), ("ours", 0), ("ours", 3)):
+        name = f"{shape} {'HF GPTNeoX' if impl == 'hf' else 'ours'} K={K}"
+        fields = {"shape": shape, "impl": impl, "K": K, "case": f"{impl}_k{K}", "seq": tp.seq}
+        est = tp.estimate(K, "none", tp.start_mb(K, "none"))
+        steps = tp.warmup + tp.iters + PROFILED_STEPS
+        need = (2 * est * steps if est else 0.0) + (0.0 if built == impl else fresh_build_s)
+        need += 2.0 if args.smoke else 5.0  # profiler start and trace processing
+        if built is not None and tp.remaining() < need:
+            reason = f"time budget: {tp.remaining():.0f}s left, ~{need:.0f}s needed"
+            part.add({"name": name, **fields, "status": "skipped", "reason": reason})
+            log(f"profile: {name} -> skipped ({reason})")
+            continue
+        if built != impl:
+            model = opt = None
+            cleanup(dev)
+
+        def go(impl=impl, K=K):
+            nonlocal model, opt, built
+            if built != impl:
+                model = tp.build_hf() if impl == "hf" else tp.build_ours()
+                opt = tp.optimizer(model)
+                built = impl
+            timing = tp.measure(impl, model, opt, K, "none")
+            mb = timing["micro_batch"]
+            tp.pinned.setdefault(K, mb)
+            rows, profiled_s = profile_steps(tp, impl, model, opt, K, mb)
+            res = summarize(rows, PROFILED_STEPS, 1e3 * timing["step_s"])
+            res.update({k: timing[k] for k in ("micro_batch", "tokens_per_step", "tokens_per_s",
+                                                "tflops", "mfu", "peak_gib", "loss",
+                                                "timed_steps")},
+                       step_ms_profiled=1e3 * profiled_s, build_s=tp.build_s.get(impl))
+            if timing.get("status") == "fail":
+                res.update(status="fail", note=timing.get("note"))
+            return res
+
+        entry = record(part, name, go, **fields)
+        if entry["status"] == "error":
+            model = opt = None
+            built = None
+            cleanup(dev)
+    model = opt = None
+    cleanup(dev)
+
+
+# ============================================================================ report
+
+
+def _label(e: dict) -> str:
+    return f"{'HF GPTNeoX' if e.get('impl') == 'hf' else 'ours'} K={e.get('K')}"
+
+
+def _pct(x):
+    return None if x is None else f"{100 * x:.1f} %"
+
+
+def markdown(res: dict) -> list:
+    sec = res.get("sections", {}).get("profile", {})
+    ok = [e for e in sec.get("entries", []) if e.get("status") == "ok"]
+    if not ok:
+        return []
+    cats = sec.get("categories") or list(CATEGORIES)
+    out = ["", f"## Profile: one training step by kernel category ({sec.get('shape')}, seq "
+               f"{sec.get('seq')}, fwd + bwd + fused AdamW, torch.profiler)", "",
+           f"Per step, mean of {sec.get('profiled_steps')} profiled steps after warm-up; "
+           f"device time is {sec.get('timed')}; step is the median unprofiled wall step time "
+           f"(the throughput section's timing); gap = step - device time (launch / CPU-bound "
+           f"idle on a GPU).", ""]
+    by = {(e.get("impl"), e.get("K")): e for e in ok}
+    ours, hf = by.get(("ours", 0)), by.get(("hf", 0))
+    head = ["ms per step"] + [_label(e) for e in ok] + (["ours K=0 / HF"] if ours and hf
+                                                         else [])
+
+    def row(label, get):
+        vals = [get(e) for e in ok]
+        ratio = []
+        if ours and hf:
+            a, b = get(ours), get(hf)
+            ratio = [a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
+                     else None]
+        return [label] + vals + ratio
+
+    rows = [row(c, lambda e, c=c: e["categories_ms"].get(c)) for c in cats]
+    rows += [row("**device total**", lambda e: e.get("device_ms")),
+             row("gap (step - device)", lambda e: e.get("gap_ms")),
+             row("**step (wall)**", lambda e: e.get("step_ms")),
+             row("micro-batch", lambda e: e.get("micro_batch")),
+             row("tokens/s", lambda e: e.get("tokens_per_s")),
+             row("MFU", lambda e: e.get("mfu"))]
+    out += ["### Side by side", "", md_table(head, rows)]
+    for e in ok:
+        out += ["", f"### {_label(e)}: micro-batch {e.get('micro_batch')}, step "
+                    f"{md_cell(e.get('step_ms'))} ms (profiled {md_cell(e.get('step_ms_profiled'))}"
+                    f" ms), device {md_cell(e.get('device_ms'))} ms, gap "
+                    f"{md_cell(e.get('gap_ms'))} ms ({_pct(e.get('gap_share'))} of the step), "
+                    f"{md_cell(e.get('kernel_calls_per_step'))} kernels per step", ""]
+        dev = e.get("device_ms") or 0.0
+        out.append(md_table(["category", "ms/step", "% of step", "% of device"],
+                            [[c, e["categories_ms"].get(c), _pct(e["category_share"].get(c)),
+                              _pct(e["categories_ms"].get(c) / dev if dev else None)]
+                             for c in cats]))
+        out += ["", md_table(["kernel", "category", "calls/step", "ms/step", "% of device"],
+                             [[k["name"][:90].replace("|", "/"), k["category"],
+                               k["calls_per_step"], k["ms_per_step"],
+                               _pct(k["share_of_device"])] for k in e.get("top_kernels", [])])]
+    return out

@@ -1,0 +1,217 @@
+"""Incremental decoding of a `PonderLM` with K+1 preallocated KV caches (a batch of
+left-padded prompts, or one), and on a GPU the one-token step replayed from a CUDA graph.
+
+A new token costs (K+1) passes x layers of one-token work: a few hundred small kernels, each
+far cheaper to run than to launch from Python (an H200 measured ~1.5 ms per layer call for
+K = 3 at the Pythia-160M shape with growing caches). So the step is captured once as a CUDA
+graph (all K+1 passes, the logits and the masking of padded vocabulary rows) and replayed per
+token: one launch instead of hundreds. The caches are `StaticKVCache`s sized for prompt + new
+tokens, so the step's shapes never change; the tokens, their positions and the cache column
+live in device buffers the graph reads.
+
+The graph is checked before it is trusted: the second replay (one column after the capture,
+so a position baked in by mistake would show) is compared with the same step run eagerly; a
+mismatch, or any error while capturing, falls back to eager decoding with a warning naming the
+reason (`Decoder.graph_status`). Writing the same token's keys/values at the same column twice
+is harmless, which is what makes the warm-ups and the check free of side effects.
+
+Batches: prompts are left-padded to one length; each row's positions count its own tokens
+only, and no query attends to padding, so every row decodes as it would alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import torch
+
+
+class Decoder:
+    """prefill(prompts) -> last logits [b, V] (float32, rows >= vocab_rows at -inf), then
+    step(tokens) -> the next logits (valid until the following step); `capacity` columns in
+    all: the longest prompt plus the new tokens (GPT-2: at most its learned positions; going
+    past either is a ValueError). `prefill_one` / `step_one` are the batch-1 forms ([V]).
+
+    mode: "eager" (each step runs the model on the filled columns), "static" (the fixed-shape
+    step on device buffers that a graph captures, run eagerly: any device; for checking and
+    debugging the graph's arithmetic apart from the capture), "graph" (that step replayed from
+    a CUDA graph; CUDA only), or None: "graph" for CUDA parameters, else "eager".
+    """
+
+    MODES = ("eager", "static", "graph")
+
+    def __init__(self, model, capacity: int, ponder_steps: Optional[int] = None,
+                 vocab_rows: Optional[int] = None, mode: Optional[str] = None, batch: int = 1):
+        self.model, self.K, self.vocab_rows, self.batch = model, ponder_steps, vocab_rows, batch
+        self.device = next(model.parameters()).device
+        on_cuda = self.device.type == "cuda"
+        mode = ("graph" if on_cuda else "eager") if mode is None else mode
+        if mode not in self.MODES:
+            raise ValueError(f"decoding mode must be one of {self.MODES}, got {mode!r}")
+        if mode == "graph" and not on_cuda:
+            raise ValueError("CUDA-graph decoding needs the model on a CUDA device")
+        self.mode = mode
+        # GPT-2 cannot go past its position table, whatever the caller asks
+        self.capped = model.pos_embed is not None and capacity > model.cfg.max_seq_len
+        self.capacity = model.cfg.max_seq_len if self.capped else capacity
+        self.caches = model.new_caches(ponder_steps, capacity=self.capacity, batch=batch)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.replays = 0
+        self.graph_status = "not captured yet" if mode == "graph" else "off"
+        self._next = torch.zeros(batch, dtype=torch.long, device=self.device)  # next positions
+        if mode != "eager":  # what the fixed-shape step reads
+            self._tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+            self._pos = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+            self._col = torch.zeros(1, dtype=torch.long, device=self.device)
+
+    @property
+    def length(self) -> int:
+        """Columns filled (the longest prompt plus the tokens stepped so far)."""
+        return self.caches[0].length
+
+    def _last(self, logits: torch.Tensor) -> torch.Tensor:
+        z = logits[:, -1].float()
+        if self.vocab_rows is not None:
+            z[:, self.vocab_rows:] = float("-inf")
+        return z
+
+    def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self._last(self.model(ids, position_ids=position_ids, caches=self.caches,
+                                     gather_logits=True, ponder_steps=self.K))
+
+    def _room(self, n: int) -> None:
+        if self.length + n > self.capacity:
+            what = ("GPT-2's learned positions (model.max_seq_len)" if self.capped
+                    else "the KV caches")
+            raise ValueError(f"position {self.length + n - 1} is beyond {what}: "
+                             f"{self.capacity} positions")
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Left-pad the prompts (one per row, none empty) and run them: logits [b, V]."""
+        if len(prompts) != self.batch or not all(len(p) for p in prompts):
+            raise ValueError(f"need {self.batch} non-empty prompts, got "
+                             f"{[len(p) for p in prompts]} tokens")
+        width = max(len(p) for p in prompts)
+        self._room(width)
+        ids = torch.zeros(self.batch, width, dtype=torch.long)
+        valid = torch.zeros(self.batch, width, dtype=torch.bool)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(list(p))
+            valid[row, width - len(p):] = True
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        if not bool(valid.all()):
+            for cache in self.caches:
+                cache.set_valid(valid)
+        positions = (valid.cumsum(1) - 1).clamp(min=0)
+        self._next = valid.sum(1)
+        return self._forward(ids, positions)
+
+    def prefill_one(self, prompt: Sequence[int]) -> torch.Tensor:
+        return self.prefill([prompt])[0]
+
+    def step_one(self, token: int) -> torch.Tensor:
+        return self.step([token])[0]
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """One new token per row: the next logits [b, V]."""
+        self._room(1)
+        col = self.length
+        if self.mode == "eager":
+            out = self._forward(torch.tensor(list(tokens), device=self.device)[:, None],
+                                self._next[:, None])
+            self._next += 1
+            return out
+        self._tokens.copy_(torch.tensor(list(tokens))[:, None])
+        self._pos.copy_(self._next[:, None])
+        self._col.fill_(col)
+        if self.caches[0].columns is None:  # the prefill ran on the filled columns
+            self._set_columns(self._col)
+        if self.mode == "static":
+            return self._stepped(col, self._static_step(col))
+        if self.graph is None:
+            try:
+                self._capture(col)
+            except Exception as err:  # noqa: BLE001 - any capture failure means eager decoding
+                return self._fall_back(col, tokens, f"capture failed: {type(err).__name__}: "
+                                                    f"{err}")
+        self.graph.replay()
+        self.replays += 1
+        if self.replays == 2:
+            got = self._out.clone()
+            want = self._static_step(col)
+            finite = torch.isfinite(want)
+            tol = 1e-3 * max(1.0, float(want[finite].abs().max()))
+            diff = float((got - want).nan_to_num(posinf=0, neginf=0).abs().max())
+            if diff > tol or not torch.equal(torch.isfinite(got), finite):
+                self._stepped(col, want)
+                return self._fall_back(None, tokens, f"replay differs from eager by "
+                                                     f"{diff:.3g}", logits=want)
+            self.graph_status = "on (replay checked against eager)"
+        return self._stepped(col, self._out)
+
+    # ------------------------------------------------------------------ fixed shapes, graph
+
+    def _stepped(self, col: int, out: torch.Tensor) -> torch.Tensor:
+        self._set_length(col + 1)
+        self._next += 1
+        return out
+
+    def _set_columns(self, columns: Optional[torch.Tensor]) -> None:
+        for c in self.caches:
+            c.columns = columns
+
+    def _set_length(self, n: int) -> None:
+        for c in self.caches:
+            c.length = n
+
+    def _static_step(self, col: int) -> torch.Tensor:
+        """The fixed-shape step on the device buffers (what the graph captures); the model's
+        own length bookkeeping is undone so one step counts once however often it runs."""
+        out = self._forward(self._tokens, self._pos)
+        self._set_length(col)
+        return out
+
+    def _capture(self, col: int) -> None:
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-ups: lazy inits and allocator state outside
+            for _ in range(2):
+                self._static_step(col)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._out = self._static_step(col)
+        self.graph = graph
+
+    def _fall_back(self, col: Optional[int], tokens, reason: str,
+                   logits: Optional[torch.Tensor] = None):
+        """Eager from here on; with `logits` the step is already done (col None), else it is
+        run again eagerly at column `col`."""
+        warnings.warn(f"CUDA-graph decoding off, decoding eagerly: {reason}", RuntimeWarning,
+                      stacklevel=3)
+        self.graph, self.mode, self.graph_status = None, "eager", f"fell back: {reason}"
+        self._set_columns(None)
+        if logits is not None:
+            return logits
+        self._set_length(col)
+        return self.step(tokens)
+
+
+def weight_read_ratio(model, ponder_steps: int, context: int = 0) -> float:
+    """The least K-step decoding can cost per token relative to (K+1) x plain decoding of the
+    same weights, when a one-token step is bound by reading memory (batch 1 on a GPU): every
+    pass reads the blocks, final norm and output head (and `context` cached positions of
+    keys/values), and each of the K pondering passes also reads the whole input embedding for
+    p . W_in (none for the looped baseline's hidden-state feedback). E.g. Pythia-160M at K = 3:
+    1.23, Pythia-1B: 1.08; a measured ratio is judged against this floor."""
+    def nbytes(params) -> int:
+        return sum(p.numel() * p.element_size() for p in params)
+
+    cfg, w = model.cfg, model.embed.weight
+    per_pass = (nbytes(model.layers.parameters()) + nbytes(model.final_norm.parameters())
+                + nbytes([model.output_weight()])
+                + 2 * cfg.num_layers * cfg.kv_heads * cfg.head_dim * context * w.element_size())
+    feedback = 0 if model.feeds_back_hidden else nbytes([w])
+    K = ponder_steps
+    return 1.0 + K * feedback / ((K + 1) * per_pass)
