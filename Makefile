@@ -18,7 +18,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test test-fast test-compat test-latest lock wheelhouse install-offline \
-        bench study study-toy clean slurm-up slurm-down slurm-status test-slurm
+        bench study study-toy clean slurm-up slurm-down slurm-status test-slurm gpu-bundle
 
 install: $(STAMP)
 
@@ -90,6 +90,17 @@ install-offline:
 	  { echo "$(PYTHON) has no torch and $(WHEELHOUSE) holds none: install the site's torch first, or build with WITH_TORCH=1"; exit 2; }
 	$(PYTHON) -m pip install --no-index --find-links $(WHEELHOUSE) "ponder-pt[eval,wandb]"
 	$(PYTHON) -m ponder_pt --version
+
+# A lent GPU machine (Python 3.12, its own CUDA torch and transformers, no index): .gpu/ holds
+# a snapshot of HEAD and py3.12 wheels of what such a machine lacks. Carry .gpu and run
+# `bash .gpu/repo/tools/gpu_run.sh [gpu_suite args]` there (see benchmarks/README.md).
+GPU_WHEELS ?= deepspeed,megatron-core,pydantic,pydantic-core,annotated-types,typing-inspection,hjson,datasets,dill,multiprocess,typing-extensions
+gpu-bundle: $(STAMP)
+	rm -rf .gpu && mkdir -p .gpu/repo
+	git archive HEAD | tar -x -C .gpu/repo
+	$(PY) tools/wheelhouse.py --lock $(LOCK) --python-version 3.12 --platform $(PLATFORM) \
+	  --only $(GPU_WHEELS) --out .gpu/whl
+	@du -sh .gpu
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_data.py

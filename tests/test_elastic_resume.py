@@ -141,6 +141,36 @@ def test_resume_at_another_layout_keeps_optimizer(name, a, b, reference, prepare
     assert lost > 100 * 1e-4 * ref[n]["exp_avg_sq"].abs().max().item()
 
 
+def test_resume_from_another_runs_checkpoint_then_from_its_own(reference, prepared, bpe_dir,
+                                                               tmp_path):
+    """checkpoint.load = another run's checkpoint (ZeRO-1, DP=1) resumed at DP=2: converted into
+    this run's own checkpoint.dir, the source left byte for byte as it was, losses equal to the
+    uninterrupted run's; once this run has saved, a restart continues from its own
+    checkpoint.dir, not from checkpoint.load, and the conversion is gone."""
+    from ponder_pt.engine.checkpoint import verify
+
+    ref_losses, ref_ckpt = reference
+    theirs, own = tmp_path / "theirs", tmp_path / "ckpt"
+    _copy_step3(ref_ckpt, theirs)
+    before = {str(p.relative_to(theirs)): p.read_bytes() for p in theirs.rglob("*")
+              if p.is_file()}
+    load = [*_layout(zero=1), f"checkpoint.load={theirs}"]
+    out = _run(tmp_path / "b", prepared, bpe_dir, own, load, 2).stdout
+    assert f"saved at {_desc(1)}, resuming at {_desc(2)}" in out, out[-3000:]
+    losses = metrics(str(tmp_path / "b"))[0]
+    assert sorted(losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert losses[step] == pytest.approx(ref_losses[step], rel=REL), (step, losses)
+    assert {str(p.relative_to(theirs)): p.read_bytes() for p in theirs.rglob("*")
+            if p.is_file()} == before
+    assert verify(str(own), TAG6) is None and not (own / ".converted").exists()
+
+    out = _run(tmp_path / "c", prepared, bpe_dir, own, [*load, "train.iters=7"], 2).stdout
+    assert f"checkpoint.dir holds {TAG6}: resuming from it" in out, out[-3000:]
+    assert f"resumed from {own / TAG6}" in out
+    assert sorted(metrics(str(tmp_path / "c"))[0]) == [7]
+
+
 def test_crash_during_conversion_leaves_checkpoint_intact(reference, monkeypatch, tmp_path):
     """A conversion that dies half-way leaves no universal/ and an untouched checkpoint; the
     next attempt converts from scratch."""

@@ -359,7 +359,7 @@ def test_finetune_caps_max_length_at_gpt2_positions(bpe_dir, tmp_path, capsys):
     model, _, _, train, _ = build(cfg)
     err = capsys.readouterr().err
     assert "train.max_length 256 is more than the backbone's 64 positions; using 64" in err
-    assert cfg.train.max_length == 64
+    assert cfg.train.max_length == 64 and train.truncated == 4  # counted, then reported
     batch = train.collate([train[i] for i in range(len(train))])
     assert batch["input_ids"].shape[1] == 64
     with torch.no_grad():

@@ -164,7 +164,8 @@ class CheckpointConfig:
     interval: int = 1000
     keep_last: int = 3
     load: Optional[str] = None
-    """Resume from this directory (default: `dir` when it holds a checkpoint)."""
+    """Resume from this directory (another run's checkpoint.dir, read-only is fine) until
+    `dir` holds a checkpoint of this run's own; then from `dir`. Default: `dir`."""
     init_from: Optional[str] = None
     """Initial weights for a fresh run (ignored when resuming): an HF GPT-NeoX/LLaMA/GPT-2 directory
     or a checkpoint.dir (e.g. the output of `ponder-pt convert from-hf`)."""

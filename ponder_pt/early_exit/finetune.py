@@ -119,6 +119,10 @@ def finetune(cfg: FinetuneConfig, device: Optional[str] = None) -> dict:
     model, tokenizer, task, train, valid = build(cfg, announce=main)
     if main:
         _report_rejects(task, cfg.out)
+        if train.truncated or valid.truncated:
+            print(f"finetune: {train.truncated} of {len(train)} training and {valid.truncated} "
+                  f"of {len(valid)} validation rows are longer than train.max_length "
+                  f"{cfg.train.max_length} tokens and were truncated", file=sys.stderr)
         with open(os.path.join(cfg.out, "finetune_config.json"), "w", encoding="utf-8") as fh:
             json.dump(to_dict(cfg), fh, indent=1)
     micro = cfg.train.batch_size // world.dp

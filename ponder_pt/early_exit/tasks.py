@@ -382,7 +382,8 @@ def load_task(name_or_dir: str, *, max_train: int = 0, max_eval: int = 0,
 # ---------------------------------------------------------------------- batches
 
 class Encoded:
-    """Tokenized examples and a padding collate for a DataLoader."""
+    """Tokenized examples and a padding collate for a DataLoader. Rows longer than max_length
+    are truncated by the tokenizer (pairs: the longer text first); `truncated` counts them."""
 
     def __init__(self, rows: list, tokenizer, max_length: int, regression: bool):
         self.rows = rows
@@ -391,6 +392,8 @@ class Encoded:
         firsts = [r["texts"][0] for r in rows]
         seconds = [r["texts"][1] for r in rows] if len(rows[0]["texts"]) > 1 else None
         self.enc = tokenizer(firsts, seconds, truncation=True, max_length=max_length)
+        whole = tokenizer(firsts, seconds, truncation=False, verbose=False)["input_ids"]
+        self.truncated = sum(len(ids) > max_length for ids in whole)
 
     def __len__(self):
         return len(self.rows)

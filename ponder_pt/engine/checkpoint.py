@@ -228,6 +228,24 @@ class CheckpointManager:
         for tag in list_tags(self.dir):  # unfinished saves older than the newest good one
             if newest and tag < newest and tag not in complete:
                 shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
+        if newest:  # another run's checkpoint converted for resuming: no longer needed
+            from .reshard import CONVERTED
+
+            shutil.rmtree(os.path.join(self.dir, CONVERTED), ignore_errors=True)
+
+    def resume_source(self, load_dir: Optional[str], quiet: bool = False) -> str:
+        """Where to resume from: `checkpoint.load` until this run has an intact checkpoint of
+        its own in `checkpoint.dir`, then `checkpoint.dir` (a preempted, requeued or restarted
+        run continues from its own progress, not from the checkpoint it started from)."""
+        if not load_dir or os.path.realpath(load_dir) == os.path.realpath(self.dir):
+            return self.dir
+        own = next((t for t in list_tags(self.dir) if verify(self.dir, t) is None), None)
+        if own is None:
+            return load_dir
+        if not quiet and self.rank == 0:
+            self.log(f"checkpoint.dir holds {own}: resuming from it, not from checkpoint.load "
+                     f"({load_dir})")
+        return self.dir
 
     def prepare_resume(self, load_dir: Optional[str], model_cfg, unsafe_unpickle: bool = False
                        ) -> Optional[str]:
@@ -238,7 +256,7 @@ class CheckpointManager:
         nothing to resume). A tag whose conversion fails is skipped for the previous one."""
         from . import reshard
 
-        src = load_dir or self.dir
+        src = self.resume_source(load_dir)
         choice = None
         if self.rank == 0:
             for tag in list_tags(src):
@@ -248,8 +266,9 @@ class CheckpointManager:
                 if not self._needs_conversion(saved):
                     break
                 try:
-                    reshard.convert(src, tag, saved, model_cfg, unsafe_unpickle, self.log)
-                    choice = (src, tag, reshard.universal_dir(src, tag))
+                    udir = reshard.convert(src, tag, saved, model_cfg, unsafe_unpickle,
+                                           self.log, reshard.universal_dir(src, tag, self.dir))
+                    choice = (src, tag, udir)
                     self.log(f"checkpoint {tag}: saved at {reshard.describe(saved)}, resuming "
                              f"at {reshard.describe(self.layout)} (weights, optimizer moments, "
                              "LR schedule and data position carried over)")
@@ -292,7 +311,7 @@ class CheckpointManager:
         the ranks agree to fall back together when one of them cannot load a tag. If there
         are checkpoints but none loads, that is an error, never a silent fresh start.
         """
-        src = load_dir or self.dir
+        src = self.resume_source(load_dir, quiet=True)
         if self.elastic is not None:
             return self._load_elastic(engine)
         failures = []

@@ -12,6 +12,10 @@ merge the tensor-parallel slices ourselves with the same rule the exporter uses
     <tag>/universal/universal_meta.json   source layout, optimizer step, LR scheduler state,
                                           engine counters; written last: the "complete" marker
 
+A checkpoint from another run (`checkpoint.load`, perhaps read-only) is converted into this
+run's own `checkpoint.dir` instead (`<dir>/.converted/<tag>-<hash of the source path>/`, removed
+once this run has saved a checkpoint of its own), so the source is never written to.
+
 It is built in a temporary directory and renamed into place, so a crash during conversion
 leaves the checkpoint itself untouched (its own files are only read) and leaves no half-written
 `universal/` behind. The new engine then takes it in two parts: the weights go into the freshly
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import hashlib
 import io
 import json
 import os
@@ -42,6 +47,7 @@ from typing import Callable, Optional
 import torch
 
 UNIVERSAL = "universal"
+CONVERTED = ".converted"
 UMETA = "universal_meta.json"
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 LAYOUT_KEYS = ("tp", "pp", "dp", "zero_stage")
@@ -80,12 +86,17 @@ def describe(layout: dict) -> str:
             f"ZeRO-{layout['zero_stage']}")
 
 
-def universal_dir(src: str, tag: str) -> str:
-    return os.path.join(src, tag, UNIVERSAL)
+def universal_dir(src: str, tag: str, run_dir: Optional[str] = None) -> str:
+    """Where `src`'s `tag` is converted: inside the tag, or for a checkpoint of another run
+    (`run_dir` given and not `src`) under `run_dir`, leaving `src` untouched."""
+    if run_dir is None or os.path.realpath(run_dir) == os.path.realpath(src):
+        return os.path.join(src, tag, UNIVERSAL)
+    digest = hashlib.sha1(os.path.realpath(src).encode()).hexdigest()[:10]
+    return os.path.join(run_dir, CONVERTED, f"{tag}-{digest}")
 
 
-def is_converted(src: str, tag: str) -> bool:
-    return os.path.exists(os.path.join(universal_dir(src, tag), UMETA))
+def is_converted(udir: str) -> bool:
+    return os.path.exists(os.path.join(udir, UMETA))
 
 
 # ------------------------------------------------------------------ conversion (one process)
@@ -181,14 +192,15 @@ def _engine_state(root: str, unsafe_unpickle: bool) -> dict:
 
 
 def convert(src: str, tag: str, layout: dict, model_cfg, unsafe_unpickle: bool = False,
-            log: Callable[[str], None] = print) -> str:
-    """Write `<src>/<tag>/universal/` (see the module docstring) from the shards of a checkpoint
-    saved at `layout`; returns its path. Reuses a complete one. Run on one process."""
+            log: Callable[[str], None] = print, out: Optional[str] = None) -> str:
+    """Write the layout-free form (see the module docstring) of `<src>/<tag>`, saved at
+    `layout`, to `out` (default `<src>/<tag>/universal/`); returns its path. Reuses a complete
+    one. Run on one process."""
     from ..export.native import tp_spec
     from ..models import parallel as par
 
-    out = universal_dir(src, tag)
-    if is_converted(src, tag):
+    out = out or universal_dir(src, tag)
+    if is_converted(out):
         return out
     if int(layout["zero_stage"]) < 1:
         raise ValueError(f"{tag} was saved with ZeRO-0 at {describe(layout)}: its optimizer "
@@ -196,10 +208,12 @@ def convert(src: str, tag: str, layout: dict, model_cfg, unsafe_unpickle: bool =
                          "universal conversion reads ZeRO >= 1 shards); resume it at TP="
                          f"{layout['tp']} PP={layout['pp']}")
     root = os.path.join(src, tag)
-    for stale in glob.glob(os.path.join(root, f"{UNIVERSAL}.tmp*")):  # a conversion killed
+    parent, name = os.path.split(out)
+    os.makedirs(parent, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(parent), f"{name}.tmp*")):  # killed ones
         shutil.rmtree(stale, ignore_errors=True)
     tp, pp = int(layout["tp"]), int(layout["pp"])
-    work = tempfile.mkdtemp(prefix=f"{UNIVERSAL}.tmp", dir=root)
+    work = tempfile.mkdtemp(prefix=f"{name}.tmp", dir=parent)
     try:
         parts: dict[str, dict[int, dict]] = {}  # full name -> tp rank -> states
         step = None
