@@ -108,3 +108,32 @@ def test_generate_batch_equals_one_at_a_time_native_and_hf(trained, tmp_path):  
         assert lm.generate_batch(prompts, 10, batch_size=3) == one, lm.kind
         free = [lm.generate(p, 10, greedy=True, stop_at_eos=False) for p in prompts]
         assert lm.generate_batch(prompts, 10, stop_at_eos=False) == free, lm.kind
+
+
+def test_generate_prompts_file(trained, tmp_path):  # noqa: F811
+    """`generate --prompts-file`: one JSON line per prompt, in order, each what `--prompt`
+    gives that prompt (greedy prompts decoded in batches); a bad jsonl line fails before the
+    model loads, naming file and line."""
+    from ponder_pt.inference import NativeModel, generate_text
+    from ponder_pt.inference.generate import generate_many
+
+    prompts = ["The file is", "Return", "import os and the number of lines in"]
+    lm = NativeModel(trained["ponder"])
+    one = [generate_text(lm, p, 6, greedy=True, pauses=2) for p in prompts]
+    assert generate_many(lm, prompts, 6, greedy=True, pauses=2, batch_size=2) == one
+
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("\n".join([prompts[0], "", prompts[1], prompts[2]]) + "\n")
+    out = tmp_path / "out.jsonl"
+    _cli("generate", "--model", trained["ponder"], "--prompts-file", str(txt), "--greedy",
+         "--max-new-tokens", "6", "--pauses", "2", "--output", str(out))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    assert [r["token_ids"] for r in rows] == [o["token_ids"] for o in one]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "ponder_pt", "generate", "--model",
+                           trained["ponder"], "--prompts-file", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and 'bad.jsonl:2: expected {"prompt": "..."}' in proc.stderr

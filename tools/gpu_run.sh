@@ -6,8 +6,9 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # .gpu/repo
 site=/tmp/ponder_site
+wheels=$(ls "$here"/../whl/*.whl | grep -v '/ponder_pt-')   # ponder-pt runs from the snapshot
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target "$site" "$here"/../whl/*.whl
+  --target "$site" $wheels
 export PYTHONPATH="$site" PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/torch_ext
 cd "$here"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

@@ -11,7 +11,15 @@ UNSAFE_HELP = ("read a training checkpoint with full unpickling (runs any code i
 def add_generate_args(p) -> None:
     p.add_argument("--model", required=True, metavar="DIR",
                    help="training checkpoint.dir (with run_config.yaml) or an HF directory")
-    p.add_argument("--prompt", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompts-file", metavar="FILE",
+                     help="many prompts: a .txt (one per line) or .jsonl ({\"prompt\": ...} per "
+                          "line); one JSON line per prompt is written to stdout or --output, "
+                          "greedy prompts decoded --batch-size at a time")
+    p.add_argument("--output", metavar="FILE", help="with --prompts-file: write the JSON lines here")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="with --prompts-file and --greedy: prompts decoded together (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
     p.add_argument("--temperature", type=float, default=1.0)

@@ -1,8 +1,10 @@
-"""`ponder-pt generate`: text in, new tokens out, on a native checkpoint or an HF directory."""
+"""`ponder-pt generate`: text in, new tokens out, on a native checkpoint or an HF directory;
+one prompt (`--prompt`) or a file of them (`--prompts-file`, greedy ones decoded in batches)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from typing import Optional
 
 from .model import InferenceModel, load_model
@@ -22,9 +24,61 @@ def generate_text(lm: InferenceModel, prompt: str, max_new_tokens: int = 32,
     return {"token_ids": new, "text": lm.decode(new), "pauses": m, "prompt_ids": ids}
 
 
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a .txt (one per line, blank lines skipped) or .jsonl file ({"prompt": ...}
+    per line). A bad jsonl line is an error naming file and line: a prompt file is the input,
+    not a sample of it."""
+    prompts = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            if not path.endswith((".jsonl", ".json")):
+                prompts.append(line.rstrip("\n"))
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise ValueError(f"{path}:{number}: expected {{\"prompt\": \"...\"}}")
+            prompts.append(rec["prompt"])
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def generate_many(lm: InferenceModel, prompts: list[str], max_new_tokens: int = 32,
+                  greedy: bool = False, pauses: Optional[int] = None, temperature: float = 1.0,
+                  top_k: int = 0, seed: int = 0, batch_size: int = 16) -> list[dict]:
+    """`generate_text` of each prompt, in order. Greedy prompts are decoded `batch_size` at a
+    time (each exactly as alone); sampled ones one by one with seed + their index."""
+    if not greedy:
+        return [generate_text(lm, p, max_new_tokens, False, pauses, temperature, top_k, seed + i)
+                for i, p in enumerate(prompts)]
+    m = resolve_pauses(pauses, lm.default_pauses, lm.pause_id)
+    ids = [append_pauses(lm.encode(p), m, lm.pause_id) or [lm.eos_id] for p in prompts]
+    news = lm.generate_batch(ids, max_new_tokens, batch_size=batch_size)
+    return [{"token_ids": new, "text": lm.decode(new), "pauses": m, "prompt_ids": i}
+            for new, i in zip(news, ids)]
+
+
 def cmd_generate(args) -> int:
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else None  # before loading
     lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
                     unsafe_unpickle=args.unsafe_unpickle)
+    if prompts is not None:
+        results = generate_many(lm, prompts, args.max_new_tokens, args.greedy, args.pauses,
+                                args.temperature, args.top_k, args.seed, args.batch_size)
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+        try:
+            for prompt, res in zip(prompts, results):
+                out.write(json.dumps({"prompt": prompt, "token_ids": res["token_ids"],
+                                      "text": res["text"]}) + "\n")
+        finally:
+            if args.output:
+                out.close()
+        return 0
     res = generate_text(lm, args.prompt, args.max_new_tokens, args.greedy, args.pauses,
                         args.temperature, args.top_k, args.seed)
     if args.json:
