@@ -120,3 +120,27 @@ def test_wrapper_scores_after_exactly_m_pauses(trained):  # noqa: F811
     n = len(cont)
     expect = sum(float(z[len(ctx) + 3 - 1 + i, cont[i]]) for i in range(n))
     assert abs(ll - expect) < 1e-4
+
+
+def test_batched_loglikelihood_equals_one_at_a_time(trained, tmp_path):  # noqa: F811
+    """Requests of different lengths scored in right-padded batches (longest first, split by
+    batch_size and batch_tokens) give each request's one-at-a-time score, in request order,
+    on the pondering checkpoint and on its HF export."""
+    from types import SimpleNamespace
+
+    from ponder_pt.export import checkpoint_to_hf
+    from ponder_pt.inference import HFModel, NativeModel
+    from ponder_pt.inference.evaluation import PonderEvalLM
+
+    hf_dir = str(tmp_path / "hf")
+    checkpoint_to_hf(trained["ponder"], hf_dir, progress=False)
+    pairs = [("Open the", " file"), ("Return the number of lines in the", " given text"),
+             ("x", " = 1"), ("def f(a, b):\n    return", " a + b"), ("The", " end")]
+    requests = [SimpleNamespace(args=p) for p in pairs]
+    for lm in (NativeModel(trained["ponder"], device="cpu"), HFModel(hf_dir, device="cpu")):
+        ev = PonderEvalLM(lm, pauses=2, progress=False, batch_size=3, batch_tokens=40)
+        single = [ev._score(*ev._split(*p)) for p in pairs]
+        batched = ev.loglikelihood(requests)
+        assert [g for _, g in batched] == [g for _, g in single], lm.kind
+        for (a, _), (b, _) in zip(batched, single):
+            assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), (lm.kind, a, b)

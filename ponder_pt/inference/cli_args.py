@@ -46,6 +46,8 @@ def add_eval_args(p) -> None:
     p.add_argument("--include-path", help="directory of extra lm-eval task YAMLs (offline tasks)")
     p.add_argument("--limit", type=float, help="examples per task (int) or fraction (< 1)")
     p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="requests scored / greedy generations decoded together (default 16)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -2,7 +2,9 @@
 
 `PonderEvalLM` is an `lm_eval.api.model.LM` over an `InferenceModel` (native checkpoint or HF
 directory, pondering and pause models included; HFLM knows neither pondering checkpoints nor
-pauses). Log-likelihood requests are scored one at a time (correct for any model); greedy
+pauses). Log-likelihood requests are scored `batch_size` at a time, longest first, in
+right-padded batches (causal attention: padding after a row's tokens cannot change their
+logits, so no mask is needed), at most `batch_tokens` positions per batch; greedy
 `generate_until` requests are decoded `batch_size` at a time as left-padded batches.
 
 Pauses (M = --pauses or the model's recorded default): `loglikelihood` scores the
@@ -27,13 +29,15 @@ from .pauses import append_pauses, resolve_pauses
 
 class PonderEvalLM(LM):
     def __init__(self, lm: InferenceModel, pauses: Optional[int] = None,
-                 max_gen_toks: int = 64, progress: bool = True, batch_size: int = 16):
+                 max_gen_toks: int = 64, progress: bool = True, batch_size: int = 16,
+                 batch_tokens: int = 8192):
         super().__init__()
         self.lm = lm
         self.pauses = resolve_pauses(pauses, lm.default_pauses, lm.pause_id)
         self.max_gen_toks = max_gen_toks
         self.progress = progress
         self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
 
     # ---------------------------------------------------------------- helpers
     def _split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -45,23 +49,50 @@ class PonderEvalLM(LM):
             return ctx, whole[len(ctx):]
         return ctx, self.lm.encode(continuation)
 
-    def _score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    def _sequence(self, ctx: list[int], cont: list[int]) -> list[int]:
+        """context + M pauses + continuation, cut from the left to the model's length + 1."""
         ctx = append_pauses(ctx or [self.lm.eos_id], self.pauses, self.lm.pause_id)
-        ids = (ctx + cont)[-(self.lm.max_len + 1):]
-        n = len(cont)
-        inp = torch.tensor([ids[:-1]])
-        logp = F.log_softmax(self.lm.logits(inp)[0, -n:], dim=-1)
-        target = torch.tensor(ids[-n:], device=logp.device)
-        ll = float(logp.gather(1, target[:, None]).sum())
-        greedy = bool((logp.argmax(-1) == target).all())
-        return ll, greedy
+        return (ctx + cont)[-(self.lm.max_len + 1):]
+
+    def _score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+        return self._score_batch([(self._sequence(ctx, cont), len(cont))])[0]
+
+    def _score_batch(self, jobs: list) -> list[tuple[float, bool]]:
+        """(log-likelihood, is greedy) of the last n tokens of each (ids, n), in one
+        right-padded forward."""
+        width = max(len(ids) - 1 for ids, _ in jobs)
+        pad = self.lm.eos_id if self.lm.eos_id is not None else 0
+        inp = torch.tensor([ids[:-1] + [pad] * (width - len(ids) + 1) for ids, _ in jobs])
+        logits = self.lm.logits(inp)
+        out = []
+        for row, (ids, n) in enumerate(jobs):
+            end = len(ids) - 1
+            logp = F.log_softmax(logits[row, end - n:end], dim=-1)
+            target = torch.tensor(ids[-n:], device=logp.device)
+            out.append((float(logp.gather(1, target[:, None]).sum()),
+                        bool((logp.argmax(-1) == target).all())))
+        return out
 
     # ---------------------------------------------------------------- LM api
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        out = []
-        for req in tqdm(requests, desc="loglikelihood", disable=disable_tqdm or not self.progress):
-            context, continuation = req.args
-            out.append(self._score(*self._split(context, continuation)))
+        jobs = []
+        for req in requests:
+            ctx, cont = self._split(*req.args)
+            jobs.append((self._sequence(ctx, cont), len(cont)))
+        order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][0]))  # longest first
+        out: list = [None] * len(jobs)
+        bar = tqdm(total=len(jobs), desc="loglikelihood",
+                   disable=disable_tqdm or not self.progress)
+        start = 0
+        while start < len(order):
+            width = len(jobs[order[start]][0])  # the batch's longest row
+            rows = max(1, min(self.batch_size, self.batch_tokens // max(width, 1)))
+            chunk = order[start:start + rows]
+            for i, res in zip(chunk, self._score_batch([jobs[i] for i in chunk])):
+                out[i] = res
+            bar.update(len(chunk))
+            start += len(chunk)
+        bar.close()
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
@@ -135,14 +166,15 @@ def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,
              include_path: Optional[str] = None, limit: Optional[float] = None,
              num_fewshot: Optional[int] = None, device: str = "auto", progress: bool = True,
              seed: int = 1234, trust_remote_code: bool = False,
-             unsafe_unpickle: bool = False) -> dict:
+             unsafe_unpickle: bool = False, batch_size: int = 16) -> dict:
     """lm_eval.simple_evaluate on our wrapper; returns its results dict. device: "auto"
     (cuda when available, else cpu), "cpu", "cuda" or "cuda:N"."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     lm = PonderEvalLM(load_model(model_dir, device=device, trust_remote_code=trust_remote_code,
-                                 unsafe_unpickle=unsafe_unpickle), pauses, progress=progress)
+                                 unsafe_unpickle=unsafe_unpickle), pauses, progress=progress,
+                      batch_size=batch_size)
     tm = TaskManager(include_path=include_path) if include_path else TaskManager()
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                    task_manager=tm, log_samples=False, random_seed=seed,
@@ -158,7 +190,7 @@ def cmd_eval(args) -> int:
     res = run_eval(args.model, tasks, args.pauses, args.include_path, limit, args.num_fewshot,
                    args.device, progress=not args.quiet,
                    trust_remote_code=args.trust_remote_code,
-                   unsafe_unpickle=args.unsafe_unpickle)
+                   unsafe_unpickle=args.unsafe_unpickle, batch_size=args.batch_size)
     results = res.get("results", {}) if res else {}
     if args.json:
         print(json.dumps({"results": results}, default=str))
