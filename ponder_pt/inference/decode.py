@@ -87,6 +87,7 @@ class Decoder:
             raise ValueError(f"position {self.length + n - 1} is beyond {what}: "
                              f"{self.capacity} positions")
 
+    @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Left-pad the prompts (one per row, none empty) and run them: logits [b, V]."""
         if len(prompts) != self.batch or not all(len(p) for p in prompts):
@@ -113,6 +114,7 @@ class Decoder:
     def step_one(self, token: int) -> torch.Tensor:
         return self.step([token])[0]
 
+    @torch.no_grad()
     def step(self, tokens: Sequence[int]) -> torch.Tensor:
         """One new token per row: the next logits [b, V]."""
         self._room(1)
