@@ -22,13 +22,16 @@ that overruns, by its process id, and goes on):
 * generate     export to HF; greedy `generate()` (KV caches) vs a cache-free loop (full
                forward per token), and the native checkpoint's cached generation vs its own
                cache-free loop.
-* gen          generation speed, batch 1, greedy, bf16 random Pythia-160M (then 410M if
-               time allows) with K=3: ponder_pt's K+1-KV-cache decoding (generate_cached)
-               at --gen-tokens new tokens (512; 1024 wants --sections gen --budget 240)
-               vs plain K=0 cached decoding of the same model (ratio K=3 / (K+1 x K=0),
-               goal <= 1.1), vs recomputing the whole prefix per token (the reference loop;
-               256 tokens, continued if time allows, else a labelled extrapolation), and the
-               HF export's generate(). ms/token, tokens/s.
+* gen          generation speed, batch 1, greedy, bf16 random Pythia-160M (then 410M and 1B
+               while time allows) with K=3: ponder_pt's decoding (generate_cached: K+1
+               preallocated KV caches, the one-token step replayed from a CUDA graph) at
+               --gen-tokens new tokens (512; 1024 wants --sections gen --budget 240) vs plain
+               K=0 cached decoding of the same model (steady-state ratio K=3 / (K+1 x K=0),
+               goal <= 1.1, beside the floor reading the weights sets: weight_read_ratio),
+               vs the same decoding without the graph (64 tokens), vs recomputing the whole
+               prefix per token (the reference loop; 256 tokens, continued if time allows,
+               else a labelled extrapolation), and the HF export's generate(). ms/token,
+               tokens/s.
 * profile      where a training step's time goes, at one shape (Pythia-1B, seq 2048; toy on
                --smoke): torch.profiler (CUDA kernels; CPU ops on --smoke) over two
                forward + backward + fused AdamW steps after warm-up, for HF
