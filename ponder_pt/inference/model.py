@@ -33,6 +33,11 @@ def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int,
     return int(torch.multinomial(torch.softmax(z, -1), 1, generator=gen))
 
 
+def _decode_mode(cuda_graph: Optional[bool]) -> Optional[str]:
+    """generate_cached's cuda_graph flag as a `Decoder` mode (None: the device decides)."""
+    return None if cuda_graph is None else ("graph" if cuda_graph else "eager")
+
+
 @torch.no_grad()
 def generate_cached(model, prompt: Sequence[int], max_new_tokens: int, *,
                     vocab_rows: Optional[int] = None, eos_id: Optional[int] = None,
@@ -49,8 +54,8 @@ def generate_cached(model, prompt: Sequence[int], max_new_tokens: int, *,
     and benchmarks' generation-speed section both run this loop."""
     if max_new_tokens <= 0:
         return []
-    mode = None if cuda_graph is None else ("graph" if cuda_graph else "eager")
-    dec = Decoder(model, len(prompt) + max_new_tokens - 1, ponder_steps, vocab_rows, mode)
+    dec = Decoder(model, len(prompt) + max_new_tokens - 1, ponder_steps, vocab_rows,
+                  _decode_mode(cuda_graph))
     z = dec.prefill_one(prompt)
     out: list[int] = []
     for i in range(max_new_tokens):
@@ -74,9 +79,8 @@ def generate_cached_batch(model, prompts: Sequence[Sequence[int]], max_new_token
     every row has ended or after max_new_tokens."""
     if max_new_tokens <= 0 or not prompts:
         return [[] for _ in prompts]
-    mode = None if cuda_graph is None else ("graph" if cuda_graph else "eager")
     dec = Decoder(model, max(len(p) for p in prompts) + max_new_tokens - 1, ponder_steps,
-                  vocab_rows, mode, batch=len(prompts))
+                  vocab_rows, _decode_mode(cuda_graph), batch=len(prompts))
     z = dec.prefill(prompts)
     outs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
@@ -234,14 +238,17 @@ class HFModel(InferenceModel):
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids.to(self.device), use_cache=False).logits.float()
 
+    def _suppressed(self) -> Optional[list]:
+        """Ids generate() must never emit: padded rows beyond the tokenizer, <pause> too."""
+        return list(range(self.vocab_rows, self.model.config.vocab_size)) or None
+
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens, greedy=True, temperature=1.0, top_k=0, seed=0,
                  stop_at_eos=True):
         torch.manual_seed(seed)
         ids = torch.tensor([list(prompt)], device=self.device)
-        rows = self.model.config.vocab_size
-        suppress = list(range(self.vocab_rows, rows)) or None
-        kw = dict(do_sample=not greedy, max_new_tokens=max_new_tokens, suppress_tokens=suppress,
+        kw = dict(do_sample=not greedy, max_new_tokens=max_new_tokens,
+                  suppress_tokens=self._suppressed(),
                   attention_mask=torch.ones_like(ids), pad_token_id=self.eos_id,
                   eos_token_id=self.eos_id if stop_at_eos else None)
         if not greedy:
@@ -257,11 +264,10 @@ class HFModel(InferenceModel):
                            device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
                             device=self.device)
-        rows = self.model.config.vocab_size
         eos = self.eos_id if stop_at_eos else None
         out = self.model.generate(ids, attention_mask=mask, do_sample=False,
                                   max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                  suppress_tokens=list(range(self.vocab_rows, rows)) or None,
+                                  suppress_tokens=self._suppressed(),
                                   eos_token_id=eos)
         new = out[:, width:].tolist()  # finished rows are padded with `pad` (= EOS) after it
         return [r[:r.index(eos) + 1] if eos is not None and eos in r else r for r in new]
