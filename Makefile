@@ -94,7 +94,7 @@ install-offline:
 # A lent GPU machine (Python 3.12, its own CUDA torch and transformers, no index): .gpu/ holds
 # a snapshot of HEAD and py3.12 wheels of what such a machine lacks. Carry .gpu and run
 # `bash .gpu/repo/tools/gpu_run.sh [gpu_suite args]` there (see benchmarks/README.md).
-GPU_WHEELS ?= deepspeed,megatron-core,pydantic,pydantic-core,annotated-types,typing-inspection,hjson,datasets,dill,multiprocess,typing-extensions
+GPU_WHEELS ?= deepspeed,megatron-core,pydantic,pydantic-core,annotated-types,typing-inspection,hjson,datasets,dill,multiprocess,typing-extensions,pytest,pluggy,iniconfig,pygments,pytest-timeout
 gpu-bundle: $(STAMP)
 	rm -rf .gpu && mkdir -p .gpu/repo
 	git archive HEAD | tar -x -C .gpu/repo

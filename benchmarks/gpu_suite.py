@@ -13,7 +13,9 @@ that overruns, by its process id, and goes on):
                the peak TFLOP/s used for MFU (ponder_pt.engine.flops.PEAK_TFLOPS by GPU name).
 * sdpa         which SDPA kernel really runs: torch.profiler over one training forward +
                backward of our model (is_causal path), a KV-cache prefill (boolean-mask path),
-               and a bare SDPA call at Pythia-1B's head_dim 256.
+               and a bare SDPA call at Pythia-1B's head_dim 256; then ms per one-token call
+               over keys growing by one (eager decoding) with SDPA's default kernels vs
+               ponder_pt.sdpa_backends.varying_shapes (no cuDNN: no plan per shape).
 * train        the real trainer (`python -m ponder_pt.train`, one process, DeepSpeed ZeRO-1,
                bf16) on a locally generated corpus (stdlib docstrings -> BPE -> .bin/.idx):
                a pythia-14m-shaped PonderPythia (K=3, pause.rate 0.1); loss finite and
@@ -30,8 +32,8 @@ that overruns, by its process id, and goes on):
                goal <= 1.1, beside the floor reading the weights sets: weight_read_ratio),
                vs the same decoding without the graph (64 tokens), vs recomputing the whole
                prefix per token (the reference loop; 256 tokens, continued if time allows,
-               else a labelled extrapolation), and the HF export's generate(). ms/token,
-               tokens/s.
+               else a labelled extrapolation), and the HF export's generate() (these two at
+               the first shape only, under varying_shapes). ms/token, tokens/s.
 * profile      where a training step's time goes, at one shape (Pythia-1B, seq 2048; toy on
                --smoke): torch.profiler (CUDA kernels; CPU ops on --smoke) over two
                forward + backward + fused AdamW steps after warm-up, for HF
@@ -44,9 +46,10 @@ that overruns, by its process id, and goes on):
                same shape and micro-batch: forward + backward + torch.optim.AdamW(fused=True)
                step, both with bf16 parameters (no fp32 master, no autocast). Tokens/s,
                TFLOP/s and MFU (Megatron-convention FLOPs, all K+1 passes), peak memory. The
-               micro-batch is the largest power of two a memory estimate admits (<= 32),
-               halved on CUDA OOM. Work is ordered by priority and skipped (recorded as
-               skipped) when the section's remaining time would not cover it.
+               micro-batch is the largest power of two (<= 32) that the framework's memory
+               estimate admits, halved on CUDA OOM. At 1B, last: ours K=0 and K=3 with
+               torch.compile'd blocks (train.compile). Work is ordered by priority and skipped
+               (recorded as skipped) when the section's remaining time would not cover it.
 
 Entry statuses: ok, fail (a check ran and did not hold), skipped (with a reason), error (an
 exception, with its traceback).

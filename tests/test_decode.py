@@ -170,3 +170,69 @@ def test_cuda_graph_decoding_equals_eager(arch):
     a = generate_cached(bf16, PROMPT, 20, cuda_graph=False)
     b = generate_cached(bf16, PROMPT, 20)
     assert len(b) == 20 and a[:4] == b[:4]
+
+
+def test_varying_shapes_turns_cudnn_attention_off_on_cuda_only():
+    """Where shapes change per call, SDPA on CUDA may use flash / efficient / math but not
+    cuDNN (a plan built per new shape); the flags come back afterwards; CPUs are untouched."""
+    from ponder_pt.sdpa_backends import varying_shapes
+
+    b = torch.backends.cuda
+    before = (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled(),
+              b.math_sdp_enabled())
+    with varying_shapes("cpu"):
+        assert (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled(),
+                b.math_sdp_enabled()) == before
+    with varying_shapes(torch.device("cuda", 0)):
+        assert not b.cudnn_sdp_enabled()
+        assert b.flash_sdp_enabled() and b.mem_efficient_sdp_enabled() and b.math_sdp_enabled()
+    assert (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled(),
+            b.math_sdp_enabled()) == before
+
+
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_decoder_runs_varying_shapes_where_shapes_vary(monkeypatch, mode):
+    """The prefill (any prompt width) and eager steps (one more key column each) run under
+    `varying_shapes`; the fixed-shape step a CUDA graph captures keeps SDPA's own choice."""
+    import contextlib
+
+    from ponder_pt.inference import decode
+
+    calls = []
+
+    @contextlib.contextmanager
+    def record(device):
+        calls.append("enter")
+        yield
+        calls.append("exit")
+
+    monkeypatch.setattr(decode, "varying_shapes", record)
+    model = PonderLM(tiny_model_config("gpt_neox"), PONDER["K2"], seed=3).eval()
+    dec = Decoder(model, capacity=len(PROMPT) + 3, mode=mode)
+    dec.prefill_one(PROMPT)
+    assert calls == ["enter", "exit"]
+    dec.step_one(4)
+    dec.step_one(5)
+    assert len(calls) == (6 if mode == "eager" else 2)
+
+
+@pytest.mark.gpu
+def test_eager_decoding_on_cuda_runs_no_cudnn_attention():
+    """On CUDA, eager steps (a new key length each) run flash / efficient attention, not cuDNN's
+    (a plan per shape), and give the logits SDPA's default choice gives."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = PonderLM(tiny_model_config("gpt_neox"), PonderConfig(steps=2), seed=5)
+    model = model.eval().cuda().to(torch.bfloat16)
+    dec = Decoder(model, capacity=len(PROMPT) + 4, mode="eager")
+    with torch.no_grad():
+        dec.prefill_one(PROMPT)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            z = dec.step_one(3)
+        torch.cuda.synchronize()
+    names = " ".join(e.key.lower() for e in prof.key_averages())
+    assert "cudnn" not in names and ("flash" in names or "fmha" in names
+                                     or "efficient" in names), names[:500]
+    with torch.no_grad():  # the full forward, SDPA choosing freely
+        ref = model(torch.tensor([PROMPT + [3]], device="cuda"), gather_logits=True)[0, -1]
+    assert (z - ref.float()).abs().max().item() <= 0.05 * max(1.0, ref.float().abs().max().item())

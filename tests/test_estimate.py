@@ -73,6 +73,54 @@ def test_memory_estimate_matches_cpu_measurement(single_process, arch, K, ckpt):
     assert weights_and_acts == pytest.approx(sum(measured.values()), rel=0.25)
 
 
+def step_peak_bytes(step, trace_path) -> int:
+    """Peak of the CPU bytes allocated during `step()`: the largest "Total Allocated" of the
+    profiler trace's memory events, which counts from the start of profiling (parameters and
+    optimizer state are not included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    prof.export_chrome_trace(str(trace_path))
+    with open(trace_path) as fh:
+        events = json.load(fh)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})]
+    if not totals:
+        pytest.skip("the profiler trace has no CPU memory totals")
+    return max(totals)
+
+
+@pytest.mark.parametrize("K,ckpt,chunk", [(0, "none", 0), (2, "full", 0), (2, "selective", 0),
+                                          (2, "none", 1024), (2, "full", 1024),
+                                          (0, "full", 1024)])
+def test_backward_peak_on_cpu(single_process, tmp_path, K, ckpt, chunk):
+    """One bf16 training step, as the GPU suite's throughput runs it: the allocation peak lies
+    between the saved activations + backward transient and that plus all the gradients (which
+    backward allocates as it goes)."""
+    from ponder_pt.models import PonderLM
+
+    cfg = tiny_config("gpt_neox", K, ckpt, chunk)
+    cfg.model.vocab_size = 4096
+    cfg.train.precision = "bf16"
+    torch.manual_seed(0)
+    model = PonderLM(cfg.model, cfg.ponder, params_dtype=torch.bfloat16).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    b, s = cfg.train.micro_batch, cfg.data.seq_len
+    ids = torch.randint(0, cfg.model.vocab_size, (b, s))
+
+    def step():
+        model(ids, labels=torch.roll(ids, -1, dims=1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # AdamW state exists before the measured step
+    peak = step_peak_bytes(step, tmp_path / "trace.json")
+    est = {name: nbytes for name, nbytes, _ in E.memory_estimate(cfg, 1)["rows"]}
+    low = est["activations"] + est["backward transient"]
+    assert 0.95 * low <= peak <= 1.05 * (low + est["gradients"]), (peak, low, est["gradients"])
+
+
 def test_vocab_chunk_and_checkpointing_shrink_activations():
     acts = {}
     for ckpt in ("none", "selective", "full"):
@@ -140,6 +188,21 @@ def test_mfu_from_closest_measurement(tmp_path):
     path.write_text(json.dumps({"throughput": []}))
     t = E.time_estimate(cfg, 8, mfu_from=str(path))
     assert t["mfu"] == E.DEFAULT_MFU and "assumed" in t["mfu_source"]
+
+
+def test_mfu_prefers_entries_with_the_same_compile_setting(tmp_path):
+    entry = dict(status="ok", impl="ours", chunked=False, seq=2048, micro_batch=8,
+                 shape="pythia-1b", K=3, ckpt="none")
+    data = {"env": {"gpu": "NVIDIA H100 80GB HBM3"}, "throughput": [
+        dict(entry, name="eager", mfu=0.4), dict(entry, name="compiled", mfu=0.5, compiled=True)]}
+    path = tmp_path / "gpu_results.json"
+    path.write_text(json.dumps(data))
+    for compile_, want in ((False, 0.4), (True, 0.5)):
+        cfg = load_config("ponderpythia-1b", ["model.vocab_size=50304", "ponder.steps=3",
+                                              "model.activation_checkpointing=none",
+                                              f"train.compile={str(compile_).lower()}"],
+                          validate=False)
+        assert E.time_estimate(cfg, 8, mfu_from=str(path))["mfu"] == want
 
 
 def test_dry_run_prints_estimates(capsys, tmp_path):

@@ -90,13 +90,27 @@ def test_generate_sampling_is_seeded(trained):  # noqa: F811
     assert all(0 <= t < lm.vocab_rows for t in a["token_ids"])
 
 
-def test_generate_batch_equals_one_at_a_time_native_and_hf(trained, tmp_path):  # noqa: F811
+def test_generate_batch_equals_one_at_a_time_native_and_hf(trained, tmp_path,  # noqa: F811
+                                                           monkeypatch):
     """`generate_batch` (left-padded batches of similar lengths, `sft` evaluation and lm-eval
     `generate_until` use it) returns, in the given order, what `generate` gives each prompt:
     on the pondering checkpoint (K+1 static caches) and on its HF export (HF generate() with an
-    attention mask), with EOS stops and a batch size that splits the prompts."""
+    attention mask), with EOS stops and a batch size that splits the prompts. The HF model's
+    generation and scoring (a new attention shape per call) run under `varying_shapes`."""
+    import contextlib
+
     from ponder_pt.export import checkpoint_to_hf
     from ponder_pt.inference import HFModel, NativeModel
+    from ponder_pt import sdpa_backends
+
+    entered = []
+
+    @contextlib.contextmanager
+    def record(device):
+        entered.append(str(device))
+        yield
+
+    monkeypatch.setattr(sdpa_backends, "varying_shapes", record)
 
     ckpt = trained["ponder"]
     hf_dir = str(tmp_path / "hf")
@@ -108,6 +122,9 @@ def test_generate_batch_equals_one_at_a_time_native_and_hf(trained, tmp_path):  
         assert lm.generate_batch(prompts, 10, batch_size=3) == one, lm.kind
         free = [lm.generate(p, 10, greedy=True, stop_at_eos=False) for p in prompts]
         assert lm.generate_batch(prompts, 10, stop_at_eos=False) == free, lm.kind
+        lm.logits(torch.tensor([prompts[0]]))
+    # HF: 8 generate() calls, 2 + 1 batches, 1 logits; native: logits only (Decoder: own test)
+    assert entered.count("cpu") == 1 + 8 + 3 + 1, entered
 
 
 def test_generate_prompts_file(trained, tmp_path):  # noqa: F811

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace as NS
 
 import pytest
 
@@ -15,7 +16,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from _json_helpers import _numbers  # noqa: E402
-from benchmarks.gpu.profiling import CATEGORIES, categorize  # noqa: E402
+from benchmarks.gpu.profiling import (CATEGORIES, _device_rows, categorize, markdown,  # noqa: E402
+                                      summarize)
 
 
 def test_profile_categories_from_kernel_names_and_callers():
@@ -63,6 +65,93 @@ def test_profile_categories_from_kernel_names_and_callers():
     assert categorize(gemm, ["aten::mm", "_VocabParallelCrossEntropy"]) == "gemm"
 
 
+ADAM = "void at::native::multi_tensor_apply_kernel<at::native::FusedAdamMathFunctor<float>>"
+COPY = "void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda::{lambda()#3}>"
+GEMM = "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NTT"
+ANNOT = "Optimizer.step#AdamW.step"
+
+
+def _gpu_events(annotation_flag=True):
+    """A fake torch.profiler event list (the FunctionEvent fields _device_rows reads), with the
+    double listings torch produces: the profiler's own "Activity Buffer Request" record nested
+    in fused AdamW carries the op's correlation id, so torch gives it the op's kernels too; and
+    the record_function around the optimizer step is mirrored on the GPU as an annotation that
+    spans its kernels (and is listed as a kernel of the CPU range)."""
+    from torch.autograd import DeviceType
+
+    def cpu(name, id, start, end, kernels=(), parent=None):
+        return NS(device_type=DeviceType.CPU, name=name, id=id, cpu_parent=parent,
+                  time_range=NS(start=start, end=end),
+                  kernels=[NS(name=n, duration=d) for n, d in kernels])
+
+    def gpu(name, start, end, **kw):
+        return NS(device_type=DeviceType.CUDA, name=name, id=0, cpu_parent=None, kernels=[],
+                  time_range=NS(start=start, end=end), **kw)
+
+    step = cpu(ANNOT, 1, 100, 200, [(ANNOT, 60)])
+    adam = [(ADAM, 20), (ADAM, 20)]
+    fused = cpu("aten::_fused_adamw_", 2, 110, 190, adam, step)
+    cpus = [step, fused,
+            cpu("Activity Buffer Request", 2, 150, 151, adam, fused),
+            cpu("aten::copy_", 4, 191, 195, [(COPY, 5)], step),
+            cpu("aten::mm", 3, 10, 20, [(GEMM, 30)]),
+            cpu("aten::copy_", 5, 30, 40, [(COPY, 15)]),
+            cpu("triton_poi_fused_add_0", 6, 50, 55)]  # inductor's CPU range for its kernel
+    flag = {"is_user_annotation": False} if annotation_flag else {}
+    gpus = [gpu(ANNOT, 300, 360, **({"is_user_annotation": True} if annotation_flag else {})),
+            gpu(ADAM, 300, 320, **flag), gpu(ADAM, 320, 340, **flag),
+            gpu(COPY, 340, 345, **flag), gpu(GEMM, 200, 230, **flag),
+            gpu(COPY, 250, 265, **flag), gpu("Memset (Device)", 400, 402, **flag),
+            gpu("triton_poi_fused_add_0", 500, 503, **flag)]
+    return cpus + gpus
+
+
+@pytest.mark.parametrize("annotation_flag", [True, False])
+def test_profile_device_time_counts_each_kernel_once(annotation_flag):
+    """Kernel time and calls come from the device-side events, each once; the CPU ops that
+    launched a kernel only split it over categories; a GPU user annotation is no kernel."""
+    events = _gpu_events(annotation_flag)
+    rows = _device_rows(events, on_gpu=True)
+    by = {(n, c): (calls, us) for n, c, calls, us in rows}
+    assert ANNOT not in {n for n, _ in by}
+    work = [e for e in events if e.device_type.name == "CUDA" and e.name != ANNOT]
+    assert sum(us for *_, us in rows) == pytest.approx(
+        sum(e.time_range.end - e.time_range.start for e in work))
+    assert sum(calls for _, _, calls, _ in rows) == pytest.approx(len(work))
+    assert by[(ADAM, "optimizer")] == (2, 40)  # not also under the overhead record
+    assert by[(GEMM, "gemm")] == (1, 30)
+    # one copy kernel name, launched under the optimizer step and elsewhere: its calls and time
+    # split as each category's launches claim them
+    assert by[(COPY, "optimizer")] == (1, 5)
+    assert by[(COPY, "elementwise")] == (1, 15)
+    assert by[("Memset (Device)", "elementwise")] == (1, 2)  # no CPU op claimed it: by name
+    assert by[("triton_poi_fused_add_0", "elementwise")] == (1, 3)  # named like a CPU range,
+    # but it spans no other kernel: work, not an annotation
+
+    res = summarize(rows, steps=1, step_ms=0.2, profiled_ms=0.25)
+    assert res["device_ms"] == pytest.approx(0.095)
+    assert sum(res["categories_ms"].values()) == pytest.approx(res["device_ms"])
+    assert res["categories_ms"]["optimizer"] == pytest.approx(0.045)
+    assert res["device_over_step"] == pytest.approx(0.38) and not res["accounting_suspect"]
+
+
+def test_profile_markdown_flags_device_time_over_the_wall_step():
+    """An entry whose device time exceeds the profiled wall step is flagged, also in results
+    written before the field existed."""
+    rows = [(GEMM, "gemm", 64, 300e3), (ADAM, "optimizer", 98, 13e3)]
+    bad = summarize(rows, steps=2, step_ms=120.0, profiled_ms=122.0)  # 156.5 ms of kernels
+    good = summarize(rows, steps=2, step_ms=180.0, profiled_ms=170.0)
+    assert bad["device_over_step"] == pytest.approx(156.5 / 122) and bad["accounting_suspect"]
+    assert good["device_over_step"] == pytest.approx(156.5 / 170)
+    assert not good["accounting_suspect"]
+    old = {k: v for k, v in bad.items() if k not in ("device_over_step", "accounting_suspect")}
+    entries = [dict(e, status="ok", impl=impl, K=0) for e, impl in ((good, "hf"), (old, "ours"))]
+    md = "\n".join(markdown({"sections": {"profile": {"entries": entries}}}))
+    assert md.count("accounting suspect") == 2  # under the side-by-side table and the entry
+    assert "**ours K=0: accounting suspect**" in md and "HF GPTNeoX K=0: accounting" not in md
+    assert "device / profiled step" in md
+
+
 @pytest.mark.slow
 def test_gpu_suite_smoke(tmp_path):
     out = tmp_path / "gpu"
@@ -98,7 +187,11 @@ def test_gpu_suite_smoke(tmp_path):
         assert math.isfinite(value), where
 
     sdpa = {e["case"]: e for e in secs["sdpa"]["entries"]}
-    assert set(sdpa) == {"train", "prefill_mask", "decode", "bare_hd256"}
+    assert set(sdpa) == {"train", "prefill_mask", "decode", "bare_hd256", "growing_keys"}
+    grow = sdpa.pop("growing_keys")
+    assert grow["status"] == "ok" and grow["lengths"] == 4
+    assert grow["ms_per_call_default"] > 0 and grow["ms_per_call_varying_shapes"] > 0
+    assert grow["backend_default"] == grow["backend_varying_shapes"]  # CPUs: left alone
     assert all(e["backend"].startswith("cpu (") for e in sdpa.values())
 
     train = secs["train"]["entries"][-1]

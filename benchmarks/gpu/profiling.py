@@ -2,7 +2,9 @@
 steps of HF GPTNeoXForCausalLM and of our model (built and timed as the throughput section
 does) at one shape and micro-batch. Per model: the wall step time (unprofiled), device time
 per step by kernel category, the top kernels, and the gap between summed kernel time and the
-wall step time (launch / CPU-bound idle).
+wall step time (launch / CPU-bound idle). Device time sums the device-side kernel / memcpy
+events, each once; the CPU op that launched a kernel only picks its category. A device time above
+the profiled wall step is flagged: on one stream it means double counting, not work.
 
 On --smoke (CPU) the "kernels" are aten ops and their time is the ops' self CPU time, so the
 gap is the framework's Python / dispatch overhead instead of GPU idle time."""
@@ -10,6 +12,7 @@ gap is the framework's Python / dispatch overhead instead of GPU idle time."""
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 
 from .common import cleanup, device_name, init_process_group, log, md_cell, md_table, sync
 from .results import Part, record
@@ -18,6 +21,8 @@ from .throughput import Throughput
 PROFILE_SHAPE = {"gpu": "pythia-1b", "smoke": "toy"}
 PROFILED_STEPS = 2
 TOP_KERNELS = 15
+# summed device time above this share of the profiled wall step cannot be real on one stream
+SUSPECT_OVER = 1.05
 CATEGORIES = ("gemm", "attention", "norm", "elementwise", "softmax_ce", "optimizer",
               "communication", "other")
 
@@ -70,17 +75,22 @@ def categorize(name: str, context=()) -> str:
     return category
 
 
-def summarize(rows, steps: int, step_ms: float) -> dict:
+def summarize(rows, steps: int, step_ms: float, profiled_ms: float = None) -> dict:
     """rows: (name, category, calls, microseconds) over `steps` profiled steps -> per-step
-    figures by category, the top kernels, and the gap to the wall step time `step_ms`."""
+    figures by category, the top kernels, and the gap to the wall step time `step_ms`.
+    profiled_ms: the wall step time under the profiler, which the device time (on one stream)
+    cannot exceed; device_over_step above SUSPECT_OVER marks the accounting as broken."""
     per_cat = dict.fromkeys(CATEGORIES, 0.0)
     for _, category, _, us in rows:
         per_cat[category] += us / 1e3 / steps
     device_ms = sum(us for _, _, _, us in rows) / 1e3 / steps
     top = sorted(rows, key=lambda r: -r[3])[:TOP_KERNELS]
     gap_ms = step_ms - device_ms
+    over = device_ms / profiled_ms if profiled_ms else None
     return {
         "step_ms": step_ms, "device_ms": device_ms, "gap_ms": gap_ms,
+        "step_ms_profiled": profiled_ms, "device_over_step": over,
+        "accounting_suspect": over is not None and over > SUSPECT_OVER,
         "gap_share": gap_ms / step_ms, "device_share": device_ms / step_ms,
         "categories_ms": per_cat,
         "category_share": {c: v / step_ms for c, v in per_cat.items()},
@@ -101,6 +111,38 @@ def _callers(fe) -> list:
     return names
 
 
+def _span(fe) -> float:
+    return fe.time_range.end - fe.time_range.start
+
+
+def _gpu_work(events, DeviceType) -> list:
+    """The device-side events that are GPU work (kernels, memcpys, memsets), each once.
+
+    A record_function range (Optimizer.step#AdamW.step, ProfilerStep#N) is mirrored on the GPU
+    timeline as a CUDA-typed gpu_user_annotation event spanning the kernels launched inside it,
+    so counting it counts those kernels twice. torch flags it is_user_annotation (kineto's
+    GPU_USER_ANNOTATION activity); failing the flag, an event named like a CPU-side event that
+    also spans another device event is one. Neither sign alone would do: kernel names carry '#'
+    ({lambda()#3}), and inductor names a CPU range after each triton kernel it launches."""
+    dev = [fe for fe in events if fe.device_type == DeviceType.CUDA]
+    cpu_names = {fe.name for fe in events if fe.device_type == DeviceType.CPU}
+    spans = sorted((fe.time_range.start, fe.time_range.end, i) for i, fe in enumerate(dev))
+    starts = [s for s, _, _ in spans]
+
+    def spans_another(i, fe):
+        for n in range(bisect_left(starts, fe.time_range.start), len(spans)):
+            start, end, j = spans[n]
+            if start > fe.time_range.end:
+                break
+            if j != i and end <= fe.time_range.end:
+                return True
+        return False
+
+    return [fe for i, fe in enumerate(dev)
+            if not getattr(fe, "is_user_annotation", False)
+            and not (fe.name in cpu_names and spans_another(i, fe))]
+
+
 def _device_rows(events, on_gpu: bool) -> list:
     """(name, category, calls, microseconds) of the CUDA kernels / memcpys (GPU), or of the
     aten ops' self CPU time (CPU: profiler annotations and autograd wrappers are overhead)."""
@@ -119,29 +161,38 @@ def _device_rows(events, on_gpu: bool) -> list:
                 us = fe.self_cpu_time_total
                 if us > 0:
                     add(fe.name, categorize(fe.name, _callers(fe.cpu_parent)), 1, us)
-    else:
-        total = {}  # kernel name -> [calls, us], from the device-side events
-        for fe in events:
-            if fe.device_type == DeviceType.CUDA:
-                slot = total.setdefault(fe.name, [0, 0.0])
-                slot[0] += 1
-                slot[1] += fe.time_range.end - fe.time_range.start
-        linked = {}  # the part of `total` that a launching CPU op claims
-        for fe in events:
-            if fe.device_type != DeviceType.CPU or not fe.kernels:
-                continue
-            context = _callers(fe)
-            for k in fe.kernels:
-                if k.name not in total:
-                    continue
-                add(k.name, categorize(k.name, context), 1, k.duration)
-                slot = linked.setdefault(k.name, [0, 0.0])
+        return [(n, c, calls, us) for (n, c), (calls, us) in acc.items() if us > 0]
+
+    # time and calls come from the device-side events alone; a CPU event's `kernels` list only
+    # says which op launched a kernel. torch hands a kernel to every CPU event carrying its op's
+    # correlation id, and the profiler's own overhead records (CUPTI "Activity Buffer Request",
+    # "Lazy Function Loading") inherit the id of the op they nest in: a CPU far ahead of the GPU
+    # counted fused AdamW's kernels many times over. All CPU events of one id hold the same list,
+    # so per id only the widest (the op itself) is read.
+    total = {}  # kernel name -> [calls, us]
+    for fe in _gpu_work(events, DeviceType):
+        slot = total.setdefault(fe.name, [0, 0.0])
+        slot[0] += 1
+        slot[1] += _span(fe)
+    owner = {}  # correlation id -> the CPU event whose kernels are read
+    for fe in events:
+        if fe.device_type == DeviceType.CPU and fe.kernels:
+            if fe.id not in owner or _span(fe) > _span(owner[fe.id]):
+                owner[fe.id] = fe
+    linked = {}  # kernel name -> {category: [calls, us]}: how its true calls / time are split
+    for fe in owner.values():
+        context = _callers(fe)
+        for k in fe.kernels:
+            if k.name in total:
+                slot = linked.setdefault(k.name, {}).setdefault(
+                    categorize(k.name, context), [0, 0.0])
                 slot[0] += 1
                 slot[1] += k.duration
-        for name, (calls, us) in total.items():  # kernels no CPU op claimed: by name alone
-            lc, lu = linked.get(name, (0, 0.0))
-            if us - lu > 0:
-                add(name, categorize(name), max(calls - lc, 0), us - lu)
+    for name, (calls, us) in total.items():
+        split = linked.get(name) or {categorize(name): [1, 1.0]}  # unclaimed: by name alone
+        n, t = sum(c for c, _ in split.values()), sum(u for _, u in split.values())
+        for category, (c, u) in split.items():
+            add(name, category, calls * c / n, us * (u / t if t > 0 else c / n))
     return [(n, c, calls, us) for (n, c), (calls, us) in acc.items() if us > 0]
 
 
@@ -187,7 +238,7 @@ def section_profile(args, part: Part) -> None:
     tp.iters, tp.spec_cap = 3, 3.0  # enough timed steps for a median; the time is for profiling
     part.update(shape=shape, seq=tp.seq, device=dev, profiled_steps=PROFILED_STEPS,
                 categories=list(CATEGORIES), top_kernels=TOP_KERNELS,
-                timed=("CUDA kernel time (self device time)" if dev == "cuda"
+                timed=("CUDA kernel / memcpy time, each device event once" if dev == "cuda"
                        else "aten op self CPU time"),
                 precision="bf16 params + torch.optim.AdamW(fused=True), no autocast")
     model = opt = None
@@ -219,11 +270,11 @@ def section_profile(args, part: Part) -> None:
             mb = timing["micro_batch"]
             tp.pinned.setdefault(K, mb)
             rows, profiled_s = profile_steps(tp, impl, model, opt, K, mb)
-            res = summarize(rows, PROFILED_STEPS, 1e3 * timing["step_s"])
+            res = summarize(rows, PROFILED_STEPS, 1e3 * timing["step_s"], 1e3 * profiled_s)
             res.update({k: timing[k] for k in ("micro_batch", "tokens_per_step", "tokens_per_s",
                                                 "tflops", "mfu", "peak_gib", "loss",
                                                 "timed_steps")},
-                       step_ms_profiled=1e3 * profiled_s, build_s=tp.build_s.get(impl))
+                       build_s=tp.build_s.get(impl))
             if timing.get("status") == "fail":
                 res.update(status="fail", note=timing.get("note"))
             return res
@@ -248,6 +299,25 @@ def _pct(x):
     return None if x is None else f"{100 * x:.1f} %"
 
 
+def _over(e: dict):
+    """Device time / profiled wall step (older results lack the field)."""
+    over = e.get("device_over_step")
+    if over is None and e.get("device_ms") is not None and e.get("step_ms_profiled"):
+        over = e["device_ms"] / e["step_ms_profiled"]
+    return over
+
+
+def _suspect(e: dict) -> bool:
+    over = _over(e)
+    return over is not None and over > SUSPECT_OVER
+
+
+def _suspect_note(e: dict) -> str:
+    return (f"**{_label(e)}: accounting suspect**: device time is {_pct(_over(e))} of the "
+            f"profiled wall step; on one stream it cannot exceed it, so kernels were counted more "
+            f"than once and these figures are not real work.")
+
+
 def markdown(res: dict) -> list:
     sec = res.get("sections", {}).get("profile", {})
     ok = [e for e in sec.get("entries", []) if e.get("status") == "ok"]
@@ -259,7 +329,8 @@ def markdown(res: dict) -> list:
            f"Per step, mean of {sec.get('profiled_steps')} profiled steps after warm-up; "
            f"device time is {sec.get('timed')}; step is the median unprofiled wall step time "
            f"(the throughput section's timing); gap = step - device time (launch / CPU-bound "
-           f"idle on a GPU).", ""]
+           f"idle on a GPU); device / profiled step over {SUSPECT_OVER:g} marks an entry whose "
+           f"kernels were counted more than once.", ""]
     by = {(e.get("impl"), e.get("K")): e for e in ok}
     ours, hf = by.get(("ours", 0)), by.get(("hf", 0))
     head = ["ms per step"] + [_label(e) for e in ok] + (["ours K=0 / HF"] if ours and hf
@@ -276,18 +347,22 @@ def markdown(res: dict) -> list:
 
     rows = [row(c, lambda e, c=c: e["categories_ms"].get(c)) for c in cats]
     rows += [row("**device total**", lambda e: e.get("device_ms")),
+             row("device / profiled step", _over),
              row("gap (step - device)", lambda e: e.get("gap_ms")),
              row("**step (wall)**", lambda e: e.get("step_ms")),
              row("micro-batch", lambda e: e.get("micro_batch")),
              row("tokens/s", lambda e: e.get("tokens_per_s")),
              row("MFU", lambda e: e.get("mfu"))]
     out += ["### Side by side", "", md_table(head, rows)]
+    out += [line for e in ok if _suspect(e) for line in ("", _suspect_note(e))]
     for e in ok:
         out += ["", f"### {_label(e)}: micro-batch {e.get('micro_batch')}, step "
                     f"{md_cell(e.get('step_ms'))} ms (profiled {md_cell(e.get('step_ms_profiled'))}"
                     f" ms), device {md_cell(e.get('device_ms'))} ms, gap "
                     f"{md_cell(e.get('gap_ms'))} ms ({_pct(e.get('gap_share'))} of the step), "
                     f"{md_cell(e.get('kernel_calls_per_step'))} kernels per step", ""]
+        if _suspect(e):
+            out += [_suspect_note(e), ""]
         dev = e.get("device_ms") or 0.0
         out.append(md_table(["category", "ms/step", "% of step", "% of device"],
                             [[c, e["categories_ms"].get(c), _pct(e["category_share"].get(c)),

@@ -1,6 +1,8 @@
 """Which SDPA kernel really runs: torch.profiler over a training forward + backward of our
 model (is_causal path), a KV-cache prefill (boolean-mask path), a one-token decode, and a
-bare SDPA call at Pythia-1B's head_dim 256."""
+bare SDPA call at Pythia-1B's head_dim 256. Then what a new shape per call costs: one-token
+attention over a key length that grows by one per call (decoding), with SDPA's default kernel
+choice and with `ponder_pt.sdpa_backends.varying_shapes` (no cuDNN)."""
 
 from __future__ import annotations
 
@@ -115,6 +117,54 @@ def section_sdpa(args, part: Part) -> None:
     record(part, f"bare SDPA fwd+bwd, is_causal, head_dim {hd} (pythia-1b)", bare,
            case="bare_hd256", head_dim=hd)
 
+    lengths = 4 if args.smoke else 24
+    record(part, f"growing keys: one-token SDPA at {lengths} new key lengths, default kernels "
+                 f"vs varying_shapes", lambda: _growing(dev, cfg, lengths),
+           case="growing_keys", lengths=lengths)
+
+
+def _growing(dev: str, cfg, lengths: int) -> dict:
+    """ms per call of one-token attention whose key length grows by one each call (what eager
+    decoding does), under SDPA's default choice and under `varying_shapes`; a plan built per
+    new shape shows as the difference."""
+    import contextlib
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from ponder_pt.sdpa_backends import varying_shapes
+
+    heads, hd, start = cfg.num_heads, cfg.head_dim, 512
+    q = torch.randn(1, heads, 1, hd, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, heads, start + 2 * lengths, hd, device=dev, dtype=torch.bfloat16)
+            for _ in range(2))
+
+    def run(first: int, ctx) -> float:
+        with ctx:
+            F.scaled_dot_product_attention(q, k[:, :, :first - 1], v[:, :, :first - 1])
+            sync(dev)
+            t = time.perf_counter()
+            for n in range(first, first + lengths):
+                F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n])
+            sync(dev)
+        return 1e3 * (time.perf_counter() - t) / lengths
+
+    # disjoint lengths, so neither run finds plans the other built
+    default_ms = run(start, contextlib.nullcontext())
+    varying_ms = run(start + lengths, varying_shapes(dev))
+
+    def one():
+        F.scaled_dot_product_attention(q, k[:, :, :start], v[:, :, :start])
+
+    backend_default = _profile(one, dev)["backend"]
+    with varying_shapes(dev):
+        backend_varying = _profile(one, dev)["backend"]
+    return {"ms_per_call_default": default_ms, "ms_per_call_varying_shapes": varying_ms,
+            "default_over_varying": default_ms / varying_ms if varying_ms else None,
+            "backend_default": backend_default, "backend_varying_shapes": backend_varying,
+            "start_length": start}
+
 
 def _sdp_flags() -> dict:
     import torch
@@ -136,8 +186,19 @@ def markdown(res: dict) -> list:
     if not sd:
         return []
     out = ["", "## SDPA kernels (torch.profiler)", ""]
+    kernels = [e for e in sd if e.get("case") != "growing_keys"]
     out.append(md_table(["case", "status", "backend", "aten ops", "kernels (first 3)"],
                         [[e["name"], e["status"], e.get("backend"),
                           ", ".join(e.get("aten_ops", [])),
-                          "; ".join(k[:60] for k in e.get("kernels", [])[:3])] for e in sd]))
+                          "; ".join(k[:60] for k in e.get("kernels", [])[:3])]
+                         for e in kernels]))
+    grow = [e for e in sd if e.get("case") == "growing_keys"]
+    if grow:
+        out += ["", "One-token attention, key length growing by one per call (eager decoding):",
+                "", md_table(["status", "lengths", "ms/call default", "backend",
+                              "ms/call varying_shapes", "backend", "default / varying"],
+                             [[e["status"], e.get("lengths"), e.get("ms_per_call_default"),
+                               e.get("backend_default"), e.get("ms_per_call_varying_shapes"),
+                               e.get("backend_varying_shapes"), e.get("default_over_varying")]
+                              for e in grow])]
     return out

@@ -1,6 +1,7 @@
 """Training throughput per Pythia shape: our PonderLM at TP=1 (K = 0..3, activation
 checkpointing none / full) and HF GPTNeoXForCausalLM (sdpa) at the same shape and
-micro-batch: forward + backward + fused AdamW step, bf16 parameters."""
+micro-batch: forward + backward + fused AdamW step, bf16 parameters. At 1B (GPU only) also
+ours with torch.compile'd blocks (`train.compile`), K = 0 and 3, after everything else."""
 
 from __future__ import annotations
 
@@ -13,25 +14,30 @@ from .common import (cleanup, device_name, has_vocab_chunk, init_process_group, 
                      peak_for, shape_config, sync)
 from .results import Part, record
 
-VOCAB_CHUNK = {"gpu": 8192, "smoke": 128}  # rows per chunk for the (future) model.vocab_chunk
+VOCAB_CHUNK = {"gpu": 8192, "smoke": 128}  # rows per chunk of model.vocab_chunk
+STATE_BYTES = 8  # per parameter: bf16 params, grads and the two AdamW moments
+MEM_SLACK = 1.1  # the caching allocator's rounding and fragmentation over the estimate
+MEM_USE = 0.9  # of the GPU's memory
+# The first step of compiled blocks: Dynamo tracing, Inductor, Triton autotuning/compiles.
+COMPILE_S = 90.0
+COMPILED_SHAPES = ("pythia-1b",)  # where the elementwise share of the step is largest
 
 
 def _mb_estimate(cfg, seq: int, K: int, ckpt: str, mem_bytes: float, cap: int = 32) -> int:
-    """Largest power-of-two micro-batch (<= cap) that a rough memory model admits: params +
-    grads + Adam moments in bf16 (8 B/param), activations ~34 s b h bytes per layer per pass
-    (x1.5 slack; input only with full checkpointing), and per pass ~12 B per logit element
-    (bf16 logits, fp32 probabilities / CE)."""
-    from ponder_pt.engine.flops import param_count
+    """Largest power-of-two micro-batch (<= cap) whose estimated peak, x MEM_SLACK, fits in
+    MEM_USE of the GPU's memory: model states (STATE_BYTES/param) + activations + backward
+    transient of the framework's own estimate (ponder_pt/engine/estimate.py, checked against
+    these runs' measured peaks by tests/test_estimate_gpu.py). The unchunked model's estimate,
+    so that chunked entries run at the unchunked entries' micro-batch (side by side); HF
+    entries take ours at K = 0, the micro-batch they are compared at."""
+    from ponder_pt.engine.estimate import activation_estimate
 
-    h, L, V = cfg.hidden_size, cfg.num_layers, cfg.vocab_size
-    fixed = 8 * param_count(cfg, V)["total"] + 2 * 2**30
-    passes = K + 1
+    model = dataclasses.replace(cfg, activation_checkpointing=ckpt, vocab_chunk=0)
     mb = cap
     while mb > 1:
-        tok = seq * mb
-        act = (L * 2 * tok * h + 40 * tok * h) if ckpt == "full" else 1.5 * 34 * L * tok * h
-        logits = 12 * tok * V
-        if fixed + passes * (act + logits) < 0.85 * mem_bytes:
+        est = activation_estimate(model, K, mb, seq, precision="bf16")
+        peak = STATE_BYTES * est["params"] + est["activations"] + est["transient"]
+        if MEM_SLACK * peak <= MEM_USE * mem_bytes:
             break
         mb //= 2
     return mb
@@ -54,7 +60,9 @@ class Throughput:
         self.timings = {}  # (impl, K, ckpt) -> (step_s, mb)
         self.fake_oom = args.smoke  # smoke: one injected OOM exercises the halving path
         self.model = self.opt = None
+        self.model_compiled = False
         self.build_s = {}
+        self.compile_s = None  # the last measured first-step compile, the next one's estimate
 
     # ---- time / memory planning
     def remaining(self) -> float:
@@ -95,7 +103,7 @@ class Throughput:
         self.build_s["hf"] = time.perf_counter() - t
         return model
 
-    def build_ours(self, chunk: int = 0):
+    def build_ours(self, chunk: int = 0, compiled: bool = False):
         import torch
 
         from ponder_pt.config.schema import PonderConfig
@@ -108,6 +116,11 @@ class Throughput:
         model = PonderLM(cfg, PonderConfig(steps=0), params_dtype=torch.bfloat16)
         model.to(self.dev).train()
         self.build_s["ours"] = time.perf_counter() - t
+        if compiled:  # as train.compile does; the compile itself happens on the first step
+            # static shapes per micro-batch (what training with a fixed micro-batch gets),
+            # not one dynamic-batch graph after the second row's recompile
+            torch._dynamo.config.automatic_dynamic_shapes = False
+            model.compile_blocks()
         return model
 
     def optimizer(self, model):
@@ -128,7 +141,8 @@ class Throughput:
         return loss.detach()
 
     # ---- one measurement
-    def measure(self, impl: str, model, opt, K: int, ckpt: str, chunked: bool = False) -> dict:
+    def measure(self, impl: str, model, opt, K: int, ckpt: str, chunked: bool = False,
+                compiled: bool = False) -> dict:
         import torch
 
         dev, seq = self.dev, self.seq
@@ -154,6 +168,13 @@ class Throughput:
                 return self.train_step(impl, model, opt, ids, labels, K)
 
             try:
+                compile_s = None
+                if compiled:  # compiles (or recompiles for a new micro-batch); not timed
+                    sync(dev)
+                    t = time.perf_counter()
+                    step()
+                    sync(dev)
+                    compile_s = self.compile_s = time.perf_counter() - t
                 if dev == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 sync(dev)
@@ -195,6 +216,8 @@ class Throughput:
                "peak_gib": (torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda"
                             else None),
                "loss": lossv}
+        if compiled:
+            res["compile_s"] = compile_s
         if not math.isfinite(lossv):
             res.update(status="fail", note="non-finite loss")
         if impl == "hf":
@@ -203,7 +226,7 @@ class Throughput:
 
     # ---- plan
     def plan(self) -> list:
-        # (impl, K, ckpt, chunked) in priority order
+        # (impl, K, ckpt, chunked, compiled) in priority order
         if self.shape in ("pythia-160m", "toy"):
             ours = [(0, "none"), (3, "none"), (1, "none"), (2, "none"), (0, "full"),
                     (3, "full"), (1, "full"), (2, "full")]
@@ -213,11 +236,16 @@ class Throughput:
         if self.args.plan == "vocab-chunk":
             # model.vocab_chunk side by side with the unchunked model at the same micro-batch
             # (unchunked first, then chunked: one model build each)
-            return [("ours", K, c, chunked) for chunked in (False, True)
+            return [("ours", K, c, chunked, False) for chunked in (False, True)
                     for K, c in ((3, "full"), (3, "none"), (0, "full"))]
-        return ([("hf", 0, "none", False), ("hf", 0, "full", False)]
-                + [("ours", K, c, False) for K, c in ours]
-                + [("ours", 3, "full", True), ("ours", 3, "none", True)])
+        # compiled blocks last (never crowding out the rest), on GPU only: Inductor's CPU
+        # code for the bf16 backward fails to build (torch 2.13), and compiling costs minutes
+        compiled = ([("ours", 0, "none", False, True), ("ours", 3, "none", False, True)]
+                    if self.shape in COMPILED_SHAPES and not self.args.smoke else [])
+        return ([("hf", 0, "none", False, False), ("hf", 0, "full", False, False)]
+                + [("ours", K, c, False, False) for K, c in ours]
+                + [("ours", 3, "full", True, False), ("ours", 3, "none", True, False)]
+                + compiled)
 
     def run(self) -> None:
         from ponder_pt.engine.flops import param_count
@@ -227,11 +255,12 @@ class Throughput:
                          precision="bf16 params + torch.optim.AdamW(fused=True), no autocast",
                          vocab_chunk_available=self.vocab_chunk_ok)
         hf_model = hf_opt = None
-        for impl, K, ckpt, chunked in self.plan():
+        for impl, K, ckpt, chunked, compiled in self.plan():
             fields = {"shape": self.shape, "impl": impl, "K": K, "ckpt": ckpt,
-                      "chunked": chunked, "seq": self.seq}
+                      "chunked": chunked, "compiled": compiled, "seq": self.seq}
             name = (f"{self.shape} {'HF GPTNeoX' if impl == 'hf' else 'ours'} K={K} "
-                    f"ckpt={ckpt}" + (" vocab-chunked" if chunked else ""))
+                    f"ckpt={ckpt}" + (" vocab-chunked" if chunked else "")
+                    + (" compiled" if compiled else ""))
             if chunked and not self.vocab_chunk_ok:
                 self.skip(name, fields, "not available: ModelConfig has no vocab_chunk yet")
                 continue
@@ -244,16 +273,18 @@ class Throughput:
             est = self.estimate(K, ckpt, mb)
             build = 0.0
             if impl == "hf" and hf_model is None or impl == "ours" and (
-                    self.model is None or chunked != bool(getattr(self.model.cfg,
-                                                                  "vocab_chunk", 0))):
+                    self.model is None or compiled != self.model_compiled
+                    or chunked != bool(getattr(self.model.cfg, "vocab_chunk", 0))):
                 build = self.build_s.get(impl, 0.0)
+            if compiled:  # every compiled row compiles: a new model or a new micro-batch
+                build += self.compile_s or COMPILE_S
             need = (est * (self.warmup + 2) if est else 0.0) + build + 1.0
             if self.remaining() < need:
                 self.skip(name, fields, f"time budget: {self.remaining():.0f}s left, "
                           f"~{need:.0f}s needed")
                 continue
 
-            def go(impl=impl, K=K, ckpt=ckpt, chunked=chunked):
+            def go(impl=impl, K=K, ckpt=ckpt, chunked=chunked, compiled=compiled):
                 nonlocal hf_model, hf_opt
                 if impl == "hf":
                     if hf_model is None:
@@ -261,13 +292,16 @@ class Throughput:
                         hf_opt = self.optimizer(hf_model)
                     return self.measure("hf", hf_model, hf_opt, K, ckpt)
                 chunk = VOCAB_CHUNK["smoke" if self.args.smoke else "gpu"] if chunked else 0
-                if self.model is None or getattr(self.model.cfg, "vocab_chunk", 0) != chunk:
-                    # same seed, so the chunked model starts from the same weights
+                if (self.model is None or compiled != self.model_compiled
+                        or getattr(self.model.cfg, "vocab_chunk", 0) != chunk):
+                    # same seed, so every model starts from the same weights
                     self.model = self.opt = None
                     cleanup(self.dev)
-                    self.model = self.build_ours(chunk)
+                    self.model = self.build_ours(chunk, compiled)
+                    self.model_compiled = compiled
                     self.opt = self.optimizer(self.model)
-                res = self.measure("ours", self.model, self.opt, K, ckpt, chunked=chunked)
+                res = self.measure("ours", self.model, self.opt, K, ckpt, chunked=chunked,
+                                   compiled=compiled)
                 if chunked:
                     res["vocab_chunk"] = chunk
                 return res
@@ -306,10 +340,12 @@ def markdown(res: dict) -> list:
         ratio = (e["tokens_per_s"] / ref["tokens_per_s"]
                  if ref and e.get("tokens_per_s") and e.get("status") == "ok" else None)
         rows.append([e.get("shape"), e.get("impl"), e.get("K"), e.get("ckpt"),
-                     e.get("chunked"), e.get("micro_batch"), e.get("tokens_per_s"),
-                     e.get("step_s"), e.get("tflops"), e.get("mfu"), e.get("peak_gib"),
-                     ratio, e["status"] + (f": {e.get('reason') or e.get('error', '')[:80]}"
-                                            if e["status"] != "ok" else "")])
-    out.append(md_table(["shape", "impl", "K", "ckpt", "chunked", "micro-batch", "tokens/s",
-                         "step s", "TFLOP/s", "MFU", "peak GiB", "tok/s x HF", "status"], rows))
+                     e.get("chunked"), e.get("compiled"), e.get("micro_batch"),
+                     e.get("tokens_per_s"), e.get("step_s"), e.get("tflops"), e.get("mfu"),
+                     e.get("peak_gib"), ratio,
+                     e["status"] + (f": {e.get('reason') or e.get('error', '')[:80]}"
+                                    if e["status"] != "ok" else "")])
+    out.append(md_table(["shape", "impl", "K", "ckpt", "chunked", "compiled", "micro-batch",
+                         "tokens/s", "step s", "TFLOP/s", "MFU", "peak GiB", "tok/s x HF",
+                         "status"], rows))
     return out

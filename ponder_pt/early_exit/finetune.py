@@ -108,6 +108,7 @@ def finetune(cfg: FinetuneConfig, device: Optional[str] = None) -> dict:
     from ..engine import distributed as D
     from ..engine.finetune_loop import run_finetune_loop
     from ..engine.metrics import MetricsLogger
+    from ..sdpa_backends import varying_shapes
 
     world = D.init(1, 1)
     check(cfg, world.dp)
@@ -153,10 +154,12 @@ def finetune(cfg: FinetuneConfig, device: Optional[str] = None) -> dict:
     def train_step(batch) -> dict:
         engine.train()
         tt = batch.get("token_type_ids")
-        loss, stats = engine(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                             batch["labels"].to(device),
-                             tt.to(device) if tt is not None else None)
-        engine.backward(loss)
+        # batches are padded to their longest row; backward too (checkpointing recomputes)
+        with varying_shapes(device):
+            loss, stats = engine(batch["input_ids"].to(device),
+                                 batch["attention_mask"].to(device), batch["labels"].to(device),
+                                 tt.to(device) if tt is not None else None)
+            engine.backward(loss)
         engine.step()
         # batch statistics averaged over the data-parallel ranks, as a 1-process run logs
         stats = {"loss": loss, **stats}
@@ -164,12 +167,16 @@ def finetune(cfg: FinetuneConfig, device: Optional[str] = None) -> dict:
             [v.reshape(()).float() for v in stats.values()]), world).tolist()))
         return {**logged, "lr": scheduler.get_last_lr()[0]}
 
+    def validate() -> dict:
+        with varying_shapes(device):
+            return _validate(engine.module, task, valid, cfg)
+
     def save_best(step: int, metric: float) -> None:
         _save_atomic(engine.module, tokenizer, best_dir, {"step": step, "metric": metric})
 
     summary = run_finetune_loop(
         loader, total=total, eval_every=t.eval_every or len(loader), patience=t.early_stop,
-        train_step=train_step, validate=lambda: _validate(engine.module, task, valid, cfg),
+        train_step=train_step, validate=validate,
         save_best=save_best, logger=logger, is_main=main, desc="finetune",
         set_epoch=sampler.set_epoch)
     logger.close()
@@ -200,6 +207,7 @@ def final_eval(cfg: FinetuneConfig, model_dir: str, out_dir: str,
                extra: Optional[dict] = None, device: Optional[str] = None) -> str:
     """Evaluate the saved model in `model_dir` (backbone + exit heads) into out_dir, on
     `device` ("auto"/None: cuda when available, else cpu)."""
+    from ..sdpa_backends import varying_shapes
     from .evaluate import evaluate_model, write_eval
     from .heads import heads_file
 
@@ -214,9 +222,10 @@ def final_eval(cfg: FinetuneConfig, model_dir: str, out_dir: str,
     device = torch.device(resolve_device(device))
     model.to(device).eval()
     thresholds = [float(x) for x in cfg.eval.sweep] or None
-    result = evaluate_model(model, task.spec, valid, batch_size=cfg.eval.batch_size,
-                            thresholds=thresholds, repeats=cfg.eval.timing_repeats,
-                            batch1=cfg.eval.batch1)
+    with varying_shapes(device):  # batches trimmed to their rows' lengths, exits at any depth
+        result = evaluate_model(model, task.spec, valid, batch_size=cfg.eval.batch_size,
+                                thresholds=thresholds, repeats=cfg.eval.timing_repeats,
+                                batch1=cfg.eval.batch1)
     info = {"backbone": cfg.backbone, "model_dir": model_dir, "rejected_rows": len(task.rejected),
             "exit": dataclasses.asdict(cfg.exit),
             "device": str(device), "threads": torch.get_num_threads(), **(extra or {})}

@@ -13,9 +13,12 @@ Memory (bytes per rank, reported for the pipeline stage that needs the most):
   code (`models/layers.py`, `models/model.py`) for the checkpointing mode, all K+1 passes,
   and the vocabulary-sized tensors of each pass (`model.vocab_chunk`); times the micro-batches
   a pipeline stage holds in flight (1F1B: stage s keeps min(pp - s, grad-accum)).
-* the largest backward transient (a [tokens, V] gradient, or one recomputed block under full
-  checkpointing, or one vocabulary chunk's buffers).
+* the backward transient: the most that backward adds on top of those activations (a
+  [tokens, V] gradient, one recomputed block under full checkpointing, one vocabulary chunk's
+  buffers), net of the activations that the layers after it have already freed.
 Allocator overhead/fragmentation, communication buffers and other temporaries come on top.
+Checked against CPU measurements (tests/test_estimate.py) and the peaks of the GPU suite's
+throughput runs (tests/test_estimate_gpu.py: within a few % of torch.cuda.max_memory_allocated).
 
 Time: train.iters x tokens/step x FLOPs/token (`flops.py`, all K+1 passes) / (GPUs x peak x
 MFU), with the MFU measured by `benchmarks/gpu_suite.py` (a gpu_results.json) when one is
@@ -81,7 +84,8 @@ def block_activation_bytes(m: ModelConfig, ckpt: str, a: int, tp: int = 1,
         mlp = a * 2 * f / tp  # fc1 out kept by GELU, GELU out kept by fc2
     qkv = a * (h + 2 * kv) / tp  # q, v views and k of the fused output
     dense_in = a * h / tp  # the [s, b, h] copy of the attention output kept by dense
-    core = a * (2 * h + kv) / tp  # rotated q, k and the SDPA output (flash: no s x s)
+    # rotated q, k and the SDPA output (flash: no s x s), and its fp32 logsumexp [b, heads, s]
+    core = (a * (2 * h + kv) + 4 * m.num_heads) / tp
     if ckpt == "selective":  # rotary + SDPA recomputed: their inputs are views of qkv
         core = 0.0
     return norms + qkv + dense_in + core + mlp
@@ -191,25 +195,77 @@ def memory_estimate(cfg: Config, world_size: int) -> dict:
 
 
 def _largest_transient(cfg, layers, per_block, a, tp, sp, tokens) -> tuple[float, str]:
-    """The largest buffer that exists only during backward, per micro-batch."""
-    m, v = cfg.model, cfg.model.vocab_size / tp
-    kinds = {kind for kind, _ in layers}
-    options = [(0.0, "-")]
-    if m.activation_checkpointing == "full" and "block" in kinds:
-        options.append((block_activation_bytes(m, "none", a, tp, sp) * tokens,
-                        "one block recomputed (full checkpointing)"))
-    if m.vocab_chunk > 0 and kinds & {"feedback", "head"}:
-        # one chunk's fp32 logits/probabilities, its gradient and a cast
-        options.append(((8 + a) * min(m.vocab_chunk, v) * tokens, "one vocab chunk's buffers"))
-    if "head" in kinds and not m.vocab_chunk and a != 4:
-        # CE backward writes the fp32 gradient into the saved softmax, then casts it
-        options.append((a * v * tokens, "[tokens, V] logits gradient"))
-    chunked_feedback = m.vocab_chunk > 0 and cfg.ponder.top_k == 0
-    if ("feedback" in kinds and cfg.ponder.feedback == "embedding"
-            and not chunked_feedback):
-        # grad of p (activation dtype) and the fp32 softmax-backward buffer
-        options.append(((a + 4) * v * tokens, "[tokens, V] feedback gradients"))
-    return max(options, key=lambda o: o[0])
+    """The most that backward adds on top of the saved activations, per micro-batch.
+
+    Backward runs the stage's layers in reverse and frees each layer's saved tensors as it
+    goes, so a layer's own buffers count only beyond what the layers after it have already
+    released. Without checkpointing the head's logits gradient, at the very start, is the
+    peak; with it (or vocab chunking) a recomputed block or a feedback's softmax backward
+    can be, once the head's vocabulary tensors are gone."""
+    m = cfg.model
+    feedback, top_k = cfg.ponder.feedback, cfg.ponder.top_k
+    best, freed = (0.0, "-"), 0.0
+    for kind, _ in reversed(layers):
+        own, fixed, why, kept = 0.0, 0.0, "", 0.0
+        if kind == "block":
+            kept = per_block
+            if m.activation_checkpointing == "full":
+                own = block_activation_bytes(m, "none", a, tp, sp)
+                why = "one block recomputed (full checkpointing)"
+        elif kind in ("feedback", "head"):
+            last = kind == "head"
+            kept = vocab_layer_bytes(m, m.vocab_size, a, tp, last=last, sp=sp,
+                                     feedback=feedback, top_k=top_k)
+            if last or feedback != "hidden":
+                own, fixed, why = _vocab_backward(m, a, tp, last, top_k)
+        extra = (own - freed) * tokens + fixed
+        if extra > best[0]:
+            best = (extra, why + (", net of activations already freed" if freed else ""))
+        freed += kept
+    return best
+
+
+def _vocab_backward(m: ModelConfig, a: int, tp: int, last: bool,
+                    top_k: int) -> tuple[float, float, str]:
+    """Backward buffers of the loss (last) or of a softmax feedback beyond what they keep:
+    (bytes per token, bytes per micro-batch, what)."""
+    v, h = m.vocab_size / tp, m.hidden_size
+    cast = a if a != 4 else 0  # an fp32 tensor's copy in the activation dtype
+    if m.vocab_chunk > 0 and (last or top_k == 0):
+        # the previous chunk's fp32 buffers (dz; the feedback also p) are still alive while
+        # the next chunk's logits are recomputed (matmul output and its fp32 copy); dh
+        # accumulates in fp32; the feedback also holds its whole-shard dW_out and dW_in
+        # before they join the grads
+        c = min(m.vocab_chunk, v)
+        logits = 4 + cast
+        return (((4 if last else 8) + logits) * c + 4 * h, 0.0 if last else 2 * a * v * h,
+                "one vocab chunk's buffers")
+    if last:  # megatron's CE writes the fp32 gradient into the saved softmax, then casts it
+        return cast * v, 0.0, "[tokens, V] logits gradient"
+    # the matmul's backward frees p's cast first; then the fp32 gradient of p and two fp32
+    # temporaries of the softmax backward
+    return 12 * v - cast * v, 0.0, "[tokens, V] feedback softmax backward"
+
+
+def activation_estimate(model: ModelConfig, steps: int, micro_batch: int, seq: int,
+                        precision: str = "bf16", feedback: str = "embedding",
+                        top_k: int = 0) -> dict:
+    """Activations and backward transient in bytes for one GPU without any parallelism
+    (`model.activation_checkpointing` and `model.vocab_chunk` as set), and the parameter
+    count: what a single-GPU benchmark adds to its own model states (bf16 params, grads and
+    AdamW moments: 8 B/param)."""
+    cfg = Config()
+    cfg.model = model
+    cfg.ponder.steps, cfg.ponder.feedback, cfg.ponder.top_k = steps, feedback, top_k
+    cfg.data.seq_len = seq
+    cfg.train.micro_batch = cfg.train.global_batch = micro_batch
+    cfg.train.precision = precision
+    cfg.parallel.tp = cfg.parallel.pp = 1
+    cfg.parallel.zero_stage, cfg.parallel.cpu_offload = 0, False
+    mem = memory_estimate(cfg, 1)
+    rows = {name: nbytes for name, nbytes, _ in mem["rows"]}
+    return {"activations": rows["activations"], "transient": rows["backward transient"],
+            "params": param_count(model, model.vocab_size)["total"]}
 
 
 # ------------------------------------------------------------------ time to train
@@ -243,7 +299,8 @@ def _preset_params(shape: str) -> Optional[int]:
 
 def pick_mfu(cfg: Config, files: list[str], gpu: str) -> Optional[dict]:
     """The measured throughput entry closest to this run: our implementation first, then the
-    nearest model size, then K, vocab chunking, checkpointing mode and the GPU name."""
+    nearest model size, then K, vocab chunking, checkpointing mode, `train.compile` and the
+    GPU name."""
     m, K = cfg.model, cfg.ponder.steps
     size = param_count(m, m.vocab_size)["total"]
     best = None
@@ -263,6 +320,7 @@ def pick_mfu(cfg: Config, files: list[str], gpu: str) -> Optional[dict]:
             score = (e.get("impl") != "ours", round(abs(math.log(other / size)), 3),
                      abs(e["K"] - K), bool(e.get("chunked")) != (m.vocab_chunk > 0),
                      e.get("ckpt") != m.activation_checkpointing,
+                     bool(e.get("compiled")) != bool(cfg.train.compile),
                      gpu.upper() not in dev.upper())
             if best is None or score < best[0]:
                 best = (score, dict(e, file=path, gpu=dev))

@@ -26,6 +26,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..sdpa_backends import varying_shapes
+
 
 class Decoder:
     """prefill(prompts) -> last logits [b, V] (float32, rows >= vocab_rows at -inf), then
@@ -106,7 +108,8 @@ class Decoder:
                 cache.set_valid(valid)
         positions = (valid.cumsum(1) - 1).clamp(min=0)
         self._next = valid.sum(1)
-        return self._forward(ids, positions)
+        with varying_shapes(self.device):  # every prompt width is a new attention shape
+            return self._forward(ids, positions)
 
     def prefill_one(self, prompt: Sequence[int]) -> torch.Tensor:
         return self.prefill([prompt])[0]
@@ -119,9 +122,10 @@ class Decoder:
         """One new token per row: the next logits [b, V]."""
         self._room(1)
         col = self.length
-        if self.mode == "eager":
-            out = self._forward(torch.tensor(list(tokens), device=self.device)[:, None],
-                                self._next[:, None])
+        if self.mode == "eager":  # the keys grow by a column: a new shape every token
+            with varying_shapes(self.device):
+                out = self._forward(torch.tensor(list(tokens), device=self.device)[:, None],
+                                    self._next[:, None])
             self._next += 1
             return out
         self._tokens.copy_(torch.tensor(list(tokens))[:, None])

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..sdpa_backends import varying_shape_method
 from .decode import Decoder
 from .device import resolve_device
 
@@ -156,6 +157,7 @@ class PonderLMModel(InferenceModel):
         return self.tok.decode([i for i in ids if i < self.vocab_rows])
 
     @torch.no_grad()
+    @varying_shape_method
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids.to(self.device), gather_logits=True).float()
 
@@ -235,6 +237,7 @@ class HFModel(InferenceModel):
         return self.tok.decode([i for i in ids if i < self.vocab_rows])
 
     @torch.no_grad()
+    @varying_shape_method
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids.to(self.device), use_cache=False).logits.float()
 
@@ -243,6 +246,7 @@ class HFModel(InferenceModel):
         return list(range(self.vocab_rows, self.model.config.vocab_size)) or None
 
     @torch.no_grad()
+    @varying_shape_method  # HF's caches grow a column per token
     def generate(self, prompt, max_new_tokens, greedy=True, temperature=1.0, top_k=0, seed=0,
                  stop_at_eos=True):
         torch.manual_seed(seed)
@@ -257,6 +261,7 @@ class HFModel(InferenceModel):
         return out[0, ids.shape[1]:].tolist()
 
     @torch.no_grad()
+    @varying_shape_method
     def _generate_rows(self, prompts, max_new_tokens, stop_at_eos):
         width = max(len(p) for p in prompts)
         pad = self.eos_id if self.eos_id is not None else 0

@@ -102,6 +102,7 @@ def train(args) -> dict:
     from ..engine.trainer import param_groups
     from ..models import PonderLM
     from ..models.hf import load_full_state_dict
+    from ..sdpa_backends import varying_shapes
     from .backbone import load_backbone
     from .evaluate import LiveModel, evaluate, validation_loss
     from .examples import collate, prepare_split
@@ -168,11 +169,13 @@ def train(args) -> dict:
         n_local = (labels >= 0).sum().float()
         n_global = D.dp_mean(n_local, world) * world.dp
         lr = engine.get_lr()[0]
-        mean_local = engine(ids, labels=labels)
-        # this rank's token sum over the global token count, times dp (DeepSpeed averages
-        # gradients over ranks): the global token mean, as one process computes it
-        loss = mean_local * (n_local * world.dp / n_global)
-        engine.backward(loss)
+        # batches are as wide as their longest example; backward too (checkpointing recomputes)
+        with varying_shapes(device):
+            mean_local = engine(ids, labels=labels)
+            # this rank's token sum over the global token count, times dp (DeepSpeed averages
+            # gradients over ranks): the global token mean, as one process computes it
+            loss = mean_local * (n_local * world.dp / n_global)
+            engine.backward(loss)
         engine.step()
         tokens += int(n_global)
         return {"loss": float(D.dp_mean(loss, world)), "lr": lr, "tokens": tokens}
@@ -181,8 +184,9 @@ def train(args) -> dict:
         live = LiveModel(engine.module, tok, pause_id, m)
         metrics, _ = evaluate(live, valid_rows, task.kind, m, args.max_new_tokens)
         metric = args.metric or task.metric
-        return {"loss": validation_loss(engine.module, valid_items, pad_id),
-                "metric": metrics[metric], **metrics}
+        with varying_shapes(device):
+            loss = validation_loss(engine.module, valid_items, pad_id)
+        return {"loss": loss, "metric": metrics[metric], **metrics}
 
     summary = run_finetune_loop(
         loader, total=total, eval_every=args.eval_every or len(loader),
