@@ -214,3 +214,23 @@ def test_dry_run_prints_estimates(capsys, tmp_path):
     assert "# time to train" in out and "MFU" in out
     assert main(["train", "--config", "ponderpythia-1b", "--dry-run",
                  "--mfu-from", str(tmp_path / "missing.json")]) == 2
+
+
+def test_mfu_from_the_newest_of_equally_close_measurements(tmp_path):
+    """Two runs measured the same setting: the newer run (the code that will train) wins,
+    whatever the files' names."""
+    entry = dict(status="ok", impl="ours", chunked=False, seq=2048, micro_batch=8,
+                 shape="pythia-1b", K=3, ckpt="none", name="k3")
+    files = []
+    for name, started, mfu in (("a_new", "2026-11-26T15:38:05+0000", 0.413),
+                               ("b_old", "2026-11-26T06:32:31+0000", 0.400)):
+        path = tmp_path / name / "gpu_results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"started": started, "env": {"gpu": "NVIDIA H100"},
+                                    "throughput": [dict(entry, mfu=mfu)]}))
+        files.append(str(path))
+    cfg = load_config("ponderpythia-1b", ["model.vocab_size=50304", "ponder.steps=3",
+                                          "model.activation_checkpointing=none"],
+                      validate=False)
+    for order in (files, files[::-1]):
+        assert E.pick_mfu(cfg, order, "H100")["mfu"] == 0.413

@@ -299,8 +299,8 @@ def _preset_params(shape: str) -> Optional[int]:
 
 def pick_mfu(cfg: Config, files: list[str], gpu: str) -> Optional[dict]:
     """The measured throughput entry closest to this run: our implementation first, then the
-    nearest model size, then K, vocab chunking, checkpointing mode, `train.compile` and the
-    GPU name."""
+    nearest model size, then K, vocab chunking, checkpointing mode, `train.compile`, the GPU
+    name, and the newest run (the code measured last is the code that will train)."""
     m, K = cfg.model, cfg.ponder.steps
     size = param_count(m, m.vocab_size)["total"]
     best = None
@@ -311,6 +311,7 @@ def pick_mfu(cfg: Config, files: list[str], gpu: str) -> Optional[dict]:
         except (OSError, ValueError):
             continue
         dev = str(data.get("env", {}).get("gpu", ""))
+        started = str(data.get("started", ""))  # ISO 8601: compares as text
         for e in data.get("throughput", []):
             if e.get("status") != "ok" or not e.get("mfu") or e.get("K") is None:
                 continue
@@ -322,8 +323,8 @@ def pick_mfu(cfg: Config, files: list[str], gpu: str) -> Optional[dict]:
                      e.get("ckpt") != m.activation_checkpointing,
                      bool(e.get("compiled")) != bool(cfg.train.compile),
                      gpu.upper() not in dev.upper())
-            if best is None or score < best[0]:
-                best = (score, dict(e, file=path, gpu=dev))
+            if best is None or score < best[0] or score == best[0] and started > best[2]:
+                best = (score, dict(e, file=path, gpu=dev), started)
     return best[1] if best else None
 
 
