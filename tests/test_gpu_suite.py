@@ -17,7 +17,7 @@ if REPO not in sys.path:
 
 from _json_helpers import _numbers  # noqa: E402
 from benchmarks.gpu.profiling import (CATEGORIES, _device_rows, categorize, markdown,  # noqa: E402
-                                      summarize)
+                                      summarize, top_ops)
 
 
 def test_profile_categories_from_kernel_names_and_callers():
@@ -127,6 +127,12 @@ def test_profile_device_time_counts_each_kernel_once(annotation_flag):
     assert by[("Memset (Device)", "elementwise")] == (1, 2)  # no CPU op claimed it: by name
     assert by[("triton_poi_fused_add_0", "elementwise")] == (1, 3)  # named like a CPU range,
     # but it spans no other kernel: work, not an annotation
+
+    # per launching aten op (and input shapes: none recorded here), each launch once
+    ops = {o["op"]: o for o in top_ops(events, on_gpu=True, steps=1)}
+    assert set(ops) == {"aten::_fused_adamw_", "aten::copy_", "aten::mm"}
+    assert [(ops[k]["calls_per_step"], ops[k]["ms_per_step"]) for k in sorted(ops)] == [
+        (1, pytest.approx(0.04)), (2, pytest.approx(0.02)), (1, pytest.approx(0.03))]
 
     res = summarize(rows, steps=1, step_ms=0.2, profiled_ms=0.25)
     assert res["device_ms"] == pytest.approx(0.095)

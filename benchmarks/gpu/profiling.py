@@ -21,6 +21,7 @@ from .throughput import Throughput
 PROFILE_SHAPE = {"gpu": "pythia-1b", "smoke": "toy"}
 PROFILED_STEPS = 2
 TOP_KERNELS = 15
+TOP_OPS = 15
 # summed device time above this share of the profiled wall step cannot be real on one stream
 SUSPECT_OVER = 1.05
 CATEGORIES = ("gemm", "attention", "norm", "elementwise", "softmax_ce", "optimizer",
@@ -196,8 +197,41 @@ def _device_rows(events, on_gpu: bool) -> list:
     return [(n, c, calls, us) for (n, c), (calls, us) in acc.items() if us > 0]
 
 
+def top_ops(events, on_gpu: bool, steps: int) -> list:
+    """The aten ops that cost the most, per (op, input shapes): on a GPU the device time of the
+    kernels each launched (one launching op per correlation id, as in `_device_rows`), on the
+    CPU their self time. Shapes need the profiler's record_shapes. Kernel names alone cannot say which add or copy is the expensive one;
+    the shapes do."""
+    from torch.autograd import DeviceType
+
+    acc = {}  # (op, shapes) -> [calls, us, category]
+    if on_gpu:
+        owner = {}
+        for fe in events:
+            if fe.device_type == DeviceType.CPU and fe.kernels:
+                if fe.id not in owner or _span(fe) > _span(owner[fe.id]):
+                    owner[fe.id] = fe
+        # aten ops only: a record_function range lists its GPU annotation as a "kernel"
+        timed = [(fe, sum(k.duration for k in fe.kernels)) for fe in owner.values()
+                 if fe.name.startswith("aten::")]
+    else:
+        timed = [(fe, fe.self_cpu_time_total) for fe in events
+                 if fe.device_type == DeviceType.CPU and fe.name.startswith("aten::")]
+    for fe, us in timed:
+        if us <= 0:
+            continue
+        key = (fe.name, str(getattr(fe, "input_shapes", None) or [])[:160])
+        slot = acc.setdefault(key, [0, 0.0, categorize(fe.name, _callers(fe.cpu_parent))])
+        slot[0] += 1
+        slot[1] += us
+    top = sorted(acc.items(), key=lambda kv: -kv[1][1])[:TOP_OPS]
+    return [{"op": op, "input_shapes": shapes, "category": cat, "calls_per_step": n / steps,
+             "ms_per_step": us / 1e3 / steps} for (op, shapes), (n, us, cat) in top]
+
+
 def profile_steps(tp: Throughput, impl: str, model, opt, K: int, mb: int) -> tuple:
-    """Run PROFILED_STEPS training steps under torch.profiler: (rows, profiled wall s/step)."""
+    """Run PROFILED_STEPS training steps under torch.profiler: (rows, profiled wall s/step,
+    top ops)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -207,13 +241,15 @@ def profile_steps(tp: Throughput, impl: str, model, opt, K: int, mb: int) -> tup
     labels = torch.roll(ids, -1, 1)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
     sync(dev)
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         t = time.perf_counter()
         for _ in range(PROFILED_STEPS):
             tp.train_step(impl, model, opt, ids, labels, K)
         sync(dev)
         wall = (time.perf_counter() - t) / PROFILED_STEPS
-    return _device_rows(prof.events(), dev == "cuda"), wall
+    events = prof.events()
+    on_gpu = dev == "cuda"
+    return _device_rows(events, on_gpu), wall, top_ops(events, on_gpu, PROFILED_STEPS)
 
 
 class _SameBatch(Throughput):
@@ -269,12 +305,12 @@ def section_profile(args, part: Part) -> None:
             timing = tp.measure(impl, model, opt, K, "none")
             mb = timing["micro_batch"]
             tp.pinned.setdefault(K, mb)
-            rows, profiled_s = profile_steps(tp, impl, model, opt, K, mb)
+            rows, profiled_s, ops = profile_steps(tp, impl, model, opt, K, mb)
             res = summarize(rows, PROFILED_STEPS, 1e3 * timing["step_s"], 1e3 * profiled_s)
             res.update({k: timing[k] for k in ("micro_batch", "tokens_per_step", "tokens_per_s",
                                                 "tflops", "mfu", "peak_gib", "loss",
                                                 "timed_steps")},
-                       build_s=tp.build_s.get(impl))
+                       build_s=tp.build_s.get(impl), top_ops=ops)
             if timing.get("status") == "fail":
                 res.update(status="fail", note=timing.get("note"))
             return res
@@ -372,4 +408,10 @@ def markdown(res: dict) -> list:
                              [[k["name"][:90].replace("|", "/"), k["category"],
                                k["calls_per_step"], k["ms_per_step"],
                                _pct(k["share_of_device"])] for k in e.get("top_kernels", [])])]
+        if e.get("top_ops"):
+            out += ["", md_table(["op (launching its kernels)", "input shapes", "category",
+                                  "calls/step", "ms/step"],
+                                 [[o["op"], o["input_shapes"][:100].replace("|", "/"),
+                                   o["category"], o["calls_per_step"], o["ms_per_step"]]
+                                  for o in e["top_ops"]])]
     return out
