@@ -144,6 +144,17 @@ def _gpu_work(events, DeviceType) -> list:
             and not (fe.name in cpu_names and spans_another(i, fe))]
 
 
+def _launchers(events, DeviceType) -> list:
+    """Per correlation id, the CPU event whose `kernels` list is read: the widest of those
+    carrying the id (the op itself; see `_device_rows` for the others)."""
+    owner = {}
+    for fe in events:
+        if fe.device_type == DeviceType.CPU and fe.kernels:
+            if fe.id not in owner or _span(fe) > _span(owner[fe.id]):
+                owner[fe.id] = fe
+    return list(owner.values())
+
+
 def _device_rows(events, on_gpu: bool) -> list:
     """(name, category, calls, microseconds) of the CUDA kernels / memcpys (GPU), or of the
     aten ops' self CPU time (CPU: profiler annotations and autograd wrappers are overhead)."""
@@ -175,13 +186,8 @@ def _device_rows(events, on_gpu: bool) -> list:
         slot = total.setdefault(fe.name, [0, 0.0])
         slot[0] += 1
         slot[1] += _span(fe)
-    owner = {}  # correlation id -> the CPU event whose kernels are read
-    for fe in events:
-        if fe.device_type == DeviceType.CPU and fe.kernels:
-            if fe.id not in owner or _span(fe) > _span(owner[fe.id]):
-                owner[fe.id] = fe
     linked = {}  # kernel name -> {category: [calls, us]}: how its true calls / time are split
-    for fe in owner.values():
+    for fe in _launchers(events, DeviceType):
         context = _callers(fe)
         for k in fe.kernels:
             if k.name in total:
@@ -206,14 +212,9 @@ def top_ops(events, on_gpu: bool, steps: int) -> list:
 
     acc = {}  # (op, shapes) -> [calls, us, category]
     if on_gpu:
-        owner = {}
-        for fe in events:
-            if fe.device_type == DeviceType.CPU and fe.kernels:
-                if fe.id not in owner or _span(fe) > _span(owner[fe.id]):
-                    owner[fe.id] = fe
         # aten ops only: a record_function range lists its GPU annotation as a "kernel"
-        timed = [(fe, sum(k.duration for k in fe.kernels)) for fe in owner.values()
-                 if fe.name.startswith("aten::")]
+        timed = [(fe, sum(k.duration for k in fe.kernels))
+                 for fe in _launchers(events, DeviceType) if fe.name.startswith("aten::")]
     else:
         timed = [(fe, fe.self_cpu_time_total) for fe in events
                  if fe.device_type == DeviceType.CPU and fe.name.startswith("aten::")]
