@@ -24,11 +24,9 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from benchmarks.gpu.common import shape_config  # noqa: E402
-from benchmarks.gpu.throughput import VOCAB_CHUNK  # noqa: E402
-from ponder_pt.engine.estimate import activation_estimate  # noqa: E402
+from benchmarks.gpu.throughput import VOCAB_CHUNK, estimated_peak  # noqa: E402
 
 GiB = 2**30
-STATE_BYTES = 8  # bf16 params, grads and AdamW moments
 
 
 def measured_entries() -> list:
@@ -58,8 +56,7 @@ def estimate_gib(e: dict) -> float:
     m.activation_checkpointing = e["ckpt"]
     if e.get("chunked"):
         m.vocab_chunk = e.get("vocab_chunk") or VOCAB_CHUNK["gpu"]
-    est = activation_estimate(m, e["K"], e["micro_batch"], e["seq"], precision="bf16")
-    return (STATE_BYTES * est["params"] + est["activations"] + est["transient"]) / GiB
+    return estimated_peak(m, e["K"], e["micro_batch"], e["seq"]) / GiB
 
 
 ENTRIES = measured_entries()

@@ -23,21 +23,26 @@ COMPILE_S = 90.0
 COMPILED_SHAPES = ("pythia-1b",)  # where the elementwise share of the step is largest
 
 
-def _mb_estimate(cfg, seq: int, K: int, ckpt: str, mem_bytes: float, cap: int = 32) -> int:
-    """Largest power-of-two micro-batch (<= cap) whose estimated peak, x MEM_SLACK, fits in
-    MEM_USE of the GPU's memory: model states (STATE_BYTES/param) + activations + backward
-    transient of the framework's own estimate (ponder_pt/engine/estimate.py, checked against
-    these runs' measured peaks by tests/test_estimate_gpu.py). The unchunked model's estimate,
-    so that chunked entries run at the unchunked entries' micro-batch (side by side); HF
-    entries take ours at K = 0, the micro-batch they are compared at."""
+def estimated_peak(model, K: int, micro_batch: int, seq: int) -> float:
+    """Bytes a throughput entry of our model should peak at: model states (STATE_BYTES/param)
+    + activations + backward transient of the framework's own estimate
+    (ponder_pt/engine/estimate.py; tests/test_estimate_gpu.py checks it against these runs'
+    measured peaks)."""
     from ponder_pt.engine.estimate import activation_estimate
 
+    est = activation_estimate(model, K, micro_batch, seq, precision="bf16")
+    return STATE_BYTES * est["params"] + est["activations"] + est["transient"]
+
+
+def _mb_estimate(cfg, seq: int, K: int, ckpt: str, mem_bytes: float, cap: int = 32) -> int:
+    """Largest power-of-two micro-batch (<= cap) whose estimated peak, x MEM_SLACK, fits in
+    MEM_USE of the GPU's memory (`estimated_peak`). The unchunked model's estimate, so that
+    chunked entries run at the unchunked entries' micro-batch (side by side); HF entries take
+    ours at K = 0, the micro-batch they are compared at."""
     model = dataclasses.replace(cfg, activation_checkpointing=ckpt, vocab_chunk=0)
     mb = cap
     while mb > 1:
-        est = activation_estimate(model, K, mb, seq, precision="bf16")
-        peak = STATE_BYTES * est["params"] + est["activations"] + est["transient"]
-        if MEM_SLACK * peak <= MEM_USE * mem_bytes:
+        if MEM_SLACK * estimated_peak(model, K, mb, seq) <= MEM_USE * mem_bytes:
             break
         mb //= 2
     return mb
