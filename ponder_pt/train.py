@@ -10,11 +10,21 @@ padded vocabulary) before any process group starts; `--dry-run` prints what woul
 
 from __future__ import annotations
 
-import argparse
 import os
-import shlex
 import sys
-from typing import Optional, Sequence
+
+if (__name__ == "__main__" and os.environ.get("SLURM_JOB_ID")
+        and "--dry-run" not in sys.argv):
+    # SLURM's time-limit or preemption signal can arrive while the imports below run; caught
+    # from here on (preemption imports nothing else), it is remembered instead of killing the
+    # rank. The batch script requeues ranks killed even earlier (ponder_pt/engine/preemption.py)
+    from ponder_pt.engine.preemption import catch_early
+
+    catch_early()
+
+import argparse  # noqa: E402
+import shlex  # noqa: E402
+from typing import Optional, Sequence  # noqa: E402
 
 # absolute imports: this file is also run as a script by the deepspeed launcher
 from ponder_pt.config import Config, check, config_to_yaml, load_config

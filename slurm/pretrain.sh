@@ -55,6 +55,15 @@ if [[ $rc -eq 99 || ( $rc -ne 0 && -e "$PONDER_PT_REQUEUE_FILE" ) ]]; then
   scontrol requeue "$SLURM_JOB_ID"  # ends this run; the job restarts and resumes
   exit 99
 fi
+# 138 = 128 + SIGUSR1: the ranks died of the time-limit signal itself, which only happens when
+# it lands before Python has started and caught it; nothing newer than the last checkpoint
+# existed, so requeue as if they had saved
+if [[ $rc -eq 138 ]]; then
+  echo "SIGUSR1 struck the ranks before they could catch it (srun exit 138): nothing to save;" \
+    "requeueing $SLURM_JOB_ID to resume from the last checkpoint"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 99
+fi
 if [[ $rc -ne 0 ]]; then
   "$PYTHON" -m ponder_pt.engine.failures "$PONDER_PT_ERROR_DIR" --prog "ponder-pt train" || true
 fi

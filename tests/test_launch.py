@@ -104,3 +104,48 @@ def test_launcher_scripts_parse():
             glob.glob(os.path.join(ROOT, "data_prep", "*.sbatch")) + \
             [os.path.join(ROOT, "slurm", "pretrain.sh")]:
         subprocess.run(["bash", "-n", script], check=True)
+
+
+FAKE_SRUN = """#!/bin/sh
+[ -n "$TOUCH_REQUEUE_FILE" ] && : > "$PONDER_PT_REQUEUE_FILE"
+exit "$FAKE_SRUN_RC"
+"""
+
+
+@pytest.mark.parametrize("rc,requeue_file,requeued,message", [
+    (0, False, False, None),
+    (99, False, True, "every rank saved (srun exit 99)"),
+    # srun --kill-on-bad-exit terminated ranks still exiting after the first exited 99
+    (143, True, True, "every rank saved (srun exit 143)"),
+    # the time-limit signal struck before Python started, so no rank could catch it
+    (138, False, True, "SIGUSR1 struck the ranks before they could catch it"),
+    (143, False, False, None),  # SIGTERM without a save: a failure, not a requeue
+    (1, False, False, None),
+])
+def test_batch_script_requeues_only_what_can_resume(tmp_path, rc, requeue_file, requeued,
+                                                    message):
+    """What the batch script does after srun, with srun and scontrol replaced: requeue (exit
+    99) when every rank saved, or when they died of SIGUSR1 before catching it; otherwise
+    pass srun's status on. The live scheduler runs the real thing in test_slurm_live.py."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "srun").write_text(FAKE_SRUN)
+    (bindir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/scontrol.log\n")
+    for tool in ("srun", "scontrol"):
+        (bindir / tool).chmod(0o755)
+    env = _script_env(GPUS_PER_NODE="0", SLURM_JOB_ID="77", SLURM_SUBMIT_DIR=ROOT,
+                      RUN_DIR=str(tmp_path / "run"), FAKE_SRUN_RC=str(rc),
+                      PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    env.pop("SLURM_JOB_NODELIST", None)
+    if requeue_file:
+        env["TOUCH_REQUEUE_FILE"] = "1"
+    out = subprocess.run(["bash", os.path.join(ROOT, "slurm", "pretrain_ponderpythia_70m.sh")],
+                         env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    calls = (tmp_path / "scontrol.log").read_text() if (tmp_path / "scontrol.log").exists() else ""
+    if requeued:
+        assert out.returncode == 99, out.stdout + out.stderr
+        assert calls == "requeue 77\n" and message in out.stdout
+        assert not (tmp_path / "run" / ".requeue.77").exists()
+    else:
+        assert out.returncode == rc, out.stdout + out.stderr
+        assert "requeue" not in calls and "requeueing" not in out.stdout
