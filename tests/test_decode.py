@@ -86,6 +86,28 @@ def test_batch_rows_stop_at_their_own_eos():
         Decoder(model, 8, batch=2).prefill([[1], []])
 
 
+def test_sampled_batch_rows_draw_from_their_own_generators():
+    """Sampling a batch: row i's tokens are what it samples alone with generator i (top-k and
+    temperature included), ended rows draw nothing, and the generators must match the rows."""
+    model = PonderLM(tiny_model_config("gpt_neox"), PonderConfig(steps=2), seed=8).eval()
+    prompts = [[4, 5], [9, 1, 2, 3], [6]]
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2, 3)]  # noqa: E731
+    for kw in (dict(temperature=1.3), dict(temperature=0.7, top_k=8)):
+        alone = [generate_cached(model, p, 9, vocab_rows=50, greedy=False, generator=g, **kw)
+                 for p, g in zip(prompts, gens())]
+        batch = generate_cached_batch(model, prompts, 9, vocab_rows=50, greedy=False,
+                                      generators=gens(), **kw)
+        assert batch == alone and len({tuple(a) for a in alone}) == 3
+        eos = alone[0][2]
+        stopped = [generate_cached(model, p, 9, vocab_rows=50, eos_id=eos, greedy=False,
+                                   generator=g, **kw) for p, g in zip(prompts, gens())]
+        assert generate_cached_batch(model, prompts, 9, vocab_rows=50, eos_id=eos,
+                                     greedy=False, generators=gens(), **kw) == stopped
+        assert stopped[0] == alone[0][:3]
+    with pytest.raises(ValueError, match="2 generators for 3 prompts"):
+        generate_cached_batch(model, prompts, 4, greedy=False, generators=gens()[:2])
+
+
 def test_generate_masks_padded_rows_and_stops_at_eos():
     model = PonderLM(tiny_model_config("gpt_neox"), PonderConfig(steps=2), seed=4).eval()
     free = generate_cached(model, PROMPT, 15, vocab_rows=40)

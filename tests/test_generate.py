@@ -122,14 +122,24 @@ def test_generate_batch_equals_one_at_a_time_native_and_hf(trained, tmp_path,  #
         assert lm.generate_batch(prompts, 10, batch_size=3) == one, lm.kind
         free = [lm.generate(p, 10, greedy=True, stop_at_eos=False) for p in prompts]
         assert lm.generate_batch(prompts, 10, stop_at_eos=False) == free, lm.kind
+        # sampled: prompt i with its own seed, as alone (HF: one prompt at a time)
+        seeds = [11, 12, 13, 14]
+        alone = [lm.generate(p, 10, greedy=False, temperature=0.9, top_k=20, seed=seed)
+                 for p, seed in zip(prompts, seeds)]
+        assert lm.generate_batch(prompts, 10, batch_size=3, greedy=False, temperature=0.9,
+                                 top_k=20, seeds=seeds) == alone, lm.kind
+        assert len({tuple(a) for a in alone}) > 1
+        with pytest.raises(ValueError, match="one seed per prompt"):
+            lm.generate_batch(prompts, 10, greedy=False, seeds=seeds[:2])
         lm.logits(torch.tensor([prompts[0]]))
-    # HF: 8 generate() calls, 2 + 1 batches, 1 logits; native: logits only (Decoder: own test)
-    assert entered.count("cpu") == 1 + 8 + 3 + 1, entered
+    # HF: 8 greedy generate() calls, 2 + 1 greedy batches, 2 sampled batches and their 8
+    # generate() calls, 1 logits; native: logits only (Decoder: own test)
+    assert entered.count("cpu") == 1 + 8 + 3 + 2 + 8 + 1, entered
 
 
 def test_generate_prompts_file(trained, tmp_path):  # noqa: F811
     """`generate --prompts-file`: one JSON line per prompt, in order, each what `--prompt`
-    gives that prompt (greedy prompts decoded in batches); a bad jsonl line fails before the
+    gives that prompt (decoded in batches; sampled ones with seed + their index); a bad jsonl line fails before the
     model loads, naming file and line."""
     from ponder_pt.inference import NativeModel, generate_text
     from ponder_pt.inference.generate import generate_many
@@ -138,6 +148,10 @@ def test_generate_prompts_file(trained, tmp_path):  # noqa: F811
     lm = NativeModel(trained["ponder"])
     one = [generate_text(lm, p, 6, greedy=True, pauses=2) for p in prompts]
     assert generate_many(lm, prompts, 6, greedy=True, pauses=2, batch_size=2) == one
+    sampled = [generate_text(lm, p, 6, pauses=2, temperature=1.5, seed=5 + i)
+               for i, p in enumerate(prompts)]
+    assert generate_many(lm, prompts, 6, pauses=2, temperature=1.5, seed=5,
+                         batch_size=2) == sampled
 
     txt = tmp_path / "prompts.txt"
     txt.write_text("\n".join([prompts[0], "", prompts[1], prompts[2]]) + "\n")

@@ -146,7 +146,7 @@ class GenBench:
         sync(self.dev)
         t0 = time.perf_counter()
 
-        def on_token(i, tok):  # _pick's int() has synchronized already
+        def on_token(i, tok):  # picking the token (.tolist()) has synchronized already
             out.append(tok)
             if i + 1 in marks:
                 times[i + 1] = time.perf_counter() - t0

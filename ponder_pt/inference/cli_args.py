@@ -16,10 +16,12 @@ def add_generate_args(p) -> None:
     src.add_argument("--prompts-file", metavar="FILE",
                      help="many prompts: a .txt (one per line) or .jsonl ({\"prompt\": ...} per "
                           "line); one JSON line per prompt is written to stdout or --output, "
-                          "greedy prompts decoded --batch-size at a time")
+                          "prompts decoded --batch-size at a time, each as alone (prompt i "
+                          "sampled with --seed + i)")
     p.add_argument("--output", metavar="FILE", help="with --prompts-file: write the JSON lines here")
     p.add_argument("--batch-size", type=int, default=16,
-                   help="with --prompts-file and --greedy: prompts decoded together (default 16)")
+                   help="with --prompts-file: prompts decoded together (default 16; HF "
+                        "directories sample one at a time)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
     p.add_argument("--temperature", type=float, default=1.0)

@@ -1,5 +1,5 @@
 """`ponder-pt generate`: text in, new tokens out, on a native checkpoint or an HF directory;
-one prompt (`--prompt`) or a file of them (`--prompts-file`, greedy ones decoded in batches)."""
+one prompt (`--prompt`) or a file of them (`--prompts-file`, decoded in batches)."""
 
 from __future__ import annotations
 
@@ -51,14 +51,13 @@ def read_prompts(path: str) -> list[str]:
 def generate_many(lm: InferenceModel, prompts: list[str], max_new_tokens: int = 32,
                   greedy: bool = False, pauses: Optional[int] = None, temperature: float = 1.0,
                   top_k: int = 0, seed: int = 0, batch_size: int = 16) -> list[dict]:
-    """`generate_text` of each prompt, in order. Greedy prompts are decoded `batch_size` at a
-    time (each exactly as alone); sampled ones one by one with seed + their index."""
-    if not greedy:
-        return [generate_text(lm, p, max_new_tokens, False, pauses, temperature, top_k, seed + i)
-                for i, p in enumerate(prompts)]
+    """`generate_text` of each prompt, in order (prompt i sampled with seed + i), decoded
+    `batch_size` at a time, each as alone (HF directories sample one prompt at a time)."""
     m = resolve_pauses(pauses, lm.default_pauses, lm.pause_id)
     ids = [append_pauses(lm.encode(p), m, lm.pause_id) or [lm.eos_id] for p in prompts]
-    news = lm.generate_batch(ids, max_new_tokens, batch_size=batch_size)
+    news = lm.generate_batch(ids, max_new_tokens, batch_size=batch_size, greedy=greedy,
+                             temperature=temperature, top_k=top_k,
+                             seeds=[seed + i for i in range(len(prompts))])
     return [{"token_ids": new, "text": lm.decode(new), "pauses": m, "prompt_ids": i}
             for new, i in zip(news, ids)]
 

@@ -53,44 +53,48 @@ def generate_cached(model, prompt: Sequence[int], max_new_tokens: int, *,
     never). ponder_steps overrides the model's K (0: plain decoding). on_token(i, token) is
     called after each new token (benchmarks time lengths with it). `NativeModel.generate`
     and benchmarks' generation-speed section both run this loop."""
-    if max_new_tokens <= 0:
-        return []
-    dec = Decoder(model, len(prompt) + max_new_tokens - 1, ponder_steps, vocab_rows,
-                  _decode_mode(cuda_graph))
-    z = dec.prefill_one(prompt)
-    out: list[int] = []
-    for i in range(max_new_tokens):
-        nxt = _pick(z, greedy, temperature, top_k, generator)
-        out.append(nxt)
-        if on_token is not None:
-            on_token(i, nxt)
-        if (eos_id is not None and nxt == eos_id) or i + 1 == max_new_tokens:
-            break
-        z = dec.step_one(nxt)
-    return out
+    report = None if on_token is None else (lambda i, tokens: on_token(i, tokens[0]))
+    return generate_cached_batch(model, [prompt], max_new_tokens, vocab_rows=vocab_rows,
+                                 eos_id=eos_id, greedy=greedy, temperature=temperature,
+                                 top_k=top_k, generators=[generator], ponder_steps=ponder_steps,
+                                 on_token=report, cuda_graph=cuda_graph)[0]
 
 
 @torch.no_grad()
 def generate_cached_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                           vocab_rows: Optional[int] = None, eos_id: Optional[int] = None,
-                          ponder_steps: Optional[int] = None,
+                          greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
+                          generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+                          ponder_steps: Optional[int] = None, on_token=None,
                           cuda_graph: Optional[bool] = None) -> list[list[int]]:
-    """Greedy `generate_cached` for several prompts at once (left-padded into one batch; each
-    row decodes as it would alone). A row's output ends after its eos_id; decoding stops when
-    every row has ended or after max_new_tokens."""
+    """`generate_cached` for several prompts at once (left-padded into one batch; each row
+    decodes as it would alone). Sampling draws row i's tokens from generators[i] only, so a
+    row's sample is the one it gets alone with that generator. A row's output ends after its
+    eos_id; decoding stops when every row has ended or after max_new_tokens. on_token(i,
+    tokens) is called after each step's picks (one per row)."""
     if max_new_tokens <= 0 or not prompts:
         return [[] for _ in prompts]
+    if not greedy and generators is not None and len(generators) != len(prompts):
+        raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts")
+    gens = list(generators) if generators is not None else [None] * len(prompts)
     dec = Decoder(model, max(len(p) for p in prompts) + max_new_tokens - 1, ponder_steps,
                   vocab_rows, _decode_mode(cuda_graph), batch=len(prompts))
     z = dec.prefill(prompts)
     outs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for i in range(max_new_tokens):
-        picked = z.argmax(-1).tolist()
+        if greedy:
+            picked = z.argmax(-1).tolist()
+        else:  # an ended row draws nothing, as it would not alone
+            picked = [outs[row][-1] if done[row] else
+                      _pick(z[row], False, temperature, top_k, gens[row])
+                      for row in range(len(prompts))]
         for row, tok in enumerate(picked):
             if not done[row]:
                 outs[row].append(tok)
                 done[row] = eos_id is not None and tok == eos_id
+        if on_token is not None:
+            on_token(i, picked)
         if all(done) or i + 1 == max_new_tokens:
             break
         z = dec.step(picked)
@@ -128,23 +132,36 @@ class InferenceModel(abc.ABC):
         """New token ids after `prompt` (pauses, if any, already appended by the caller)."""
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                       stop_at_eos: bool = True, batch_size: int = 16) -> list[list[int]]:
-        """Greedy `generate` of each prompt, in the given order (each output as `generate`
-        gives it, up to rounding), decoded `batch_size` at a time as left-padded batches of
-        similar lengths."""
+                       stop_at_eos: bool = True, batch_size: int = 16, greedy: bool = True,
+                       temperature: float = 1.0, top_k: int = 0,
+                       seeds: Optional[Sequence[int]] = None) -> list[list[int]]:
+        """`generate` of each prompt, in the given order (each output as `generate` gives it,
+        sampled ones with seed seeds[i], up to rounding), decoded `batch_size` at a time as
+        left-padded batches of similar lengths."""
+        if not greedy and (seeds is None or len(seeds) != len(prompts)):
+            raise ValueError("sampling a batch needs one seed per prompt")
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list = [None] * len(prompts)
         for start in range(0, len(order), max(1, batch_size)):
             chunk = order[start:start + max(1, batch_size)]
-            rows = self._generate_rows([prompts[i] for i in chunk], max_new_tokens, stop_at_eos)
+            sampling = None if greedy else (temperature, top_k, [seeds[i] for i in chunk])
+            rows = self._generate_rows([prompts[i] for i in chunk], max_new_tokens, stop_at_eos,
+                                       sampling)
             for i, row in zip(chunk, rows):
                 out[i] = row
         return out
 
-    def _generate_rows(self, prompts, max_new_tokens: int, stop_at_eos: bool) -> list:
-        """One batch of `generate_batch`; one prompt at a time unless a subclass batches."""
-        return [self.generate(p, max_new_tokens, greedy=True, stop_at_eos=stop_at_eos)
-                for p in prompts]
+    def _generate_rows(self, prompts, max_new_tokens: int, stop_at_eos: bool,
+                       sampling: Optional[tuple] = None) -> list:
+        """One batch of `generate_batch` (sampling: None for greedy, else (temperature, top_k,
+        seeds)); one prompt at a time unless a subclass batches."""
+        if sampling is None:
+            return [self.generate(p, max_new_tokens, greedy=True, stop_at_eos=stop_at_eos)
+                    for p in prompts]
+        temperature, top_k, seeds = sampling
+        return [self.generate(p, max_new_tokens, greedy=False, temperature=temperature,
+                              top_k=top_k, seed=seed, stop_at_eos=stop_at_eos)
+                for p, seed in zip(prompts, seeds)]
 
 
 class PonderLMModel(InferenceModel):
@@ -161,17 +178,23 @@ class PonderLMModel(InferenceModel):
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids.to(self.device), gather_logits=True).float()
 
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def generate(self, prompt, max_new_tokens, greedy=True, temperature=1.0, top_k=0, seed=0,
                  stop_at_eos=True):
-        gen = torch.Generator(device=self.device).manual_seed(seed)
         return generate_cached(self.model, prompt, max_new_tokens, vocab_rows=self.vocab_rows,
                                eos_id=self.eos_id if stop_at_eos else None, greedy=greedy,
-                               temperature=temperature, top_k=top_k, generator=gen)
+                               temperature=temperature, top_k=top_k,
+                               generator=self._generator(seed))
 
-    def _generate_rows(self, prompts, max_new_tokens, stop_at_eos):
-        return generate_cached_batch(self.model, prompts, max_new_tokens,
-                                     vocab_rows=self.vocab_rows,
-                                     eos_id=self.eos_id if stop_at_eos else None)
+    def _generate_rows(self, prompts, max_new_tokens, stop_at_eos, sampling=None):
+        temperature, top_k, seeds = sampling or (1.0, 0, None)
+        return generate_cached_batch(
+            self.model, prompts, max_new_tokens, vocab_rows=self.vocab_rows,
+            eos_id=self.eos_id if stop_at_eos else None, greedy=sampling is None,
+            temperature=temperature, top_k=top_k,
+            generators=None if seeds is None else [self._generator(s) for s in seeds])
 
 
 class NativeModel(PonderLMModel):
@@ -262,7 +285,9 @@ class HFModel(InferenceModel):
 
     @torch.no_grad()
     @varying_shape_method
-    def _generate_rows(self, prompts, max_new_tokens, stop_at_eos):
+    def _generate_rows(self, prompts, max_new_tokens, stop_at_eos, sampling=None):
+        if sampling is not None:  # one seed per prompt: HF samples a batch from one generator
+            return super()._generate_rows(prompts, max_new_tokens, stop_at_eos, sampling)
         width = max(len(p) for p in prompts)
         pad = self.eos_id if self.eos_id is not None else 0
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts],
