@@ -362,6 +362,29 @@ def test_local_task_rejects_are_counted_with_file_and_line(tmp_path):
         load_task(str(tmp_path))  # neither a GLUE name nor a task.json
 
 
+@pytest.mark.parametrize("pairs", [True, False])
+def test_encoded_truncates_as_the_tokenizer_does_and_counts(backbones, pairs):
+    """Encoded tokenizes each row once and only the too-long ones again: the result is the
+    tokenizer's own one-call truncation (pairs: the longer text loses tokens first), and
+    `truncated` counts the rows that did not fit."""
+    _, tok = load_backbone(backbones["roberta"], dtype=torch.float32)
+    words = "good bad film plot actor scene the a was very not".split()
+    rng = torch.Generator().manual_seed(0)
+    text = lambda: " ".join(words[int(i)] for i in  # noqa: E731
+                            torch.randint(len(words), (int(torch.randint(1, 14, (1,),
+                                                                          generator=rng)),),
+                                          generator=rng))
+    rows = [{"texts": [text(), text()] if pairs else [text()], "label": i % 2}
+            for i in range(60)]
+    firsts = [r["texts"][0] for r in rows]
+    seconds = [r["texts"][1] for r in rows] if pairs else None
+    data = Encoded(rows, tok, 12, regression=False)
+    want = tok(firsts, seconds, truncation=True, max_length=12)
+    assert {k: list(v) for k, v in data.enc.items()} == {k: list(v) for k, v in want.items()}
+    lengths = [len(ids) for ids in tok(firsts, seconds)["input_ids"]]
+    assert data.truncated == sum(n > 12 for n in lengths) and 0 < data.truncated < len(rows)
+
+
 def test_metrics_per_task_match_libraries():
     from scipy.stats import pearsonr
     from sklearn.metrics import f1_score, matthews_corrcoef

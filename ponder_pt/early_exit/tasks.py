@@ -391,9 +391,17 @@ class Encoded:
         self.regression = regression
         firsts = [r["texts"][0] for r in rows]
         seconds = [r["texts"][1] for r in rows] if len(rows[0]["texts"]) > 1 else None
-        self.enc = tokenizer(firsts, seconds, truncation=True, max_length=max_length)
-        whole = tokenizer(firsts, seconds, truncation=False, verbose=False)["input_ids"]
-        self.truncated = sum(len(ids) > max_length for ids in whole)
+        # tokenized whole once; only the rows that are too long again, truncated
+        self.enc = tokenizer(firsts, seconds, truncation=False, verbose=False)
+        long = [i for i, ids in enumerate(self.enc["input_ids"]) if len(ids) > max_length]
+        self.truncated = len(long)
+        if long:
+            cut = tokenizer([firsts[i] for i in long],
+                            [seconds[i] for i in long] if seconds else None,
+                            truncation=True, max_length=max_length)
+            for key, rows_of_key in self.enc.items():
+                for j, i in enumerate(long):
+                    rows_of_key[i] = cut[key][j]
 
     def __len__(self):
         return len(self.rows)
