@@ -138,3 +138,26 @@ def test_kv_cache_decoding_matches_full_forward(arch, K, top_k, capacity):
         full = model(ids)
         step = _decode_incrementally(model, ids, prefill=5, capacity=capacity)
     assert (full - step).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_attention_backward_writes_the_qkv_gradient_once(arch):
+    """The fused QKV output is split once, so its gradient is one cat of the q, k and v
+    parts: no QKV-sized zero fill or add per layer (a slice and two selects cost three fills
+    and two adds, the largest elementwise traffic of the backward after the loss's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = PonderLM(tiny_model_config(arch), PonderConfig(steps=1), seed=0)
+    ids, labels, _ = batch(2, 16)
+    att = model.layers[0].attn
+    qkv = [16, 2, att.kv_local, att.groups + 2, att.head_dim]  # the [s, b, ...] view
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        model(ids, labels=labels).backward()
+    touched = [e.name for e in prof.events()
+               if e.name in ("aten::add", "aten::add_", "aten::zero_", "aten::fill_")
+               and e.input_shapes and e.input_shapes[0] == qkv]
+    assert touched == [], touched
+    parts = [qkv[:3] + [n] + qkv[4:] for n in (att.groups, 1, 1)]
+    joins = [e for e in prof.events()
+             if e.name == "SplitWithSizesBackward0" and e.input_shapes == parts]
+    assert len(joins) == 2 * len(model.layers)  # one per layer and pass

@@ -172,8 +172,11 @@ class Attention(nn.Module):
         s, b, _ = x.shape
         qkv, _ = self.qkv(x)
         qkv = qkv.view(s, b, self.kv_local, self.groups + 2, self.head_dim)
-        q = qkv[:, :, :, : self.groups].reshape(s, b, self.kv_local * self.groups, self.head_dim)
-        k, v = qkv[:, :, :, self.groups], qkv[:, :, :, self.groups + 1]
+        # one split, not slice + two selects: its backward writes the QKV gradient once
+        # (a cat) instead of zero-filling it three times and adding the parts
+        q, k, v = qkv.split([self.groups, 1, 1], dim=3)
+        q = q.reshape(s, b, self.kv_local * self.groups, self.head_dim)
+        k, v = k.squeeze(3), v.squeeze(3)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         p = self.dropout if self.training else 0.0
         if cache is not None:
