@@ -41,6 +41,12 @@ that overruns, by its process id, and goes on):
                time allows: device time per step by kernel category (gemm, attention, norm,
                elementwise, softmax + cross-entropy, optimizer, communication, other), the top
                15 kernels, and the gap between summed kernel time and the wall step time.
+* trainer      (only with --sections trainer) the real trainer at Pythia-1B, seq 2048 (toy
+               on --smoke): `python -m ponder_pt.train` (DeepSpeed ZeRO-1, bf16 with fp32
+               master weights) at K=0, then K=3 if time allows, at the largest micro-batch
+               its `--dry-run` memory estimate admits, next to the bare model step of the
+               throughput section at the same micro-batch: tokens/s of both and their ratio
+               (framework overhead), and the trainer's allocator peak against the estimate.
 * throughput-* per Pythia shape (160M, 410M, 1B; seq 2048): our PonderLM at TP=1 (K = 0..3,
                activation checkpointing none / full) and HF GPTNeoXForCausalLM (sdpa) at the
                same shape and micro-batch: forward + backward + torch.optim.AdamW(fused=True)
@@ -85,6 +91,7 @@ from benchmarks.gpu.results import (Part, atomic_write, json_safe, load_parts,  
 from benchmarks.gpu.sdpa import section_sdpa  # noqa: E402
 from benchmarks.gpu.throughput import section_throughput  # noqa: E402
 from benchmarks.gpu.train import section_train  # noqa: E402
+from benchmarks.gpu.trainer_scale import section_trainer  # noqa: E402
 
 SHAPES = ["pythia-160m", "pythia-410m", "pythia-1b"]
 SHAPE_WEIGHT = {"pythia-160m": 1.0, "pythia-410m": 1.0, "pythia-1b": 1.4, "toy": 1.0}
@@ -93,9 +100,9 @@ SMOKE_SHAPES = ["toy"]
 # seconds per section (parent deadlines); throughput gets everything that is left. A section
 # that ends early leaves its time to the later ones, so these are caps, not reservations.
 BUDGET = {"gpu": {"total": 480, "sdpa": 35, "train": 75, "generate": 40, "gen": 120,
-                  "profile": 45},
+                  "profile": 45, "trainer": 150},
           "smoke": {"total": 330, "sdpa": 40, "train": 170, "generate": 40, "gen": 30,
-                    "profile": 45}}
+                    "profile": 45, "trainer": 120}}
 # smoke: the train budget covers DeepSpeed's first JIT build of its CPU comm op (~1.5 min on
 # 2 busy cores; cached in TORCH_EXTENSIONS_DIR afterwards, then the whole smoke takes ~1.5 min)
 
@@ -103,10 +110,13 @@ BUDGET = {"gpu": {"total": 480, "sdpa": 35, "train": 75, "generate": 40, "gen": 
 # ============================================================================ driver
 
 SECTIONS = {"sdpa": section_sdpa, "train": section_train, "generate": section_generate,
-            "gen": section_gen, "profile": section_profile, "throughput": section_throughput}
+            "gen": section_gen, "profile": section_profile, "throughput": section_throughput,
+            "trainer": section_trainer}
 ORDER = {"env": 0, "sdpa": 1, "train": 2, "generate": 3, "gen": 3.5, "profile": 3.7,
-         "throughput": 4}
-FIXED = ("sdpa", "train", "generate", "gen", "profile")  # sections with their own budget
+         "trainer": 3.8, "throughput": 4}
+# sections with their own budget
+FIXED = ("sdpa", "train", "generate", "gen", "profile", "trainer")
+OPT_IN = ("trainer",)  # run only when --sections names them
 
 
 def child_main(args) -> int:
@@ -189,7 +199,8 @@ def parent_main(args) -> int:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     kind = "smoke" if args.smoke else "gpu"
     budget = dict(BUDGET[kind])
-    wanted = args.sections.split(",") if args.sections else list(SECTIONS)
+    wanted = (args.sections.split(",") if args.sections
+              else [s for s in SECTIONS if s not in OPT_IN])
     if args.budget:
         # scale the chosen sections' budgets to --budget (throughput takes what is left;
         # without it, the fixed sections share the whole budget, 10 s kept for the env)
@@ -245,8 +256,8 @@ def main(argv=None) -> int:
                     help="total seconds (default 480 on GPU, 330 for --smoke); the chosen "
                          "sections' budgets scale to it")
     ap.add_argument("--sections", default=None,
-                    help="comma list of sdpa,train,generate,gen,profile,throughput "
-                         "(default: all)")
+                    help="comma list of sdpa,train,generate,gen,profile,throughput,trainer "
+                         "(default: all but trainer)")
     ap.add_argument("--shapes", default=None, help="throughput shapes (default: "
                     + ",".join(SHAPES) + ")")
     ap.add_argument("--plan", default="all", choices=["all", "vocab-chunk"],

@@ -181,6 +181,7 @@ def test_gpu_suite_smoke(tmp_path):
     secs = res["sections"]
     assert set(secs) >= {"sdpa", "train", "generate", "gen", "profile", "throughput-toy"}, \
         list(secs)
+    assert "trainer" not in secs  # opt-in: only with --sections trainer
     for name, part in secs.items():
         assert part["status"] == "done", (name, part["status"], log)
         assert part["entries"], name
@@ -252,3 +253,32 @@ def test_gpu_suite_smoke(tmp_path):
                     "## Generation", "## Generation speed", "## Training throughput",
                     "## Profile", "### Side by side"):
         assert heading in md
+
+
+@pytest.mark.slow
+def test_gpu_suite_smoke_trainer_section(tmp_path):
+    """`--sections trainer`: the real trainer (DeepSpeed, its own process) and the bare model
+    step at the same toy shape, micro-batch and K, both timed; the trainer's config is checked
+    against the bare model's before either runs, and its estimate reported."""
+    out = tmp_path / "gpu"
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", "gpu_suite.py"), "--smoke",
+                           "--sections", "trainer", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    res = json.loads((out / "gpu_results.json").read_text())
+    assert set(res["sections"]) == {"trainer"}
+    entries = {e.get("K"): e for e in res["sections"]["trainer"]["entries"]}
+    assert entries[None]["status"] == "ok"  # the corpus
+    for K in (0, 3):
+        e = entries[K]
+        assert e["status"] == "ok", (e.get("error"), e.get("note"), e.get("traceback"))
+        assert e["micro_batch"] == e["bare_micro_batch"] == 2 and e["trainer_steps"] == 4
+        assert e["trainer_tokens_per_s"] > 0 and e["bare_tokens_per_s"] > 0
+        assert e["trainer_over_bare"] == pytest.approx(
+            e["trainer_tokens_per_s"] / e["bare_tokens_per_s"])
+        assert e["estimate_gib"] > 0 and e["trainer_peak_gib"] is None  # CPU: no CUDA peak
+        assert f"ponder.steps={K}" in e["overrides"]
+    md = (out / "gpu_results.md").read_text()
+    assert "## The real trainer at a throughput shape" in md and "toy K=3" in md

@@ -95,7 +95,7 @@ def write_results(out: str) -> dict:
 
 def render_md(res: dict) -> str:
     # each section module renders its own part of the report, in this order
-    from . import gen, generate, profiling, sdpa, throughput, train
+    from . import gen, generate, profiling, sdpa, throughput, train, trainer_scale
 
     env, secs = res.get("env", {}), res.get("sections", {})
     out = ["# ponder-pt GPU suite" + (" (smoke: CPU, toy shapes)" if res.get("smoke") else ""),
@@ -106,7 +106,7 @@ def render_md(res: dict) -> str:
     out.append(md_table(["section", "status", "wall s", "entries"],
                         [[n, p.get("status"), p.get("wall_s"), len(p.get("entries", []))]
                          for n, p in secs.items()]))
-    for module in (sdpa, train, generate, gen, throughput, profiling):
+    for module in (sdpa, train, generate, gen, trainer_scale, throughput, profiling):
         out += module.markdown(res)
     errs = [(n, e) for n, p in secs.items() for e in p.get("entries", [])
             if e.get("status") == "error"]

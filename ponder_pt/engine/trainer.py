@@ -79,6 +79,7 @@ class Trainer:
 
         self.engine = self._build_engine(build_ds_config(cfg, world.dp, cfg.parallel.ds_config))
         self.device = self.engine.device
+        self.on_cuda = torch.device(self.device).type == "cuda"
 
         valid_samples = tr.eval_iters * tr.global_batch if tr.eval_iters else 0
         self.train_ds, self.valid_ds, _ = datasets_for_config(
@@ -225,6 +226,8 @@ class Trainer:
                           "step_time": dt, "tokens_per_s": tok_s, "tflops_per_gpu": tflops,
                           "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
                           "skipped_steps": skipped}
+                if self.on_cuda:  # this rank's allocator peak so far (the dry run estimates it)
+                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 metrics.log(done, record)
                 if done % cfg.log.interval == 0 or done == tr.iters:
                     elapsed = time.perf_counter() - t_start
@@ -232,6 +235,8 @@ class Trainer:
                     self.log(f"step {done:>6}/{tr.iters} | loss {loss:7.4f} | lr {lr:.2e} | "
                              f"gnorm {'n/a' if gnorm is None else f'{gnorm:6.3f}'} | {tok_s:,.0f} tok/s | {tflops:.3g} TFLOP/s/gpu"
                              + (f" | MFU {record['mfu']:.1%}" if record["mfu"] else "")
+                             + (f" | mem {record['peak_mem_gib']:.1f} GiB"
+                                if "peak_mem_gib" in record else "")
                              + f" | eta {eta / 60:.1f} min", flush=True)
                 if bad_in_a_row >= tr.max_bad_steps:
                     self.log(f"error: {bad_in_a_row} steps in a row with non-finite loss or "
