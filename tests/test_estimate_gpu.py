@@ -12,6 +12,7 @@ timings; results files that are absent are skipped.
 
 from __future__ import annotations
 
+import datetime
 import glob
 import json
 import os
@@ -27,6 +28,10 @@ from benchmarks.gpu.common import shape_config  # noqa: E402
 from benchmarks.gpu.throughput import VOCAB_CHUNK, estimated_peak  # noqa: E402
 
 GiB = 2**30
+# Runs started before this time measured a pondering pass that kept fp32 probabilities plus
+# their bf16 cast (6 B per logit; now torch's softmax keeps one bf16 tensor, 2 B, at TP = 1
+# without top-k): their unchunked K > 0 peaks belong to that older code.
+BF16_FEEDBACK_SINCE = datetime.datetime(2026, 11, 26, 19, 0, tzinfo=datetime.timezone.utc)
 
 
 def measured_entries() -> list:
@@ -41,13 +46,18 @@ def measured_entries() -> list:
             continue
         if data.get("smoke"):
             continue
+        started = datetime.datetime.strptime(data["started"], "%Y-%m-%dT%H:%M:%S%z")
         for e in data.get("throughput", []):
             # the estimate models eager autograd; compiled graphs keep what Inductor chooses
             if (e.get("status") != "ok" or e.get("impl") != "ours" or not e.get("peak_gib")
                     or e.get("compiled")):
                 continue
             run = os.path.basename(os.path.dirname(path))
-            out.append(pytest.param(path, e, id=f"{run}: {e['name']}"))
+            stale = (started < BF16_FEEDBACK_SINCE and e.get("K", 0) > 0
+                     and not e.get("chunked"))
+            marks = [pytest.mark.skip(reason="measured before the bf16 feedback softmax; the "
+                                             "next GPU run measures it again")] if stale else []
+            out.append(pytest.param(path, e, id=f"{run}: {e['name']}", marks=marks))
     return out
 
 

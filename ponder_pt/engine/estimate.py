@@ -105,6 +105,8 @@ def vocab_layer_bytes(m: ModelConfig, vocab: int, a: int, tp: int, sp: bool, las
     v = vocab / tp
     if last:  # megatron CE keeps the fp32 softmax (in place of the fp32 logits)
         return norm + 4 * v
+    if tp == 1 and top_k <= 0:  # torch's softmax keeps its output, which p . W_in keeps too
+        return norm + a * v
     # feedback: fp32 probabilities kept by the softmax, their cast kept by p . W_in
     return norm + 4 * v + (a * v if a != 4 else 0)
 
@@ -242,6 +244,9 @@ def _vocab_backward(m: ModelConfig, a: int, tp: int, last: bool,
                 "one vocab chunk's buffers")
     if last:  # megatron's CE writes the fp32 gradient into the saved softmax, then casts it
         return cast * v, 0.0, "[tokens, V] logits gradient"
+    if tp == 1 and top_k <= 0:  # p's gradient, then the logits' (both in the activation
+        # dtype) while p itself is still kept
+        return 2 * a * v, 0.0, "[tokens, V] feedback softmax backward"
     # the matmul's backward frees p's cast first; then the fp32 gradient of p and two fp32
     # temporaries of the softmax backward
     return 12 * v - cast * v, 0.0, "[tokens, V] feedback softmax backward"

@@ -309,8 +309,14 @@ def vocab_parallel_softmax(logits: torch.Tensor, top_k: int = 0) -> torch.Tensor
     """Softmax over the full vocabulary of vocab-sharded logits; returns this rank's shard.
 
     top_k > 0 keeps the k largest logits of the whole vocabulary (by a global threshold; ties
-    at the threshold are all kept) and renormalises over them. fp32 probabilities.
+    at the threshold are all kept) and renormalises over them; those and TP > 1 give fp32
+    probabilities. A whole vocabulary without top-k (TP = 1) is torch's own softmax in the
+    logits' dtype (fp32 inside the kernel): one fused kernel each way, and it keeps only its
+    output, the very tensor p . W_in keeps for its weight gradient (bf16: 2 B per logit kept
+    per pass instead of fp32 probabilities plus their bf16 cast, 6 B).
     """
+    if tp_size() == 1 and top_k <= 0:
+        return torch.softmax(logits, dim=-1)
     group = tp_group() if tp_size() > 1 else None
     return _VocabParallelSoftmax.apply(logits, int(top_k), group)
 
