@@ -92,8 +92,9 @@ def block_activation_bytes(m: ModelConfig, ckpt: str, a: int, tp: int = 1,
 
 
 def vocab_layer_bytes(m: ModelConfig, vocab: int, a: int, tp: int, sp: bool, last: bool,
-                      feedback: str, top_k: int) -> float:
-    """Bytes per token kept at the end of one pass (final norm and what follows it)."""
+                      feedback: str, top_k: int, bf16: bool = False) -> float:
+    """Bytes per token kept at the end of one pass (final norm and what follows it); bf16:
+    the activations are bf16 (not fp16), which the TP = 1 loss keeps as they are."""
     h, r = m.hidden_size, (tp if sp else 1)
     norm = (a * h / r) if m.arch != "llama" else (4 + a) * h / r  # final norm's input
     if not last and feedback == "hidden":  # looped baseline: e + final_norm(x)
@@ -103,6 +104,8 @@ def vocab_layer_bytes(m: ModelConfig, vocab: int, a: int, tp: int, sp: bool, las
     if chunked:  # per-token statistics; the chunked feedback keeps its fp32 share [., h]
         return norm + 8 + (0 if last else 4 * h)
     v = vocab / tp
+    if last and tp == 1 and bf16:  # the bf16 CE keeps the logits and the targets' log-probs
+        return norm + a * v + 4
     if last:  # megatron CE keeps the fp32 softmax (in place of the fp32 logits)
         return norm + 4 * v
     if tp == 1 and top_k <= 0:  # torch's softmax keeps its output, which p . W_in keeps too
@@ -163,7 +166,8 @@ def memory_estimate(cfg: Config, world_size: int) -> dict:
                 act += per_block
             elif kind in ("feedback", "head"):
                 act += vocab_layer_bytes(m, vocab, a, tp, sp, kind == "head",
-                                         cfg.ponder.feedback, cfg.ponder.top_k)
+                                         cfg.ponder.feedback, cfg.ponder.top_k,
+                                         bf16=tr.precision == "bf16")
         in_flight = min(pp - s, grad_accum)
         act *= tokens * in_flight
         transient, why = _largest_transient(cfg, layers, per_block, a, tp, sp, tokens)
@@ -217,7 +221,8 @@ def _largest_transient(cfg, layers, per_block, a, tp, sp, tokens) -> tuple[float
         elif kind in ("feedback", "head"):
             last = kind == "head"
             kept = vocab_layer_bytes(m, m.vocab_size, a, tp, last=last, sp=sp,
-                                     feedback=feedback, top_k=top_k)
+                                     feedback=feedback, top_k=top_k,
+                                     bf16=cfg.train.precision == "bf16")
             if last or feedback != "hidden":
                 own, fixed, why = _vocab_backward(m, a, tp, last, top_k)
         extra = (own - freed) * tokens + fixed
@@ -242,7 +247,8 @@ def _vocab_backward(m: ModelConfig, a: int, tp: int, last: bool,
         logits = 4 + cast
         return (((4 if last else 8) + logits) * c + 4 * h, 0.0 if last else 2 * a * v * h,
                 "one vocab chunk's buffers")
-    if last:  # megatron's CE writes the fp32 gradient into the saved softmax, then casts it
+    if last:  # the bf16 CE allocates the gradient; megatron's CE writes the fp32 gradient
+        # into the saved softmax, then casts it
         return cast * v, 0.0, "[tokens, V] logits gradient"
     if tp == 1 and top_k <= 0:  # p's gradient, then the logits' (both in the activation
         # dtype) while p itself is still kept
