@@ -17,7 +17,7 @@ if (__name__ == "__main__" and os.environ.get("SLURM_JOB_ID")
         and "--dry-run" not in sys.argv):
     # SLURM's time-limit or preemption signal can arrive while the imports below run; caught
     # from here on (preemption imports nothing else), it is remembered instead of killing the
-    # rank. The batch script requeues ranks killed even earlier (ponder_pt/engine/preemption.py)
+    # rank. The batch script requeues ranks killed even earlier (slurm/pretrain.sh)
     from ponder_pt.engine.preemption import catch_early
 
     catch_early()
