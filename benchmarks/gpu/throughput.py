@@ -34,18 +34,21 @@ def estimated_peak(model, K: int, micro_batch: int, seq: int) -> float:
     return STATE_BYTES * est["params"] + est["activations"] + est["transient"]
 
 
+def largest_micro_batch(peak_bytes, mem_bytes: float, cap: int = 32) -> int:
+    """Largest power-of-two micro-batch (<= cap, >= 1) whose `peak_bytes(mb)` estimate, x
+    MEM_SLACK, fits in MEM_USE of the GPU's memory."""
+    mb = cap
+    while mb > 1 and MEM_SLACK * peak_bytes(mb) > MEM_USE * mem_bytes:
+        mb //= 2
+    return mb
+
+
 def _mb_estimate(cfg, seq: int, K: int, ckpt: str, mem_bytes: float, cap: int = 32) -> int:
-    """Largest power-of-two micro-batch (<= cap) whose estimated peak, x MEM_SLACK, fits in
-    MEM_USE of the GPU's memory (`estimated_peak`). The unchunked model's estimate, so that
+    """`largest_micro_batch` by `estimated_peak`: the unchunked model's estimate, so that
     chunked entries run at the unchunked entries' micro-batch (side by side); HF entries take
     ours at K = 0, the micro-batch they are compared at."""
     model = dataclasses.replace(cfg, activation_checkpointing=ckpt, vocab_chunk=0)
-    mb = cap
-    while mb > 1:
-        if MEM_SLACK * estimated_peak(model, K, mb, seq) <= MEM_USE * mem_bytes:
-            break
-        mb //= 2
-    return mb
+    return largest_micro_batch(lambda mb: estimated_peak(model, K, mb, seq), mem_bytes, cap)
 
 
 class Throughput:

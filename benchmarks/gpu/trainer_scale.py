@@ -13,7 +13,7 @@ import time
 
 from .common import cleanup, device_name, init_process_group, log, md_table
 from .results import Part, record
-from .throughput import MEM_SLACK, MEM_USE, Throughput
+from .throughput import Throughput, largest_micro_batch
 from .train import median_of, prepare_corpus, run_trainer
 
 SHAPE = {"gpu": "pythia-1b", "smoke": "toy"}
@@ -60,15 +60,12 @@ def trainer_config(overrides: list, vocab: int, mb: int):
 
 
 def trainer_micro_batch(overrides: list, vocab: int, mem_bytes, cap: int = 32) -> int:
-    """The largest power of two <= cap whose `--dry-run` estimate x MEM_SLACK fits MEM_USE of
-    the GPU."""
+    """`largest_micro_batch` by the trainer's own `--dry-run` estimate."""
     from ponder_pt.engine.estimate import memory_estimate
 
-    mb = cap
-    while mb > 1 and (memory_estimate(trainer_config(overrides, vocab, mb), 1)["total"]
-                      * MEM_SLACK > MEM_USE * mem_bytes):
-        mb //= 2
-    return mb
+    return largest_micro_batch(
+        lambda mb: memory_estimate(trainer_config(overrides, vocab, mb), 1)["total"],
+        mem_bytes, cap)
 
 
 SAME = ("arch", "num_layers", "hidden_size", "num_heads", "kv_heads", "ffn_size", "rotary_pct",
