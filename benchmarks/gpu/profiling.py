@@ -206,8 +206,8 @@ def _device_rows(events, on_gpu: bool) -> list:
 def top_ops(events, on_gpu: bool, steps: int) -> list:
     """The aten ops that cost the most, per (op, input shapes): on a GPU the device time of the
     kernels each launched (one launching op per correlation id, as in `_device_rows`), on the
-    CPU their self time. Shapes need the profiler's record_shapes. Kernel names alone cannot say which add or copy is the expensive one;
-    the shapes do."""
+    CPU their self time. Shapes need the profiler's record_shapes. Kernel names alone cannot
+    say which add or copy is the expensive one; the shapes do."""
     from torch.autograd import DeviceType
 
     acc = {}  # (op, shapes) -> [calls, us, category]
