@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from packaging.specifiers import SpecifierSet
 from _ee_helpers import pondering_export
 from _export_helpers import run_stock
 from _model_helpers import single_process  # noqa: F401
@@ -68,7 +69,9 @@ def test_version_guard_package_classes(export_k2, monkeypatch):
         assert json.load(fh)["ponder_transformers"] == TESTED_TRANSFORMERS
     load_model(export_k2)  # in range: loads
     register_auto_classes()
-    for fake in ("5.25.0", "5.16.2"):
+    # the first release past the range, and one before it
+    upper = next(s.version for s in SpecifierSet(TESTED_TRANSFORMERS) if s.operator == "<")
+    for fake in (f"{upper}.0", "5.16.2"):
         monkeypatch.setattr(transformers, "__version__", fake)
         for load in (lambda: load_model(export_k2),
                      lambda: AutoModelForCausalLM.from_pretrained(export_k2)):

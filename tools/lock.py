@@ -40,16 +40,20 @@ def transformers_lower_bound(pyproject: str = "pyproject.toml") -> str:
     return lows[0]
 
 
+# held back where the newest release makes the resolver trade something worse down
+CONSTRAINTS = "requirements/lock-constraints.txt"
+
+
 def compile_cmd(uv: str, out: str, exclude: list[str], upgrade: bool,
-                constraints: str | None = None) -> list[str]:
+                constraints: tuple[str, ...] = (CONSTRAINTS,)) -> list[str]:
     cmd = [uv, "pip", "compile", "pyproject.toml", "--universal", "--python-version", "3.11",
            "--quiet", "-o", out, "--custom-compile-command", "make lock"]
     cmd += [a for e in EXTRAS for a in ("--extra", e)]
     cmd += [a for p in ["torch", *exclude] for a in ("--no-emit-package", p)]
     if upgrade:
         cmd.append("--upgrade")
-    if constraints:
-        cmd += ["--constraint", constraints]
+    for path in constraints:
+        cmd += ["--constraint", path]
     return cmd
 
 
@@ -73,7 +77,8 @@ def main(argv=None) -> int:
     with open(pin, "w") as fh:
         fh.write(f"transformers=={oldest}\n")
     try:
-        subprocess.run(compile_cmd(args.uv, args.oldest_out, runtime, False, pin), check=True)
+        subprocess.run(compile_cmd(args.uv, args.oldest_out, runtime, False,
+                                   (CONSTRAINTS, pin)), check=True)
     finally:
         os.remove(pin)
     print(f"{args.oldest_out}: transformers=={oldest}")

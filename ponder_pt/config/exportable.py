@@ -9,7 +9,7 @@ rules are applied twice from this one place:
 * `models.hf.hf_config_from` (every export: `convert to-hf`, the trainer's HF files, tests)
   refuses to write a directory that would load into a different model.
 
-Checked against transformers 5.17-5.24 (the tested range): GPTNeoXConfig takes
+Checked against transformers 5.17-5.25 (the tested range): GPTNeoXConfig takes
 partial_rotary_factor and both residual layouts, but no GQA; LlamaRotaryEmbedding always
 rotates the whole head (`partial_rotary_factor` is ignored by Llama's default rope and its
 apply_rotary_pos_emb), so LLaMA exports need rotary_pct=1; GPT2LMHeadModel has learned

@@ -33,7 +33,7 @@ REMOTE_FILES = ("configuration_ponder.py", "modeling_ponder.py")
 # The transformers versions the exported pondering code is tested with: pyproject's
 # `transformers` requirement, which tests/test_export.py checks this equals. CI runs the
 # hf_compat tests at both ends of it.
-TESTED_TRANSFORMERS = ">=5.17,<5.25"
+TESTED_TRANSFORMERS = ">=5.17,<5.26"
 STOCK_CLASSES = {"gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
                  "gpt2": "GPT2LMHeadModel"}
 

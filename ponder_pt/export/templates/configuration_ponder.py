@@ -9,7 +9,7 @@ config:
     ponder_feedback ("embedding", or "hidden" for the looped baseline),
     pause_token_id / default_pauses (pause-trained models; None / 0 otherwise),
     ponder_transformers (the transformers versions the export was tested with, e.g.
-    ">=5.17,<5.25"; the model refuses to load outside them).
+    ">=5.17,<5.26"; the model refuses to load outside them).
 """
 
 from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
