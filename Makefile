@@ -11,6 +11,10 @@ TORCH_INDEX   ?=
 PY            := $(VENV)/bin/python
 STAMP         := $(VENV)/.ponder-pt-installed
 PYTEST_ARGS   ?=
+# pytest-xdist workers (one per core; TEST_WORKERS=0 runs in one process). Whole files go to a
+# worker (their module fixtures are built once), the slowest files first (tests/durations.json)
+TEST_WORKERS  ?= $(shell nproc 2>/dev/null || echo 2)
+XDIST         := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 LOCK          ?= requirements/lock.txt
 LOCK_OLDEST   ?= requirements/lock-transformers-oldest.txt
 UV_VERSION    ?= 0.13.9
@@ -36,11 +40,14 @@ $(STAMP): pyproject.toml $(LOCK)
 demo: $(STAMP)
 	$(VENV)/bin/ponder-pt demo --out demo_out
 
+# the suite's budget: a fresh-clone .ci/run within 25 minutes on a quiet 2-core machine;
+# tools/suite_time.py names the tests that grew against tests/durations.json (a report only)
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) --durations=25 $(PYTEST_ARGS)
+	-@$(PY) tools/suite_time.py
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # The export / generation / early-exit-backbone tests again, with transformers at the oldest
 # version pyproject.toml declares (the main lock has the newest): the pins that differ between
@@ -51,7 +58,7 @@ test-compat: $(STAMP) $(LOCK_OLDEST)
 	$(PY) tools/overlay.py --base $(LOCK) --lock $(LOCK_OLDEST) --target $(COMPAT_DIR)
 	PYTHONPATH=$(CURDIR)/$(COMPAT_DIR) PONDER_EXPECT_TRANSFORMERS=$$($(PY) tools/overlay.py \
 	  --lock $(LOCK_OLDEST) --version-of transformers) \
-	  $(PY) -m pytest -q -m "$(COMPAT_TESTS)" $(PYTEST_ARGS)
+	  $(PY) -m pytest -q $(XDIST) -m "$(COMPAT_TESTS)" $(PYTEST_ARGS)
 
 # Drift check, not CI: a fresh venv with the newest release of every dependency that
 # pyproject.toml allows (no lock), then the whole suite. Run it before users meet a release.
@@ -62,7 +69,7 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(LATEST_VENV)/bin/python -m pip install --upgrade --upgrade-strategy eager -e ".[dev,eval,wandb]"
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze > $(LATEST_VENV)/versions.txt
-	PONDER_UNLOCKED=1 $(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	PONDER_UNLOCKED=1 $(LATEST_VENV)/bin/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 # Regenerate both lock files from pyproject.toml's ranges with uv (newest allowed releases).
 lock: $(STAMP)

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import shared_dir
 from train_utils import run_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,27 +26,30 @@ RUNS = {
 
 
 class _Runs:
-    """name -> checkpoint.dir, each run trained on first use (then cached for the session)."""
+    """name -> checkpoint.dir, each run trained on first use (then cached for the test run,
+    across xdist workers too)."""
 
-    def __init__(self, root, prefix, tokenizer):
-        self.root, self.prefix, self.tokenizer, self.done = root, prefix, tokenizer, {}
+    def __init__(self, tmp_path_factory, prefix, tokenizer):
+        self.factory, self.prefix, self.tokenizer, self.done = tmp_path_factory, prefix, tokenizer, {}
+
+    def _train(self, name: str, run_dir: str) -> None:
+        extra, nproc = RUNS[name]
+        run_train(run_dir, self.prefix, self.tokenizer,
+                  [f"checkpoint.dir={os.path.join(run_dir, 'ckpt')}", "train.iters=2",
+                   "checkpoint.interval=2", *extra], nproc=nproc)
 
     def __getitem__(self, name: str) -> str:
         if name not in self.done:
-            extra, nproc = RUNS[name]
-            run_dir = os.path.join(self.root, name)
-            ckpt = os.path.join(run_dir, "ckpt")
-            run_train(run_dir, self.prefix, self.tokenizer,
-                      [f"checkpoint.dir={ckpt}", "train.iters=2", "checkpoint.interval=2",
-                       *extra], nproc=nproc)
-            self.done[name] = ckpt
+            run_dir = shared_dir(self.factory, f"export_run_{name}",
+                                 lambda out: self._train(name, out))
+            self.done[name] = os.path.join(run_dir, "ckpt")
         return self.done[name]
 
 
 @pytest.fixture(scope="session")
 def trained(prepared, bpe_dir, tmp_path_factory):
     """Lazily trained 2-step tiny runs: trained["ponder"] -> its checkpoint.dir."""
-    return _Runs(str(tmp_path_factory.mktemp("export_runs")), prepared, bpe_dir)
+    return _Runs(tmp_path_factory, prepared, bpe_dir)
 
 
 def run_stock(script: str, *args, timeout: int = 300) -> dict:

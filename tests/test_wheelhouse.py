@@ -72,8 +72,9 @@ def test_wheelhouse_installs_offline_and_trains(tmp_path, prepared, bpe_dir):
 
     run_dir = tmp_path / "run"
     cmd = train_cmd(str(run_dir), prepared, bpe_dir, extra=["train.iters=2"])
-    env.update(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=os.environ.get(
-        "TORCH_EXTENSIONS_DIR", str(tmp_path / "ext")))
+    # its own extension cache: DeepSpeed's JIT ops built here name this venv's include paths,
+    # and sharing the suite's cache would make every later run rebuild them
+    env.update(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     env.pop("WORLD_SIZE", None)
     train = subprocess.run([py, *cmd[1:]], env=env, cwd=tmp_path, capture_output=True,
                            text=True, timeout=900)
