@@ -419,11 +419,23 @@ def test_slurm_local_config_is_private_to_its_directory(tmp_path):
     assert cluster.env({"PATH": "/usr/bin"})["SLURM_CONF"] == str(tmp_path / "slurm.conf")
 
 
-def test_signal_during_startup_under_slurm_still_saves_and_exits_99(prepared, bpe_dir, tmp_path):
+NINJA_SIGNALLING = """#!/bin/bash
+# DeepSpeed's op build (or up-to-date check) runs ninja: signal the whole process group, as
+# SLURM signals every process of a step, once, then build
+if [ ! -e "$PONDER_TEST_MARK" ]; then touch "$PONDER_TEST_MARK"; kill -USR1 0; fi
+exec {ninja} "$@"
+"""
+
+
+@pytest.mark.parametrize("when", ["imports", "op_build"])
+def test_signal_during_startup_under_slurm_still_saves_and_exits_99(prepared, bpe_dir, tmp_path,
+                                                                     when):
     """A rank signalled before its training loop (SLURM may send the time-limit signal that
     early) must not die of SIGUSR1's default action with nothing saved and no requeue: under
     SLURM (SLURM_JOB_ID set) the entry point catches it first thing; the loop then runs one
-    step, saves and exits 99. One process, no scheduler needed."""
+    step, saves and exits 99. One process, no scheduler needed. `imports`: the signal comes
+    while DeepSpeed is imported. `op_build`: it reaches every process of the group while ninja
+    builds or checks DeepSpeed's CPU comm op, which must finish its build, not fail the rank."""
     cmd = [sys.executable, "-m", "ponder_pt.train", "--config", "demo"]
     for item in [*TINY, "train.iters=50", f"data.train=[{prepared}]", f"data.tokenizer={bpe_dir}",
                  f"data.cache_dir={tmp_path}/cache", f"log.dir={tmp_path}",
@@ -432,13 +444,21 @@ def test_signal_during_startup_under_slurm_still_saves_and_exits_99(prepared, bp
     env = dict(os.environ, SLURM_JOB_ID="12345", OMP_NUM_THREADS="1")
     for key in ("WORLD_SIZE", "RANK", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_PORT"):
         env.pop(key, None)
+    if when == "op_build":
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "ninja").write_text(NINJA_SIGNALLING.format(ninja=shutil.which("ninja")))
+        (bin_dir / "ninja").chmod(0o755)
+        env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
+                   PONDER_TEST_MARK=str(tmp_path / "signalled"))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)  # its own group to signal
     out = []
     try:
         for line in proc.stdout:  # deepspeed is imported after the handler is in place
             out.append(line)
-            if "real_accelerator" in line or "Setting accelerator" in line:
+            if when == "imports" and ("real_accelerator" in line
+                                      or "Setting accelerator" in line):
                 proc.send_signal(signal.SIGUSR1)
                 break
         out.append(proc.communicate(timeout=300)[0])
@@ -446,6 +466,8 @@ def test_signal_during_startup_under_slurm_still_saves_and_exits_99(prepared, bp
         if proc.poll() is None:
             proc.kill()
     text = "".join(out)
+    if when == "op_build":
+        assert (tmp_path / "signalled").exists(), "ninja never ran"
     assert proc.returncode == 99, text[-3000:]
     saved = re.search(r"signal received: saving at step (\d+)", text)
     assert saved and int(saved.group(1)) < 50, text[-3000:]

@@ -79,8 +79,11 @@ def test_tp2_pp2_matches_single_process(reference, prepared, bpe_dir, tmp_path):
     _assert_same(metrics(str(tmp_path)), reference)
 
 
+LONG = 40  # room to kill the run after its step-10 checkpoint and before its end
+
+
 def _long(run_dir):
-    return ["train.iters=120", "train.eval_interval=1000", f"checkpoint.dir={run_dir}/ckpt",
+    return [f"train.iters={LONG}", "train.eval_interval=1000", f"checkpoint.dir={run_dir}/ckpt",
             "checkpoint.interval=10"]
 
 
@@ -130,10 +133,10 @@ def test_sigkill_then_resume_matches_uninterrupted(prepared, bpe_dir, tmp_path):
     out = run_train(str(cut), prepared, bpe_dir, _long(cut), nproc=2).stdout
     assert "resumed from" in out
     start = int(out.split("training steps ")[1].split("..")[0])
-    assert start % 10 == 0 and 10 <= start < 120, out[-2000:]
+    assert start % 10 == 0 and 10 <= start < LONG, out[-2000:]
     resumed, _ = metrics(str(cut))
-    assert sorted(resumed) == list(range(1, 121))
-    for step in range(1, 121):
+    assert sorted(resumed) == list(range(1, LONG + 1))
+    for step in range(1, LONG + 1):
         assert resumed[step] == pytest.approx(ref[step], rel=1e-6), (step, resumed, ref)
 
 

@@ -100,6 +100,11 @@ class GenBench:
     def remaining(self) -> float:
         return self.args.deadline - time.time() - 3.0
 
+    def stop_at(self, seconds: float):
+        """The clock time a timed loop stops at, `seconds` from now; none in the smoke, which
+        checks the loops, not the speed (a loaded CPU must not shorten them)."""
+        return None if self.args.smoke else time.time() + seconds
+
     def fields(self, case, **kw):
         return {"shape": self.shape, "case": case, **kw}
 
@@ -127,7 +132,7 @@ class GenBench:
         # one plain decode over the whole length: kernels / plans chosen per KV length (cuDNN
         # SDPA graphs, oneDNN primitives on CPU) are built here, not in whichever timed run
         # comes first (that biased K=3 vs K=0); every pass sees the same KV lengths
-        warm, _ = self.cached(0, self.n_new, stop_at=time.time() + 0.15 * self.remaining())
+        warm, _ = self.cached(0, self.n_new, stop_at=self.stop_at(0.15 * self.remaining()))
         sync(self.dev)
         from ponder_pt.engine.flops import param_count
 
@@ -203,9 +208,7 @@ class GenBench:
         # the K=3 run may use at most 45 % of what is left, so that the baselines still fit
         # (on an H200 the first GPU run spent the whole section on K=3 at 73 ms/token)
         share = 0.45 if K == GEN_K else 1.0
-        # the smoke checks the loops, not the speed: a loaded CPU must not shorten its run
-        stop_at = None if self.args.smoke else time.time() + share * self.remaining()
-        out, times = self.cached(K, n, stop_at=stop_at)
+        out, times = self.cached(K, n, stop_at=self.stop_at(share * self.remaining()))
         res = _gen_timing(times, n)
         res["tokens_head"], res["decoding"] = out[:16], self.decoding
         self.res[f"K{K}"] = {**res, "tokens": out}
@@ -244,7 +247,7 @@ class GenBench:
         """The same decoding without the CUDA graph (eager steps on preallocated caches),
         over the first GEN_EAGER_TOKENS tokens; graph speed-up over the same tokens."""
         n = min(GEN_EAGER_TOKENS, self.n_new)
-        out, times = self.cached(K, n, stop_at=time.time() + 0.5 * self.remaining(),
+        out, times = self.cached(K, n, stop_at=self.stop_at(0.5 * self.remaining()),
                                  cuda_graph=False)
         res = _gen_timing(times, n)
         res["decoding"] = self.decoding
@@ -266,7 +269,7 @@ class GenBench:
             seq, times, t_before = torch.tensor([self.prompt], device=self.dev), {}, 0.0
         # the continuation leaves the HF entry its estimated time
         reserve = self.hf_need() if extend and "hf" not in self.res else 0.0
-        stop_at = time.time() + max(1.0, self.remaining() - reserve)
+        stop_at = self.stop_at(max(1.0, self.remaining() - reserve))
         seq, times = self.recompute_loop(seq, n, times, t_before, stop_at)
         self.rec_state = (seq, times)
         res = _gen_timing(times, n)

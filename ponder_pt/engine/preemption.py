@@ -7,6 +7,7 @@ sbatch scripts turn into `scontrol requeue`.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 EXIT_REQUEUE = 99
@@ -27,6 +28,20 @@ def catch_early(signals=SIGNALS) -> None:
 
     for sig in signals:
         signal.signal(sig, _remember)
+
+
+@contextlib.contextmanager
+def signals_held(signals=SIGNALS):
+    """Hold preemption signals back while DeepSpeed JIT-builds, or checks with ninja, its C++
+    ops (`init_distributed`, `deepspeed.initialize`). SLURM signals every process of the step:
+    a ninja or compiler killed by SIGUSR1 fails the rank with "Error building extension"
+    instead of the run saving and requeueing. Blocked here, the children inherit the mask and
+    finish their build; the signal reaches this process's handler when the block is lifted."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 REQUEUE_FILE_ENV = "PONDER_PT_REQUEUE_FILE"  # set by slurm/pretrain.sh

@@ -20,7 +20,8 @@ from .checkpoint import CheckpointManager
 from .ds_config import build_ds_config
 from .flops import flops_per_token, peak_tflops
 from .metrics import MetricsLogger
-from .preemption import EXIT_REQUEUE, PreemptionFlag, announce_requeue, marker_path
+from .preemption import (EXIT_REQUEUE, PreemptionFlag, announce_requeue, marker_path,
+                         signals_held)
 from .schedule import lr_at, make_scheduler
 
 EXIT_DIVERGED = 3
@@ -104,10 +105,11 @@ class Trainer:
         self._initial_weights(model)
         if self.cfg.train.compile:
             model.compile_blocks()  # before DeepSpeed wraps it; compiles on the first step
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, self.cfg.train.weight_decay),
-            config=ds_cfg, mpu=D.MegatronMPU(),
-            lr_scheduler=lambda opt: make_scheduler(opt, self.cfg.train))
+        with signals_held():  # it may JIT-build an op (CPU Adam for offload)
+            engine, _, _, _ = deepspeed.initialize(
+                model=model, model_parameters=param_groups(model, self.cfg.train.weight_decay),
+                config=ds_cfg, mpu=D.MegatronMPU(),
+                lr_scheduler=lambda opt: make_scheduler(opt, self.cfg.train))
         return engine
 
     def _initial_weights(self, model: torch.nn.Module) -> None:
