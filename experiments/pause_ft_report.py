@@ -289,6 +289,23 @@ def _means(doc: dict, task: str, labels, m: int) -> list:
             and (s["scores"].get(str(m)) or {}).get("mean") is not None]
 
 
+def _tally(comparisons: list) -> str:
+    above = sum(c["lo"] > 0 for c in comparisons)
+    below = sum(c["hi"] < 0 for c in comparisons)
+    return (f"of {len(comparisons)} differences, {above} with an interval above 0, {below} "
+            f"below 0, {len(comparisons) - above - below} including 0")
+
+
+def _per_task(tasks: list, comparisons: list, describe) -> list:
+    """One bullet per task: its comparisons, described, separated by semicolons."""
+    out = []
+    for task in tasks:
+        cs = [c for c in comparisons if c["task"] == task]
+        if cs:
+            out.append(f"- `{task}`: " + "; ".join(describe(c) for c in cs) + ".")
+    return out
+
+
 def findings(doc: dict) -> list:
     """What the numbers show, each sentence computed from them."""
     m_ft, out = doc["ft_pauses"], []
@@ -363,17 +380,10 @@ def findings(doc: dict) -> list:
     out += [f"- PauseFT also spends {m_ft} extra positions of compute per answer.", ""]
     ponder = [c for c in doc["intervals"] if c["kind"] == "ponder"]
     if ponder:
-        gains = sum(c["lo"] > 0 for c in ponder)
-        losses = sum(c["hi"] < 0 for c in ponder)
-        out += [f"**Pondering K fine-tuned at equal tokens**, against K = 0 (StdPT + StdFT): of "
-                f"{len(ponder)} differences, {gains} {'has' if gains == 1 else 'have'} an "
-                f"interval above 0, {losses} below 0, {len(ponder) - gains - losses} "
-                f"{'includes' if len(ponder) - gains - losses == 1 else 'include'} 0.", ""]
-        for task in tasks:
-            cs = [c for c in ponder if c["task"] == task]
-            if cs:
-                out.append(f"- `{task}`: " + "; ".join(f"{_cell(c['a']['label'])} {_iv(c)}, "
-                                                     f"{_verdict(c)}" for c in cs) + ".")
+        out += [f"**Pondering K fine-tuned at equal tokens**, against K = 0 (StdPT + StdFT): "
+                f"{_tally(ponder)}.", ""]
+        out += _per_task(tasks, ponder, lambda c: f"{_cell(c['a']['label'])} {_iv(c)}, "
+                                                  f"{_verdict(c)}")
         bb = doc["backbones"]
         ks = sorted({int(c["a"]["label"][1:]) for c in ponder})
         if "plain" in bb and all(f"ponder_k{k}" in bb for k in ks) and \
@@ -391,18 +401,12 @@ def findings(doc: dict) -> list:
         out.append("")
     flops = [c for c in doc["intervals"] if c["kind"] == "flops"]
     if flops:
-        wins = sum(c["lo"] > 0 for c in flops)
         runs = sorted({s["run"] for s in doc["summary"] if s["group"] == "flops"})
         out += [f"**Equal fine-tuning FLOPs**: the K = 0 model fine-tuned for (K+1)x the steps "
-                f"against pondering K: in {wins} of {len(flops)} pairs the interval is above 0 "
-                f"(more steps win), in {sum(c['hi'] < 0 for c in flops)} below 0 (pondering "
-                f"wins).", ""]
-        for task in tasks:
-            cs = [c for c in flops if c["task"] == task]
-            if cs:
-                out.append(f"- `{task}`: " + "; ".join(
-                    f"{_cell(c['a']['label'])} − {_cell(c['b']['label'])} {_iv(c)}" for c in cs)
-                    + ".")
+                f"against pondering K (above 0: more steps win; below 0: pondering wins): "
+                f"{_tally(flops)}.", ""]
+        out += _per_task(tasks, flops, lambda c: f"{_cell(c['a']['label'])} − "
+                                                 f"{_cell(c['b']['label'])} {_iv(c)}")
         bb = doc["backbones"]
         if runs == ["plain"] and "plain" in bb:
             ratios = [bb[f"ponder_k{int(c['b']['label'][1:])}"]["pretraining_flops"]
