@@ -7,7 +7,8 @@
    and without pause insertion.
 
   python benchmarks/bench_data.py [--mb 8] [--seq-len 2048] [--samples 3000]
-Prints a markdown table (the one in benchmarks/README.md comes from this script).
+Prints the markdown tables of benchmarks/README.md and writes them with the measurements to
+benchmarks/results/cpu/bench_data.json (`--record`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process, for fairness
 
+from cpu_record import add_record_arg, environment, write_record  # noqa: E402
 from ponder_pt.data.corpus import stdlib_docstrings  # noqa: E402
 from ponder_pt.data.prepare import prepare  # noqa: E402
 from ponder_pt.data.samples import build_datasets  # noqa: E402
@@ -64,7 +66,9 @@ def main() -> None:
     ap.add_argument("--mb", type=float, default=8.0, help="corpus size in MB of text")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--samples", type=int, default=3000)
+    add_record_arg(ap, "bench_data")
     args = ap.parse_args()
+    started = environment()
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "corpus.jsonl")
         docs = make_corpus(corpus, args.mb)
@@ -80,14 +84,19 @@ def main() -> None:
         no_pause = loader_rate(prefix, os.path.join(tmp, "c0"), args.seq_len, args.samples, 0.0)
         paused = loader_rate(prefix, os.path.join(tmp, "c1"), args.seq_len, args.samples, 0.1)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"corpus {args.mb:g} MB, {docs} documents, BPE vocab 8192\n")
-    print("| tokenization | tokens/s | vs plain loop |\n|---|---:|---:|")
-    for name, value in rows:
-        print(f"| {name} | {value:,.0f} | {value / plain:.2f}x |")
-    print(f"\n| loader (seq_len {args.seq_len}) | samples/s | tokens/s | vs no pauses |\n|---|---:|---:|---:|")
-    for name, value in (("no pauses", no_pause), ("pause.rate 0.1", paused)):
-        print(f"| {name} | {value:,.0f} | {value * args.seq_len:,.0f} | {value / no_pause:.2f}x |")
+    lines = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+             f"corpus {args.mb:g} MB, {docs} documents, BPE vocab 8192", "",
+             "| tokenization | tokens/s | vs plain loop |", "|---|---:|---:|"]
+    lines += [f"| {name} | {value:,.0f} | {value / plain:.2f}x |" for name, value in rows]
+    loader = (("no pauses", no_pause), ("pause.rate 0.1", paused))
+    lines += ["", f"| loader (seq_len {args.seq_len}) | samples/s | tokens/s | vs no pauses |",
+              "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {value:,.0f} | {value * args.seq_len:,.0f} | {value / no_pause:.2f}x |"
+              for name, value in loader]
+    print("\n".join(lines))
+    write_record(args.record, "bench_data.py", args,
+                 {"documents": docs, "tokenization_tokens_per_s": dict(rows),
+                  "loader_samples_per_s": dict(loader)}, "\n".join(lines), started)
 
 
 if __name__ == "__main__":

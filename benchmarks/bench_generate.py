@@ -6,7 +6,7 @@ token costs K+1 one-token forwards. Both loops here decode greedily (argmax, no 
 the same random PonderLM and must produce the same tokens; the script checks that and
 reports ms per generated token and the speed-up, at 64/256/1024 new tokens.
 
-    .venv/bin/python benchmarks/bench_generate.py                  # CPU table (README_generate.md)
+    .venv/bin/python benchmarks/bench_generate.py                  # CPU table (benchmarks/README.md)
     .venv/bin/python benchmarks/bench_generate.py --device cuda --hidden 1024 --layers 24
 
 `--decoders` instead times one cached token four ways, for K = 0 and K = `--steps` side by
@@ -16,6 +16,10 @@ before), the eager decoder (preallocated caches, `F.linear` at TP = 1), its fixe
 the pondering cost ratio K-step / ((K+1) x plain), whose goal is <= 1.1.
 
     .venv/bin/python benchmarks/bench_generate.py --decoders --layers 12 --hidden 64
+
+Each run writes its measurements, the machine, versions and arguments to a json (`--record`;
+default benchmarks/results/cpu/bench_generate.json, with --decoders
+bench_generate_decoders.json).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ sys.path.insert(0, REPO)
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+from cpu_record import add_record_arg, default_path, environment, write_record  # noqa: E402
 
 
 def build(args):
@@ -88,8 +93,9 @@ def decoder(model, prompt, n, K, mode):
     return out
 
 
-def decoders_table(model, prompt, args) -> None:
-    """ms/token per decoder for K = 0 and K, min of two interleaved rounds."""
+def decoders_table(model, prompt, args) -> tuple[list, list]:
+    """ms/token per decoder for K = 0 and K, min of two interleaved rounds: (table lines,
+    measurements)."""
     ways = {"megatron linear, grown caches": lambda K, n: grown(model, prompt, n, K)}
     modes = ["eager", "static"] + (["graph"] if args.device.startswith("cuda") else [])
     for mode in modes:
@@ -106,14 +112,15 @@ def decoders_table(model, prompt, args) -> None:
                 tokens.setdefault(K, out)
                 assert out == tokens[K] or args.device != "cpu", (name, K)
     K = args.steps
-    print(f"| decoder | K=0 ms/token | K={K} ms/token | K={K} / ({K + 1} x K=0) "
-          f"| vs first row, K={K} |")
-    print("|---|---:|---:|---:|---:|")
+    lines = [f"| decoder | K=0 ms/token | K={K} ms/token | K={K} / ({K + 1} x K=0) "
+             f"| vs first row, K={K} |", "|---|---:|---:|---:|---:|"]
     first = best[next(iter(ways)), K]
     for name in ways:
         a, b = best[name, 0], best[name, K]
-        print(f"| {name} | {1e3 * a:.2f} | {1e3 * b:.2f} | {b / ((K + 1) * a):.2f} "
-              f"| {first / b:.2f}x |", flush=True)
+        lines.append(f"| {name} | {1e3 * a:.2f} | {1e3 * b:.2f} | {b / ((K + 1) * a):.2f} "
+                     f"| {first / b:.2f}x |")
+    return lines, [{"decoder": name, "K0_s_per_token": best[name, 0],
+                    f"K{K}_s_per_token": best[name, K]} for name in ways]
 
 
 def timed(fn, *a):
@@ -139,32 +146,44 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--decoders", action="store_true",
                    help="time the decoders against each other (first of --lengths tokens)")
+    add_record_arg(p, "bench_generate")
     args = p.parse_args(argv)
+    if args.decoders and args.record == default_path("bench_generate"):
+        args.record = default_path("bench_generate_decoders")
+    started = environment()
     torch.set_num_threads(args.threads)
     model = build(args)
     prompt = torch.randint(0, args.vocab, (1, args.prompt),
                            generator=torch.Generator().manual_seed(0)).to(args.device)
+    head = (f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads "
+            f"{args.threads}, device {args.device}; GPT-NeoX {args.layers} layers x hidden "
+            f"{args.hidden}, vocab {args.vocab}")
     if args.decoders:
-        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads "
-              f"{args.threads}, device {args.device}; GPT-NeoX {args.layers} layers x hidden "
-              f"{args.hidden}, vocab {args.vocab}, prompt {args.prompt}, "
-              f"{args.lengths[0]} new tokens, greedy, batch 1\n")
-        decoders_table(model, prompt, args)
+        lines = [f"{head}, prompt {args.prompt}, {args.lengths[0]} new tokens, greedy, batch 1",
+                 ""]
+        table, measured = decoders_table(model, prompt, args)
+        lines += table
+        print("\n".join(lines))
+        write_record(args.record, "bench_generate.py", args, measured, "\n".join(lines),
+                     started)
         return
     cached(model, prompt, 4)  # warm-up
     recompute(model, prompt, 4)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads "
-          f"{args.threads}, device {args.device}; GPT-NeoX {args.layers} layers x hidden "
-          f"{args.hidden}, vocab {args.vocab}, K={args.steps} (K+1={args.steps + 1} passes), "
-          f"prompt {args.prompt} tokens, greedy, batch 1\n")
-    print("| new tokens | K+1 caches ms/token | recompute prefix ms/token | speed-up "
-          "| same tokens |")
-    print("|---:|---:|---:|---:|:---:|")
+    lines = [f"{head}, K={args.steps} (K+1={args.steps + 1} passes), prompt {args.prompt} "
+             f"tokens, greedy, batch 1", "",
+             "| new tokens | K+1 caches ms/token | recompute prefix ms/token | speed-up "
+             "| same tokens |", "|---:|---:|---:|---:|:---:|"]
+    print("\n".join(lines))
+    measured = []
     for n in args.lengths:
         a, ta = timed(cached, model, prompt, n)
         b, tb = timed(recompute, model, prompt, n)
-        print(f"| {n} | {1e3 * ta / n:.2f} | {1e3 * tb / n:.2f} | {tb / ta:.1f}x | "
-              f"{'yes' if a == b else 'NO'} |", flush=True)
+        lines.append(f"| {n} | {1e3 * ta / n:.2f} | {1e3 * tb / n:.2f} | {tb / ta:.1f}x | "
+                     f"{'yes' if a == b else 'NO'} |")
+        print(lines[-1], flush=True)
+        measured.append({"new_tokens": n, "cached_s": ta, "recompute_s": tb,
+                         "same_tokens": a == b})
+    write_record(args.record, "bench_generate.py", args, measured, "\n".join(lines), started)
 
 
 if __name__ == "__main__":

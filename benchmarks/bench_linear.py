@@ -21,6 +21,7 @@ sys.path.insert(0, REPO)
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+from cpu_record import add_record_arg, environment, write_record  # noqa: E402
 
 
 def set_plain_linears(model, plain: bool) -> None:
@@ -47,7 +48,9 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_record_arg(p, "bench_linear")
     args = p.parse_args(argv)
+    started = environment()
     init_single_process()
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cfg = ModelConfig(arch="gpt_neox", num_layers=args.layers, hidden_size=args.hidden,
@@ -59,12 +62,14 @@ def main(argv=None) -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads "
-          f"{torch.get_num_threads()}, device {dev}, {args.dtype}; GPT-NeoX {args.layers} "
-          f"layers x hidden {args.hidden}, vocab {args.vocab}, batch {args.batch} x seq "
-          f"{args.seq}; forward + backward\n")
-    print("| K | megatron linear step (ms) | F.linear step (ms) | F.linear / megatron |")
-    print("|---:|---:|---:|---:|")
+    lines = [f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads "
+             f"{torch.get_num_threads()}, device {dev}, {args.dtype}; GPT-NeoX {args.layers} "
+             f"layers x hidden {args.hidden}, vocab {args.vocab}, batch {args.batch} x seq "
+             f"{args.seq}; forward + backward", "",
+             "| K | megatron linear step (ms) | F.linear step (ms) | F.linear / megatron |",
+             "|---:|---:|---:|---:|"]
+    print("\n".join(lines))
+    measured = []
     for K in args.ponder:
         model = PonderLM(cfg, PonderConfig(steps=K), params_dtype=dtype).to(dev).train()
         best = {}
@@ -79,8 +84,11 @@ def main(argv=None) -> None:
                     sync()
                     if i:
                         best[plain] = min(best.get(plain, float("inf")), time.perf_counter() - t)
-        print(f"| {K} | {1e3 * best[False]:.1f} | {1e3 * best[True]:.1f} | "
-              f"{best[True] / best[False]:.3f} |", flush=True)
+        lines.append(f"| {K} | {1e3 * best[False]:.1f} | {1e3 * best[True]:.1f} | "
+                     f"{best[True] / best[False]:.3f} |")
+        print(lines[-1], flush=True)
+        measured.append({"K": K, "megatron_step_s": best[False], "f_linear_step_s": best[True]})
+    write_record(args.record, "bench_linear.py", args, measured, "\n".join(lines), started)
 
 
 if __name__ == "__main__":

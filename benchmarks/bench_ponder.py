@@ -14,6 +14,9 @@ Memory, two measures:
   transient buffers; coarse.
 * CUDA: `peak MiB` = torch.cuda.max_memory_allocated() minus memory allocated before the step.
 
+Each run writes its rows, the machine, versions and arguments to a json (`--record`, default
+benchmarks/results/cpu/bench_ponder.json; benchmarks/README.md names the file of each table).
+
 CPU (the table in benchmarks/README.md):
     .venv/bin/python benchmarks/bench_ponder.py
 Vocab-chunked loss and feedback (`model.vocab_chunk`) side by side with the unchunked path:
@@ -40,6 +43,8 @@ import warnings
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 warnings.filterwarnings("ignore")
+
+from cpu_record import add_record_arg, environment, write_record  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -71,6 +76,7 @@ def parse_args(argv=None):
                     help="accelerator peak for MFU (H100 SXM dense bf16: 989)")
     ap.add_argument("--json", action="store_true", help="print raw results as JSON lines too")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # "K,ckpt,chunk" (child)
+    add_record_arg(ap, "bench_ponder")
     return ap.parse_args(argv)
 
 
@@ -208,6 +214,7 @@ def main(argv=None):
         print("RESULT " + json.dumps(run_single(args)), flush=True)
         return
     argv = list(sys.argv[1:] if argv is None else argv)
+    started = environment()
     load0 = os.getloadavg()[0]
     best = {}
     for _ in range(args.repeats):
@@ -229,12 +236,14 @@ def main(argv=None):
                 best[K, ckpt, chunk] = row
     rows = list(best.values())
     cfg = model_config(args)
-    print(f"\nshape: {cfg.arch} L={cfg.num_layers} h={cfg.hidden_size} heads={cfg.num_heads} "
-          f"V={cfg.vocab_size} seq={args.seq} batch={args.batch} ({rows[0]['params_m']:.1f}M "
-          f"params), {args.device} {args.dtype}, {args.threads} threads, top_k={args.top_k}, "
-          f"{args.stat} of {args.iters} steps x {args.repeats} sweeps after {args.warmup} "
-          f"warm-up; 1-min load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end\n")
-    print(table(rows, args))
+    text = (f"shape: {cfg.arch} L={cfg.num_layers} h={cfg.hidden_size} heads={cfg.num_heads} "
+            f"V={cfg.vocab_size} seq={args.seq} batch={args.batch} ({rows[0]['params_m']:.1f}M "
+            f"params), {args.device} {args.dtype}, {args.threads} threads, top_k={args.top_k}, "
+            f"{args.stat} of {args.iters} steps x {args.repeats} sweeps after {args.warmup} "
+            f"warm-up; 1-min load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at "
+            f"end\n\n{table(rows, args)}")
+    print("\n" + text)
+    write_record(args.record, "bench_ponder.py", args, rows, text, started)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ model, same batch size, gradient clipping) in one process, side by side in one r
 
   python benchmarks/bench_train_overhead.py [--steps 30] [--ponder 0] [--hidden 256]
 
-Prints a markdown row per setting with the median step times and their ratio (target <= 1.10).
+Prints a markdown row per setting with the median step times and their ratio (target <= 1.10),
+and writes them with the machine, versions and arguments to
+benchmarks/results/cpu/bench_train_overhead.json (`--record`; with --compile
+bench_train_overhead_compile.json).
 
   python benchmarks/bench_train_overhead.py --compile [--ponder 0 3]
 
@@ -25,6 +28,8 @@ import os
 import statistics
 import tempfile
 import time
+
+from cpu_record import add_record_arg, default_path, environment, write_record
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -80,7 +85,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2,
                     help="--compile: eager/compiled runs alternated this many times; the "
                          "fastest median of each is reported (robust to other load)")
+    add_record_arg(ap, "bench_train_overhead")
     args = ap.parse_args()
+    if args.compile and args.record == default_path("bench_train_overhead"):
+        args.record = default_path("bench_train_overhead_compile")
+    started = environment()
 
     import torch
 
@@ -127,21 +136,26 @@ def main() -> None:
             init_single_process()
             t_plain = plain_loop(cfg, args.steps)
             rows.append((k, t_plain, t_ours))
-    print(f"CPU, {os.cpu_count()} cores, fp32; model {args.layers} layers x {args.hidden} hidden, "
-          f"seq {args.seq_len}, global batch 8 (2 x micro 4), activation checkpointing "
-          f"{args.checkpointing}; torch {torch.__version__}\n")
+    lines = [f"CPU, {os.cpu_count()} cores, fp32; model {args.layers} layers x {args.hidden} "
+             f"hidden, seq {args.seq_len}, global batch 8 (2 x micro 4), activation "
+             f"checkpointing {args.checkpointing}; torch {torch.__version__}", ""]
     if args.compile:
-        print("| pondering K | eager step (s) | compiled step (s) | compiled / eager | "
-              "compiled first step (s) |\n|---|---:|---:|---:|---:|")
-        for k, eager, comp, first in rows:
-            print(f"| {k} | {eager:.3f} | {comp:.3f} | {comp / eager:.2f} | {first:.1f} |")
-        print(json.dumps([{"ponder": k, "eager_s": e, "compiled_s": c, "compiled_first_step_s": f}
-                          for k, e, c, f in rows]))
-        return
-    print("| pondering K | plain PyTorch step (s) | ponder-pt step (s) | ratio |\n|---|---:|---:|---:|")
-    for k, plain, our in rows:
-        print(f"| {k} | {plain:.3f} | {our:.3f} | {our / plain:.2f} |")
-    print(json.dumps([{"ponder": k, "plain_s": p, "ponder_pt_s": o} for k, p, o in rows]))
+        lines += ["| pondering K | eager step (s) | compiled step (s) | compiled / eager | "
+                  "compiled first step (s) |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {k} | {eager:.3f} | {comp:.3f} | {comp / eager:.2f} | {first:.1f} |"
+                  for k, eager, comp, first in rows]
+        measured = [{"ponder": k, "eager_s": e, "compiled_s": c, "compiled_first_step_s": f}
+                    for k, e, c, f in rows]
+    else:
+        lines += ["| pondering K | plain PyTorch step (s) | ponder-pt step (s) | ratio |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {plain:.3f} | {our:.3f} | {our / plain:.2f} |"
+                  for k, plain, our in rows]
+        measured = [{"ponder": k, "plain_s": p, "ponder_pt_s": o} for k, p, o in rows]
+    print("\n".join(lines))
+    print(json.dumps(measured))
+    write_record(args.record, "bench_train_overhead.py", args, measured, "\n".join(lines),
+                 started)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,16 @@ study's own corpus) and every fine-tuning seed in `pause_ft.seeds`:
   (pretraining FLOPs matched too), else `plain` (only fine-tuning FLOPs matched); the table
   says which.
 
-Every cell is reported as mean ± sample standard deviation over the fine-tuning seeds.
+Every cell is reported as mean ± sample standard deviation over the fine-tuning seeds. Each
+unit's score on every test row is kept, so the differences between cells get paired-bootstrap
+intervals over the test rows (`paired_bootstrap`: per-row scores averaged over the seeds,
+`pause_ft.bootstrap` resamples with a fixed seed, percentile interval).
+
+Written to the study's --out: `pause_ft.json` (settings, backbones, every unit's scores, the
+summary and the intervals), `pause_ft_scores.jsonl` (one line per unit and M: its score on each
+test row), `pause_ft.md` (the report), and the stage's section of results.md.
+The numbers and the markdown are made by experiments/pause_ft_report.py, which can rebuild them
+from the first two files alone (`python -m experiments.pause_ft_report --render DIR`).
 
 The corpus task (`kind: corpus`) is cut from the study's corpus: `context_words` consecutive
 words of a docstring, then either (`mode: next`) the next word as the answer, chosen only where
@@ -38,7 +47,11 @@ import re
 import statistics
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+
+from .pause_ft_report import (BOOTSTRAP, finish, read_json, read_lines, score_lines, section,
+                              write_json, write_outputs)
 
 CELLS = [("StdPT", "plain", "StdFT"), ("StdPT", "plain", "PauseFT"),
          ("PausePT", "pause", "StdFT"), ("PausePT", "pause", "PauseFT")]
@@ -47,20 +60,6 @@ _TASK_DEFAULTS = {"train": 2000, "validation": 100, "test": 200, "seed": 0}
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _read(path: str):
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def _write(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- tasks
@@ -127,9 +126,10 @@ def write_corpus_task(t: dict, data_dir: str, out: str) -> dict:
         with open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8") as fh:
             for r in rows:
                 fh.write(json.dumps(r) + "\n")
-    _write(os.path.join(out, "task.json"),
-           {"name": task_name(t), "metric": "exact_match", "generator": "experiments/pause_ft.py",
-            "kind": "corpus", "mode": mode, "context_words": cw, "seed": seed})
+    write_json(os.path.join(out, "task.json"),
+               {"name": task_name(t), "metric": "exact_match",
+                "generator": "experiments/pause_ft.py", "kind": "corpus", "mode": mode,
+                "context_words": cw, "seed": seed})
     return {s: len(r) for s, r in splits.items()}
 
 
@@ -191,11 +191,13 @@ def plan_units(cfg: dict, runs: dict) -> list:
 
 
 _SCORE_LOCK = threading.Lock()
+_SCORES_FORMAT = 2  # scores.json keeps each test row's score (older files are rescored)
 
 
 def score(final: str, task_dir: str, pauses: list, max_eval: int) -> dict:
-    """{"metric", "scores": {M: metric}, "examples"} of an sft export on the task's test split
-    (in this process, one model at a time)."""
+    """{"metric", "scores": {M: metric}, "per_row": {M: [score of each test row]},
+    "examples"} of an sft export on the task's test split (in this process, one model at a
+    time)."""
     with _SCORE_LOCK:
         return _score(final, task_dir, pauses, max_eval)
 
@@ -211,64 +213,93 @@ def _score(final: str, task_dir: str, pauses: list, max_eval: int) -> dict:
     _, rows = task.eval_split
     rows = rows[:int(max_eval)] if int(max_eval) else rows
     lm = load_model(final, device="cuda" if torch.cuda.is_available() else "cpu")
-    scores = {}
+    scores, per_row = {}, {}
     for m in pauses:
         if m and lm.pause_id is None:
             scores[str(m)] = None  # no <pause> row: only M = 0 exists for this model
             continue
-        metrics, _ = evaluate(lm, rows, task.kind, int(m))
+        metrics, records = evaluate(lm, rows, task.kind, int(m))
         scores[str(m)] = metrics[task.metric]
-    return {"metric": task.metric, "scores": scores, "examples": len(rows)}
+        per_row[str(m)] = [float(r[task.metric]) for r in records]
+    return {"metric": task.metric, "scores": scores, "per_row": per_row, "examples": len(rows)}
+
+
+def _own_eval(out: str, n_rows: int) -> tuple[dict, dict, str | None]:
+    """The score (and per-row scores) that `sft` itself wrote for its M on the same test rows:
+    ({M: value}, {M: [per row]}, metric), or empty when it scored other rows."""
+    ev = read_json(os.path.join(out, "eval.json")) or {}
+    path = os.path.join(out, "predictions.jsonl")
+    if ev.get("examples") != n_rows or not ev.get("metric") or not os.path.exists(path):
+        return {}, {}, None
+    with open(path, encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    if len(records) != n_rows:
+        return {}, {}, None
+    m = str(ev["M"])
+    return {m: ev["value"]}, {m: [float(r[ev["metric"]]) for r in records]}, ev["metric"]
 
 
 def run_unit(study, u: dict, task_dir: str, cfg: dict, args: list, env: dict) -> dict | None:
+    """Fine-tune (unless done) and score one unit; its row of pause_ft.json, with the
+    per-row scores under "per_row"."""
     from .study import _call
 
     out = u["out"]
     spec = {"ckpt": os.path.abspath(u["ckpt"]), "task": u["task"], "pauses": u["m"],
             "args": args, "seed": u["seed"], "ckpt_step": u["ckpt_step"]}
     digest = _digest(spec)
-    done = _read(os.path.join(out, "spec.json"))
+    done = read_json(os.path.join(out, "spec.json"))
     tag = f"{u['task_name']}/{u['label']}/s{u['seed']}"
-    if not (done and done.get("digest") == digest
-            and os.path.exists(os.path.join(out, "final", "config.json"))):
+    fine_tuned = not (done and done.get("digest") == digest
+                      and os.path.exists(os.path.join(out, "final", "config.json")))
+    if fine_tuned:
         if not cfg.get("run_missing", True):  # report what is finished, run nothing
             return None
         study.log(f"pause_ft: fine-tuning {tag} ({u['run']}, M={u['m']}, x{u['mult']} steps)")
         os.makedirs(out, exist_ok=True)
         cmd = [sys.executable, "-m", "ponder_pt", "sft", "--model", u["ckpt"], "--task",
                task_dir, "--pauses", str(u["m"]), "--out", out, "--seed", str(u["seed"]), *args]
+        t0 = time.time()
         code = _call(cmd, os.path.join(out, "sft.log"), env, mode="w")
         if code != 0 or not os.path.exists(os.path.join(out, "final", "config.json")):
             study.results.setdefault("errors", []).append(
                 f"pause_ft {tag}: sft exited {code} (see {out}/sft.log)")
             return None
-        _write(os.path.join(out, "spec.json"), {"digest": digest, **spec})
+        done = {"digest": digest, **spec, "sft_wall_s": round(time.time() - t0, 1),
+                "load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg")
+                else None}
+        write_json(os.path.join(out, "spec.json"), done)
     pauses = u["score_pauses"]
     max_eval = int(cfg.get("max_eval", 0))
-    key = _digest({"digest": digest, "pauses": pauses, "max_eval": max_eval})
-    scores = _read(os.path.join(out, "scores.json"))
+    key = _digest({"digest": digest, "pauses": pauses, "max_eval": max_eval,
+                   "format": _SCORES_FORMAT})
+    scores = read_json(os.path.join(out, "scores.json"))
     if not scores or scores.get("key") != key:
-        ev = _read(os.path.join(out, "eval.json")) or {}
         n_rows = _count_rows(task_dir, max_eval)
-        reuse = {str(ev["M"]): ev["value"]} if ev.get("examples") == n_rows and \
-            ev.get("metric") else {}
+        reuse, reuse_rows, metric = _own_eval(out, n_rows)
         todo = [m for m in pauses if str(m) not in reuse]
-        got = {"metric": ev.get("metric"), "scores": {}, "examples": n_rows}
+        got = {"metric": metric, "scores": {}, "per_row": {}, "examples": n_rows}
         if todo and u["run"] in ("plain", "ponder_k1", "ponder_k2", "ponder_k3") \
                 and u["m"] == 0 and all(todo):
             got["scores"] = {str(m): None for m in todo}  # no <pause> row: M = 0 only
         elif todo:
+            t0 = time.time()
             got = score(os.path.join(out, "final"), task_dir, todo, max_eval)
+            done = dict(done or {}, score_wall_s=round(time.time() - t0, 1))
+            write_json(os.path.join(out, "spec.json"), done)
+        per_row = dict(reuse_rows, **got["per_row"])
         scores = {"key": key, "metric": got["metric"], "examples": got["examples"],
-                  "scores": {str(m): dict(reuse, **got["scores"]).get(str(m)) for m in pauses}}
-        _write(os.path.join(out, "scores.json"), scores)
-    history = (_read(os.path.join(out, "eval.json")) or {}).get("training", {})
+                  "scores": {str(m): dict(reuse, **got["scores"]).get(str(m)) for m in pauses},
+                  "per_row": {str(m): per_row[str(m)] for m in pauses if str(m) in per_row}}
+        write_json(os.path.join(out, "scores.json"), scores)
+    history = (read_json(os.path.join(out, "eval.json")) or {}).get("training", {})
     return {k: u[k] for k in ("group", "label", "pt", "ft", "run", "m", "mult", "K", "seed",
                               "task_name")} | {
         "matches_k": u.get("matches_k"), "scores": scores["scores"], "metric": scores["metric"],
         "examples": scores["examples"], "best_step": history.get("best_step"),
-        "steps": history.get("steps")}
+        "steps": history.get("steps"), "sft_wall_s": (done or {}).get("sft_wall_s"),
+        "load_1min": (done or {}).get("load_1min"), "per_row": scores["per_row"],
+        "_fine_tuned": fine_tuned}
 
 
 def _count_rows(task_dir: str, max_eval: int) -> int:
@@ -280,75 +311,55 @@ def _count_rows(task_dir: str, max_eval: int) -> int:
     return min(n, max_eval) if max_eval else n
 
 
-# --------------------------------------------------------------------------- report
-
-
-def _agg(values: list) -> dict:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(vals),
-            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals),
-            "values": vals}
-
-
-def summarize(rows: list, pauses: list) -> list:
-    """One entry per (task, label): each M's mean/std over seeds."""
-    out, order = {}, []
-    for r in rows:
-        key = (r["task_name"], r["label"])
-        if key not in out:
-            order.append(key)
-            out[key] = {k: r[k] for k in ("task_name", "group", "label", "pt", "ft", "run", "m",
-                                         "mult", "K", "matches_k", "metric")} | {"seeds": []}
-        out[key]["seeds"].append(r["seed"])
-    for key in order:
-        mine = [r for r in rows if (r["task_name"], r["label"]) == key]
-        out[key]["scores"] = {str(m): _agg([r["scores"].get(str(m)) for r in mine])
-                              for m in pauses if any(str(m) in r["scores"] for r in mine)}
-    return [out[k] for k in order]
-
-
-def _fmt(a: dict | None, n_max: int = 0) -> str:
-    """mean ± std, and the seed count where it is short of the table's (a grid stopped early)."""
-    if not a or a["mean"] is None:
-        return "n/a"
-    text = f"{a['mean']:.3f} ± {a['std']:.3f}" if a["n"] > 1 else f"{a['mean']:.3f}"
-    return text + (f" (n={a['n']})" if a["n"] < n_max else "")
-
-
-def tables(summary: list, pauses: list, m_ft: int) -> str:
-    parts = []
-    for task in dict.fromkeys(s["task_name"] for s in summary):
-        mine = [s for s in summary if s["task_name"] == task]
-        metric = mine[0]["metric"]
-        n = max(len(s["seeds"]) for s in mine)
-        parts += [f"### {task} ({metric}, mean ± std over {n} fine-tuning seeds)", "",
-                  "| pretraining | fine-tuning | M_ft | " +
-                  " | ".join(f"M={m}" for m in pauses) + " |",
-                  "|" + "---|" * (3 + len(pauses))]
-        for s in (s for s in mine if s["group"] == "2x2"):
-            parts.append(f"| {s['pt']} | {s['ft']} | {s['m']} | " +
-                         " | ".join(_fmt(s["scores"].get(str(m)), n) for m in pauses) + " |")
-        ponder = [s for s in mine if s["group"] in ("ponder", "flops")]
-        if ponder:
-            base = next((s for s in mine if s["label"] == "StdPT_StdFT"), None)
-            parts += ["", "| backbone | K | fine-tuning steps | fine-tuning FLOPs | M=0 |",
-                      "|---|---|---|---|---|"]
-            if base:
-                parts.append(f"| plain | 0 | 1x | 1x | {_fmt(base['scores'].get('0'), n)} |")
-            for s in ponder:
-                if s["group"] == "ponder":
-                    parts.append(f"| {s['run']} | {s['K']} | 1x | {s['K'] + 1}x (equal tokens) "
-                                 f"| {_fmt(s['scores'].get('0'), n)} |")
-                else:
-                    parts.append(f"| {s['run']} | 0 | {s['mult']}x | {s['mult']}x (equal FLOPs "
-                                 f"with K={s['matches_k']}) | {_fmt(s['scores'].get('0'), n)} |")
-        parts.append("")
-    return "\n".join(parts)
-
-
 # --------------------------------------------------------------------------- the stage
+
+
+def _test_set(name: str, task_dir: str, max_eval: int) -> dict:
+    """Name, metric, row count and digest of the rows every unit is scored on, and what an
+    empty prediction scores on them (a floor under exact match: SQuAD's normalisation makes
+    an answer such as "the" empty)."""
+    from ponder_pt.sft.metrics import SCORERS, best_over
+    from ponder_pt.sft.tasks import load_local_task
+
+    task = load_local_task(task_dir)
+    _, rows = task.eval_split
+    rows = rows[:max_eval] if max_eval else rows
+    empty = statistics.fmean(best_over(SCORERS[task.metric], "", r["golds"]) for r in rows) \
+        if task.metric in SCORERS else 0.0
+    return {"name": name, "metric": task.metric, "rows": len(rows),
+            "sha256": _digest([[r["prompt"], r.get("golds"), r.get("choices"), r.get("label")]
+                               for r in rows]),
+            "empty_answer_score": empty}
+
+
+def _backbone(study, run: dict) -> dict:
+    """A backbone run's pretraining numbers, from its eval.json (experiments/evaluate.py)."""
+    ev = read_json(os.path.join(study.run_dir(run), "eval.json")) or {}
+    final = ev.get("final") or {}
+    return {"valid_loss": final.get("valid_loss"), "pretraining_flops": final.get("flops"),
+            "tokens": final.get("tokens"), "params": (ev.get("params") or {}).get("total"),
+            "seed": run["seed"], "ponder_steps": run["ponder_steps"],
+            "pause_rate": run["pause_rate"], "train_wall_s": ev.get("train_wall_s")}
+
+
+class _LoadSampler:
+    """The 1-minute load average every few seconds while the grid runs."""
+
+    def __init__(self, every: float = 5.0):
+        self.values, self._stop = [], threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+
+    def _run(self, every):
+        while hasattr(os, "getloadavg") and not self._stop.wait(every):
+            self.values.append(os.getloadavg()[0])
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def stage_pause_ft(study) -> None:
@@ -369,9 +380,10 @@ def stage_pause_ft(study) -> None:
         done = _trained(study.run_dir(r), r["iters"])
         runs[r["name"]] = {"ckpt": os.path.join(study.run_dir(r), "ckpt"), "has_ckpt": done,
                            "step": f"step_{r['iters']:08d}" if done else None}
-    todo, skipped = [], set()
+    todo, skipped, task_dirs = [], set(), []
     for t in task_cfgs:
         task_dir = ensure_task(study, t, root)
+        task_dirs.append(task_dir)
         groups = t.get("groups", ["2x2", "ponder", "flops"])
         for u in plan_units(cfg, runs):
             if u["group"] not in groups:
@@ -397,8 +409,18 @@ def stage_pause_ft(study) -> None:
     # seed by seed (each seed completes the whole grid), the 2x2 first within a seed
     prio = {"2x2": 0, "ponder": 1, "flops": 2}
     todo.sort(key=lambda x: (seeds.index(x[0]["seed"]), prio[x[0]["group"]]))
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    t0, started = time.time(), time.strftime("%Y-%m-%d %H:%M")
+    with _LoadSampler() as load, ThreadPoolExecutor(max_workers=jobs) as pool:
         results = list(pool.map(lambda x: run_unit(study, x[0], x[1], cfg, x[2], env), todo))
+    trained = [r for r in results if r and r.pop("_fine_tuned")]
+    inv_path = os.path.join(root, "invocations.jsonl")
+    if trained:  # the measured wall of the grid: one line per invocation that fine-tuned
+        with open(inv_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"started": started, "wall_s": round(time.time() - t0, 1),
+                                 "units": len(trained), "load": {
+                                     "mean": round(statistics.fmean(load.values), 2),
+                                     "max": round(max(load.values), 2)}
+                                 if load.values else None}) + "\n")
     order = {(u["task_name"], u["label"], u["seed"]): i for i, (u, _, _) in
              enumerate(sorted(todo, key=lambda x: (task_cfgs.index(x[0]["task"]),
                                                    _LABEL_ORDER(x[0]), x[0]["seed"])))}
@@ -406,19 +428,26 @@ def stage_pause_ft(study) -> None:
                                                                   r["seed"])])
     if not rows:
         return
-    summary = summarize(rows, pauses)
-    study.results["pause_ft"] = {"tasks": task_cfgs, "ft_pauses": m_ft, "eval_pauses": pauses,
-                                 "seeds": seeds, "args": args, "rows": rows,
-                                 "summary": summary}
-    study.sections.append("\n".join([
-        "## Pause fine-tuning: the 2x2 (StdPT/PausePT x StdFT/PauseFT) and pondering K", "",
-        f"Tasks: {', '.join('`' + task_name(t) + '`' for t in task_cfgs)}; backbones: the "
-        f"study's `plain` (StdPT), `pause` (PausePT) and `ponder_k*` runs; StdFT = `sft --pauses "
-        f"0`, PauseFT = `sft --pauses {m_ft}`; fine-tuning seeds {seeds}; each model scored "
-        f"with M pauses at inference (experiments/pause_ft.py). The paper (1B model) reports "
-        f"gains mostly for PausePT+PauseFT (SQuAD +18% EM, CommonsenseQA +8%, GSM8k +1%) and a "
-        f"collapse of pause-fine-tuned models at M=0.", "",
-        tables(summary, pauses, m_ft)]))
+    lines = score_lines(rows)
+    for r in rows:
+        del r["per_row"]
+    used = {u["run"] for u, _, _ in todo}
+    doc = {"scale": study.sc["scale"],
+           "backbones": {r["name"]: _backbone(study, r) for r in study.runs
+                         if r["name"] in used},
+           "tasks": task_cfgs,
+           "test_sets": [_test_set(task_name(t), d, int(cfg.get("max_eval", 0)))
+                         for t, d in zip(task_cfgs, task_dirs)],
+           "ft_pauses": m_ft, "eval_pauses": pauses, "seeds": seeds, "args": args,
+           "bootstrap": dict(BOOTSTRAP, **(cfg.get("bootstrap") or {})), "jobs": jobs,
+           "cpus": os.cpu_count(),
+           "invocations": read_lines(inv_path) if os.path.exists(inv_path) else [],
+           "rows": rows}
+    doc = finish(doc, lines)
+    for p in write_outputs(study.out, doc, lines):
+        study.log(f"wrote {p}")
+    study.results["pause_ft"] = doc
+    study.sections.append(section(doc))
 
 
 def _LABEL_ORDER(u: dict) -> int:
@@ -426,5 +455,3 @@ def _LABEL_ORDER(u: dict) -> int:
     if u["label"] in fixed:
         return fixed.index(u["label"])
     return 10 + 2 * int(u.get("matches_k", u["K"])) + (u["group"] == "flops")
-
-

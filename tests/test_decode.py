@@ -9,7 +9,7 @@ import torch
 from _model_helpers import single_process, tiny_model_config  # noqa: F401
 
 from ponder_pt.config.schema import PonderConfig
-from ponder_pt.inference.decode import Decoder
+from ponder_pt.inference.decode import Decoder, replay_mismatch
 from ponder_pt.inference.model import generate_cached, generate_cached_batch
 from ponder_pt.models import PonderLM
 
@@ -163,6 +163,59 @@ def test_tp1_linears_equal_megatron_forward_and_grads(bias):
             (y1, g1), (y2, g2) = results
             assert torch.allclose(y1, y2, atol=1e-6) and len(g1) == len(g2)
             assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+
+
+class _FakeGraph:
+    """Stands in for a captured CUDA graph on the CPU: replay() runs the fixed-shape step into
+    the decoder's output buffer, wrong (one logit off by 1) on the replays in `wrong`."""
+
+    def __init__(self, dec, wrong=()):
+        self.dec, self.wrong, self.n = dec, set(wrong), 0
+
+    def replay(self):
+        self.n += 1
+        out = self.dec._static_step(self.dec.length).clone()
+        if self.n in self.wrong:
+            out[0, 0] += 1.0
+        self.dec._out = out
+
+
+@pytest.mark.parametrize("wrong", [(), (1,), (2,)])
+def test_graph_replays_are_checked_before_their_logits_are_returned(wrong):
+    """The first and second replays are compared with the eager step before their logits are
+    returned: a wrong replay is never returned, decoding falls back to eager with a warning
+    from that step on, and every step's logits equal plain eager decoding's."""
+    model = PonderLM(tiny_model_config("gpt_neox"), PonderConfig(steps=2), seed=3).eval()
+    ref = Decoder(model, capacity=len(PROMPT) + 6, mode="eager")
+    dec = Decoder(model, capacity=len(PROMPT) + 6, mode="static")
+    dec.mode, dec.graph = "graph", _FakeGraph(dec, wrong)  # as if captured
+    with torch.no_grad():
+        assert torch.allclose(dec.prefill_one(PROMPT), ref.prefill_one(PROMPT), atol=1e-5)
+        for i, token in enumerate([4, 8, 15, 16, 23]):
+            if i + 1 in wrong:
+                with pytest.warns(RuntimeWarning, match=f"replay {i + 1} differs from eager"):
+                    got = dec.step_one(token)
+            else:
+                got = dec.step_one(token)
+            assert torch.allclose(got, ref.step_one(token), atol=1e-5), i
+            if i == 0 and not wrong:
+                assert dec.graph_status.startswith("checking")
+    if wrong:
+        assert dec.mode == "eager" and dec.graph is None
+        assert dec.graph_status.startswith(f"fell back: replay {wrong[0]} differs")
+    else:
+        assert dec.graph_status == "on (replays 1..2 checked against eager)"
+        assert dec.replays == 5
+
+
+def test_replay_mismatch():
+    want = torch.tensor([[1.0, -2.0, float("-inf")]])
+    assert replay_mismatch(want.clone(), want) is None
+    assert replay_mismatch(want + torch.tensor([[5e-4, 0.0, 0.0]]), want) is None  # rounding
+    assert replay_mismatch(want + torch.tensor([[0.5, 0.0, 0.0]]), want) == pytest.approx(0.5)
+    assert replay_mismatch(torch.tensor([[1.0, -2.0, 0.0]]), want) == float("inf")  # unmasked
+    assert replay_mismatch(torch.tensor([[float("nan"), -2.0, float("-inf")]]), want) \
+        == float("inf")
 
 
 @pytest.mark.gpu

@@ -385,17 +385,28 @@ def test_encoded_truncates_as_the_tokenizer_does_and_counts(backbones, pairs):
     assert data.truncated == sum(n > 12 for n in lengths) and 0 < data.truncated < len(rows)
 
 
-def test_metrics_per_task_match_libraries():
-    from scipy.stats import pearsonr
-    from sklearn.metrics import f1_score, matthews_corrcoef
-
-    preds, gold = [1, 0, 1, 1, 0, 1], [1, 0, 0, 1, 0, 0]
+def test_metrics_per_task_by_hand():
+    """Each task's metrics against values worked out by hand. F1, Matthews, Pearson and Spearman
+    are symmetric in (predictions, labels), so these cases pin what is not: label 1 is F1's
+    positive class (F1 of class 0 here is 2/3, not 4/7), binary F1 is not macro-averaged
+    (0.619), Pearson is not Spearman on a monotone curve, constant predictions give 0."""
+    # TP = 2, FP = 2, FN = 1, TN = 3
+    preds, gold = [1, 1, 1, 0, 0, 0, 1, 0], [1, 1, 0, 0, 0, 1, 0, 0]
+    mrpc = compute_metrics(GLUE["mrpc"], preds, gold)
+    assert mrpc == {"f1": pytest.approx(2 * 2 / (2 * 2 + 2 + 1)), "accuracy": 5 / 8}
     cola = compute_metrics(GLUE["cola"], preds, gold)
-    assert cola["matthews_correlation"] == pytest.approx(matthews_corrcoef(gold, preds))
-    assert compute_metrics(GLUE["mrpc"], preds, gold)["f1"] == pytest.approx(f1_score(gold, preds))
-    sts = compute_metrics(GLUE["stsb"], [0.1, 2.0, 3.3, 4.0], [0.0, 2.5, 3.0, 5.0])
-    assert sts["pearson"] == pytest.approx(pearsonr([0.1, 2.0, 3.3, 4.0], [0.0, 2.5, 3.0, 5.0])[0])
-    assert compute_metrics(GLUE["stsb"], [1.0, 1.0], [0.0, 2.0])["pearson"] == 0.0
+    # (TP TN - FP FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)) = (6 - 2) / sqrt(4 * 3 * 5 * 4)
+    assert cola == {"matthews_correlation": pytest.approx(4 / 240 ** 0.5), "accuracy": 5 / 8}
+    assert compute_metrics(GLUE["cola"], [1 - p for p in gold], gold)["matthews_correlation"] \
+        == pytest.approx(-1.0)
+    # y = x^2: ranks agree exactly; Pearson 60 / sqrt(10 * 374) from the deviations
+    # (-2, -1, 0, 1, 2) and (-10, -7, -2, 5, 14)
+    sts = compute_metrics(GLUE["stsb"], [1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 4.0, 9.0, 16.0, 25.0])
+    assert sts == {"pearson": pytest.approx(60 / 3740 ** 0.5), "spearmanr": pytest.approx(1.0)}
+    assert compute_metrics(GLUE["stsb"], [3.0, 2.0, 1.0], [1.0, 2.0, 3.0]) == {
+        "pearson": pytest.approx(-1.0), "spearmanr": pytest.approx(-1.0)}
+    assert compute_metrics(GLUE["stsb"], [1.0, 1.0], [0.0, 2.0]) == {"pearson": 0.0,
+                                                                     "spearmanr": 0.0}
 
 
 def test_config_presets_and_errors():

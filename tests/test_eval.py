@@ -17,11 +17,12 @@ pytestmark = pytest.mark.hf_compat
 pytest.importorskip("lm_eval")
 
 ROWS = [
-    {"q": "The function returns", "choices": [" a list", " the cat", " blue sky"], "label": 0},
-    {"q": "Import the", "choices": [" module", " ocean", " violin"], "label": 0},
-    {"q": "Raise an", "choices": [" error", " apple", " eagle"], "label": 0},
-    {"q": "Open the", "choices": [" file", " moon", " piano"], "label": 0},
+    {"q": "The function returns", "choices": [" a list", " the cat", " blue sky"]},
+    {"q": "Import the", "choices": [" module", " ocean", " violin"]},
+    {"q": "Raise an", "choices": [" error", " apple", " eagle"]},
+    {"q": "Open the", "choices": [" file", " moon", " piano"]},
 ]
+PAUSES, LIMIT = 2, 3
 
 TASKS = {
     "tiny_mc": """task: tiny_mc
@@ -34,6 +35,7 @@ output_type: multiple_choice
 doc_to_text: "{{{{q}}}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: label
+target_delimiter: ""
 metric_list:
   - metric: acc
     aggregation: mean
@@ -61,7 +63,7 @@ dataset_kwargs:
 test_split: test
 output_type: generate_until
 doc_to_text: "{{{{q}}}}"
-doc_to_target: "{{{{choices[0]}}}}"
+doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
   until: ["\\n"]
   max_gen_toks: 4
@@ -70,35 +72,82 @@ metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
+    regexes_to_ignore: ["\\\\s"]
 """,
 }
 
 
-@pytest.fixture(scope="module")
-def task_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tasks")
-    data = root / "tiny.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+def _direct(lm):
+    """What the tasks should score, from the model's own logits: each choice's log-likelihood
+    after the question and PAUSES pauses, each question's log-likelihood from the EOS token,
+    and each question's greedy continuation (4 tokens, cut at a newline)."""
+    import torch
+
+    def logp(ids):
+        with torch.no_grad():
+            z = lm.model(torch.tensor([ids]), gather_logits=True)[0].float()
+        return torch.log_softmax(z, -1)
+
+    pauses = [lm.pause_id] * PAUSES
+    out = []
+    for row in ROWS[:LIMIT]:
+        ctx, lls = lm.encode(row["q"]), []
+        for choice in row["choices"]:
+            whole = lm.encode(row["q"] + choice)
+            cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else lm.encode(choice)
+            lp = logp(ctx + pauses + cont[:-1])
+            lls.append(sum(float(lp[len(ctx) + PAUSES - 1 + i, t]) for i, t in enumerate(cont)))
+        lp = logp([lm.eos_id] + ctx[:-1])
+        rolling = sum(float(lp[i, t]) for i, t in enumerate(ctx))
+        ids, new = ctx + pauses, []
+        for _ in range(4):
+            new.append(int(logp(ids)[-1, :lm.vocab_rows].argmax()))
+            ids = ids + new[-1:]
+            if new[-1] == lm.eos_id:
+                break
+        out.append({"lls": lls, "rolling": rolling, "text": lm.decode(new).split("\n")[0]})
+    return out
+
+
+def test_eval_cli_local_tasks_with_pauses(trained, tmp_path):  # noqa: F811
+    """lm-eval's scores through `ponder-pt eval` equal the ones computed here from the model's
+    own logits: tasks whose answers are set from them (the best choice in two rows, the worst
+    in the third: acc 2/3; the model's own greedy text in two rows: exact match 2/3), and the
+    word perplexity from the summed log-probabilities."""
+    import math
+    import re
+
+    from ponder_pt.inference import NativeModel
+
+    direct = _direct(NativeModel(trained["ponder"], device="cpu"))
+    rows = []
+    for i, (row, d) in enumerate(zip(ROWS, direct + [None])):
+        lls = d["lls"] if d else [0.0]
+        pick = max if i < 2 else min
+        rows.append(dict(row, label=lls.index(pick(lls)),
+                         answer=(d["text"] if i < 2 else d["text"] + "~") if d else ""))
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     for name, text in TASKS.items():
-        (root / f"{name}.yaml").write_text(text.format(data=data))
-    return str(root)
-
-
-def test_eval_cli_local_tasks_with_pauses(trained, task_dir, tmp_path):  # noqa: F811
+        (tmp_path / f"{name}.yaml").write_text(text.format(data=data))
     out = str(tmp_path / "results.json")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"))
     proc = subprocess.run([sys.executable, "-m", "ponder_pt", "eval", "--model", trained["ponder"],
-                           "--tasks", "tiny_mc,tiny_ppl", "tiny_gen", "--include-path", task_dir,
-                           "--limit", "3", "--pauses", "2", "--output", out, "--json"],
+                           "--tasks", "tiny_mc,tiny_ppl", "tiny_gen", "--include-path",
+                           str(tmp_path), "--limit", str(LIMIT), "--pauses", str(PAUSES),
+                           "--output", out, "--json", "--device", "cpu"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
     assert set(results) == {"tiny_mc", "tiny_ppl", "tiny_gen"}
-    assert 0.0 <= results["tiny_mc"]["acc,none"] <= 1.0
-    assert results["tiny_ppl"]["word_perplexity,none"] > 1.0
-    assert "exact_match,none" in results["tiny_gen"]
-    assert os.path.exists(out)
+    assert results["tiny_mc"]["acc,none"] == pytest.approx(2 / 3)
+    words = sum(len(re.split(r"\s+", r["q"])) for r in ROWS[:LIMIT])
+    assert results["tiny_ppl"]["word_perplexity,none"] == pytest.approx(
+        math.exp(-sum(d["rolling"] for d in direct) / words), rel=1e-4)
+    assert results["tiny_gen"]["exact_match,none"] == pytest.approx(2 / 3)
+    with open(out) as fh:
+        assert json.load(fh)["results"] == results
 
 
 def test_wrapper_scores_after_exactly_m_pauses(trained):  # noqa: F811

@@ -17,7 +17,7 @@ if REPO not in sys.path:
 
 from _json_helpers import _numbers  # noqa: E402
 from benchmarks.gpu.profiling import (CATEGORIES, _device_rows, categorize, markdown,  # noqa: E402
-                                      summarize, top_ops)
+                                      rederive, rederived_markdown, summarize, top_ops)
 
 
 def test_profile_categories_from_kernel_names_and_callers():
@@ -156,6 +156,54 @@ def test_profile_markdown_flags_device_time_over_the_wall_step():
     assert md.count("accounting suspect") == 2  # under the side-by-side table and the entry
     assert "**ours K=0: accounting suspect**" in md and "HF GPTNeoX K=0: accounting" not in md
     assert "device / profiled step" in md
+
+
+def _saved(cats, step, profiled, kernels):
+    """A profile entry as the first GPU runs wrote it (categories and top kernels per step)."""
+    return {"status": "ok", "impl": "ours", "K": 3, "micro_batch": 2, "step_ms": step,
+            "step_ms_profiled": profiled, "categories_ms": dict.fromkeys(CATEGORIES, 0.0) | cats,
+            "top_kernels": [{"name": n, "category": c, "calls_per_step": k, "ms_per_step": ms}
+                            for n, c, k, ms in kernels]}
+
+
+def test_profile_rederived_from_saved_entries():
+    """Saved entries re-derived by code: the optimizer step's GPU annotation, which the old
+    accounting summed as a kernel, comes out of its category and the device time exactly; an
+    entry still above its profiled step gets the annotation's span as its optimizer time, or
+    none when the rest was inflated too; kernel names with '#' are kernels."""
+    lam = "void at::native::elementwise_kernel<128, 4, copy_kernel_cuda::{lambda()#3}>"
+    # ours K=3 of the gen,profile run: 6.43 ms annotation + 6.35 ms of 49 AdamW kernels
+    k3 = _saved({"gemm": 125.0, "elementwise": 5.0, "optimizer": 12.78}, 150.0, 155.0,
+                [(GEMM, "gemm", 263, 125.0), (ANNOT, "optimizer", 1, 6.43),
+                 (ADAM, "optimizer", 49, 6.35), (lam, "elementwise", 10, 5.0)])
+    d = rederive(k3)
+    assert d["raw"]["device_ms"] == pytest.approx(142.78)
+    assert d["corrected"]["categories_ms"]["optimizer"] == pytest.approx(6.35)
+    assert d["corrected"]["categories_ms"]["elementwise"] == 5.0  # '#' in a kernel name
+    assert d["corrected"]["device_ms"] == pytest.approx(136.35)
+    assert d["corrected"]["gap_ms"] == pytest.approx(150.0 - 136.35)
+    assert d["corrected"]["removed"] == [ANNOT]
+    assert d["reconstructed"] is None and d["reconstruction"] == "not needed"
+    # K=0: AdamW's kernels listed 18 times over; the annotation spans the real ones
+    k0 = _saved({"gemm": 115.0, "optimizer": 127.16}, 122.0, 124.0,
+                [(ADAM, "optimizer", 882, 120.38), (GEMM, "gemm", 65, 115.0),
+                 (ANNOT, "optimizer", 1, 6.78)])
+    d = rederive(k0)
+    assert d["corrected"]["device_ms"] == pytest.approx(115.0 + 120.38)
+    assert d["reconstruction"] == "rebuilt"
+    assert d["reconstructed"]["categories_ms"]["optimizer"] == 6.78
+    assert d["reconstructed"]["device_ms"] == pytest.approx(121.78)
+    # the gemm kernels inflated as well: the optimizer's span cannot bring it under the step
+    bad = _saved({"gemm": 150.0, "optimizer": 127.16}, 122.0, 124.0,
+                 [(ADAM, "optimizer", 882, 120.38), (ANNOT, "optimizer", 1, 6.78)])
+    d = rederive(bad)
+    assert d["reconstructed"] is None and d["reconstruction"] == "not recoverable"
+    md = "\n".join(rederived_markdown(
+        {"sections": {"profile": {"entries": [k0, k3, bad], "timed": "t"}}}, "x.json"))
+    for kind in ("raw", "corrected", "reconstructed"):
+        assert f"| ms per step, {kind} |" in md
+    assert "| reconstruction | rebuilt | not needed | not recoverable |" in md
+    assert "| **device total** | 242 | 143 | 277 |" in md  # raw, as written
 
 
 @pytest.mark.slow

@@ -17,7 +17,9 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from _json_helpers import _numbers  # noqa: E402
-from experiments.pause_ft import _scale_steps, corpus_rows, summarize  # noqa: E402
+from experiments.pause_ft import _scale_steps, corpus_rows  # noqa: E402
+from experiments.pause_ft_report import (paired_bootstrap, render, splice_section,  # noqa: E402
+                                         summarize)
 from experiments.study import load_study_config, plan_runs  # noqa: E402
 
 
@@ -94,6 +96,34 @@ def test_toy_study_reports_every_run(toy):
     flops = next(s for s in pft["summary"] if s["label"] == "K0x2")
     assert flops["mult"] == 2 and flops["matches_k"] == 1 and flops["run"] in ("plain", "plain_x2")
     assert "equal FLOPs with K=1" in md
+    # every unit's score on each test row, its score their mean; pause_ft.json / .md beside
+    assert json.loads((out / "pause_ft.json").read_text()) == pft
+    lines = [json.loads(x) for x in (out / "pause_ft_scores.jsonl").read_text().splitlines()]
+    scored = [(u, m) for u in pft["rows"] for m, v in u["scores"].items() if v is not None]
+    assert len(lines) == len(scored) == 10 * 1 + 6 * 3  # M=0 everywhere, 2/5/10 with <pause>
+    for u, m in scored:
+        (line,) = [x for x in lines if (x["task"], x["label"], x["seed"], x["M"])
+                   == (u["task_name"], u["label"], u["seed"], int(m))]
+        assert len(line["scores"]) == u["examples"] == 8
+        assert sum(line["scores"]) / 8 == pytest.approx(u["scores"][m])
+    kinds = [(c["task"], c["kind"]) for c in pft["intervals"]]
+    assert kinds.count(("addition1", "2x2")) == 3 and ("addition1", "flops") in kinds
+    assert ("corpus_next6", "collapse") in kinds and ("corpus_next6", "ponder") not in kinds
+    assert all(c["lo"] <= c["diff"] <= c["hi"] and c["rows"] == 8 for c in pft["intervals"])
+    assert pft["bootstrap"] == {"resamples": 10000, "seed": 0, "level": 0.95}
+    assert [t["rows"] for t in pft["test_sets"]] == [8, 8]
+    assert set(pft["backbones"]) == {"plain", "pause", "ponder_k1", flops["run"]}
+    assert pft["backbones"]["ponder_k1"]["pretraining_flops"] == \
+        res["runs"]["ponder_k1"]["final"]["flops"]
+    report = (out / "pause_ft.md").read_text()
+    assert "## Differences with 95 % intervals" in report and "### Differences between cells" in md
+    # the report rebuilds from the two saved files alone
+    again = out / "rerender"
+    again.mkdir()
+    for name in ("pause_ft.json", "pause_ft_scores.jsonl"):
+        (again / name).write_text((out / name).read_text())
+    render(str(again))
+    assert (again / "pause_ft.md").read_text() == report
     # early exit on the study's own plain model, exported to HF: every strategy, its sweep
     ee = res["early_exit"]
     assert ee["backbone"] == "plain" and (out / "early_exit.png").stat().st_size > 1000
@@ -177,3 +207,30 @@ def test_pause_ft_corpus_task_summary_and_equal_flops_steps():
     args = ["--max-steps", "120", "--eval-every", "60", "--lr", "1e-3"]
     assert _scale_steps(args, 4) == ["--max-steps", "480", "--eval-every", "240", "--lr", "1e-3"]
     assert _scale_steps(["--epochs", "3"], 2) == ["--epochs", "6"]
+
+
+def test_paired_bootstrap_interval():
+    """Seeded and paired: identical cells give exactly 0; 0/1 rows against zeros give the
+    mean difference and an interval of about +-1.96 binomial standard errors."""
+    same = [0.0, 1.0, 1.0, 0.5] * 25
+    assert paired_bootstrap(same, same, 2000, 0, 0.95) == {"diff": 0.0, "lo": 0.0, "hi": 0.0,
+                                                           "rows": 100}
+    half = paired_bootstrap([1.0, 0.0] * 50, [0.0] * 100, 10000, 0, 0.95)
+    assert half["diff"] == 0.5 and half["rows"] == 100
+    assert half["lo"] == pytest.approx(0.5 - 1.96 * 0.05, abs=0.015)
+    assert half["hi"] == pytest.approx(0.5 + 1.96 * 0.05, abs=0.015)
+    assert paired_bootstrap([1.0, 0.0] * 50, [0.0] * 100, 10000, 0, 0.95) == half
+    # pairing: b = a shifted by one everywhere has no spread at all
+    a = [float(i % 3) for i in range(60)]
+    assert paired_bootstrap([x + 1 for x in a], a, 1000, 3, 0.9)["lo"] == pytest.approx(1.0)
+
+
+def test_pause_ft_section_spliced_into_results_md():
+    md = "# R\n\n## A\n\ntext\n\n## Pause fine-tuning: old\n\nold\n\n### t\n\nx\n"
+    new = "## Pause fine-tuning: old\n\nnew\n"
+    assert splice_section(md, new) == "# R\n\n## A\n\ntext\n\n## Pause fine-tuning: old\n\nnew\n"
+    assert splice_section("# R\n\n## A\n\ntext\n", new) == \
+        "# R\n\n## A\n\ntext\n\n## Pause fine-tuning: old\n\nnew\n"
+    before = "# R\n\n## Pause fine-tuning: old\n\nold\n\n## Errors\n\n- e\n"
+    assert splice_section(before, new) == \
+        "# R\n\n## Pause fine-tuning: old\n\nnew\n\n## Errors\n\n- e\n"

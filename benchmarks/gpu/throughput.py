@@ -23,14 +23,15 @@ COMPILE_S = 90.0
 COMPILED_SHAPES = ("pythia-1b",)  # where the elementwise share of the step is largest
 
 
-def estimated_peak(model, K: int, micro_batch: int, seq: int) -> float:
+def estimated_peak(model, K: int, micro_batch: int, seq: int, precision: str = "bf16",
+                   top_k: int = 0) -> float:
     """Bytes a throughput entry of our model should peak at: model states (STATE_BYTES/param)
     + activations + backward transient of the framework's own estimate
     (ponder_pt/engine/estimate.py; tests/test_estimate_gpu.py checks it against these runs'
     measured peaks)."""
     from ponder_pt.engine.estimate import activation_estimate
 
-    est = activation_estimate(model, K, micro_batch, seq, precision="bf16")
+    est = activation_estimate(model, K, micro_batch, seq, precision=precision, top_k=top_k)
     return STATE_BYTES * est["params"] + est["activations"] + est["transient"]
 
 

@@ -83,7 +83,8 @@ def problems(cfg: Config, world_size: Optional[int] = None,
     elif par.pp > 1 and par.zero_stage >= 2:
         out.append(f"parallel.zero_stage={par.zero_stage} cannot be combined with pipeline "
                    f"parallelism (parallel.pp={par.pp}); DeepSpeed's pipeline engine supports "
-                   "ZeRO 0/1: set parallel.zero_stage=1 or parallel.pp=1")
+                   "ZeRO 0/1 and ponder-pt runs it on ZeRO-1: set parallel.zero_stage=1 or "
+                   "parallel.pp=1")
     elif par.pp > 1 and par.zero_stage == 0:
         # the pipeline path (training, checkpoints, their export) is built and tested on ZeRO-1
         out.append(f"parallel.pp={par.pp} needs parallel.zero_stage=1 (pipeline runs, their "

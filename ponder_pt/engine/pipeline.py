@@ -1,6 +1,7 @@
 """Pipeline-parallel training: the same loop, with `deepspeed.pipe.PipelineModule` over the
 unrolled layer chain of `ponder_pt.models.pipeline` (see there for how the K+1 pondering passes
-map onto stages). ZeRO 0/1 only, as DeepSpeed's pipeline engine allows."""
+map onto stages). ZeRO-1 only: DeepSpeed's pipeline engine takes ZeRO 0/1, and config validation
+refuses ZeRO-0 with PP."""
 
 from __future__ import annotations
 

@@ -9,11 +9,13 @@ token: one launch instead of hundreds. The caches are `StaticKVCache`s sized for
 tokens, so the step's shapes never change; the tokens, their positions and the cache column
 live in device buffers the graph reads.
 
-The graph is checked before it is trusted: the second replay (one column after the capture,
-so a position baked in by mistake would show) is compared with the same step run eagerly; a
-mismatch, or any error while capturing, falls back to eager decoding with a warning naming the
-reason (`Decoder.graph_status`). Writing the same token's keys/values at the same column twice
-is harmless, which is what makes the warm-ups and the check free of side effects.
+The graph is checked before it is trusted: the first two replays (the first right after the
+capture, the second one column on, so a position baked in by mistake would show) are each
+compared with the same step run eagerly before their logits are returned; a mismatch, or any
+error while capturing, falls back to eager decoding with a warning naming the reason
+(`Decoder.graph_status`), and the step returns the eager logits. Writing the same token's
+keys/values at the same column twice is harmless, which is what makes the warm-ups and the
+checks free of side effects.
 
 Batches: prompts are left-padded to one length; each row's positions count its own tokens
 only, and no query attends to padding, so every row decodes as it would alone.
@@ -27,6 +29,21 @@ from typing import Optional, Sequence
 import torch
 
 from ..sdpa_backends import varying_shapes
+
+
+CHECKED_REPLAYS = 2  # replays compared with the eager step before their logits are returned
+
+
+def replay_mismatch(got: torch.Tensor, want: torch.Tensor) -> Optional[float]:
+    """None when replayed logits `got` equal the eager step's `want`: the same entries finite
+    (masked vocabulary rows are -inf in both) and the rest within 1e-3 of the largest
+    magnitude (at least 1); else the largest difference (inf where finiteness differs)."""
+    finite = torch.isfinite(want)
+    if not torch.equal(torch.isfinite(got), finite):
+        return float("inf")
+    tol = 1e-3 * max(1.0, float(want[finite].abs().max()) if bool(finite.any()) else 1.0)
+    diff = float((got - want).nan_to_num(posinf=0, neginf=0).abs().max())
+    return diff if diff > tol else None
 
 
 class Decoder:
@@ -143,17 +160,17 @@ class Decoder:
                                                     f"{err}")
         self.graph.replay()
         self.replays += 1
-        if self.replays == 2:
+        if self.replays <= CHECKED_REPLAYS:
             got = self._out.clone()
             want = self._static_step(col)
-            finite = torch.isfinite(want)
-            tol = 1e-3 * max(1.0, float(want[finite].abs().max()))
-            diff = float((got - want).nan_to_num(posinf=0, neginf=0).abs().max())
-            if diff > tol or not torch.equal(torch.isfinite(got), finite):
+            diff = replay_mismatch(got, want)
+            if diff is not None:
                 self._stepped(col, want)
-                return self._fall_back(None, tokens, f"replay differs from eager by "
-                                                     f"{diff:.3g}", logits=want)
-            self.graph_status = "on (replay checked against eager)"
+                return self._fall_back(None, tokens, f"replay {self.replays} differs from "
+                                                     f"eager by {diff:.3g}", logits=want)
+            self.graph_status = (f"on (replays 1..{self.replays} checked against eager)"
+                                 if self.replays == CHECKED_REPLAYS else
+                                 f"checking (replay {self.replays} equals eager)")
         return self._stepped(col, self._out)
 
     # ------------------------------------------------------------------ fixed shapes, graph
