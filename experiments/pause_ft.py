@@ -40,6 +40,8 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from .jobs import is_trained, job_env, run_logged
+
 CELLS = [("StdPT", "plain", "StdFT"), ("StdPT", "plain", "PauseFT"),
          ("PausePT", "pause", "StdFT"), ("PausePT", "pause", "PauseFT")]
 _TASK_DEFAULTS = {"train": 2000, "validation": 100, "test": 200, "seed": 0}
@@ -222,8 +224,6 @@ def _score(final: str, task_dir: str, pauses: list, max_eval: int) -> dict:
 
 
 def run_unit(study, u: dict, task_dir: str, cfg: dict, args: list, env: dict) -> dict | None:
-    from .study import _call
-
     out = u["out"]
     spec = {"ckpt": os.path.abspath(u["ckpt"]), "task": u["task"], "pauses": u["m"],
             "args": args, "seed": u["seed"], "ckpt_step": u["ckpt_step"]}
@@ -238,7 +238,7 @@ def run_unit(study, u: dict, task_dir: str, cfg: dict, args: list, env: dict) ->
         os.makedirs(out, exist_ok=True)
         cmd = [sys.executable, "-m", "ponder_pt", "sft", "--model", u["ckpt"], "--task",
                task_dir, "--pauses", str(u["m"]), "--out", out, "--seed", str(u["seed"]), *args]
-        code = _call(cmd, os.path.join(out, "sft.log"), env, mode="w")
+        code = run_logged(cmd, os.path.join(out, "sft.log"), env, mode="w")
         if code != 0 or not os.path.exists(os.path.join(out, "final", "config.json")):
             study.results.setdefault("errors", []).append(
                 f"pause_ft {tag}: sft exited {code} (see {out}/sft.log)")
@@ -352,8 +352,6 @@ def tables(summary: list, pauses: list, m_ft: int) -> str:
 
 
 def stage_pause_ft(study) -> None:
-    from .study import _env, _trained
-
     cfg = study.sc.get("pause_ft") or {}
     if not cfg.get("enabled", True):
         return
@@ -366,7 +364,7 @@ def stage_pause_ft(study) -> None:
     args = [str(a) for a in cfg.get("args", [])]
     runs = {}
     for r in study.runs:  # only runs trained to the end (not one still training)
-        done = _trained(study.run_dir(r), r["iters"])
+        done = is_trained(study.run_dir(r), r["iters"])
         runs[r["name"]] = {"ckpt": os.path.join(study.run_dir(r), "ckpt"), "has_ckpt": done,
                            "step": f"step_{r['iters']:08d}" if done else None}
     todo, skipped = [], set()
@@ -389,7 +387,7 @@ def stage_pause_ft(study) -> None:
         study.log(f"pause_ft: cells on run {name} skipped (no checkpoint; run the 'runs' stage "
                   f"for it)")
     threads = int(study.sc["schedule"].get("threads_per_job", 1))
-    env = _env(threads)
+    env = job_env(threads)
     import torch
 
     torch.set_num_threads(threads)  # the in-process scoring
