@@ -37,7 +37,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from ponder_pt.config.loader import _deep_merge
+from ponder_pt.config.tree import deep_merge
 
 from .early_exit import stage_early_exit
 from .jobs import is_trained, job_env, run_logged, stop_children
@@ -55,7 +55,7 @@ def _load_chain(path: str) -> dict:
         raw = yaml.safe_load(fh) or {}
     base = raw.pop("base", None)
     if base:
-        return _deep_merge(_load_chain(os.path.join(CONFIGS, f"{base}.yaml")), raw)
+        return deep_merge(_load_chain(os.path.join(CONFIGS, f"{base}.yaml")), raw)
     return raw
 
 

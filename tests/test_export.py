@@ -15,9 +15,9 @@ from _model_helpers import random_hf_model, single_process, tiny_model_config  #
 
 from ponder_pt.config import Config
 from ponder_pt.export import export_full, hf_to_checkpoint, read_checkpoint
-from ponder_pt.export.native import merge_tp, tp_spec
-from ponder_pt.models import PonderLM, full_state_dict, hf_to_full
-from ponder_pt.models import parallel as par
+from ponder_pt.models import PonderLM, full_state_dict
+from ponder_pt.weights.hf_weights import hf_to_full
+from ponder_pt.weights.layout import merge_tp, shard, tp_spec
 
 # hf_compat: CI runs these again at the oldest declared transformers
 pytestmark = [pytest.mark.usefixtures("single_process"), pytest.mark.hf_compat]
@@ -65,7 +65,7 @@ def test_tp_shard_merge_inverts_megatron_split():
     for arch in ("gpt_neox", "llama"):
         mcfg = tiny_model_config(arch)
         full = hf_to_full(random_hf_model(mcfg).state_dict(), mcfg)
-        parts = [{n: (par.shard(t, *tp_spec(n, mcfg), rank=r, world=2) if tp_spec(n, mcfg)
+        parts = [{n: (shard(t, *tp_spec(n, mcfg), rank=r, world=2) if tp_spec(n, mcfg)
                       else t) for n, t in full.items()} for r in range(2)]
         merged = merge_tp(parts, mcfg)
         assert all(torch.equal(merged[n], full[n]) for n in full)

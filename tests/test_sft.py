@@ -197,7 +197,7 @@ def test_multiple_choice_scores_by_log_likelihood(sft_env):
 def test_native_pause_trained_backbone(trained, sft_env, tmp_path):  # noqa: F811
     """A native checkpoint.dir (pause-trained, K=2) fine-tunes with its own <pause> id and
     the export records it with the new M."""
-    from ponder_pt.export.native import load_run_config
+    from ponder_pt.config import load_run_config
 
     ckpt = trained["ponder"]
     cfg = load_run_config(ckpt)

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..config.loader import ConfigError
+from ..config import ConfigError
 from .config import FinetuneConfig, check, load_finetune_config, to_dict
 from .finetune_args import add_args
 

@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 
 from ..config import Config
-from ..models.hf import full_to_hf, hf_config_from
+from ..models.hf import hf_config_from
+from ..weights.hf_weights import full_to_hf
 from .native import read_checkpoint
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")

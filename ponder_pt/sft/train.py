@@ -338,7 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     add_args(parser)
     args = parser.parse_args(argv)
-    from ..config.loader import ConfigError
+    from ..config import ConfigError
     from ..engine.failures import run_cli
 
     def run() -> int:
