@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..inference.device import resolve_device, training_device
 from .config import FinetuneConfig, check, load_finetune_config, to_dict
 from .finetune_args import add_args
 
@@ -217,8 +218,6 @@ def final_eval(cfg: FinetuneConfig, model_dir: str, out_dir: str,
     eval_cfg.task_format = cfg.task_format
     eval_cfg.trust_remote_code = cfg.trust_remote_code
     model, _, task, _, valid = build(eval_cfg, heads_from=heads_file(model_dir))
-    from ..inference.device import resolve_device
-
     device = torch.device(resolve_device(device))
     model.to(device).eval()
     thresholds = [float(x) for x in cfg.eval.sweep] or None
@@ -239,25 +238,6 @@ def _config_from(args) -> FinetuneConfig:
                                 backbone=args.backbone or args.eval_only, task=args.task,
                                 task_format=getattr(args, "task_format", None),
                                 out=args.out, trust_remote_code=args.trust_remote_code or None)
-
-
-def training_device(device: Optional[str]) -> str:
-    """`--device` for training: DeepSpeed trains on its accelerator (CUDA, the process's
-    LOCAL_RANK GPU, whenever torch sees one), so only a device that agrees with it is
-    accepted; returns the resolved device."""
-    import torch
-
-    from ..inference.device import resolve_device
-
-    dev = resolve_device(device)
-    if dev == "cpu" and torch.cuda.is_available():
-        raise ValueError(f"--device {device}: fine-tuning trains on the GPU whenever one is "
-                         f"visible; to train on the CPU hide the GPUs "
-                         f"(CUDA_VISIBLE_DEVICES= ponder-pt finetune ...)")
-    if dev.startswith("cuda:") and dev != "cuda:0":
-        raise ValueError(f"--device {device}: training uses the process's LOCAL_RANK GPU; "
-                         f"pick the GPU with CUDA_VISIBLE_DEVICES={dev[5:]} instead")
-    return dev
 
 
 def cmd_finetune(args) -> int:

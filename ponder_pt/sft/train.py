@@ -297,7 +297,7 @@ def cmd_sft(args) -> int:
     launched = "WORLD_SIZE" in os.environ
     model_dir = args.model
     if not launched:
-        from ..early_exit.finetune import training_device
+        from ..inference.device import training_device
         from .backbone import native_backbone
 
         training_device(args.device)  # training follows DeepSpeed's accelerator
