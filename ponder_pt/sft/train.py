@@ -198,7 +198,11 @@ def finish(args, cfg, tok, task, m: int, summary: dict) -> str:
     best = load_file(os.path.join(args.out, "best", "model.safetensors"))
     final = os.path.join(args.out, "final")
     shutil.rmtree(final, ignore_errors=True)
-    export_full(cfg, best, final, tokenizer_path=cfg.data.tokenizer, progress=False)
+    finetune = {"method": "ponder-pt sft", "task": args.source_task or args.task,
+                "steps": summary["steps"], "best_step": summary["best_step"],
+                "backbone": args.source_model or args.model}
+    export_full(cfg, best, final, tokenizer_path=cfg.data.tokenizer, progress=False,
+                card={"finetune": finetune})
     plot_runs([args.out], os.path.join(args.out, "loss.png"), labels=[f"sft M={m}"])
     info = {"training": summary, "pauses_trained": m}
     path = score(final, args, task, None, info)
