@@ -124,6 +124,17 @@ def _full_to_gpt2(full: dict, cfg, rows: int) -> dict:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
+def _layer_names(cfg):
+    """(our name, HF's name) of each per-layer tensor that maps one to one (GPT-NeoX, LLaMA;
+    LLaMA's separate q/k/v and gate/up are regrouped by the callers)."""
+    pre = _PREFIX[cfg.arch]
+    suffixes = ("weight", "bias") if cfg.arch == "gpt_neox" else ("weight",)
+    for i in range(cfg.num_layers):
+        for ours, theirs in _LAYER_KEYS[cfg.arch].items():
+            for suf in suffixes:
+                yield f"layers.{i}.{ours}.{suf}", f"{pre}layers.{i}.{theirs}.{suf}"
+
+
 def hf_to_full(sd: dict, cfg) -> dict:
     """HF state dict -> full (unsharded) tensors under our parameter names.
 
@@ -146,17 +157,14 @@ def hf_to_full(sd: dict, cfg) -> dict:
     for name in ("embed.weight", "output.weight"):
         if name in out:
             out[name] = pad_rows(out[name], cfg.vocab_size, name, "HF")
-    suffixes = ("weight", "bias") if arch == "gpt_neox" else ("weight",)
-    for i in range(cfg.num_layers):
+    for ours, theirs in _layer_names(cfg):
+        out[ours] = sd[theirs]
+    for i in range(cfg.num_layers if arch == "llama" else 0):
         hp, op = f"{pre}layers.{i}.", f"layers.{i}."
-        for ours, theirs in _LAYER_KEYS[arch].items():
-            for suf in suffixes:
-                out[f"{op}{ours}.{suf}"] = sd[f"{hp}{theirs}.{suf}"]
-        if arch == "llama":
-            out[op + "attn.qkv.weight"] = _qkv_from_hf(
-                *(sd[f"{hp}self_attn.{n}_proj.weight"] for n in "qkv"), cfg)
-            out[op + "mlp.fc1.weight"] = torch.cat(
-                [sd[hp + "mlp.gate_proj.weight"], sd[hp + "mlp.up_proj.weight"]], dim=0)
+        out[op + "attn.qkv.weight"] = _qkv_from_hf(
+            *(sd[f"{hp}self_attn.{n}_proj.weight"] for n in "qkv"), cfg)
+        out[op + "mlp.fc1.weight"] = torch.cat(
+            [sd[hp + "mlp.gate_proj.weight"], sd[hp + "mlp.up_proj.weight"]], dim=0)
     return out
 
 
@@ -175,19 +183,16 @@ def full_to_hf(full: dict, cfg, vocab_size: Optional[int] = None) -> dict:
     if arch == "gpt_neox":
         sd[pre + "final_layer_norm.bias"] = full["final_norm.bias"]
     sd["lm_head.weight"] = embed if cfg.tie_embeddings else full["output.weight"][:rows]
-    suffixes = ("weight", "bias") if arch == "gpt_neox" else ("weight",)
-    for i in range(cfg.num_layers):
+    for ours, theirs in _layer_names(cfg):
+        sd[theirs] = full[ours]
+    for i in range(cfg.num_layers if arch == "llama" else 0):
         hp, op = f"{pre}layers.{i}.", f"layers.{i}."
-        for ours, theirs in _LAYER_KEYS[arch].items():
-            for suf in suffixes:
-                sd[f"{hp}{theirs}.{suf}"] = full[f"{op}{ours}.{suf}"]
-        if arch == "llama":
-            q, k, v = _qkv_to_hf(full[op + "attn.qkv.weight"], cfg)
-            sd[hp + "self_attn.q_proj.weight"] = q
-            sd[hp + "self_attn.k_proj.weight"] = k
-            sd[hp + "self_attn.v_proj.weight"] = v
-            gate, up = full[op + "mlp.fc1.weight"].chunk(2, dim=0)
-            sd[hp + "mlp.gate_proj.weight"] = gate
-            sd[hp + "mlp.up_proj.weight"] = up
+        q, k, v = _qkv_to_hf(full[op + "attn.qkv.weight"], cfg)
+        sd[hp + "self_attn.q_proj.weight"] = q
+        sd[hp + "self_attn.k_proj.weight"] = k
+        sd[hp + "self_attn.v_proj.weight"] = v
+        gate, up = full[op + "mlp.fc1.weight"].chunk(2, dim=0)
+        sd[hp + "mlp.gate_proj.weight"] = gate
+        sd[hp + "mlp.up_proj.weight"] = up
     return {k: v.contiguous() for k, v in sd.items()}
 
