@@ -244,7 +244,9 @@ def _results_table(results: list) -> str:
     for r in results:
         args = r.dataset_args or {}
         metric = r.metric_type + (f" ({r.metric_config})" if r.metric_config else "")
-        rows.append(f"| {r.dataset_name} | {metric} | {r.metric_value:.4g} | "
+        value = (f"{r.metric_value:.4g}" if isinstance(r.metric_value, (int, float))
+                 else r.metric_value)  # a value edited by hand stays as written
+        rows.append(f"| {r.dataset_name} | {metric} | {value} | "
                     f"{r.dataset_split or '-'} | {args.get('num_fewshot', '-')} | "
                     f"{args.get('pauses', '-')} | {args.get('limit', '-')} |")
     return "\n".join(rows)
