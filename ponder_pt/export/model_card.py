@@ -222,8 +222,9 @@ def _eval_results(res: dict, pauses: Optional[int], limit) -> list:
         settings = {"num_fewshot": (res.get("n-shot") or {}).get(task, conf.get("num_fewshot")),
                     "pauses": pauses, "limit": limit}
         for key, value in metrics.items():
-            metric, _, filt = key.partition(",")
-            if "_stderr" in metric or isinstance(value, bool) or \
+            metric, comma, filt = key.partition(",")
+            # metrics are "name,filter"; "sample_len" and the like are counts, not metrics
+            if not comma or "_stderr" in metric or isinstance(value, bool) or \
                     not isinstance(value, (int, float)):
                 continue
             path = conf.get("dataset_path")
