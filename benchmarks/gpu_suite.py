@@ -81,13 +81,13 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 warnings.filterwarnings("ignore")
 
-from benchmarks.gpu.common import _T0, kill_group, log  # noqa: E402
+from benchmarks.gpu.common import T0, kill_group, log  # noqa: E402
 from benchmarks.gpu.env import collect_env  # noqa: E402
 from benchmarks.gpu.gen import section_gen  # noqa: E402
 from benchmarks.gpu.generate import section_generate  # noqa: E402
 from benchmarks.gpu.profiling import section_profile  # noqa: E402
-from benchmarks.gpu.results import (Part, atomic_write, json_safe, load_parts,  # noqa: E402
-                                    write_results)
+from benchmarks.gpu.report import write_results  # noqa: E402
+from benchmarks.gpu.results import Part, atomic_write, json_safe, load_parts  # noqa: E402
 from benchmarks.gpu.sdpa import section_sdpa  # noqa: E402
 from benchmarks.gpu.throughput import section_throughput  # noqa: E402
 from benchmarks.gpu.train import section_train  # noqa: E402
@@ -125,7 +125,7 @@ def child_main(args) -> int:
     if args.section == "throughput":
         known = SHAPES + SMOKE_SHAPES
         order += (known.index(args.shape) if args.shape in known else 9) / 10
-    part = Part(args.out, name, order, deadline=args.deadline)
+    part = Part(args.out, name, order, on_save=write_results, deadline=args.deadline)
     try:
         SECTIONS[args.section](args, part)
     except Exception as exc:  # noqa: BLE001
@@ -184,7 +184,7 @@ def run_child(args, section: str, budget: float, shape: str = None) -> None:
 
 
 def parent_main(args) -> int:
-    os.environ["GPU_SUITE_T0"] = str(_T0)
+    os.environ["GPU_SUITE_T0"] = str(T0)
     if args.smoke:  # CPU everywhere, the DeepSpeed training child included
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.makedirs(args.out, exist_ok=True)
@@ -209,10 +209,11 @@ def parent_main(args) -> int:
         scale = args.budget / base
         budget = {k: v * scale for k, v in budget.items()}
         budget["total"] = args.budget
-    end = _T0 + budget["total"]
-    meta = Part(args.out, "meta", -1, smoke=args.smoke, argv=sys.argv, budget_s=budget["total"])
+    end = T0 + budget["total"]
+    meta = Part(args.out, "meta", -1, on_save=write_results, smoke=args.smoke, argv=sys.argv,
+                budget_s=budget["total"])
     meta.update(started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    env_part = Part(args.out, "env", 0)
+    env_part = Part(args.out, "env", 0, on_save=write_results)
     try:
         env = collect_env(args.smoke)
         env_part.update(env=env)
@@ -235,14 +236,14 @@ def parent_main(args) -> int:
                 SHAPE_WEIGHT.get(s, 1.0) for s in shapes[i:])
             if share < 8:
                 Part(args.out, f"throughput-{shape}", ORDER["throughput"] + i / 10,
-                     shape=shape).add({"name": f"throughput-{shape}", "status": "skipped",
+                     on_save=write_results, shape=shape).add({"name": f"throughput-{shape}", "status": "skipped",
                                        "shape": shape, "reason": "time budget exhausted"})
                 continue
             run_child(args, "throughput", share, shape)
-    meta.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), wall_s=round(time.time() - _T0, 1))
+    meta.update(finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), wall_s=round(time.time() - T0, 1))
     meta.finish()
     res = write_results(args.out)
-    log(f"done in {time.time() - _T0:.0f}s: {res['status_counts']}; "
+    log(f"done in {time.time() - T0:.0f}s: {res['status_counts']}; "
         f"{os.path.join(args.out, 'gpu_results.json')}, {os.path.join(args.out, 'gpu_results.md')}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Reproducible miniatures of the papers' claims (issue 7): `python -m experiments.study`.
+"""Reproducible miniatures of the papers' claims: `python -m experiments.study`.
 
 See experiments/README.md.
 """

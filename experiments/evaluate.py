@@ -103,7 +103,7 @@ def next_token_task(model, task: np.ndarray, prompt_len: int, pauses: int, pause
 
 def evaluate_run(run_dir: str, data_dir: str, curve_windows: int, pause_counts: list[int],
                  batch: int, device: str, keep_checkpoints: bool, log=print) -> dict:
-    from ponder_pt.engine.checkpoint import list_tags
+    from ponder_pt.weights.files import list_tags
     from ponder_pt.engine.flops import flops_per_token, param_count
 
     with open(os.path.join(data_dir, "data.json"), encoding="utf-8") as fh:

@@ -50,6 +50,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .jobs import is_trained, job_env, run_logged
 from .pause_ft_report import (BOOTSTRAP, finish, read_json, read_lines, score_lines, section,
                               write_json, write_outputs)
 
@@ -242,8 +243,6 @@ def _own_eval(out: str, n_rows: int) -> tuple[dict, dict, str | None]:
 def run_unit(study, u: dict, task_dir: str, cfg: dict, args: list, env: dict) -> dict | None:
     """Fine-tune (unless done) and score one unit; its row of pause_ft.json, with the
     per-row scores under "per_row"."""
-    from .study import _call
-
     out = u["out"]
     spec = {"ckpt": os.path.abspath(u["ckpt"]), "task": u["task"], "pauses": u["m"],
             "args": args, "seed": u["seed"], "ckpt_step": u["ckpt_step"]}
@@ -260,7 +259,7 @@ def run_unit(study, u: dict, task_dir: str, cfg: dict, args: list, env: dict) ->
         cmd = [sys.executable, "-m", "ponder_pt", "sft", "--model", u["ckpt"], "--task",
                task_dir, "--pauses", str(u["m"]), "--out", out, "--seed", str(u["seed"]), *args]
         t0 = time.time()
-        code = _call(cmd, os.path.join(out, "sft.log"), env, mode="w")
+        code = run_logged(cmd, os.path.join(out, "sft.log"), env, mode="w")
         if code != 0 or not os.path.exists(os.path.join(out, "final", "config.json")):
             study.results.setdefault("errors", []).append(
                 f"pause_ft {tag}: sft exited {code} (see {out}/sft.log)")
@@ -363,8 +362,6 @@ class _LoadSampler:
 
 
 def stage_pause_ft(study) -> None:
-    from .study import _env, _trained
-
     cfg = study.sc.get("pause_ft") or {}
     if not cfg.get("enabled", True):
         return
@@ -377,7 +374,7 @@ def stage_pause_ft(study) -> None:
     args = [str(a) for a in cfg.get("args", [])]
     runs = {}
     for r in study.runs:  # only runs trained to the end (not one still training)
-        done = _trained(study.run_dir(r), r["iters"])
+        done = is_trained(study.run_dir(r), r["iters"])
         runs[r["name"]] = {"ckpt": os.path.join(study.run_dir(r), "ckpt"), "has_ckpt": done,
                            "step": f"step_{r['iters']:08d}" if done else None}
     todo, skipped, task_dirs = [], set(), []
@@ -401,7 +398,7 @@ def stage_pause_ft(study) -> None:
         study.log(f"pause_ft: cells on run {name} skipped (no checkpoint; run the 'runs' stage "
                   f"for it)")
     threads = int(study.sc["schedule"].get("threads_per_job", 1))
-    env = _env(threads)
+    env = job_env(threads)
     import torch
 
     torch.set_num_threads(threads)  # the in-process scoring

@@ -1,4 +1,4 @@
-"""The miniature study (issue 7): the papers' claims, reproduced small, with one command.
+"""The miniature study: the papers' claims, reproduced small, with one command.
 
     python -m experiments.study --out experiments/results          # ~30 min on 2 CPU cores
     python -m experiments.study --toy --out /tmp/study_toy          # the whole pipeline, seconds
@@ -29,7 +29,6 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -38,14 +37,14 @@ from typing import Callable, Optional
 
 import yaml
 
-from ponder_pt.config.loader import _deep_merge
+from ponder_pt.config.tree import deep_merge
 
 from .early_exit import stage_early_exit
+from .jobs import is_trained, job_env, run_logged, stop_children
 from .pause_ft import stage_pause_ft
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "configs")
-REPO = os.path.dirname(HERE)
 
 
 # --------------------------------------------------------------------------- study config
@@ -56,7 +55,7 @@ def _load_chain(path: str) -> dict:
         raw = yaml.safe_load(fh) or {}
     base = raw.pop("base", None)
     if base:
-        return _deep_merge(_load_chain(os.path.join(CONFIGS, f"{base}.yaml")), raw)
+        return deep_merge(_load_chain(os.path.join(CONFIGS, f"{base}.yaml")), raw)
     return raw
 
 
@@ -192,55 +191,6 @@ class Study:
         return [r for r in self.runs if r["name"] in self.only or r["group"] in self.only]
 
 
-def _env(threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               TOKENIZERS_PARALLELISM="false")
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".torch_extensions"))
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-_CHILDREN: set = set()
-_CHILDREN_LOCK = threading.Lock()
-_STOPPING = threading.Event()
-
-
-def _call(cmd: list[str], log_path: str, env: dict, mode: str = "a") -> int:
-    """Run `cmd` with output to `log_path`; registered so an interrupted study can stop it."""
-    if _STOPPING.is_set():
-        return 130
-    with open(log_path, mode, encoding="utf-8") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        with _CHILDREN_LOCK:
-            _CHILDREN.add(proc)
-        try:
-            return proc.wait()
-        finally:
-            with _CHILDREN_LOCK:
-                _CHILDREN.discard(proc)
-
-
-def stop_children(timeout: float = 60.0) -> None:
-    """SIGTERM every running child (a trainer then saves a checkpoint and exits, so the next
-    invocation resumes it) and wait for them."""
-    _STOPPING.set()
-    with _CHILDREN_LOCK:
-        procs = list(_CHILDREN)
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.time() + timeout
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 def _last_step(run_dir: str) -> int:
     path = os.path.join(run_dir, "metrics.jsonl")
     try:
@@ -250,14 +200,6 @@ def _last_step(run_dir: str) -> int:
         return int(json.loads(lines[-1])["step"])
     except (OSError, ValueError, IndexError, KeyError):
         return 0
-
-
-def _trained(run_dir: str, iters: int) -> bool:
-    try:
-        with open(os.path.join(run_dir, "ckpt", "latest"), encoding="utf-8") as fh:
-            return fh.read().strip() == f"step_{iters:08d}"
-    except OSError:
-        return False
 
 
 def _load_eval(run_dir: str, digest: str) -> Optional[dict]:
@@ -289,14 +231,14 @@ def execute_run(study: Study, run: dict) -> dict:
     with open(spec_path, "w", encoding="utf-8") as fh:
         json.dump({"spec_hash": digest, "run": run, "overrides": overrides}, fh, indent=1)
     threads = int(sc["schedule"]["threads_per_job"])
-    env = _env(threads)
+    env = job_env(threads)
     t0 = time.time()
-    if not _trained(run_dir, run["iters"]):
+    if not is_trained(run_dir, run["iters"]):
         cmd = [sys.executable, "-m", "ponder_pt", "train", "--config", sc["train"]["config"],
                "--nproc", str(sc["train"]["nproc"])]
         for item in overrides:
             cmd += ["--set", item]
-        code = _call(cmd, os.path.join(run_dir, "train.log"), env)
+        code = run_logged(cmd, os.path.join(run_dir, "train.log"), env)
         if code != 0:
             raise RuntimeError(f"{run['name']}: training exited with code {code}; see "
                                f"{os.path.join(run_dir, 'train.log')}")
@@ -320,7 +262,7 @@ def execute_run(study: Study, run: dict) -> dict:
            "--threads", str(threads), "--extra", json.dumps(extra)]
     if ev_cfg.get("keep_checkpoints"):
         cmd.append("--keep-checkpoints")
-    code = _call(cmd, os.path.join(run_dir, "eval.log"), env, mode="w")
+    code = run_logged(cmd, os.path.join(run_dir, "eval.log"), env, mode="w")
     if code != 0:
         raise RuntimeError(f"{run['name']}: evaluation exited with code {code}; see "
                            f"{os.path.join(run_dir, 'eval.log')}")

@@ -173,18 +173,10 @@ def cmd_data_verify(args) -> int:
 
 
 # ---------------------------------------------------------------- train
-def torchrun_command(nproc: int, config: str, overrides: Sequence[str], extra=()) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "ponder_pt.train", "--config", config]
-    for item in overrides:
-        cmd += ["--set", item]
-    return cmd + list(extra)
-
-
 def cmd_train(args) -> int:
     import shlex
 
-    from .train import resolve, run
+    from .train import resolve, run, torchrun_command
 
     launched = "WORLD_SIZE" in os.environ  # already under torchrun/deepspeed/srun
     if args.nproc > 1 and not launched:

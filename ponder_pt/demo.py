@@ -88,7 +88,7 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
     t = _stage(f"5/6 train: tiny PonderPythia (K={cfg.ponder.steps}, pause rate "
                f"{cfg.pause.rate}), 2 processes, ZeRO-{cfg.parallel.zero_stage}, "
                f"{cfg.train.iters} steps")
-    from .cli import torchrun_command
+    from .train import torchrun_command
     from .engine.metrics import read_metrics
 
     env = dict(os.environ, OMP_NUM_THREADS="1")

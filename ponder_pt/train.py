@@ -32,6 +32,15 @@ from ponder_pt.config import Config, check, config_to_yaml, load_config
 DEFAULT_VOCAB = 50304  # GPT-NeoX-20B tokenizer padded to 128, used by --dry-run without data
 
 
+def torchrun_command(nproc: int, config: str, overrides: Sequence[str], extra=()) -> list[str]:
+    """The command that runs this entry point in `nproc` processes on this machine."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "ponder_pt.train", "--config", config]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd + list(extra)
+
+
 def resolve(config: Optional[str], overrides: Sequence[str], world_size: int,
             need_tokenizer: bool = True) -> tuple[Config, object]:
     """Config + tokenizer with the vocabulary-dependent fields filled in, validated."""

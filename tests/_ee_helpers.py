@@ -15,7 +15,7 @@ def pondering_export(out_dir: str, tokenizer_path: str, *, arch: str = "gpt_neox
 
     from ponder_pt.config import Config
     from ponder_pt.export import export_full
-    from ponder_pt.models import hf_to_full
+    from ponder_pt.weights.hf_weights import hf_to_full
 
     cfg = Config()
     cfg.model = tiny_model_config(arch, vocab_size=640, max_seq_len=64)

@@ -50,7 +50,7 @@ def test_cli_defaults_to_auto(argv):
 
 
 def test_finetune_training_device(monkeypatch):
-    from ponder_pt.early_exit.finetune import training_device
+    from ponder_pt.inference.device import training_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert training_device("auto") == "cpu" and training_device("cpu") == "cpu"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ponder_pt.config.loader import ConfigError
+from ponder_pt.config import ConfigError
 from ponder_pt.early_exit import losses
 from ponder_pt.early_exit.backbones import load_backbone
 from ponder_pt.early_exit.config import ExitConfig, load_finetune_config

@@ -40,7 +40,7 @@ def reference(prepared, bpe_dir, tmp_path_factory):
 def _universal(ckpt, tag):
     """{name: {state: full tensor}} and the meta of a checkpoint, via engine.reshard."""
     from ponder_pt.engine import reshard
-    from ponder_pt.export.native import load_run_config
+    from ponder_pt.config import load_run_config
 
     with open(os.path.join(ckpt, tag, "ponder_meta.json")) as fh:
         layout = json.load(fh)["layout"]
@@ -92,7 +92,7 @@ CASES = [pytest.param(k, *v, id=k) for k, v in CORE.items()] + [
 @pytest.mark.parametrize("name,a,b", CASES)
 def test_resume_at_another_layout_keeps_optimizer(name, a, b, reference, prepared, bpe_dir,
                                                   tmp_path):
-    from ponder_pt.engine.checkpoint import verify
+    from ponder_pt.weights.files import verify
 
     ref_losses, ref_ckpt = reference
     (lay_a, n_a), (lay_b, n_b) = a, b
@@ -147,7 +147,7 @@ def test_resume_from_another_runs_checkpoint_then_from_its_own(reference, prepar
     this run's own checkpoint.dir, the source left byte for byte as it was, losses equal to the
     uninterrupted run's; once this run has saved, a restart continues from its own
     checkpoint.dir, not from checkpoint.load, and the conversion is gone."""
-    from ponder_pt.engine.checkpoint import verify
+    from ponder_pt.weights.files import verify
 
     ref_losses, ref_ckpt = reference
     theirs, own = tmp_path / "theirs", tmp_path / "ckpt"
@@ -175,7 +175,7 @@ def test_crash_during_conversion_leaves_checkpoint_intact(reference, monkeypatch
     """A conversion that dies half-way leaves no universal/ and an untouched checkpoint; the
     next attempt converts from scratch."""
     from ponder_pt.engine import reshard
-    from ponder_pt.engine.checkpoint import verify
+    from ponder_pt.weights.files import verify
 
     _, ref_ckpt = reference
     ckpt = tmp_path / "ckpt"

@@ -150,6 +150,56 @@ def test_eval_cli_local_tasks_with_pauses(trained, tmp_path):  # noqa: F811
         assert json.load(fh)["results"] == results
 
 
+@pytest.fixture(scope="module")
+def ponder_export(trained, tmp_path_factory):  # noqa: F811
+    """The pondering, pause-trained checkpoint as an HF export (with its model card)."""
+    from ponder_pt.export import checkpoint_to_hf
+
+    hf_dir = str(tmp_path_factory.mktemp("eval_export") / "hf")
+    checkpoint_to_hf(trained["ponder"], hf_dir, progress=False)
+    return hf_dir
+
+
+def test_eval_write_card_on_an_export(ponder_export, tmp_path):
+    """`ponder-pt eval --write-card` on the export: its results go into the export's model card
+    (model-index and the results section), everything else in the card stays as it was; a
+    directory that is not an HF export is refused before any evaluation."""
+    from huggingface_hub import ModelCard
+
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps(dict(r, label=0, answer="")) + "\n" for r in ROWS))
+    for name, text in TASKS.items():
+        (tmp_path / f"{name}.yaml").write_text(text.format(data=data))
+    out = str(tmp_path / "results.json")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"))
+    card_path = os.path.join(ponder_export, "README.md")
+    before = ModelCard.load(card_path)
+    proc = subprocess.run([sys.executable, "-m", "ponder_pt", "eval", "--model", ponder_export,
+                           "--tasks", "tiny_mc,tiny_ppl", "tiny_gen", "--include-path",
+                           str(tmp_path), "--limit", str(LIMIT), "--pauses", str(PAUSES),
+                           "--output", out, "--json", "--device", "cpu", "--write-card"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
+    # the card: model-index and results section replaced, everything else as it was
+    card = ModelCard.load(card_path)
+    found = {(r.dataset_name, r.metric_type): r for r in card.data.eval_results}
+    assert set(found) == {("tiny_mc", "acc"), ("tiny_ppl", "word_perplexity"),
+                          ("tiny_gen", "exact_match")}
+    assert found["tiny_mc", "acc"].metric_value == results["tiny_mc"]["acc,none"]
+    assert found["tiny_mc", "acc"].dataset_args == {"num_fewshot": 0, "pauses": PAUSES,
+                                                    "limit": LIMIT}
+    assert card.data.model_name == "hf" and card.data.tags == before.data.tags
+    assert (f"| tiny_mc | acc | {results['tiny_mc']['acc,none']:.4g} | test | 0 | {PAUSES} | "
+            f"{LIMIT} |") in card.text
+    head, tail = before.text.split("<!-- ponder-pt eval results -->")
+    assert card.text.startswith(head) and card.text.endswith(tail.split("-->", 1)[1])
+    native = subprocess.run([sys.executable, "-m", "ponder_pt", "eval", "--model", "/nonexistent",
+                             "--tasks", "tiny_mc", "--write-card"], capture_output=True, text=True)
+    assert native.returncode == 2 and "not an HF export" in native.stderr
+
+
 def test_wrapper_scores_after_exactly_m_pauses(trained):  # noqa: F811
     """loglikelihood feeds context + M pauses + continuation and scores only the continuation."""
     import torch
@@ -171,18 +221,16 @@ def test_wrapper_scores_after_exactly_m_pauses(trained):  # noqa: F811
     assert abs(ll - expect) < 1e-4
 
 
-def test_batched_loglikelihood_equals_one_at_a_time(trained, tmp_path):  # noqa: F811
+def test_batched_loglikelihood_equals_one_at_a_time(trained, ponder_export):  # noqa: F811
     """Requests of different lengths scored in right-padded batches (longest first, split by
     batch_size and batch_tokens) give each request's one-at-a-time score, in request order,
     on the pondering checkpoint and on its HF export."""
     from types import SimpleNamespace
 
-    from ponder_pt.export import checkpoint_to_hf
     from ponder_pt.inference import HFModel, NativeModel
     from ponder_pt.inference.evaluation import PonderEvalLM
 
-    hf_dir = str(tmp_path / "hf")
-    checkpoint_to_hf(trained["ponder"], hf_dir, progress=False)
+    hf_dir = ponder_export
     pairs = [("Open the", " file"), ("Return the number of lines in the", " given text"),
              ("x", " = 1"), ("def f(a, b):\n    return", " a + b"), ("The", " end")]
     requests = [SimpleNamespace(args=p) for p in pairs]

@@ -11,13 +11,14 @@ import sys
 import pytest
 import torch
 from _export_helpers import stock_check, trained  # noqa: F401
+from huggingface_hub import ModelCard
 from _model_helpers import random_hf_model, single_process, tiny_model_config  # noqa: F401
 
 from ponder_pt.config import Config
 from ponder_pt.export import export_full, hf_to_checkpoint, read_checkpoint
-from ponder_pt.export.native import merge_tp, tp_spec
-from ponder_pt.models import PonderLM, full_state_dict, hf_to_full
-from ponder_pt.models import parallel as par
+from ponder_pt.models import PonderLM, full_state_dict
+from ponder_pt.weights.hf_weights import hf_to_full
+from ponder_pt.weights.layout import merge_tp, shard, tp_spec
 
 # hf_compat: CI runs these again at the oldest declared transformers
 pytestmark = [pytest.mark.usefixtures("single_process"), pytest.mark.hf_compat]
@@ -34,7 +35,8 @@ def test_hf_to_ours_to_hf_round_trip(arch, tp, tmp_path):
 
     mcfg = tiny_model_config(arch)
     hf = random_hf_model(mcfg, seed=5)
-    src = str(tmp_path / "src")
+    # where `from_pretrained` caches a Hub model: the export's card names it as base_model
+    src = str(tmp_path / "hub" / f"models--EleutherAI--tiny-{arch}" / "snapshots" / "0a1b2c")
     hf.save_pretrained(src)
     ckpt = str(tmp_path / "ckpt")
     cfg = hf_to_checkpoint(src, ckpt, tp=tp, progress=False)  # TP-sharded mp_rank files
@@ -50,6 +52,10 @@ def test_hf_to_ours_to_hf_round_trip(arch, tp, tmp_path):
         assert (ours(ids, gather_logits=True) - ref).abs().max().item() <= 1e-5
     out = str(tmp_path / "hf")
     export_full(cfg2, full, out, progress=False)
+    card = ModelCard.load(os.path.join(out, "README.md"))
+    assert card.data.base_model == f"EleutherAI/tiny-{arch}" and card.data.tags == ["ponder-pt"]
+    hub = f"EleutherAI/tiny-{arch}"
+    assert f"Initialised from: [{hub}](https://huggingface.co/{hub}) `{src}`" in card.text
     back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(back).__name__ == type(hf).__name__
     sd0, sd1 = hf.state_dict(), back.state_dict()
@@ -65,7 +71,7 @@ def test_tp_shard_merge_inverts_megatron_split():
     for arch in ("gpt_neox", "llama"):
         mcfg = tiny_model_config(arch)
         full = hf_to_full(random_hf_model(mcfg).state_dict(), mcfg)
-        parts = [{n: (par.shard(t, *tp_spec(n, mcfg), rank=r, world=2) if tp_spec(n, mcfg)
+        parts = [{n: (shard(t, *tp_spec(n, mcfg), rank=r, world=2) if tp_spec(n, mcfg)
                       else t) for n, t in full.items()} for r in range(2)]
         merged = merge_tp(parts, mcfg)
         assert all(torch.equal(merged[n], full[n]) for n in full)
@@ -119,10 +125,36 @@ def test_training_checkpoint_exports_and_matches(trained, exported, name):  # no
     if cfg.pause.rate > 0:
         assert hf_cfg["pause_token_id"] == cfg.pause.token_id
         assert hf_cfg["default_pauses"] == cfg.pause.inference_pauses
+    _check_card(out, cfg)
     native = NativeModel(trained[name]).logits(torch.tensor([IDS]))[0]
     assert (torch.tensor(res["logits"]) - native).abs().max().item() <= 1e-5
     assert res["cached"] == res["nocache"]  # left-padded batch: K+1 caches vs no cache
     assert res["single"][0] == res["cached"][0]  # the unpadded row alone
+
+
+def _check_card(out: str, cfg) -> None:
+    """The export's README.md: Hub metadata that huggingface_hub parses, and the facts."""
+    from ponder_pt import __version__
+    from ponder_pt.config import parse_blend
+
+    card = ModelCard.load(os.path.join(out, "README.md"))
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "text-generation" and card.data.base_model is None
+    assert card.data.tags == (["ponder-pt"] + ["pondering"] * bool(cfg.ponder.steps)
+                              + ["pause-tokens"] * (cfg.pause.rate > 0))
+    text = card.text
+    assert f"ponder-pt {__version__}" in text and f"{cfg.model.num_layers} layers" in text
+    assert f"{2 * cfg.train.global_batch * cfg.data.seq_len:,} tokens" in text  # 2 steps
+    assert all(f"`{prefix}`" in text for prefix, _ in parse_blend(list(cfg.data.train)))
+    assert "identical ids" in text  # the tokenizer check
+    if cfg.ponder.steps:  # registered classes, or the remote-code copy
+        assert f"K = {cfg.ponder.steps} extra passes" in text
+        assert "from_pretrained(AutoModelForCausalLM" in text and "trust_remote_code=True" in text
+    else:
+        assert "trust_remote_code" not in text and "K = 0" in text
+    if cfg.pause.rate > 0:
+        assert (f"`<pause>` = id {cfg.pause.token_id}" in text
+                and f"M = {cfg.pause.inference_pauses} pauses are appended" in text)
 
 
 def test_weights_identical_across_layouts(trained):  # noqa: F811

@@ -51,8 +51,10 @@ if __name__ == "__main__":
 
 from _model_helpers import single_process  # noqa: E402,F401  (pytest fixture)
 
+from ponder_pt.config.schema import ModelConfig  # noqa: E402
 from ponder_pt.models import (PonderLM, hf_config_from, load_hf_state_dict,  # noqa: E402
-                              model_config_from_hf, to_hf_state_dict)
+                              to_hf_state_dict)
+from ponder_pt.weights.hf_config import model_config_from_hf  # noqa: E402
 
 HF_COMPAT = pytest.mark.hf_compat  # CI runs these again at the oldest declared transformers
 
@@ -131,7 +133,7 @@ def test_hf_state_dict_and_config_round_trip():
     for key, value in sd.items():
         assert torch.equal(back[key], value), key
     random_hf_model(cfg, seed=9).load_state_dict(back, strict=True)
-    again = model_config_from_hf(hf_config_from(cfg))
+    again = model_config_from_hf(hf_config_from(cfg), ModelConfig())
     for field in ("arch", "num_layers", "hidden_size", "num_heads", "kv_heads", "ffn_size",
                   "rotary_pct", "parallel_residual", "tie_embeddings", "norm_eps",
                   "vocab_size", "max_seq_len"):
@@ -254,16 +256,15 @@ def test_from_hf_to_hf_round_trip(tp, prefixed, tmp_path):
 @HF_COMPAT
 def test_tp_shards_hold_whole_heads():
     """The fused QKV rows (and bias) of TP rank r are exactly heads r*H/tp.. of HF's q, k, v."""
-    from ponder_pt.export.native import merge_tp, tp_spec
-    from ponder_pt.models import hf_to_full
-    from ponder_pt.models import parallel as par
+    from ponder_pt.weights.hf_weights import hf_to_full
+    from ponder_pt.weights.layout import merge_tp, shard, tp_spec
 
     cfg = tiny_model_config("gpt2")
     sd = random_hf_model(cfg).state_dict()
     full = hf_to_full(sd, cfg)
     h, d = cfg.hidden_size, cfg.head_dim
     w = sd["transformer.h.0.attn.c_attn.weight"]  # [in, 3h] = [q | k | v]
-    parts = [{n: (par.shard(t, *tp_spec(n, cfg), rank=r, world=2) if tp_spec(n, cfg) else t)
+    parts = [{n: (shard(t, *tp_spec(n, cfg), rank=r, world=2) if tp_spec(n, cfg) else t)
               for n, t in full.items()} for r in range(2)]
     for r in range(2):
         rows = parts[r]["layers.0.attn.qkv.weight"].view(2, 3, d, h)  # 2 local heads
@@ -464,7 +465,8 @@ def test_every_preset_times_every_arch_validates_only_if_it_exports():
     from ponder_pt.config import RUN_PRESETS, load_config, problems
     from ponder_pt.config.exportable import export_problems
     from ponder_pt.config.validate import ARCHS
-    from ponder_pt.models import hf_to_full, init_single_process
+    from ponder_pt.models import init_single_process
+    from ponder_pt.weights.hf_weights import hf_to_full
 
     init_single_process()
     exported, refused, checked = {}, 0, set()

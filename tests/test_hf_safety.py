@@ -255,7 +255,7 @@ def test_exit_heads_save_load_round_trip(export_k2, tmp_path):
 @pytest.fixture()
 def evil_checkpoint(export_k2, tmp_path):
     """A checkpoint.dir (convert from-hf) whose model-states file also holds an _Evil object."""
-    from ponder_pt.engine.checkpoint import META, _file_sizes
+    from ponder_pt.weights.files import META, file_sizes
     from ponder_pt.export import hf_to_checkpoint
 
     ckpt = tmp_path / "ckpt"
@@ -267,16 +267,16 @@ def evil_checkpoint(export_k2, tmp_path):
     state["evil"] = _Evil(marker)
     torch.save(state, path)
     meta = json.loads((root / META).read_text())
-    meta["files"] = _file_sizes(str(root))  # keep the checkpoint "intact"
+    meta["files"] = file_sizes(str(root))  # keep the checkpoint "intact"
     (root / META).write_text(json.dumps(meta))
     return str(ckpt), marker
 
 
 def test_checkpoint_pickle_refused_at_every_entry_point(evil_checkpoint, single_process,
                                                         tmp_path):  # noqa: F811
-    from ponder_pt.export import load_initial_weights, read_checkpoint
-    from ponder_pt.export.native import load_run_config
-    from ponder_pt.models import PonderLM
+    from ponder_pt.config import load_run_config
+    from ponder_pt.export import read_checkpoint
+    from ponder_pt.models import PonderLM, load_initial_weights
 
     ckpt, marker = evil_checkpoint
     with pytest.raises(ValueError, match="--unsafe-unpickle"):
@@ -296,13 +296,12 @@ def test_checkpoint_pickle_refused_at_every_entry_point(evil_checkpoint, single_
 
 def test_zero_files_gated_before_deepspeed(tmp_path):
     """zero_to_fp32 unpickles fully; our restricted load refuses an evil optimizer file first."""
-    from ponder_pt.engine.checkpoint import UnsafeCheckpointError
-    from ponder_pt.export.native import _zero_fp32
+    from ponder_pt.weights.native import UnsafeCheckpointError, zero_fp32
 
     marker = tmp_path / "ran"
     torch.save({"module": {}}, tmp_path / "mp_rank_00_model_states.pt")
     torch.save({"optimizer_state_dict": _Evil(marker)},
                tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     with pytest.raises(UnsafeCheckpointError, match="--unsafe-unpickle"):
-        _zero_fp32(str(tmp_path), 0)
+        zero_fp32(str(tmp_path), 0)
     assert not marker.exists()

@@ -82,7 +82,7 @@ def test_other_architectures(tmp_path, arch, run, expect):
 
 
 def test_native_checkpoint_source_and_vocab_rows(tmp_path):
-    from ponder_pt.engine.trainer import write_run_config
+    from ponder_pt.config import write_run_config
 
     src_cfg = load_config("pythia-14m", ["model.num_layers=2", "model.vocab_size=50304"],
                           validate=False)

@@ -114,7 +114,7 @@ def test_looped_export_matches_native(bpe_dir, tmp_path):
     from _export_helpers import stock_check
 
     from ponder_pt.config import Config
-    from ponder_pt.export.from_hf import read_hf_config
+    from ponder_pt.weights.hf_config import read_hf_config
     from ponder_pt.export.to_hf import export_full
     from ponder_pt.models import PonderLM, full_state_dict, init_single_process
 

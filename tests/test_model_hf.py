@@ -7,10 +7,10 @@ import torch
 from _model_helpers import (batch, masked_ce, random_hf_model, single_process,  # noqa: F401
                             tiny_model_config)
 
-from ponder_pt.config.schema import PonderConfig
-from ponder_pt.models import (PonderLM, hf_config_from, load_hf_state_dict, model_config_from_hf,
-                              to_hf_state_dict)
+from ponder_pt.config.schema import ModelConfig, PonderConfig
+from ponder_pt.models import PonderLM, hf_config_from, load_hf_state_dict, to_hf_state_dict
 from ponder_pt.models.parallel import small_init_std, wang_init_std
+from ponder_pt.weights.hf_config import model_config_from_hf
 
 # hf_compat: CI runs these again at the oldest declared transformers
 pytestmark = [pytest.mark.usefixtures("single_process"), pytest.mark.hf_compat]
@@ -108,7 +108,7 @@ def test_hf_vocab_padded_for_tp_and_trimmed_on_export(arch):
 def test_config_roundtrip(name):
     arch, over = CASES[name]
     cfg = tiny_model_config(arch, **over)
-    again = model_config_from_hf(hf_config_from(cfg))
+    again = model_config_from_hf(hf_config_from(cfg), ModelConfig())
     for field in ("arch", "num_layers", "hidden_size", "num_heads", "kv_heads", "ffn_size",
                   "rotary_pct", "rotary_base", "parallel_residual", "tie_embeddings",
                   "norm_eps", "vocab_size", "max_seq_len"):

@@ -150,6 +150,16 @@ def test_export_records_m_and_generate_uses_it(one_proc_run):
         preds = [json.loads(line) for line in fh]
     assert len(preds) == 4 and {"prompt", "prediction", "golds", "numeric_match"} <= set(preds[0])
     assert os.path.exists(os.path.join(one_proc_run, "loss.png"))
+    # OUT/final's model card: a pondering model fine-tuned with M = 2 pauses
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(os.path.join(final, "README.md"))
+    assert card.data.library_name == "transformers"
+    assert card.data.tags == ["ponder-pt", "pondering", "pause-tokens"]
+    assert f"`<pause>` = id {pause}" in card.text and "Fine-tuned with M = 2 pauses" in card.text
+    assert (f"Fine-tuned with `ponder-pt sft` on `{sft_env_task(one_proc_run)}`: "
+            f"{doc['training']['steps']} steps, best validation at step "
+            f"{doc['training']['best_step']}") in card.text
     assert any("valid_metric" in json.loads(line)
                for line in open(os.path.join(one_proc_run, "metrics.jsonl")))
     # --eval-only scores the export again, with its recorded M or the one asked for
@@ -197,7 +207,7 @@ def test_multiple_choice_scores_by_log_likelihood(sft_env):
 def test_native_pause_trained_backbone(trained, sft_env, tmp_path):  # noqa: F811
     """A native checkpoint.dir (pause-trained, K=2) fine-tunes with its own <pause> id and
     the export records it with the new M."""
-    from ponder_pt.export.native import load_run_config
+    from ponder_pt.config import load_run_config
 
     ckpt = trained["ponder"]
     cfg = load_run_config(ckpt)

@@ -164,7 +164,7 @@ def test_sigterm_saves_and_exits_for_requeue(prepared, bpe_dir, tmp_path):
 
 
 def test_truncated_newest_checkpoint_falls_back_to_previous(prepared, bpe_dir, tmp_path):
-    from ponder_pt.engine.checkpoint import verify
+    from ponder_pt.weights.files import verify
 
     extra = ["train.iters=4", f"checkpoint.dir={tmp_path}/ckpt", "checkpoint.interval=2"]
     run_train(str(tmp_path / "a"), prepared, bpe_dir, extra)

@@ -2,7 +2,8 @@
 
 common      constants, logging, device / model-shape helpers, markdown table helpers,
             subprocess helpers (run a logged child, kill its process group)
-results     the results store (Part, record) and gpu_results.json / .md writing
+results     the results store (Part, record)
+report      gpu_results.json / .md: every Part merged, each section rendering its markdown
 env         environment collection (versions, GPU, peak TFLOP/s)
 sdpa        which SDPA kernel runs (torch.profiler)
 train       the real trainer on a local corpus

@@ -13,11 +13,11 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GPU_VOCAB = 50304  # GPT-NeoX-20B tokenizer, padded
 
-_T0 = float(os.environ.get("GPU_SUITE_T0", time.time()))
+T0 = float(os.environ.get("GPU_SUITE_T0", time.time()))
 
 
 def log(msg: str) -> None:
-    print(f"[gpu_suite +{time.time() - _T0:6.1f}s] {msg}", flush=True)
+    print(f"[gpu_suite +{time.time() - T0:6.1f}s] {msg}", flush=True)
 
 
 def md_cell(x, fmt="{:.3g}"):

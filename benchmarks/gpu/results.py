@@ -1,6 +1,6 @@
-"""The results store: each section's Part (OUT/parts/NAME.json), merged into
-OUT/gpu_results.json and OUT/gpu_results.md after every change; `record` turns one
-measurement (or its exception) into an entry."""
+"""The results store: each section's Part (OUT/parts/NAME.json), handed to its `on_save`
+after every change (the driver merges the parts into OUT/gpu_results.json and .md there:
+`report.write_results`); `record` turns one measurement (or its exception) into an entry."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import math
 import os
 import time
 import traceback
+from typing import Callable, Optional
 
-from .common import log, md_cell, md_table
+from .common import log
 
 
 def atomic_write(path: str, text: str) -> None:
@@ -33,11 +34,13 @@ def json_safe(x):
 
 
 class Part:
-    """One section's results, in OUT/parts/NAME.json; every change rewrites the merged
-    OUT/gpu_results.json and .md."""
+    """One section's results, in OUT/parts/NAME.json; every change is saved and then passed
+    to `on_save(out)`."""
 
-    def __init__(self, out: str, name: str, order: int, **fields):
+    def __init__(self, out: str, name: str, order: int,
+                 on_save: Optional[Callable[[str], object]] = None, **fields):
         self.out, self.path = out, os.path.join(out, "parts", f"{name}.json")
+        self.on_save = on_save
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.data = {"name": name, "order": order, "status": "running",
                      "started": time.time(), "entries": [], **fields}
@@ -58,7 +61,8 @@ class Part:
 
     def save(self) -> None:
         atomic_write(self.path, json.dumps(json_safe(self.data), indent=1))
-        write_results(self.out)
+        if self.on_save is not None:
+            self.on_save(self.out)
 
 
 def load_parts(out: str) -> dict:
@@ -71,50 +75,6 @@ def load_parts(out: str) -> dict:
             continue
         parts[part["name"]] = part
     return dict(sorted(parts.items(), key=lambda kv: (kv[1].get("order", 99), kv[0])))
-
-
-def write_results(out: str) -> dict:
-    parts = load_parts(out)
-    meta = parts.pop("meta", {})
-    env = parts.pop("env", {}).get("env", {})
-    throughput = [e for name, p in parts.items() if name.startswith("throughput")
-                  for e in p.get("entries", [])]
-    counts = {}
-    for p in parts.values():
-        for e in p.get("entries", []):
-            counts[e.get("status", "?")] = counts.get(e.get("status", "?"), 0) + 1
-    res = {"suite": "ponder-pt benchmarks/gpu_suite.py", "smoke": meta.get("smoke"),
-           "argv": meta.get("argv"), "started": meta.get("started_at"),
-           "finished": meta.get("finished_at"), "wall_s": meta.get("wall_s"),
-           "budget_s": meta.get("budget_s"), "status_counts": counts, "env": env,
-           "sections": parts, "throughput": throughput}
-    atomic_write(os.path.join(out, "gpu_results.json"), json.dumps(json_safe(res), indent=1))
-    atomic_write(os.path.join(out, "gpu_results.md"), render_md(res))
-    return res
-
-
-def render_md(res: dict) -> str:
-    # each section module renders its own part of the report, in this order
-    from . import gen, generate, profiling, sdpa, throughput, train, trainer_scale
-
-    env, secs = res.get("env", {}), res.get("sections", {})
-    out = ["# ponder-pt GPU suite" + (" (smoke: CPU, toy shapes)" if res.get("smoke") else ""),
-           "", f"wall {md_cell(res.get('wall_s'))} s of a {md_cell(res.get('budget_s'))} s "
-           f"budget; entries by status: {res.get('status_counts')}", "", "## Environment", ""]
-    out.append(md_table(["key", "value"], [[k, v] for k, v in env.items()]))
-    out += ["", "## Sections", ""]
-    out.append(md_table(["section", "status", "wall s", "entries"],
-                        [[n, p.get("status"), p.get("wall_s"), len(p.get("entries", []))]
-                         for n, p in secs.items()]))
-    for module in (sdpa, train, generate, gen, trainer_scale, throughput, profiling):
-        out += module.markdown(res)
-    errs = [(n, e) for n, p in secs.items() for e in p.get("entries", [])
-            if e.get("status") == "error"]
-    if errs:
-        out += ["", "## Errors", ""]
-        for n, e in errs:
-            out.append(f"- {n} / {e['name']}: {e.get('error', '')[:300]}")
-    return "\n".join(out) + "\n"
 
 
 def record(part: Part, name: str, fn, **fields) -> dict:

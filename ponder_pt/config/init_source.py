@@ -1,25 +1,17 @@
 """`checkpoint.init_from` checked against the run config before any process starts.
 
-The source is an HF directory (its config.json, read with the same mapping `convert from-hf`
-uses: `export.from_hf.read_hf_config` + `models.hf.model_config_from_hf`, so every model_type
-those support -- gpt_neox, llama, gpt2 -- is covered here without another table) or a native
-checkpoint.dir (its run_config.yaml). Its shape is compared field by field with the run's
-(`SHAPE_FIELDS`); every difference is listed with the key to set, like the other config errors.
-`model.preset=from_init` takes the shape (`FROM_INIT_FIELDS`) from the source instead; fields set
-explicitly still win (and are then compared like any other).
+The source's shape (`resolve.source_model`: an HF directory's config.json or a checkpoint.dir's
+run_config.yaml) is compared field by field with the run's (`SHAPE_FIELDS`); every difference
+is listed with the key to set, like the other config errors.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 from typing import Optional
 
-from .loader import ConfigError, _deep_merge
-from .schema import ModelConfig
-
-FROM_INIT = "from_init"
+from .errors import ConfigError
+from .resolve import FROM_INIT, source_model
 
 # (ModelConfig attribute compared, dotted key to set, what it is)
 SHAPE_FIELDS = (
@@ -34,51 +26,6 @@ SHAPE_FIELDS = (
     ("parallel_residual", "model.parallel_residual", "parallel residual"),
     ("tie_embeddings", "model.tie_embeddings", "tied input/output embeddings"),
 )
-# model.* fields that model.preset=from_init copies from the source (not vocab_size: the
-# tokenizer's padded vocabulary decides it, and rows beyond the source's start at zero)
-FROM_INIT_FIELDS = ("arch", "num_layers", "hidden_size", "num_heads", "num_kv_heads",
-                    "ffn_hidden_size", "max_seq_len", "rotary_pct", "rotary_base",
-                    "parallel_residual", "tie_embeddings", "norm_eps")
-
-
-def _kind(path: str) -> str:
-    if os.path.exists(os.path.join(path, "config.json")):
-        return "hf"
-    if os.path.exists(os.path.join(path, "run_config.yaml")):
-        return "native"
-    return ""
-
-
-@functools.lru_cache(maxsize=8)
-def _read(path: str, stamp: float) -> ModelConfig:
-    if _kind(path) == "hf":
-        from ..export.from_hf import read_hf_config
-        from ..models.hf import model_config_from_hf
-
-        hf_cfg, _ = read_hf_config(path)
-        return model_config_from_hf(hf_cfg)
-    from ..export.native import load_run_config
-
-    return load_run_config(path).model
-
-
-def source_model(path: str) -> ModelConfig:
-    """The model shape stored at `path` (vocab_size = the source's vocabulary rows)."""
-    if not os.path.isdir(path):
-        raise ConfigError(f"checkpoint.init_from={path}: no such directory")
-    kind = _kind(path)
-    if not kind:
-        raise ConfigError(f"checkpoint.init_from={path}: neither an HF directory (config.json) "
-                          f"nor a checkpoint.dir (run_config.yaml, e.g. from `ponder-pt convert "
-                          f"from-hf`)")
-    meta = os.path.join(path, "config.json" if kind == "hf" else "run_config.yaml")
-    try:
-        return _read(os.path.abspath(path), os.path.getmtime(meta))
-    except ConfigError:
-        raise
-    except (ValueError, KeyError, OSError) as exc:
-        raise ConfigError(f"checkpoint.init_from={path}: cannot read its model shape "
-                          f"({exc})") from None
 
 
 def _same(a, b) -> bool:
@@ -116,18 +63,3 @@ def init_from_problems(cfg, vocab_size: Optional[int] = None) -> list[str]:
                    f"{path} has {src.vocab_size}: point data.tokenizer at the source's "
                    f"tokenizer or set --set model.vocab_size={fit}")
     return out
-
-
-def resolve_from_init(raw: dict) -> dict:
-    """`model.preset=from_init`: fill the model fields the user did not set from the source."""
-    model = raw.get("model") or {}
-    path = (raw.get("checkpoint") or {}).get("init_from")
-    if not path:
-        raise ConfigError("model.preset=from_init takes the model shape from "
-                          "checkpoint.init_from, which is not set: add --set "
-                          "checkpoint.init_from=DIR (an HF directory or a checkpoint.dir)")
-    if all(key in model for key in FROM_INIT_FIELDS):
-        return raw  # a saved run config: nothing to read (the source may be gone)
-    src = source_model(str(path))
-    shape = {key: getattr(src, key) for key in FROM_INIT_FIELDS}
-    return _deep_merge(raw, {"model": {**shape, **model}})

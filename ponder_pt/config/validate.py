@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .errors import ConfigError
 from .exportable import ROTARY_ARCHS, export_problems
-from .loader import ConfigError
+from .init_source import init_from_problems
 from .schema import Config, parse_blend
 
 ARCHS = ("gpt_neox", "llama", "gpt2")
@@ -185,8 +186,6 @@ def problems(cfg: Config, world_size: Optional[int] = None,
     if cfg.checkpoint.interval < 1 or cfg.checkpoint.keep_last < 1:
         out.append("checkpoint.interval and checkpoint.keep_last must be >= 1")
     if cfg.checkpoint.init_from:  # the source's shape against ours (config/init_source.py)
-        from .init_source import init_from_problems
-
         out.extend(init_from_problems(cfg, vocab))
     return out
 

@@ -10,9 +10,9 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional
 
+from ..config.errors import ConfigError, suggest
 from ..config.schema import LogConfig
-from ..config.loader import (ConfigError, _build, _deep_merge, _set_path, _suggest,
-                             load_raw_yaml, parse_override)
+from ..config.tree import build, deep_merge, load_raw_yaml, parse_override, set_path
 
 STRATEGIES = ("none", "palbert", "pondernet", "pabee", "entropy")
 KL_DIRECTIONS = ("p_prior", "prior_p")
@@ -138,7 +138,7 @@ def problems(cfg: FinetuneConfig) -> list[str]:
         out.append("task: required (--task NAME_OR_DIR)")
     if e.strategy not in STRATEGIES:
         out.append(f"exit.strategy: {e.strategy!r} is not one of {', '.join(STRATEGIES)}"
-                   f"{_suggest(e.strategy, STRATEGIES)}")
+                   f"{suggest(e.strategy, STRATEGIES)}")
     if e.kl not in KL_DIRECTIONS:
         out.append(f"exit.kl: {e.kl!r} is not one of {', '.join(KL_DIRECTIONS)}")
     if not 0 < e.prior_lambda < 1:
@@ -198,17 +198,17 @@ def load_finetune_config(preset: Optional[str] = None, yaml_path: Optional[str] 
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"--exit {preset!r}: unknown; choose one of {', '.join(PRESETS)}"
-                              f"{_suggest(preset, PRESETS)}")
+                              f"{suggest(preset, PRESETS)}")
         raw = copy.deepcopy(PRESETS[preset])
     if yaml_path:
-        raw = _deep_merge(raw, load_raw_yaml(yaml_path))
+        raw = deep_merge(raw, load_raw_yaml(yaml_path))
     for key, value in top.items():
         if value is not None:
             raw[key] = value
     for text in overrides:
         path, value = parse_override(text)
-        _set_path(raw, path, value)
-    cfg = _build(FinetuneConfig, raw, "")
+        set_path(raw, path, value)
+    cfg = build(FinetuneConfig, raw, "")
     return check(cfg) if validate else cfg
 
 

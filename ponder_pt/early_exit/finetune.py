@@ -13,22 +13,15 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import sys
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 
-from ..config.loader import ConfigError
+from ..config import ConfigError
+from ..inference.device import resolve_device, training_device
 from .config import FinetuneConfig, check, load_finetune_config, to_dict
 from .finetune_args import add_args
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _ds_config(cfg: FinetuneConfig, dp: int) -> dict:
@@ -76,18 +69,6 @@ def build(cfg: FinetuneConfig, heads_from: Optional[str] = None, announce: bool 
     return model, tokenizer, task, train, valid
 
 
-def _report_rejects(task, out_dir: str) -> None:
-    if not task.rejected:
-        return
-    path = os.path.join(out_dir, "rejects.jsonl")
-    with open(path, "w", encoding="utf-8") as fh:
-        for r in task.rejected:
-            fh.write(json.dumps(r) + "\n")
-    first = task.rejected[0]
-    print(f"finetune: {len(task.rejected)} rows rejected (e.g. {first['file']}:{first['line']}: "
-          f"{first['reason']}); all listed in {path}", file=sys.stderr)
-
-
 def _validate(model, task, valid, cfg) -> dict:
     from .evaluate import run_exit, summarize
     from .exits import make_rule
@@ -106,7 +87,7 @@ def finetune(cfg: FinetuneConfig, device: Optional[str] = None) -> dict:
     from transformers import get_linear_schedule_with_warmup
 
     from ..engine import distributed as D
-    from ..engine.finetune_loop import run_finetune_loop
+    from ..engine.finetune_loop import keep_best, report_rejects, run_finetune_loop, seed_everything
     from ..engine.metrics import MetricsLogger
     from ..sdpa_backends import varying_shapes
 
@@ -116,10 +97,10 @@ def finetune(cfg: FinetuneConfig, device: Optional[str] = None) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     if not cfg.log.dir or cfg.log.dir == "runs/default":
         cfg.log.dir = cfg.out
-    _seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     model, tokenizer, task, train, valid = build(cfg, announce=main)
     if main:
-        _report_rejects(task, cfg.out)
+        report_rejects(task.rejected, cfg.out, "finetune")
         if train.truncated or valid.truncated:
             print(f"finetune: {train.truncated} of {len(train)} training and {valid.truncated} "
                   f"of {len(valid)} validation rows are longer than train.max_length "
@@ -172,7 +153,11 @@ def finetune(cfg: FinetuneConfig, device: Optional[str] = None) -> dict:
             return _validate(engine.module, task, valid, cfg)
 
     def save_best(step: int, metric: float) -> None:
-        _save_atomic(engine.module, tokenizer, best_dir, {"step": step, "metric": metric})
+        def write(tmp: str) -> None:
+            engine.module.save(tmp, {"step": step, "metric": metric})
+            tokenizer.save_pretrained(tmp)
+
+        keep_best(best_dir, write)
 
     summary = run_finetune_loop(
         loader, total=total, eval_every=t.eval_every or len(loader), patience=t.early_stop,
@@ -185,22 +170,6 @@ def finetune(cfg: FinetuneConfig, device: Optional[str] = None) -> dict:
         summary["eval_json"] = final_eval(cfg, best_dir, cfg.out, extra={"training": summary},
                                           device=device)
     return summary
-
-
-def _save_atomic(model, tokenizer, out_dir: str, extra: dict) -> None:
-    """Write the new best model next to the old one and swap directories, so a crash while
-    saving never leaves a half-written OUT/best."""
-    import shutil
-
-    tmp, old = out_dir + ".tmp", out_dir + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(tmp, extra)
-    tokenizer.save_pretrained(tmp)
-    if os.path.exists(out_dir):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def final_eval(cfg: FinetuneConfig, model_dir: str, out_dir: str,
@@ -217,8 +186,6 @@ def final_eval(cfg: FinetuneConfig, model_dir: str, out_dir: str,
     eval_cfg.task_format = cfg.task_format
     eval_cfg.trust_remote_code = cfg.trust_remote_code
     model, _, task, _, valid = build(eval_cfg, heads_from=heads_file(model_dir))
-    from ..inference.device import resolve_device
-
     device = torch.device(resolve_device(device))
     model.to(device).eval()
     thresholds = [float(x) for x in cfg.eval.sweep] or None
@@ -239,25 +206,6 @@ def _config_from(args) -> FinetuneConfig:
                                 backbone=args.backbone or args.eval_only, task=args.task,
                                 task_format=getattr(args, "task_format", None),
                                 out=args.out, trust_remote_code=args.trust_remote_code or None)
-
-
-def training_device(device: Optional[str]) -> str:
-    """`--device` for training: DeepSpeed trains on its accelerator (CUDA, the process's
-    LOCAL_RANK GPU, whenever torch sees one), so only a device that agrees with it is
-    accepted; returns the resolved device."""
-    import torch
-
-    from ..inference.device import resolve_device
-
-    dev = resolve_device(device)
-    if dev == "cpu" and torch.cuda.is_available():
-        raise ValueError(f"--device {device}: fine-tuning trains on the GPU whenever one is "
-                         f"visible; to train on the CPU hide the GPUs "
-                         f"(CUDA_VISIBLE_DEVICES= ponder-pt finetune ...)")
-    if dev.startswith("cuda:") and dev != "cuda:0":
-        raise ValueError(f"--device {device}: training uses the process's LOCAL_RANK GPU; "
-                         f"pick the GPU with CUDA_VISIBLE_DEVICES={dev[5:]} instead")
-    return dev
 
 
 def cmd_finetune(args) -> int:

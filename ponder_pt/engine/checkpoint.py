@@ -1,6 +1,6 @@
 """Checkpoints that survive crashes and preemption.
 
-Layout under `checkpoint.dir`:
+Layout under `checkpoint.dir` (`ponder_pt.weights.files`):
     step_00000100/            DeepSpeed's files (model/optimizer shards) + rng_rankNNNNN.pt
     step_00000100/ponder_meta.json   written by rank 0 only after every rank finished saving;
                                      lists each file with its size: the "complete" marker
@@ -18,121 +18,14 @@ Adam's moments and step, the LR schedule and the data position over.
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
-import re
 import shutil
 from typing import Callable, Optional
 
 import torch
 
-META = "ponder_meta.json"
-_TAG = re.compile(r"^step_(\d{8})$")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _file_sizes(root: str) -> dict[str, int]:
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            if name == META:
-                continue
-            full = os.path.join(dirpath, name)
-            out[os.path.relpath(full, root)] = os.path.getsize(full)
-    return out
-
-
-def list_tags(ckpt_dir: str) -> list[str]:
-    """Step tags present on disk, newest first (complete or not)."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted((t for t in os.listdir(ckpt_dir) if _TAG.match(t)), reverse=True)
-
-
-def verify(ckpt_dir: str, tag: str) -> Optional[str]:
-    """None when `tag` is complete and intact, else the reason it is not."""
-    root = os.path.join(ckpt_dir, tag)
-    try:
-        with open(os.path.join(root, META), encoding="utf-8") as fh:
-            meta = json.load(fh)
-    except FileNotFoundError:
-        return "incomplete (no ponder_meta.json: the save did not finish)"
-    except (json.JSONDecodeError, OSError) as exc:
-        return f"unreadable ponder_meta.json ({exc})"
-    for rel, size in meta.get("files", {}).items():
-        path = os.path.join(root, rel)
-        if not os.path.exists(path):
-            return f"missing file {rel}"
-        if os.path.getsize(path) != size:
-            return f"truncated or altered file {rel} ({os.path.getsize(path)} != {size} bytes)"
-    return None
-
-
-def read_meta(ckpt_dir: str, tag: str) -> dict:
-    with open(os.path.join(ckpt_dir, tag, META), encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-# ------------------------------------------------------------------ reading checkpoint files
-
-UNSAFE_UNPICKLE_HINT = ("`--unsafe-unpickle` (convert to-hf, generate, eval) or "
-                        "`--set checkpoint.unsafe_unpickle=true` (checkpoint.init_from)")
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint file holds pickled objects beyond tensors and DeepSpeed's own types."""
-
-
-# The non-tensor types DeepSpeed pickles into model_states / optim_states files, found by
-# loading real ZeRO 0-3, TP and PP checkpoints with weights_only=True; all plain data.
-DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
-                          "deepspeed.runtime.zero.config.ZeroStageEnum",
-                          "deepspeed.utils.tensor_fragment.fragment_address")
-
-
-def _resolve(name: str):
-    import importlib
-
-    module, attr = name.rsplit(".", 1)
-    return getattr(importlib.import_module(module), attr)
-
-
-def load_checkpoint_file(path: str, unsafe_unpickle: bool = False, mmap: bool = False):
-    """torch.load a training-checkpoint file on CPU without running code from it.
-
-    Unpickling is restricted (weights_only=True) to tensors, containers and the allow-listed
-    DeepSpeed types; a file needing more is refused with UnsafeCheckpointError naming the
-    opt-in, `unsafe_unpickle=True`, which unpickles fully (only for files you trust). DeepSpeed
-    is imported only when the file names its types (its import prints to stdout)."""
-    if unsafe_unpickle:
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
-    needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    unknown = [n for n in needed if n not in DEEPSPEED_SAFE_GLOBALS]
-    try:
-        if unknown:
-            raise pickle.UnpicklingError(f"it names {', '.join(unknown)}")
-        with torch.serialization.safe_globals([_resolve(n) for n in needed]):
-            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(
-            f"{path}: refusing to unpickle it: it holds objects beyond tensors and DeepSpeed's "
-            f"checkpoint types ({str(exc).splitlines()[0]}), and unpickling those can run "
-            f"arbitrary code. If you trust this file, opt in with {UNSAFE_UNPICKLE_HINT}."
-        ) from exc
-
+from ..weights.files import file_sizes, list_tags, read_meta, tag_for, verify, write_meta
+from . import reshard
 
 def rng_state() -> dict:
     import random
@@ -211,11 +104,10 @@ class CheckpointManager:
             self.extra[0](root)
         self.barrier()  # every rank's files are on disk
         if self.rank == 0:
-            meta = {"tag": tag, "step": step, "world_size": self.world_size, "dp": self.dp,
-                    "zero_stage": self.zero_stage, "layout": self.layout, "state": state,
-                    "files": _file_sizes(root)}
-            _atomic_write(os.path.join(root, META), json.dumps(meta, indent=1))
-            _atomic_write(os.path.join(self.dir, "latest"), tag)
+            write_meta(self.dir, tag, {"tag": tag, "step": step, "world_size": self.world_size,
+                                       "dp": self.dp, "zero_stage": self.zero_stage,
+                                       "layout": self.layout, "state": state,
+                                       "files": file_sizes(root)})
             self._prune()
         self.barrier()
         return tag
@@ -229,9 +121,7 @@ class CheckpointManager:
             if newest and tag < newest and tag not in complete:
                 shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
         if newest:  # another run's checkpoint converted for resuming: no longer needed
-            from .reshard import CONVERTED
-
-            shutil.rmtree(os.path.join(self.dir, CONVERTED), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.dir, reshard.CONVERTED), ignore_errors=True)
 
     def resume_source(self, load_dir: Optional[str], quiet: bool = False) -> str:
         """Where to resume from: `checkpoint.load` until this run has an intact checkpoint of
@@ -254,8 +144,6 @@ class CheckpointManager:
         the trainer loads the weights from before `deepspeed.initialize` and `resume` the
         optimizer from after. None when resume takes DeepSpeed's exact path (or there is
         nothing to resume). A tag whose conversion fails is skipped for the previous one."""
-        from . import reshard
-
         src = self.resume_source(load_dir)
         choice = None
         if self.rank == 0:
@@ -286,15 +174,12 @@ class CheckpointManager:
     def _load(self, engine, src: str, tag: str, meta: dict):
         saved = self.saved_layout(meta)
         if self._needs_conversion(saved):
-            from .reshard import describe
-
-            raise RuntimeError(f"saved at {describe(saved)}, now {describe(self.layout)}; only "
+            raise RuntimeError(f"saved at {reshard.describe(saved)}, now "
+                               f"{reshard.describe(self.layout)}; only "
                                "the newest usable checkpoint is converted to a new layout")
         return engine.load_checkpoint(src, tag=tag)
 
     def _load_elastic(self, engine) -> dict:
-        from . import reshard
-
         src, tag, udir = self.elastic
         reshard.load_optimizer(engine, udir)
         meta = read_meta(src, tag)

@@ -11,15 +11,59 @@ count, when to validate and when to stop. Three callbacks form the seam:
     save_best(step, metric)      rank 0 only: keep the weights that just improved "metric"
 
 Only rank 0 validates; whether it improved is shared with `any_true`, so every rank counts the
-same stale validations and stops at the same step.
+same stale validations and stops at the same step. Around the loop both commands also share
+seeding, the report of rejected rows and how the best weights are kept (`keep_best`: the new
+best replaces the old one in one rename, so a crash never leaves half of OUT/best).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import random
+import shutil
+import sys
 from typing import Callable, Iterable, Optional
 
 from . import distributed as D
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def report_rejects(rejected: list, out_dir: str, prog: str) -> None:
+    """OUT/rejects.jsonl (every rejected row with its file, line and reason) and one line on
+    stderr naming the first."""
+    if not rejected:
+        return
+    path = os.path.join(out_dir, "rejects.jsonl")
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rejected:
+            fh.write(json.dumps(r) + "\n")
+    first = rejected[0]
+    print(f"{prog}: {len(rejected)} rows rejected (e.g. {first['file']}:{first['line']}: "
+          f"{first['reason']}); all listed in {path}", file=sys.stderr)
+
+
+def keep_best(out_dir: str, write: Callable[[str], None]) -> None:
+    """Replace `out_dir` with what `write(tmp)` puts into a sibling directory, swapping the
+    two by renames."""
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_finetune_loop(loader: Iterable, *, total: int, eval_every: int, patience: int,

@@ -5,7 +5,7 @@ DeepSpeed re-partitions optimizer state across layouts only through its universa
 We use its converter, `deepspeed.checkpoint.ds_to_universal`, to read the ZeRO 1/2/3 shards
 (its fragment maps are the one reader of that format), one model-parallel rank at a time, and
 merge the tensor-parallel slices ourselves with the same rule the exporter uses
-(`export.native.tp_spec`), under our own parameter names. The result sits next to the shards:
+(`weights.layout.tp_spec`), under our own parameter names. The result sits next to the shards:
 
     <tag>/universal/zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt   {"param": full tensor}
                                                                (DeepSpeed's universal layout)
@@ -39,12 +39,14 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import tempfile
 from typing import Callable, Optional
 
 import torch
+
+from ..weights.layout import full_name, tp_spec, unshard
+from ..weights.native import load_checkpoint_file
 
 UNIVERSAL = "universal"
 CONVERTED = ".converted"
@@ -53,20 +55,9 @@ STATES = ("fp32", "exp_avg", "exp_avg_sq")
 LAYOUT_KEYS = ("tp", "pp", "dp", "zero_stage")
 
 
-def full_name(name: str) -> str:
-    """Our unsharded parameter name for a name in the training module (the pipeline's
-    `tied_modules.block<i>.block.X` is `layers.<i>.X`, `tied_modules.shared.X` is `X`)."""
-    m = re.match(r"tied_modules\.block(\d+)\.block\.(.+)$", name)
-    if m:
-        return f"layers.{m.group(1)}.{m.group(2)}"
-    if name.startswith("tied_modules.shared."):
-        return name[len("tied_modules.shared."):]
-    return name
-
-
 class FullNameView:
     """A training module seen under our unsharded parameter names, for loaders written for
-    `PonderLM` (`export.from_hf.load_initial_weights`): a pipeline stage's tied modules
+    `PonderLM` (`models.hf.load_initial_weights`): a pipeline stage's tied modules
     appear as `layers.<i>.*` and the shared weights by their own names; `cfg` is the model
     config. Everything else is the module's."""
 
@@ -108,8 +99,6 @@ def _stage_mp_rank(root: str, mp: int, stage: str, unsafe_unpickle: bool) -> Non
     recorded TP x PP degree set to 1."""
     from deepspeed.checkpoint.constants import (CHECKPOINT_PARALLEL_DIMS, CHECKPOINT_PP_DEGREE,
                                                 CHECKPOINT_TP_DEGREE)
-
-    from .checkpoint import load_checkpoint_file
 
     os.makedirs(stage)
     files = [f for f in glob.glob(os.path.join(root, f"*mp_rank_{mp:02d}_*.pt"))
@@ -181,8 +170,6 @@ def _read_mp_rank(root: str, mp: int, work: str, unsafe_unpickle: bool
 
 def _engine_state(root: str, unsafe_unpickle: bool) -> dict:
     """LR scheduler state and DeepSpeed's step counters (identical in every model-state file)."""
-    from .checkpoint import load_checkpoint_file
-
     files = sorted(glob.glob(os.path.join(root, "*mp_rank_00_model_states.pt")))
     sd = load_checkpoint_file(files[0], unsafe_unpickle)
     out = {k: sd.get(k) for k in ("global_steps", "global_samples", "skipped_steps")}
@@ -196,9 +183,6 @@ def convert(src: str, tag: str, layout: dict, model_cfg, unsafe_unpickle: bool =
     """Write the layout-free form (see the module docstring) of `<src>/<tag>`, saved at
     `layout`, to `out` (default `<src>/<tag>/universal/`); returns its path. Reuses a complete
     one. Run on one process."""
-    from ..export.native import tp_spec
-    from ..models import parallel as par
-
     out = out or universal_dir(src, tag)
     if is_converted(out):
         return out
@@ -233,7 +217,7 @@ def convert(src: str, tag: str, layout: dict, model_cfg, unsafe_unpickle: bool =
                 if state not in by_rank[0]:
                     continue
                 pieces = [by_rank[r][state] for r in range(tp)]
-                full = par.unshard(pieces, *spec) if spec and tp > 1 else pieces[0]
+                full = unshard(pieces, *spec) if spec and tp > 1 else pieces[0]
                 pdir = os.path.join(work, "zero", name)
                 os.makedirs(pdir, exist_ok=True)
                 torch.save({"param": full.contiguous()}, os.path.join(pdir, f"{state}.pt"))
@@ -273,7 +257,7 @@ def _full(udir: str, name: str, state: str) -> torch.Tensor:
 
 def _local(param: torch.nn.Parameter, full: torch.Tensor, name: str) -> torch.Tensor:
     """This rank's TP piece of `full`, checked against the parameter's (unpartitioned) shape."""
-    from ..models import parallel as par
+    from ..models import parallel as par  # megatron: imported only where a model exists
 
     spec = par.partition_spec(param)
     t = par.shard(full, *spec) if spec else full

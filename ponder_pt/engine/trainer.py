@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..config import Config, config_to_dict
+from ..config import Config, config_to_dict, write_run_config
 from . import distributed as D
 from .batches import StepBatchSampler, loader
 from .checkpoint import CheckpointManager
@@ -35,24 +35,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             (no_decay if p.ndim < 2 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
-
-
-RUN_CONFIG = "run_config.yaml"
-
-
-def write_run_config(cfg: Config, ckpt_dir: str) -> None:
-    """The resolved run config (tokenizer path made absolute) next to the checkpoints, so
-    export and inference can rebuild the model from `checkpoint.dir` alone."""
-    import yaml
-
-    raw = config_to_dict(cfg)
-    if raw["data"].get("tokenizer"):
-        raw["data"]["tokenizer"] = os.path.abspath(raw["data"]["tokenizer"])
-    os.makedirs(ckpt_dir, exist_ok=True)
-    tmp = os.path.join(ckpt_dir, f"{RUN_CONFIG}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(raw, fh, sort_keys=False)
-    os.replace(tmp, os.path.join(ckpt_dir, RUN_CONFIG))
 
 
 class Trainer:
@@ -118,7 +100,7 @@ class Trainer:
         from .reshard import FullNameView, load_weights
 
         if self.cfg.checkpoint.init_from and not self.universal:
-            from ..export.from_hf import load_initial_weights
+            from ..models.hf import load_initial_weights
 
             target = model if hasattr(model, "cfg") else FullNameView(model, self.cfg.model)
             load_initial_weights(target, self.cfg.checkpoint.init_from,

@@ -12,7 +12,8 @@ to load under any other transformers.
 
 All padded vocabulary rows are exported (so a `<pause>` row stays addressable); pause-trained
 models record `pause_token_id` and `default_pauses` (pause.inference_pauses) in config.json.
-Weights are written as fp32 safetensors; tokenizer files come from `data.tokenizer`.
+Weights are written as fp32 safetensors; tokenizer files come from `data.tokenizer`. Every
+export carries a model card, README.md (export/model_card.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from typing import Optional
 import torch
 
 from ..config import Config
-from ..models.hf import full_to_hf, hf_config_from
+from ..models.hf import hf_config_from
+from ..weights.files import read_meta
+from ..weights.hf_weights import full_to_hf
+from .model_card import write_card
 from .native import read_checkpoint
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
@@ -91,8 +95,9 @@ def save_tokenizer(tok_path: str, out: str, pause_id: Optional[int] = None,
 
 
 def export_full(cfg: Config, full: dict, out: str, tokenizer_path: Optional[str] = None,
-                progress: bool = True) -> str:
-    """Write an HF directory from a full state dict in our naming."""
+                progress: bool = True, card: Optional[dict] = None) -> str:
+    """Write an HF directory from a full state dict in our naming. `card`: what the model card
+    says of the weights' history (`model_card.write_card`'s checkpoint / finetune)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
     from transformers import GenerationConfig
@@ -119,21 +124,29 @@ def export_full(cfg: Config, full: dict, out: str, tokenizer_path: Optional[str]
                            pad_token_id=hf_cfg.pad_token_id if hf_cfg.pad_token_id is not None
                            else hf_cfg.eos_token_id)
     gen.save_pretrained(out)
+    check = None
     if tokenizer_path:
         from .tokenizer_export import training_samples
 
-        save_tokenizer(tokenizer_path, out, pause_fields(cfg).get("pause_token_id"),
-                       samples=training_samples(cfg, tok))
+        check = save_tokenizer(tokenizer_path, out, pause_fields(cfg).get("pause_token_id"),
+                               samples=training_samples(cfg, tok))
     with open(os.path.join(out, "ponder_pt_export.json"), "w", encoding="utf-8") as fh:
         json.dump({"ponder_steps": cfg.ponder.steps, "arch": cfg.model.arch,
                    "padded_vocab_size": cfg.model.vocab_size, **pause_fields(cfg)}, fh, indent=1)
+    write_card(out, cfg, pause_fields(cfg).get("pause_token_id"), TESTED_TRANSFORMERS, check,
+               **(card or {}))
     return out
 
 
 def checkpoint_to_hf(ckpt_dir: str, out: str, tag: Optional[str] = None,
                      progress: bool = True, unsafe_unpickle: bool = False) -> str:
     cfg, full, tag = read_checkpoint(ckpt_dir, tag, unsafe_unpickle=unsafe_unpickle)
-    export_full(cfg, full, out, cfg.data.tokenizer or None, progress)
+    state = read_meta(ckpt_dir, tag).get("state") or {}
+    steps = int(state.get("step", 0))
+    samples = int(state.get("consumed_samples", steps * cfg.train.global_batch))
+    export_full(cfg, full, out, cfg.data.tokenizer or None, progress,
+                card={"checkpoint": {"tag": tag, "steps": steps,
+                                     "tokens": samples * cfg.data.seq_len}})
     return tag
 
 

@@ -53,6 +53,9 @@ def add_eval_args(p) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--output", help="write the results JSON here")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--write-card", action="store_true",
+                   help="add the results to the HF export's model card (README.md: its "
+                        "results section and model-index metadata; the rest is kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--unsafe-unpickle", action="store_true", help=UNSAFE_HELP)

@@ -1,5 +1,6 @@
-"""`--device auto|cpu|cuda|cuda:N` of `ponder-pt generate`, `eval` and `finetune` (and the
-Python APIs behind them): "auto" (the default) is cuda when torch sees a GPU, else cpu."""
+"""`--device auto|cpu|cuda|cuda:N` of `ponder-pt generate`, `eval`, `finetune` and `sft` (and
+the Python APIs behind them): "auto" (the default) is cuda when torch sees a GPU, else cpu;
+training takes only the device DeepSpeed will train on (`training_device`)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,20 @@ def resolve_device(device: Optional[str] = "auto") -> str:
             raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
                              f"device(s) visible")
     return str(dev)
+
+
+def training_device(device: Optional[str]) -> str:
+    """`--device` of `ponder-pt finetune` and `sft`: DeepSpeed trains on its accelerator (CUDA,
+    the process's LOCAL_RANK GPU, whenever torch sees one), so only a device that agrees with it
+    is accepted; returns the resolved device."""
+    import torch
+
+    dev = resolve_device(device)
+    if dev == "cpu" and torch.cuda.is_available():
+        raise ValueError(f"--device {device}: fine-tuning trains on the GPU whenever one is "
+                         f"visible; to train on the CPU hide the GPUs "
+                         f"(CUDA_VISIBLE_DEVICES= ponder-pt finetune ...)")
+    if dev.startswith("cuda:") and dev != "cuda:0":
+        raise ValueError(f"--device {device}: training uses the process's LOCAL_RANK GPU; "
+                         f"pick the GPU with CUDA_VISIBLE_DEVICES={dev[5:]} instead")
+    return dev

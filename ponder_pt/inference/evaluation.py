@@ -16,6 +16,8 @@ pause); `generate_until` generates after context + M pauses. `loglikelihood_roll
 from __future__ import annotations
 
 import json
+import os
+import sys
 from typing import Optional
 
 import torch
@@ -176,13 +178,19 @@ def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,
                                  unsafe_unpickle=unsafe_unpickle), pauses, progress=progress,
                       batch_size=batch_size)
     tm = TaskManager(include_path=include_path) if include_path else TaskManager()
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                   task_manager=tm, log_samples=False, random_seed=seed,
-                                   numpy_random_seed=seed, torch_random_seed=seed,
-                                   fewshot_random_seed=seed)
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                  task_manager=tm, log_samples=False, random_seed=seed,
+                                  numpy_random_seed=seed, torch_random_seed=seed,
+                                  fewshot_random_seed=seed)
+    if res is not None:
+        res["pauses"] = lm.pauses  # the M every request was scored with
+    return res
 
 
 def cmd_eval(args) -> int:
+    if args.write_card and not os.path.exists(os.path.join(args.model, "config.json")):
+        raise ValueError(f"--write-card: {args.model} is not an HF export (no config.json); the "
+                         "card belongs to an export: `ponder-pt convert to-hf` first")
     tasks = [t for item in args.tasks for t in item.split(",") if t]
     limit = args.limit
     if limit is not None and float(limit).is_integer():
@@ -202,4 +210,9 @@ def cmd_eval(args) -> int:
         with open(args.output, "w", encoding="utf-8") as fh:
             json.dump({"results": results, "config": res.get("config")}, fh, indent=1,
                       default=str)
+    if args.write_card and res:
+        from ..export.model_card import update_results
+
+        path = update_results(args.model, res, res.get("pauses"), limit)
+        print(f"eval: results added to {path}", file=sys.stderr)
     return 0

@@ -1,8 +1,8 @@
-"""Models: GPT-NeoX / LLaMA / GPT-2 on megatron-core TP layers, pondering, HF weights in and
-out."""
+"""Models: GPT-NeoX / LLaMA / GPT-2 on megatron-core TP layers, pondering, weights in and out
+of a built model (HF's names for ours: `ponder_pt.weights.hf_weights`)."""
 
-from .hf import (full_state_dict, full_to_hf, hf_config_from, hf_to_full, load_hf_state_dict,
-                 model_config_from_hf, to_hf_state_dict)
+from .hf import (full_state_dict, hf_config_from, load_full_state_dict, load_hf_state_dict,
+                 load_initial_weights, to_hf_state_dict)
 from .layers import KVCache, StaticKVCache
 from .model import PonderLM
 from .parallel import (allreduce_sequence_parallel_grads, gather_full, gather_vocab,
@@ -19,7 +19,7 @@ def build_model(cfg, **kwargs) -> PonderLM:
 
 __all__ = [
     "KVCache", "PonderLM", "StaticKVCache", "allreduce_sequence_parallel_grads", "build_model",
-    "full_state_dict", "full_to_hf", "gather_full", "gather_vocab", "hf_config_from", "hf_to_full",
-    "init_single_process", "load_hf_state_dict", "model_config_from_hf", "soft_embedding",
+    "full_state_dict", "gather_full", "gather_vocab", "hf_config_from", "init_single_process",
+    "load_full_state_dict", "load_hf_state_dict", "load_initial_weights", "soft_embedding",
     "to_hf_state_dict", "tp_rank", "tp_size", "vocab_parallel_softmax",
 ]

@@ -14,8 +14,8 @@ megatron-core's. What lives here is the glue the model needs on top of them:
 * the vocab-parallel softmax / soft embedding used by pondering (global max and sum by
   all-reduce, local probability shard x local W_in shard, one all-reduce; logits are never
   gathered; top-k by a global threshold built from k candidates per rank);
-* shard / unshard of full ("master") tensors following megatron's partition attributes, used
-  by the HF import/export and by tests.
+* this rank's shard of a full ("master") tensor and the full tensor of a sharded parameter,
+  following megatron's partition attributes (the split itself: `ponder_pt.weights.layout`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+from ..weights import layout
 
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated.*")
 warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.*deprecated.*")
@@ -51,7 +53,8 @@ def tp_rank() -> int:
     return ps.get_tensor_model_parallel_rank()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a one-process or standalone rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -64,7 +67,7 @@ def init_single_process(backend: str = "gloo") -> None:
     process group and model-parallel state already exist.
     """
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=1)
@@ -344,24 +347,9 @@ def partition_spec(param: torch.Tensor) -> Optional[tuple[int, int]]:
     return None
 
 
-def shard(full: torch.Tensor, dim: int, stride: int = 1, rank: Optional[int] = None,
-          world: Optional[int] = None) -> torch.Tensor:
+def shard(full: torch.Tensor, dim: int, stride: int = 1) -> torch.Tensor:
     """This rank's piece of a full tensor, exactly as megatron's CPU init splits a master."""
-    rank = tp_rank() if rank is None else rank
-    world = tp_size() if world is None else world
-    if world == 1:
-        return full
-    per_partition = full.shape[dim] // world
-    chunks = torch.split(full, per_partition // stride, dim=dim)
-    return torch.cat(chunks[rank::world], dim=dim)
-
-
-def unshard(parts: list[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
-    """Inverse of `shard`: the full tensor from every rank's piece (in rank order)."""
-    if len(parts) == 1:
-        return parts[0]
-    pieces = [p.chunk(stride, dim=dim) for p in parts]
-    return torch.cat([pieces[r][j] for j in range(stride) for r in range(len(parts))], dim=dim)
+    return layout.shard(full, dim, stride, rank=tp_rank(), world=tp_size())
 
 
 def gather_full(param: torch.Tensor) -> torch.Tensor:
@@ -375,7 +363,7 @@ def gather_full(param: torch.Tensor) -> torch.Tensor:
         return t.clone()
     parts = [torch.empty_like(t) for _ in range(tp_size())]
     dist.all_gather(parts, t.contiguous(), group=tp_group())
-    return unshard(parts, *spec)
+    return layout.unshard(parts, *spec)
 
 
 def gather_tensor(t: torch.Tensor, spec: Optional[tuple[int, int]]) -> torch.Tensor:
@@ -384,7 +372,7 @@ def gather_tensor(t: torch.Tensor, spec: Optional[tuple[int, int]]) -> torch.Ten
         return t.detach().clone()
     parts = [torch.empty_like(t) for _ in range(tp_size())]
     dist.all_gather(parts, t.detach().contiguous(), group=tp_group())
-    return unshard(parts, *spec)
+    return layout.unshard(parts, *spec)
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:

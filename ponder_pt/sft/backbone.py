@@ -18,6 +18,8 @@ import os
 import shutil
 from typing import Optional
 
+from ..config import load_run_config
+
 BACKBONE_DIR = "backbone"
 
 
@@ -46,8 +48,6 @@ def backbone_meta(path: str, pauses: int) -> dict:
         recorded, max_len = raw.get("pause_token_id"), raw.get("max_position_embeddings", 2048)
         steps, divisible = int(raw.get("ponder_steps", 0) or 0), 128
     else:
-        from ..export.native import load_run_config
-
         cfg = load_run_config(path)
         tok = load_tokenizer(cfg.data.tokenizer)
         recorded, max_len, steps = cfg.pause.token_id, cfg.model.max_seq_len, cfg.ponder.steps
@@ -61,8 +61,6 @@ def native_backbone(path: str, out: str) -> str:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--model {path}: no such directory")
     if not is_hf_dir(path):
-        from ..export.native import load_run_config
-
         load_run_config(path)  # a clear error when it is neither
         return path
     from ..export.from_hf import hf_to_checkpoint
@@ -77,9 +75,9 @@ def load_backbone(ckpt_dir: str, pauses: int, unsafe_unpickle: bool = False):
     """(run Config set up for fine-tuning, full fp32 state dict, Tokenizer, pause id)."""
     import torch
 
-    from ..export.from_hf import _pad_vocab
     from ..export.native import read_checkpoint
     from ..tokenizer import load_tokenizer, pad_vocab_size
+    from ..weights.layout import pad_vocab
 
     cfg, full, _ = read_checkpoint(ckpt_dir, unsafe_unpickle=unsafe_unpickle)
     if not cfg.data.tokenizer:
@@ -90,7 +88,7 @@ def load_backbone(ckpt_dir: str, pauses: int, unsafe_unpickle: bool = False):
     if pause_id is not None and pause_id >= cfg.model.vocab_size:
         cfg.model.vocab_size = pad_vocab_size(pause_id + 1, divisible, 1)
         tied = cfg.model.tie_embeddings
-        _pad_vocab(full, cfg.model.vocab_size)
+        pad_vocab(full, cfg.model.vocab_size)
         if tied:
             full.pop("output.weight", None)
     cfg.pause.token_id, cfg.pause.rate, cfg.pause.inference_pauses = pause_id, 0.0, pauses

@@ -17,21 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import sys
 from typing import Optional, Sequence
 
 from .args import add_args, worker_argv
-
-
-def _seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _precision(name: str) -> str:
@@ -51,15 +41,10 @@ def _pauses(args) -> int:
 
 def _report(task, train, valid, out_dir: str, max_length: int) -> dict:
     """Print (stderr) and file the rejected rows and the truncation count; returns counts."""
+    from ..engine.finetune_loop import report_rejects
+
     rejected = task.rejected + train.rejected + valid.rejected
-    if rejected:
-        path = os.path.join(out_dir, "rejects.jsonl")
-        with open(path, "w", encoding="utf-8") as fh:
-            for r in rejected:
-                fh.write(json.dumps(r) + "\n")
-        first = rejected[0]
-        print(f"sft: {len(rejected)} rows rejected (e.g. {first['file']}:{first['line']}: "
-              f"{first['reason']}); all listed in {path}", file=sys.stderr)
+    report_rejects(rejected, out_dir, "sft")
     truncated = train.truncated + valid.truncated
     if truncated:
         print(f"sft: {truncated} examples longer than --max-length {max_length} lost prompt "
@@ -82,10 +67,11 @@ def _save_best(model, out_dir: str, step: int, metric: float) -> None:
     """OUT/best/model.safetensors, replaced atomically."""
     from safetensors.torch import save_file
 
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, "model.safetensors.tmp")
-    save_file(_full_state(model), tmp, metadata={"step": str(step), "metric": repr(metric)})
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+    from ..engine.finetune_loop import keep_best
+
+    keep_best(out_dir, lambda tmp: save_file(
+        _full_state(model), os.path.join(tmp, "model.safetensors"),
+        metadata={"step": str(step), "metric": repr(metric)}))
 
 
 def train(args) -> dict:
@@ -96,7 +82,7 @@ def train(args) -> dict:
 
     from ..engine import distributed as D
     from ..engine.ds_config import build_ds_config
-    from ..engine.finetune_loop import run_finetune_loop
+    from ..engine.finetune_loop import run_finetune_loop, seed_everything
     from ..engine.metrics import MetricsLogger
     from ..engine.schedule import make_scheduler
     from ..engine.trainer import param_groups
@@ -115,7 +101,7 @@ def train(args) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world.dp} "
                          f"processes")
     os.makedirs(args.out, exist_ok=True)
-    _seed_everything(args.seed)
+    seed_everything(args.seed)
     task = load_local_task(args.task, args.max_train)
     cfg, full, tok, pause_id = load_backbone(args.model, m, args.unsafe_unpickle)
     max_length = args.max_length or cfg.model.max_seq_len
@@ -212,7 +198,11 @@ def finish(args, cfg, tok, task, m: int, summary: dict) -> str:
     best = load_file(os.path.join(args.out, "best", "model.safetensors"))
     final = os.path.join(args.out, "final")
     shutil.rmtree(final, ignore_errors=True)
-    export_full(cfg, best, final, tokenizer_path=cfg.data.tokenizer, progress=False)
+    finetune = {"method": "ponder-pt sft", "task": args.source_task or args.task,
+                "steps": summary["steps"], "best_step": summary["best_step"],
+                "backbone": args.source_model or args.model}
+    export_full(cfg, best, final, tokenizer_path=cfg.data.tokenizer, progress=False,
+                card={"finetune": finetune})
     plot_runs([args.out], os.path.join(args.out, "loss.png"), labels=[f"sft M={m}"])
     info = {"training": summary, "pauses_trained": m}
     path = score(final, args, task, None, info)
@@ -297,7 +287,7 @@ def cmd_sft(args) -> int:
     launched = "WORLD_SIZE" in os.environ
     model_dir = args.model
     if not launched:
-        from ..early_exit.finetune import training_device
+        from ..inference.device import training_device
         from .backbone import native_backbone
 
         training_device(args.device)  # training follows DeepSpeed's accelerator
@@ -338,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     add_args(parser)
     args = parser.parse_args(argv)
-    from ..config.loader import ConfigError
+    from ..config import ConfigError
     from ..engine.failures import run_cli
 
     def run() -> int:

@@ -12,6 +12,8 @@ config:
     ">=5.17,<5.26"; the model refuses to load outside them).
 """
 
+import dataclasses
+
 from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
 
@@ -44,37 +46,29 @@ def check_transformers_version(config) -> None:
             "(`ponder-pt convert to-hf`) that supports this transformers.")
 
 
-class PonderGPTNeoXConfig(GPTNeoXConfig):
+@dataclasses.dataclass(repr=False, eq=False, kw_only=True)
+class PonderFields:
+    """The fields every pondering config adds to its stock config. transformers makes each
+    config class a dataclass, which takes the fields of dataclass bases, so the three classes
+    below share these (as the last fields, after the stock ones)."""
+
+    ponder_steps: int = 3
+    ponder_scale_embeds: bool = True
+    ponder_scale_initial_by_steps: bool = False
+    ponder_top_k: int = 0
+    ponder_feedback: str = "embedding"
+    pause_token_id: int | None = None
+    default_pauses: int = 0
+    ponder_transformers: str | None = None
+
+
+class PonderGPTNeoXConfig(PonderFields, GPTNeoXConfig):
     model_type = "ponder_gpt_neox"
-    ponder_steps: int = 3
-    ponder_scale_embeds: bool = True
-    ponder_scale_initial_by_steps: bool = False
-    ponder_top_k: int = 0
-    ponder_feedback: str = "embedding"
-    pause_token_id: int | None = None
-    default_pauses: int = 0
-    ponder_transformers: str | None = None
 
 
-class PonderLlamaConfig(LlamaConfig):
+class PonderLlamaConfig(PonderFields, LlamaConfig):
     model_type = "ponder_llama"
-    ponder_steps: int = 3
-    ponder_scale_embeds: bool = True
-    ponder_scale_initial_by_steps: bool = False
-    ponder_top_k: int = 0
-    ponder_feedback: str = "embedding"
-    pause_token_id: int | None = None
-    default_pauses: int = 0
-    ponder_transformers: str | None = None
 
 
-class PonderGPT2Config(GPT2Config):
+class PonderGPT2Config(PonderFields, GPT2Config):
     model_type = "ponder_gpt2"
-    ponder_steps: int = 3
-    ponder_scale_embeds: bool = True
-    ponder_scale_initial_by_steps: bool = False
-    ponder_top_k: int = 0
-    ponder_feedback: str = "embedding"
-    pause_token_id: int | None = None
-    default_pauses: int = 0
-    ponder_transformers: str | None = None

@@ -1,0 +1,122 @@
+"""The files of a native checkpoint directory (`checkpoint.dir`), read and written without
+DeepSpeed or a model:
+
+    run_config.yaml           the resolved run config (written by the trainer / convert from-hf)
+    step_00000100/            DeepSpeed's files (model/optimizer shards) + rng_rankNNNNN.pt
+    step_00000100/ponder_meta.json   written last, after every file of the tag: lists each
+                                     file with its size (the "complete" marker), the step,
+                                     the layout and the trainer's state
+    latest                    the newest complete tag (DeepSpeed's format)
+
+Every write here is atomic (a temporary file renamed into place), so a crash leaves the old
+version or the new one, never half a file. Standard library only: the config layer reads
+checkpoint directories through it without loading torch (the tensors: `native`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional
+
+META = "ponder_meta.json"
+LATEST = "latest"
+RUN_CONFIG = "run_config.yaml"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def file_sizes(root: str) -> dict[str, int]:
+    """Every file under a tag directory (but the meta file itself) with its size in bytes."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if name == META:
+                continue
+            full = os.path.join(dirpath, name)
+            out[os.path.relpath(full, root)] = os.path.getsize(full)
+    return out
+
+
+def write_meta(ckpt_dir: str, tag: str, meta: dict) -> None:
+    """Mark `tag` complete (`meta` lists its files: `file_sizes`) and make it `latest`."""
+    atomic_write(os.path.join(ckpt_dir, tag, META), json.dumps(meta, indent=1))
+    atomic_write(os.path.join(ckpt_dir, LATEST), tag)
+
+
+def list_tags(ckpt_dir: str) -> list[str]:
+    """Step tags present on disk, newest first (complete or not)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted((t for t in os.listdir(ckpt_dir) if _TAG.match(t)), reverse=True)
+
+
+def verify(ckpt_dir: str, tag: str) -> Optional[str]:
+    """None when `tag` is complete and intact, else the reason it is not."""
+    root = os.path.join(ckpt_dir, tag)
+    try:
+        with open(os.path.join(root, META), encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except FileNotFoundError:
+        return "incomplete (no ponder_meta.json: the save did not finish)"
+    except (json.JSONDecodeError, OSError) as exc:
+        return f"unreadable ponder_meta.json ({exc})"
+    for rel, size in meta.get("files", {}).items():
+        path = os.path.join(root, rel)
+        if not os.path.exists(path):
+            return f"missing file {rel}"
+        if os.path.getsize(path) != size:
+            return f"truncated or altered file {rel} ({os.path.getsize(path)} != {size} bytes)"
+    return None
+
+
+def read_meta(ckpt_dir: str, tag: str) -> dict:
+    with open(os.path.join(ckpt_dir, tag, META), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def resolve_tag(ckpt_dir: str, tag: Optional[str] = None) -> str:
+    """`tag`, else the newest complete tag (the one `latest` names when it is intact)."""
+    if tag is not None:
+        reason = verify(ckpt_dir, tag)
+        if reason is not None:
+            raise ValueError(f"{ckpt_dir}/{tag}: {reason}")
+        return tag
+    for candidate in list_tags(ckpt_dir):
+        if verify(ckpt_dir, candidate) is None:
+            return candidate
+    raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint (step_NNNNNNNN/ with "
+                            "ponder_meta.json)")
+
+
+def run_config_path(ckpt_dir: str) -> str:
+    """`ckpt_dir`'s run_config.yaml; FileNotFoundError naming what is missing."""
+    path = os.path.join(ckpt_dir, RUN_CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: the checkpoint directory needs the run "
+                                "config the trainer writes next to the checkpoints")
+    return path
+
+
+def hf_source(path: str) -> Optional[str]:
+    """The Hugging Face directory `path`'s weights came from: `path` itself when it is one,
+    else the `source` that `convert from-hf` recorded in a tag's meta; None otherwise."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    for tag in list_tags(path):
+        if verify(path, tag) is None:
+            return read_meta(path, tag).get("source")
+    return None
