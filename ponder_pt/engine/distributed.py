@@ -52,8 +52,8 @@ def init(tp: int, pp: int) -> World:
     import deepspeed
     from megatron.core import parallel_state as ps
 
+    from .ds_ops import build_op
     from .ext_locks import warn_stale_locks
-    from .preemption import signals_held
 
     adopt_slurm_env()
     os.environ.setdefault("RANK", "0")
@@ -74,8 +74,8 @@ def init(tp: int, pp: int) -> World:
     # ops in deepspeed.initialize), which would hang on a lock a killed build left behind
     warn_stale_locks()
     if not dist.is_initialized():
-        with signals_held():
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        build_op("ShareMemCommBuilder")  # safe from preemption signals (ds_ops)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp,
                                      pipeline_model_parallel_size=pp)

@@ -20,6 +20,15 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def adam_op(cfg: Config) -> Optional[str]:
+    """The DeepSpeed op builder of the AdamW that `_adam_impl` picks, if it is a JIT-built op."""
+    if cfg.parallel.cpu_offload:
+        return "CPUAdamBuilder"
+    if cfg.train.optimizer == "deepspeed" and torch.cuda.is_available():
+        return "FusedAdamBuilder"
+    return None
+
+
 def _adam_impl(cfg: Config) -> dict:
     """DeepSpeed's AdamW params that pick the implementation (train.optimizer)."""
     if cfg.parallel.cpu_offload:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from . import distributed as D
-from .preemption import signals_held
+from .ds_ops import build_adam_op
 from .schedule import make_scheduler
 from .trainer import Trainer, param_groups
 
@@ -35,10 +35,10 @@ class PipelineTrainer(Trainer):
             layers=pipeline_layers(cfg.model, cfg.ponder, cfg.train.seed), loss_fn=pipeline_loss,
             topology=topo, partition_method="type:BlockLayer", activation_checkpoint_interval=0)
         self._initial_weights(module)
-        with signals_held():  # it may JIT-build an op
-            engine, _, _, _ = deepspeed.initialize(
-                model=module, model_parameters=param_groups(module, cfg.train.weight_decay),
-                config=ds_cfg, lr_scheduler=lambda opt: make_scheduler(opt, cfg.train))
+        build_adam_op(cfg)
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, model_parameters=param_groups(module, cfg.train.weight_decay),
+            config=ds_cfg, lr_scheduler=lambda opt: make_scheduler(opt, cfg.train))
         return engine
 
     def _checkpoint_extra(self):

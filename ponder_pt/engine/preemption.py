@@ -32,11 +32,10 @@ def catch_early(signals=SIGNALS) -> None:
 
 @contextlib.contextmanager
 def signals_held(signals=SIGNALS):
-    """Hold preemption signals back while DeepSpeed JIT-builds, or checks with ninja, its C++
-    ops (`init_distributed`, `deepspeed.initialize`). SLURM signals every process of the step:
-    a ninja or compiler killed by SIGUSR1 fails the rank with "Error building extension"
-    instead of the run saving and requeueing. Blocked here, the children inherit the mask and
-    finish their build; the signal reaches this process's handler when the block is lifted."""
+    """Hold preemption signals back: they stay pending and reach this process's handler when
+    the block is lifted. Child processes inherit the block, so ninja, run by a DeepSpeed op
+    build, finishes instead of dying of a SIGUSR1 that SLURM sends to every process of the
+    step (its compilers it starts unblocked: engine/ds_ops.py builds again after them)."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield

@@ -18,10 +18,10 @@ from . import distributed as D
 from .batches import StepBatchSampler, loader
 from .checkpoint import CheckpointManager
 from .ds_config import build_ds_config
+from .ds_ops import build_adam_op
 from .flops import flops_per_token, peak_tflops
 from .metrics import MetricsLogger
-from .preemption import (EXIT_REQUEUE, PreemptionFlag, announce_requeue, marker_path,
-                         signals_held)
+from .preemption import EXIT_REQUEUE, PreemptionFlag, announce_requeue, marker_path
 from .schedule import lr_at, make_scheduler
 
 EXIT_DIVERGED = 3
@@ -87,11 +87,11 @@ class Trainer:
         self._initial_weights(model)
         if self.cfg.train.compile:
             model.compile_blocks()  # before DeepSpeed wraps it; compiles on the first step
-        with signals_held():  # it may JIT-build an op (CPU Adam for offload)
-            engine, _, _, _ = deepspeed.initialize(
-                model=model, model_parameters=param_groups(model, self.cfg.train.weight_decay),
-                config=ds_cfg, mpu=D.MegatronMPU(),
-                lr_scheduler=lambda opt: make_scheduler(opt, self.cfg.train))
+        build_adam_op(self.cfg)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, self.cfg.train.weight_decay),
+            config=ds_cfg, mpu=D.MegatronMPU(),
+            lr_scheduler=lambda opt: make_scheduler(opt, self.cfg.train))
         return engine
 
     def _initial_weights(self, model: torch.nn.Module) -> None:

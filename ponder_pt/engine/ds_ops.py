@@ -1,0 +1,79 @@
+"""DeepSpeed's JIT-built C++ ops, built before DeepSpeed asks for them.
+
+DeepSpeed compiles an op on first use (the CPU shared-memory comm op in `init_distributed`,
+CPU Adam for an offloaded optimizer and FusedAdam in `deepspeed.initialize`) and caches it
+under TORCH_EXTENSIONS_DIR. SLURM sends a preemption or time-limit signal to every process of
+the step, and the compilers ninja starts do not inherit a blocked signal: a compiler the
+signal kills fails the rank with "Error building extension", where the run should save and
+requeue. Built here with the signals held, a build that a signal broke is built again (the
+signal came once; the next build runs undisturbed), and the signal reaches the training loop's
+handler once the op is built. DeepSpeed then finds the op already loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+
+from .ds_config import adam_op
+from .preemption import SIGNALS, signals_held
+
+ATTEMPTS = 3
+
+
+@contextlib.contextmanager
+def _signals_recorded(signals=SIGNALS):
+    """The preemption signals this process's handlers see meanwhile (another thread may take
+    a signal the main thread holds back), handed to the handlers in place before, afterwards."""
+    seen: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: seen.append(signum))
+                for sig in signals}
+    try:
+        yield seen
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in seen:
+            signal.raise_signal(sig)
+
+
+def build_in_fresh_process(name: str) -> None:
+    """Build the op in a new interpreter: torch remembers, per process, an op it has tried to
+    build, and after a failed build it would only try to import it."""
+    code = ("from deepspeed.accelerator import get_accelerator; "
+            f"get_accelerator().create_op_builder({name!r}).load()")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def build_op(name: str, attempts: int = ATTEMPTS):
+    """Load DeepSpeed's op builder `name` (e.g. "ShareMemCommBuilder", "CPUAdamBuilder") for
+    this accelerator, compiling it if needed; None where the accelerator has no such op."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder(name)
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    with signals_held(), _signals_recorded() as seen:
+        for attempt in range(1, attempts + 1):
+            before = len(seen)
+            try:
+                if attempt > 1:
+                    build_in_fresh_process(name)
+                return builder.load()
+            except (RuntimeError, subprocess.CalledProcessError):
+                signalled = len(seen) > before or set(signal.sigpending()) & set(SIGNALS)
+                if attempt == attempts or not signalled:
+                    raise
+                print(f"a preemption signal came while DeepSpeed's {builder.NAME} op was "
+                      f"being built: building it again ({attempt + 1}/{attempts}); the run "
+                      "saves once it is built", file=sys.stderr, flush=True)
+
+
+def build_adam_op(cfg) -> None:
+    """The op of the AdamW DeepSpeed will build for run config `cfg`, if it is a JIT-built one."""
+    name = adam_op(cfg)
+    if name is not None:
+        build_op(name)
