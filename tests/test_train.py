@@ -17,10 +17,18 @@ REL = 2e-5  # fp32, different reduction orders
 
 
 @pytest.fixture(scope="module")
-def reference(prepared, bpe_dir, tmp_path_factory):
+def reference_run(prepared, bpe_dir, tmp_path_factory):
+    """The single-process run every layout must reproduce (checkpoints and TensorBoard on:
+    neither changes the losses)."""
     run = tmp_path_factory.mktemp("ref")
-    run_train(str(run), prepared, bpe_dir)
-    return metrics(str(run))
+    run_train(str(run), prepared, bpe_dir, ["checkpoint.dir=" + str(run / "ckpt"),
+                                            "checkpoint.interval=2", "log.tensorboard=true"])
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return metrics(str(reference_run))
 
 
 def _assert_same(got, ref):
@@ -32,12 +40,10 @@ def _assert_same(got, ref):
     assert valid[4] == pytest.approx(ref_valid[4], rel=REL)
 
 
-def test_single_process_run(reference, prepared, bpe_dir, tmp_path):
+def test_single_process_run(reference, reference_run):
     train, valid = reference
     assert train[4] < train[1]  # it learns
-    run = tmp_path / "r"
-    run_train(str(run), prepared, bpe_dir, ["checkpoint.dir=" + str(run / "ckpt"),
-                                            "checkpoint.interval=2", "log.tensorboard=true"])
+    run = reference_run
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run / "tensorboard"))
     rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
     step1 = rows[0]
@@ -50,7 +56,7 @@ def test_single_process_run(reference, prepared, bpe_dir, tmp_path):
     assert (run / "ckpt" / "latest").read_text() == "step_00000004"
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])  # ZeRO-1: under the deepspeed launcher, below
 def test_zero_stages_match_single_process(stage, reference, prepared, bpe_dir, tmp_path):
     run_train(str(tmp_path), prepared, bpe_dir, [f"parallel.zero_stage={stage}"], nproc=2)
     _assert_same(metrics(str(tmp_path)), reference)
@@ -233,9 +239,10 @@ def test_non_finite_steps_are_counted_and_stop_the_run(prepared, bpe_dir, tmp_pa
 
 
 def test_deepspeed_launcher_matches_single_process(reference, prepared, bpe_dir, tmp_path):
-    """The documented entry point: deepspeed ponder_pt/train.py --config ..."""
+    """The documented entry point: deepspeed ponder_pt/train.py --config ... (2 processes,
+    ZeRO-1, the stage test_zero_stages_match_single_process leaves to this launcher)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = train_cmd(str(tmp_path), prepared, bpe_dir)
+    cmd = train_cmd(str(tmp_path), prepared, bpe_dir, ["parallel.zero_stage=1"])
     args = cmd[cmd.index("--config"):]
     args = [a for i, a in enumerate(args) if a != "--nproc" and args[i - 1] != "--nproc"]
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -245,6 +252,7 @@ def test_deepspeed_launcher_matches_single_process(reference, prepared, bpe_dir,
                            os.path.join(root, "ponder_pt", "train.py"), *args], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world 2 = tp 1 x pp 1 x dp 2" in proc.stdout + proc.stderr
     _assert_same(metrics(str(tmp_path)), reference)
 
 
