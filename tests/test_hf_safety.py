@@ -305,3 +305,34 @@ def test_zero_files_gated_before_deepspeed(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="--unsafe-unpickle"):
         zero_fp32(str(tmp_path), 0)
     assert not marker.exists()
+
+
+class _ByGetattr:
+    """Pickles as `getattr(cls, name)`: how Python 3.11.0-3.11.4 (Debian 12's 3.11.2) pickle an
+    enum member, and how a crafted file could reach a function from an allowed class."""
+
+    def __init__(self, cls, name):
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return getattr, (self.cls, self.name)
+
+
+def test_enum_members_pickled_by_name_load_and_other_getattrs_are_refused(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from ponder_pt.weights.native import UnsafeCheckpointError, load_checkpoint_file
+
+    path = str(tmp_path / "optim_states.pt")
+    torch.save({"optimizer_state_dict": {"zero_stage": _ByGetattr(ZeroStageEnum, "weights"),
+                                         "exp_avg": torch.ones(2)}}, path)
+    assert "builtins.getattr" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    state = load_checkpoint_file(path)["optimizer_state_dict"]
+    assert state["zero_stage"] is ZeroStageEnum.weights and state["exp_avg"].sum() == 2
+
+    for cls, name in ((LossScaler, "__init__"), (ZeroStageEnum, "__init__"),
+                      (ZeroStageEnum, "_missing_")):
+        torch.save({"optimizer_state_dict": {"x": _ByGetattr(cls, name)}}, path)
+        with pytest.raises(UnsafeCheckpointError, match="names no enum member"):
+            load_checkpoint_file(path)

@@ -19,6 +19,7 @@ Where the weights live in `checkpoint.dir/<tag>/`:
 from __future__ import annotations
 
 import contextlib
+import enum
 import glob
 import io
 import os
@@ -47,6 +48,17 @@ DEEPSPEED_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                           "deepspeed.utils.tensor_fragment.fragment_address")
 
 
+def _enum_member(cls, name):
+    """What a pickled `getattr(cls, name)` may do here: name a member of an allow-listed enum.
+    Python 3.11.0-3.11.4 (Debian 12's 3.11.2) pickle an enum member that way, so DeepSpeed's
+    ZeroStageEnum in every optimizer file written there needs it; any other getattr (a way to
+    reach functions from an allowed class) is refused."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"it calls getattr({getattr(cls, '__name__', cls)!r}, "
+                                 f"{name!r}), which names no enum member")
+
+
 def _resolve(name: str):
     import importlib
 
@@ -64,16 +76,19 @@ def load_checkpoint_file(path: str, unsafe_unpickle: bool = False, mmap: bool = 
     if unsafe_unpickle:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
     needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    unknown = [n for n in needed if n not in DEEPSPEED_SAFE_GLOBALS]
+    unknown = [n for n in needed if n not in DEEPSPEED_SAFE_GLOBALS and n != "builtins.getattr"]
+    allowed = [(_enum_member, n) if n == "builtins.getattr" else _resolve(n) for n in needed]
     try:
         if unknown:
             raise pickle.UnpicklingError(f"it names {', '.join(unknown)}")
-        with torch.serialization.safe_globals([_resolve(n) for n in needed]):
+        with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch wraps the unpickler's reason in a paragraph about its weights_only default
+        reason = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
         raise UnsafeCheckpointError(
             f"{path}: refusing to unpickle it: it holds objects beyond tensors and DeepSpeed's "
-            f"checkpoint types ({str(exc).splitlines()[0]}), and unpickling those can run "
+            f"checkpoint types ({reason}), and unpickling those can run "
             f"arbitrary code. If you trust this file, opt in with {UNSAFE_UNPICKLE_HINT}."
         ) from exc
 
