@@ -13,29 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
 
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    hosts: list[str] = []
-    # split on commas that are not inside brackets
-    for item in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
-        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", item)
-        if not m:
-            hosts.append(item)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for part in ranges.split(","):
-            if "-" in part:
-                lo, hi = part.split("-")
-                for n in range(int(lo), int(hi) + 1):
-                    hosts.append(f"{prefix}{n:0{len(lo)}d}{suffix}")
-            else:
-                hosts.append(f"{prefix}{part}{suffix}")
-    return hosts
+# the checkout's package, importable by any python3 (the module needs nothing installed)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ponder_pt.engine.rendezvous import expand_nodelist  # noqa: E402,F401 (this module's API)
 
 
 def hosts_from_env() -> list[str]:

@@ -72,8 +72,7 @@ def test_script_on_cpus_passes_trailing_arguments_last():
 
 
 def test_nodelist_expansion():
-    sys.path.insert(0, os.path.join(ROOT, "launchers"))
-    from slurm_hosts import expand_nodelist
+    from ponder_pt.engine.rendezvous import expand_nodelist
 
     assert expand_nodelist("gpu[001-003,007],cpu5") == ["gpu001", "gpu002", "gpu003", "gpu007", "cpu5"]
     assert expand_nodelist("node7") == ["node7"]
@@ -149,3 +148,47 @@ def test_batch_script_requeues_only_what_can_resume(tmp_path, rc, requeue_file, 
     else:
         assert out.returncode == rc, out.stdout + out.stderr
         assert "requeue" not in calls and "requeueing" not in out.stdout
+
+
+def test_rendezvous_kept_derived_or_refused():
+    from ponder_pt.engine.rendezvous import set_rendezvous
+
+    env = {"WORLD_SIZE": "1"}
+    set_rendezvous(env, lambda: 12345)
+    assert env == {"WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "12345"}
+    env = {"WORLD_SIZE": "8", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29500",
+           "SLURM_JOB_NODELIST": "gpu[001-002]", "SLURM_JOB_ID": "7"}
+    set_rendezvous(env, None)  # the launcher's values win
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("10.0.0.5", "29500")
+    env = {"WORLD_SIZE": "8", "SLURM_JOB_NODELIST": "gpu[001-002]", "SLURM_JOB_ID": "40123"}
+    set_rendezvous(env, None)  # every rank derives the same pair
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu001", "20123")
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.5"}
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 but MASTER_PORT is not set"):
+        set_rendezvous(env, lambda: 1)
+
+
+def _source_env_sh(**env):
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("MASTER_ADDR", "MASTER_PORT") and not k.startswith("SLURM_")}
+    return subprocess.run(["bash", "-c", 'source launchers/env.sh && echo "$MASTER_ADDR $MASTER_PORT"'],
+                          env=dict(base, PYTHON=sys.executable, **env), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_env_sh_rendezvous():
+    """launchers/env.sh: the job's first host and a port from the job id under SLURM; outside
+    SLURM a free port, so two runs on one host never share 20000; a job of several nodes whose
+    first host does not resolve stops there instead of falling back to 127.0.0.1."""
+    out = _source_env_sh(SLURM_JOB_ID="40123", SLURM_JOB_NODELIST="localhost,n2",
+                         SLURM_JOB_NUM_NODES="2")
+    assert out.returncode == 0 and out.stdout.split() == ["localhost", "20123"], out.stderr
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+        lo, hi = map(int, fh.read().split())
+    out = _source_env_sh()
+    addr, port = out.stdout.split()
+    assert out.returncode == 0 and addr == "127.0.0.1" and lo <= int(port) <= hi  # the OS's pick
+    for bad in (dict(SLURM_JOB_NODELIST="nohost[1-2]"), dict()):  # unresolvable, no nodelist
+        out = _source_env_sh(SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="2", **bad)
+        assert out.returncode == 2 and out.stdout == "", out.stdout
+        assert "export MASTER_ADDR" in out.stderr and "127.0.0.1" not in out.stdout

@@ -7,7 +7,7 @@ The module starts a private SLURM (munged, slurmctld, slurmd in a temporary dire
 ports) once and stops it at the end. It installs slurm-wlm and munge with apt-get when they are
 missing. Where that is impossible (not root, no apt-get, no registry) the tests skip and say
 why; with PONDER_SLURM=require (set by .ci/run) or CI=true they fail instead, since CI is
-meant to run them. PONDER_SLURM=0 skips them on purpose. Every wait has a timeout, and a
+meant to run them. PONDER_SLURM=0 skips them on purpose, except under CI=true, where it fails. Every wait has a timeout, and a
 failing test prints the job's SLURM log and the daemons' logs.
 """
 
@@ -48,13 +48,35 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 JOB_TIMEOUT = 300  # seconds any one wait may take before the test gives up (and cancels)
 
 
+def live_slurm_required(env) -> bool:
+    """Whether these tests must run (CI) rather than skip where SLURM cannot start."""
+    return (env.get("PONDER_SLURM") == "require"
+            or env.get("CI", "").lower() in ("1", "true", "yes"))
+
+
+def test_ci_cannot_switch_the_live_tests_off(tmp_path):
+    """PONDER_SLURM=0 skips them on a developer's machine only; under CI=true it fails."""
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("import os, sys\nsys.path.insert(0, %r)\nfrom test_slurm_live import slurm\n"
+                     "def test_uses_it(slurm):\n    pass\n" % os.path.dirname(__file__))
+    for ci, outcome in (("true", "1 error"), ("", "1 skipped")):
+        env = dict(os.environ, PONDER_SLURM="0", CI=ci)
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", "-p",
+                              "no:cacheprovider", "-p", "no:xdist", str(probe)], env=env,
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert outcome in out.stdout, out.stdout[-2000:]
+        assert ("CI must run the live-SLURM tests" in out.stdout) == bool(ci), out.stdout
+
+
 # ------------------------------------------------------------------------- the cluster
 @pytest.fixture(scope="module")
 def slurm():
+    in_ci = live_slurm_required(os.environ)
     if os.environ.get("PONDER_SLURM", "1") == "0":
+        if in_ci:  # CI runs these tests or fails: no switch skips them there
+            pytest.fail("PONDER_SLURM=0 under CI=true: CI must run the live-SLURM tests; unset "
+                        "PONDER_SLURM", pytrace=False)
         pytest.skip("PONDER_SLURM=0: live-SLURM tests switched off")
-    in_ci = (os.environ.get("PONDER_SLURM") == "require"
-             or os.environ.get("CI", "").lower() in ("1", "true", "yes"))
     reason = slurm_local.why_not_here()
     try:
         if reason:

@@ -212,6 +212,48 @@ def test_two_node_rendezvous_on_localhost(prepared, bpe_dir, tmp_path):
     assert sorted(train) == [1, 2, 3, 4]
 
 
+def _srun_style(cmd, env, ntasks=2):
+    """`ntasks` ranks started the way `srun python -m ponder_pt.train` starts them: each with
+    its SLURM_PROCID and nothing else a launcher would set."""
+    procs = []
+    for rank in range(ntasks):
+        procs.append(subprocess.Popen(
+            cmd, env=dict(env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                          SLURM_NTASKS=str(ntasks)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+def test_srun_style_ranks_meet_where_the_allocation_says(reference, prepared, bpe_dir, tmp_path):
+    """Ranks that srun started without env.sh derive MASTER_ADDR / MASTER_PORT from the SLURM
+    allocation, the same on every rank, and train as one process does; without an allocation
+    they stop at once with the fix instead of each waiting on a port of its own."""
+    cmd = [sys.executable, "-m", "ponder_pt.train", "--config", "demo"]
+    for item in [*TINY, f"data.train=[{prepared}]", f"data.tokenizer={bpe_dir}",
+                 f"data.cache_dir={tmp_path}/cache", f"log.dir={tmp_path}"]:
+        cmd += ["--set", item]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("SLURM_")}
+    env["OMP_NUM_THREADS"] = "1"
+
+    for rc, out, err in _srun_style(cmd, env):  # each ends (a hang would time out)
+        assert rc != 0 and "WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT are not set" in err, \
+            err[-2000:]
+        assert "ponder-pt train --nproc N" in err
+
+    port = free_port()
+    while not 20000 <= port < 40000:  # the derived port is 20000 + job id % 20000
+        port = free_port()
+    env.update(SLURM_JOB_ID=str(port - 20000), SLURM_JOB_NODELIST="localhost")
+    results = _srun_style(cmd, env)
+    for rc, out, err in results:
+        assert rc == 0, err[-3000:]
+    assert "world 2 = tp 1 x pp 1 x dp 2" in "".join(out + err for _, out, err in results)
+    _assert_same(metrics(str(tmp_path)), reference)
+
+
 def test_bad_config_is_rejected_before_any_process_starts(prepared, bpe_dir, tmp_path):
     proc = run_train(str(tmp_path), prepared, bpe_dir, ["parallel.tp=3"], nproc=3, check=False)
     assert proc.returncode == 2

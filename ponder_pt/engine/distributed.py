@@ -55,15 +55,14 @@ def init(tp: int, pp: int) -> World:
     from .ds_ops import build_op
     from .ext_locks import warn_stale_locks
 
+    from ..models.parallel import free_port
+    from .rendezvous import set_rendezvous
+
     adopt_slurm_env()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        from ..models.parallel import free_port
-
-        os.environ["MASTER_PORT"] = str(free_port())
+    set_rendezvous(os.environ, free_port)  # before any process group: fails fast, naming the fix
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
