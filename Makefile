@@ -58,6 +58,7 @@ test-compat: $(STAMP) $(LOCK_OLDEST)
 	$(PY) tools/overlay.py --base $(LOCK) --lock $(LOCK_OLDEST) --target $(COMPAT_DIR)
 	PYTHONPATH=$(CURDIR)/$(COMPAT_DIR) PONDER_EXPECT_TRANSFORMERS=$$($(PY) tools/overlay.py \
 	  --lock $(LOCK_OLDEST) --version-of transformers) \
+	  PONDER_DURATIONS_FILE=$(CURDIR)/.pytest-durations-compat.json \
 	  $(PY) -m pytest -q $(XDIST) -m "$(COMPAT_TESTS)" $(PYTEST_ARGS)
 
 # Drift check, not CI: a fresh venv with the newest release of every dependency that

@@ -40,7 +40,9 @@ def pytest_sessionstart(session):
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = os.path.join(REPO, "tests", "durations.json")
-LAST_RUN = os.path.join(REPO, ".pytest-durations.json")
+# where this run's durations go: make test-compat names its own file, so the last full run's
+# stay for tools/suite_time.py
+LAST_RUN = os.environ.get("PONDER_DURATIONS_FILE") or os.path.join(REPO, ".pytest-durations.json")
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... under `pytest -n N`
 
 
