@@ -7,3 +7,8 @@ import warnings
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 __version__ = "0.1.0"
+
+from .megatron_jit import install as _install_megatron_jit  # noqa: E402
+
+# megatron-core's import compiles kernels ponder-pt never calls: defer that to their first call
+_install_megatron_jit()
