@@ -7,8 +7,9 @@ The module starts a private SLURM (munged, slurmctld, slurmd in a temporary dire
 ports) once and stops it at the end. It installs slurm-wlm and munge with apt-get when they are
 missing. Where that is impossible (not root, no apt-get, no registry) the tests skip and say
 why; with PONDER_SLURM=require (set by .ci/run) or CI=true they fail instead, since CI is
-meant to run them. PONDER_SLURM=0 skips them on purpose, except under CI=true, where it fails. Every wait has a timeout, and a
-failing test prints the job's SLURM log and the daemons' logs.
+meant to run them. PONDER_SLURM=0 skips them on purpose, except under CI=true, where it
+fails. Every wait has a timeout, and a failing test prints the job's SLURM log and the
+daemons' logs.
 """
 
 from __future__ import annotations
