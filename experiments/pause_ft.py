@@ -444,7 +444,7 @@ def stage_pause_ft(study) -> None:
     for p in write_outputs(study.out, doc, lines):
         study.log(f"wrote {p}")
     study.results["pause_ft"] = doc
-    study.sections.append(section(doc))
+    study.sections.append(section(doc, study.results.get("runs")))
 
 
 def _LABEL_ORDER(u: dict) -> int:

@@ -263,8 +263,30 @@ def _how_computed(doc: dict) -> str:
             f"that of pretraining.")
 
 
-def section(doc: dict) -> str:
-    """The stage's section of results.md."""
+def backbone_provenance(doc: dict, study_runs: dict | None) -> str:
+    """Where the backbones come from, and whether their validation losses are those of the
+    study's runs of the same names (`study_runs`: results.json's "runs"), which they need not
+    be: the stage may have trained them again."""
+    bb = doc["backbones"]
+    seeds = sorted({b.get("seed") for b in bb.values() if b.get("seed") is not None})
+    text = (f"The backbones were trained for this stage with the study's settings and seed "
+            f"{', '.join(map(str, seeds))} (`pause_ft.md` says how).")
+    if not study_runs:
+        return text
+    gaps = {name: abs(b["valid_loss"] - study_runs[name]["final"]["valid_loss"])
+            for name, b in bb.items() if (study_runs.get(name) or {}).get("final")}
+    if not gaps:
+        return text
+    if max(gaps.values()) < 5e-5:
+        return (text + f" Their validation losses equal those of the same runs in the tables "
+                f"above to 4 decimals (largest difference {max(gaps.values()):.1e}).")
+    worst = max(gaps, key=gaps.get)
+    return (text + f" Their validation losses differ from those of the same runs in the tables "
+            f"above by up to {gaps[worst]:.4f} (`{worst}`), so they are not the same models.")
+
+
+def section(doc: dict, study_runs: dict | None = None) -> str:
+    """The stage's section of results.md; `study_runs` is results.json's "runs"."""
     tasks = [t["name"] for t in doc["test_sets"]]
     return "\n".join([
         "## Pause fine-tuning: the 2x2 (StdPT/PausePT x StdFT/PauseFT) and pondering K", "",
@@ -273,7 +295,7 @@ def section(doc: dict) -> str:
         f"`sft --pauses {doc['ft_pauses']}`; fine-tuning seeds {doc['seeds']}; each model "
         f"scored with M pauses at inference (experiments/pause_ft.py). {PAPER} The full "
         f"report, with what the numbers do and do not show: `pause_ft.md`; every test row's "
-        f"score: `pause_ft_scores.jsonl`.", "",
+        f"score: `pause_ft_scores.jsonl`.", "", backbone_provenance(doc, study_runs), "",
         tables(doc["summary"], doc["eval_pauses"], doc["ft_pauses"]),
         "### Differences between cells", "", _how_computed(doc), "", interval_table(doc), ""])
 
@@ -606,16 +628,16 @@ def render(out_dir: str) -> list:
     lines = read_lines(os.path.join(out_dir, "pause_ft_scores.jsonl"))
     doc = finish(doc, lines)
     paths = write_outputs(out_dir, doc, lines)
+    js_path = os.path.join(out_dir, "results.json")
+    results = read_json(js_path)
     md_path = os.path.join(out_dir, "results.md")
     if os.path.exists(md_path):
         with open(md_path, encoding="utf-8") as fh:
-            text = splice_section(fh.read(), section(doc))
+            text = splice_section(fh.read(), section(doc, (results or {}).get("runs")))
         with open(md_path + ".tmp", "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(md_path + ".tmp", md_path)
         paths.append(md_path)
-    js_path = os.path.join(out_dir, "results.json")
-    results = read_json(js_path)
     if results is not None:
         results["pause_ft"] = doc
         with open(js_path + ".tmp", "w", encoding="utf-8") as fh:

@@ -118,6 +118,13 @@ def job_env(slurm, prepared, bpe_dir, tmp_path_factory):
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # deepspeed
     cache = tmp_path_factory.mktemp("slurm_cache")
     env["PONDER_TEST_CACHE"] = str(cache)
+    # DeepSpeed's shared-memory comm op, built before the first job: on a fresh checkout its
+    # build (30-60 s on a loaded machine) would otherwise fall inside the first job that needs
+    # it, and the time-limit drill's 1-minute job would end before the build did. A signal
+    # during the build is test_preemption's case.
+    subprocess.run([sys.executable, "-c", "from ponder_pt.engine.ds_ops import build_op; "
+                    "build_op('ShareMemCommBuilder')"], env=env, cwd=ROOT, check=True,
+                   timeout=900)
     return env
 
 

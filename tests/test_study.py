@@ -18,8 +18,8 @@ if REPO not in sys.path:
 
 from _json_helpers import _numbers  # noqa: E402
 from experiments.pause_ft import _scale_steps, corpus_rows  # noqa: E402
-from experiments.pause_ft_report import (paired_bootstrap, render, splice_section,  # noqa: E402
-                                         summarize)
+from experiments.pause_ft_report import (backbone_provenance, paired_bootstrap,  # noqa: E402
+                                         render, splice_section, summarize)
 from experiments.study import load_study_config, plan_runs  # noqa: E402
 
 
@@ -234,3 +234,16 @@ def test_pause_ft_section_spliced_into_results_md():
     before = "# R\n\n## Pause fine-tuning: old\n\nold\n\n## Errors\n\n- e\n"
     assert splice_section(before, new) == \
         "# R\n\n## Pause fine-tuning: old\n\nnew\n\n## Errors\n\n- e\n"
+
+
+def test_pause_ft_section_says_whether_its_backbones_are_the_study_runs():
+    doc = {"backbones": {"plain": {"valid_loss": 4.56596, "seed": 1234},
+                         "pause": {"valid_loss": 4.70026, "seed": 1234}}}
+    same = {"plain": {"final": {"valid_loss": 4.565954}},
+            "pause": {"final": {"valid_loss": 4.70026}}}
+    text = backbone_provenance(doc, same)
+    assert "seed 1234" in text and "equal those of the same runs" in text
+    other = {"plain": {"final": {"valid_loss": 4.60}}}
+    assert "differ" in backbone_provenance(doc, other)
+    assert "`plain`" in backbone_provenance(doc, other)
+    assert "equal" not in backbone_provenance(doc, None)  # no study results to compare with

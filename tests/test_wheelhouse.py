@@ -21,17 +21,51 @@ def _site_packages(prefix: str) -> str:
     return glob.glob(os.path.join(prefix, "lib", "python3*", "site-packages"))[0]
 
 
+# torch's CUDA runtime (the CUDA build's own dependencies): a cluster image has it with torch
+CUDA_STACK = ("nvidia-", "cuda-", "triton")
+
+
+def _cuda_stack(dist_name: str = "torch") -> set:
+    """The installed distributions of `dist_name`'s CUDA runtime, transitively, with the extras
+    each is asked for (none for the CPU build)."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    found, todo = set(), [(dist_name, frozenset())]
+    while todo:
+        name, extras = todo.pop()
+        for line in md.requires(name) or []:
+            req = Requirement(line)
+            wanted = any(req.marker is None or req.marker.evaluate({"extra": extra})
+                         for extra in (extras or {""}))
+            if (wanted and req.name.lower().startswith(CUDA_STACK)
+                    and req.name.lower() not in found):
+                try:
+                    md.distribution(req.name)
+                except md.PackageNotFoundError:
+                    continue
+                found.add(req.name.lower())
+                todo.append((req.name, frozenset(req.extras)))
+    return found
+
+
 def _give_torch(env_dir: str) -> None:
-    """Put this interpreter's torch (package and metadata, nothing else) into the new venv, the
-    way a cluster image already has its CUDA build: pip must then take every other package,
-    torch's own dependencies included, from the wheelhouse."""
+    """Put this interpreter's torch (package and metadata) and, for a CUDA build, its CUDA
+    runtime into the new venv, the way a cluster image already has them: pip must then take
+    every other package, torch's pure-Python dependencies included, from the wheelhouse."""
+    import importlib.metadata as md
+
     import torch
 
     src = os.path.dirname(os.path.dirname(torch.__file__))
     dst = _site_packages(env_dir)
-    names = ["torch", "torchgen", "functorch"]
-    names += [os.path.basename(p) for p in glob.glob(os.path.join(src, "torch-*.dist-info"))]
-    for name in names:
+    names = {"torch", "torchgen", "functorch"}
+    names |= {os.path.basename(p) for p in glob.glob(os.path.join(src, "torch-*.dist-info"))}
+    for dist in _cuda_stack():
+        # every top-level entry the distribution installed into site-packages
+        names |= {f.parts[0] for f in md.distribution(dist).files or [] if f.parts[0] != ".."}
+    for name in sorted(names):
         if os.path.exists(os.path.join(src, name)):
             os.symlink(os.path.join(src, name), os.path.join(dst, name))
 
