@@ -197,6 +197,41 @@ def test_crash_during_conversion_leaves_checkpoint_intact(reference, monkeypatch
     assert meta["step"] == 3.0 and "layers.0.attn.qkv.weight" in full
 
 
+def test_optimizer_shards_without_adams_step_stop_the_resume(reference, tmp_path):
+    """The newest checkpoint's ZeRO shard lost Adam's step (its sizes re-recorded, so it is
+    not provably corrupt): converting it for DP=2 is an error naming the tag, not step 0; with
+    checkpoint.fallback_to_older the previous tag is converted instead."""
+    from ponder_pt.config import load_run_config
+    from ponder_pt.engine.checkpoint import CheckpointLoadError, CheckpointManager
+    from ponder_pt.weights.files import file_sizes
+
+    _, ref_ckpt = reference
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ref_ckpt, ckpt, ignore=shutil.ignore_patterns("universal*"))
+    shard = ckpt / TAG6 / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    sd = torch.load(shard, weights_only=False)
+    for state in sd["optimizer_state_dict"]["base_optimizer_state"]["state"].values():
+        state.pop("step")
+    torch.save(sd, shard)
+    meta_path = ckpt / TAG6 / "ponder_meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "files": file_sizes(str(ckpt / TAG6))}))
+
+    model = load_run_config(str(ckpt)).model
+    for fallback in (False, True):
+        manager = CheckpointManager(str(ckpt), 3, 0, 2, barrier=lambda: None,
+                                    log=lambda *a: None, dp=2, zero_stage=1,
+                                    fallback_to_older=fallback)
+        if not fallback:
+            with pytest.raises(CheckpointLoadError) as err:
+                manager.prepare_resume(None, model)
+            assert f"{ckpt / TAG6}: cannot convert it" in str(err.value)
+            assert "record no Adam step" in str(err.value)
+        else:
+            manager.prepare_resume(None, model)
+            assert manager.elastic[1] == TAG3
+
+
 # ------------------------------------------------------------------ export / init at TP x PP
 
 @pytest.fixture(scope="module")

@@ -172,6 +172,12 @@ class CheckpointConfig:
     unsafe_unpickle: bool = False
     """Read an `init_from` checkpoint.dir with full unpickling (runs any code its files hold).
     Off: only tensors, containers and DeepSpeed's own types load (torch weights_only)."""
+    fallback_to_older: bool = False
+    """When the newest complete checkpoint fails to load or to convert to this run's layout,
+    resume from the previous one (losing the steps since), instead of stopping with the error.
+    Off by default: a load can fail for a passing reason (an I/O error, memory) and the run
+    should not silently give up progress. Incomplete or truncated checkpoints are skipped
+    either way."""
 
 
 @dataclass

@@ -6,8 +6,11 @@ Layout under `checkpoint.dir` (`ponder_pt.weights.files`):
                                      lists each file with its size: the "complete" marker
     latest                    the newest complete tag, replaced atomically (DeepSpeed format)
 
-A directory without a valid ponder_meta.json (a save cut short) is never loaded; a tag whose
-files are missing or truncated, or that fails to load, is skipped for the previous one.
+A directory without a valid ponder_meta.json (a save cut short) is never loaded, and a tag whose
+files are missing or truncated is skipped for the previous one: both are provably broken. A
+complete tag that fails to load or to convert (an I/O error, memory, a bug) stops the run with
+the error, since the cause may pass and falling back would discard the steps since the previous
+tag; `checkpoint.fallback_to_older=true` takes the previous tag instead.
 
 ponder_meta.json records the layout (TP, PP, DP, ZeRO stage). Resuming at the same layout is
 DeepSpeed's exact load. Resuming at another one (fewer or more GPUs, another TP or PP size)
@@ -24,8 +27,16 @@ from typing import Callable, Optional
 
 import torch
 
-from ..weights.files import file_sizes, list_tags, read_meta, tag_for, verify, write_meta
+from ..weights.files import META, file_sizes, list_tags, read_meta, tag_for, verify, write_meta
 from . import reshard
+
+FALLBACK_HINT = ("set checkpoint.fallback_to_older=true to resume from the previous checkpoint "
+                 "instead (the steps since it are trained again)")
+
+
+class CheckpointLoadError(RuntimeError):
+    """The newest complete checkpoint cannot be used, and falling back was not asked for."""
+
 
 def rng_state() -> dict:
     import random
@@ -57,9 +68,10 @@ class CheckpointManager:
     def __init__(self, ckpt_dir: str, keep_last: int, rank: int, world_size: int,
                  barrier: Callable[[], None], log: Callable[[str], None] = print,
                  dp: int = 1, zero_stage: int = 0, extra: Optional[tuple] = None,
-                 tp: int = 1, pp: int = 1):
-        """extra: (save(tag_dir), load(tag_dir)) for state DeepSpeed does not checkpoint."""
-        self.extra = extra
+                 tp: int = 1, pp: int = 1, fallback_to_older: bool = False):
+        """extra: (save(tag_dir), load(tag_dir)) for state DeepSpeed does not checkpoint.
+        fallback_to_older: checkpoint.fallback_to_older (the module docstring)."""
+        self.extra, self.fallback_to_older = extra, fallback_to_older
         self.dir, self.keep_last = ckpt_dir, keep_last
         self.rank, self.world_size = rank, world_size
         self.dp, self.zero_stage = dp, zero_stage
@@ -71,14 +83,20 @@ class CheckpointManager:
     def layout(self) -> dict:
         return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "zero_stage": self.zero_stage}
 
-    def saved_layout(self, meta: dict) -> dict:
-        """The layout a tag was saved at (checkpoints from before layouts were recorded are
-        taken as TP and PP unchanged)."""
-        layout = meta.get("layout") or {}
-        return {"tp": int(layout.get("tp", self.tp)), "pp": int(layout.get("pp", self.pp)),
-                "dp": int(layout.get("dp", meta.get("dp", self.dp))),
-                "zero_stage": int(layout.get("zero_stage", meta.get("zero_stage",
-                                                                     self.zero_stage)))}
+    def saved_layout(self, meta: dict, where: str = META) -> dict:
+        """The layout a tag was saved at, from its ponder_meta.json (`where`, for the error).
+        One without a layout (written before layouts were recorded) is an error: guessing
+        that it matches would load shards into the wrong ranks."""
+        layout = meta.get("layout")
+        keys = ("tp", "pp", "dp", "zero_stage")
+        if not isinstance(layout, dict) or any(k not in layout for k in keys):
+            raise CheckpointLoadError(
+                f"{where} records no complete layout (TP, PP, DP, ZeRO stage): it was written "
+                f"before ponder-pt recorded them. If it was saved at this run's layout, add "
+                f'"layout": {{"tp": {self.tp}, "pp": {self.pp}, "dp": {self.dp}, '
+                f'"zero_stage": {self.zero_stage}}} to it (otherwise the values it was saved '
+                f"at) and run again")
+        return {k: int(layout[k]) for k in keys}
 
     def _needs_conversion(self, saved: dict) -> bool:
         """Whether resuming needs the layout-free conversion (engine.reshard). Only a ZeRO-0
@@ -143,36 +161,54 @@ class CheckpointManager:
         layout, convert it (rank 0; engine.reshard) and return its universal directory, which
         the trainer loads the weights from before `deepspeed.initialize` and `resume` the
         optimizer from after. None when resume takes DeepSpeed's exact path (or there is
-        nothing to resume). A tag whose conversion fails is skipped for the previous one."""
+        nothing to resume). A tag that cannot be converted stops every rank with the reason,
+        or with checkpoint.fallback_to_older is skipped for the previous one."""
         src = self.resume_source(load_dir)
-        choice = None
+        choice, error = None, None
         if self.rank == 0:
-            for tag in list_tags(src):
-                if verify(src, tag) is not None:
-                    continue  # resume() reports it
-                saved = self.saved_layout(read_meta(src, tag))
-                if not self._needs_conversion(saved):
-                    break
-                try:
-                    udir = reshard.convert(src, tag, saved, model_cfg, unsafe_unpickle,
-                                           self.log, reshard.universal_dir(src, tag, self.dir))
-                    choice = (src, tag, udir)
-                    self.log(f"checkpoint {tag}: saved at {reshard.describe(saved)}, resuming "
-                             f"at {reshard.describe(self.layout)} (weights, optimizer moments, "
-                             "LR schedule and data position carried over)")
-                    break
-                except Exception as exc:
-                    self.log(f"checkpoint {tag}: cannot convert it for "
-                             f"{reshard.describe(self.layout)} ({type(exc).__name__}: {exc})")
+            try:
+                choice = self._choose_conversion(src, model_cfg, unsafe_unpickle)
+            except CheckpointLoadError as exc:
+                error = str(exc)
         if torch.distributed.is_initialized():
-            box = [choice]
+            box = [(choice, error)]
             torch.distributed.broadcast_object_list(box, src=0)
-            choice = box[0]
+            choice, error = box[0]
+        if error is not None:
+            raise CheckpointLoadError(error)
         self.elastic = choice
         return choice[2] if choice else None
 
+    def _choose_conversion(self, src: str, model_cfg, unsafe_unpickle: bool
+                           ) -> Optional[tuple[str, str, str]]:
+        """(src, tag, universal dir) of the newest intact tag, converted, when it was saved at
+        another layout; None when it needs no conversion or there is none."""
+        for tag in list_tags(src):
+            if verify(src, tag) is not None:
+                continue  # resume() reports it
+            where = os.path.join(src, tag, META)
+            saved = self.saved_layout(read_meta(src, tag), where)
+            if not self._needs_conversion(saved):
+                return None
+            try:
+                udir = reshard.convert(src, tag, saved, model_cfg, unsafe_unpickle,
+                                       self.log, reshard.universal_dir(src, tag, self.dir))
+            except Exception as exc:
+                reason = (f"checkpoint {os.path.join(src, tag)}: cannot convert it from "
+                          f"{reshard.describe(saved)} to {reshard.describe(self.layout)} "
+                          f"({type(exc).__name__}: {exc})")
+                if not self.fallback_to_older:
+                    raise CheckpointLoadError(f"{reason}; {FALLBACK_HINT}") from exc
+                self.log(f"{reason}; checkpoint.fallback_to_older: trying the previous one")
+                continue
+            self.log(f"checkpoint {tag}: saved at {reshard.describe(saved)}, resuming "
+                     f"at {reshard.describe(self.layout)} (weights, optimizer moments, "
+                     "LR schedule and data position carried over)")
+            return src, tag, udir
+        return None
+
     def _load(self, engine, src: str, tag: str, meta: dict):
-        saved = self.saved_layout(meta)
+        saved = self.saved_layout(meta, os.path.join(src, tag, META))
         if self._needs_conversion(saved):
             raise RuntimeError(f"saved at {reshard.describe(saved)}, now "
                                f"{reshard.describe(self.layout)}; only "
@@ -184,7 +220,7 @@ class CheckpointManager:
         reshard.load_optimizer(engine, udir)
         meta = read_meta(src, tag)
         self.log(f"resumed from {os.path.join(src, tag)} (converted from "
-                 f"{reshard.describe(self.saved_layout(meta))})")
+                 f"{reshard.describe(self.saved_layout(meta, os.path.join(src, tag, META)))})")
         return meta["state"]
 
     def resume(self, engine, load_dir: Optional[str] = None, all_ok: Callable[[bool], bool] = None
@@ -193,8 +229,9 @@ class CheckpointManager:
         when there is no checkpoint at all.
 
         `all_ok(flag)` must return True only if every rank's flag is True (an all-reduce), so
-        the ranks agree to fall back together when one of them cannot load a tag. If there
-        are checkpoints but none loads, that is an error, never a silent fresh start.
+        the ranks agree when one of them cannot load a tag: all stop with the error, or with
+        checkpoint.fallback_to_older all take the previous tag. If there are checkpoints but
+        none loads, that is an error, never a silent fresh start.
         """
         src = self.resume_source(load_dir, quiet=True)
         if self.elastic is not None:
@@ -212,12 +249,22 @@ class CheckpointManager:
                 path, client = self._load(engine, src, tag, meta)
                 ok = path is not None
                 reason = "DeepSpeed found nothing to load"
-            except Exception as exc:  # a corrupt shard: fall back to the previous tag
+            except CheckpointLoadError:
+                raise  # no layout recorded: the same on every rank, and no older tag helps
+            except Exception as exc:
                 ok, reason = False, f"{type(exc).__name__}: {exc}"
-                self.log(f"checkpoint {tag}: failed to load ({reason})")
+                print(f"rank {self.rank}: checkpoint {os.path.join(src, tag)} failed to load "
+                      f"({reason})", flush=True)
+            mine = ok
             if all_ok is not None:
                 ok = all_ok(ok)
             if not ok:
+                if not self.fallback_to_older:
+                    who = reason if not mine else "another rank failed to load it (its log says why)"
+                    raise CheckpointLoadError(f"checkpoint {os.path.join(src, tag)} is complete "
+                                              f"but did not load: {who}; {FALLBACK_HINT}")
+                self.log(f"checkpoint {tag}: failed to load; checkpoint.fallback_to_older: "
+                         "trying the previous one")
                 failures.append(f"{tag}: {reason}")
                 continue
             if self.extra is not None:

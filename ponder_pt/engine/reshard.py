@@ -208,14 +208,20 @@ def convert(src: str, tag: str, layout: dict, model_cfg, unsafe_unpickle: bool =
             for name, states in params.items():
                 # a block or the shared weights held by several stages: identical copies
                 parts.setdefault(full_name(name), {}).setdefault(tp_rank, states)
+        if step is None:
+            raise ValueError(f"{tag}: the optimizer shards under {root} record no Adam step "
+                             "(step 0 would redo the bias correction of the first steps)")
         names = []
         for name, by_rank in sorted(parts.items()):
             if sorted(by_rank) != list(range(tp)):
                 raise ValueError(f"{tag}: {name} is missing on some TP ranks ({sorted(by_rank)})")
             spec = tp_spec(name, model_cfg)
             for state in STATES:
-                if state not in by_rank[0]:
-                    continue
+                if any(state not in by_rank[r] for r in range(tp)):
+                    # Adam keeps both moments for every parameter it updates under ZeRO:
+                    # a missing one is a damaged shard, and zeros would change the run
+                    raise ValueError(f"{tag}: the optimizer shards under {root} hold no "
+                                     f"{state} for {name}")
                 pieces = [by_rank[r][state] for r in range(tp)]
                 full = unshard(pieces, *spec) if spec and tp > 1 else pieces[0]
                 pdir = os.path.join(work, "zero", name)
@@ -251,7 +257,8 @@ def read_meta(udir: str) -> dict:
 def _full(udir: str, name: str, state: str) -> torch.Tensor:
     path = os.path.join(udir, "zero", name, f"{state}.pt")
     if not os.path.exists(path):
-        raise KeyError(f"{udir}: no {state} for parameter {name}")
+        raise FileNotFoundError(f"{path} is missing: {udir} is damaged; remove it to convert "
+                                f"the checkpoint again")
     return torch.load(path, map_location="cpu", mmap=True, weights_only=True)["param"]
 
 
@@ -324,7 +331,10 @@ def load_optimizer(engine, udir: str) -> dict:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     meta = read_meta(udir)
-    step = float(meta.get("step") or meta.get("global_steps") or 0)
+    if meta.get("step") is None:
+        raise ValueError(f"{os.path.join(udir, UMETA)} records no Adam step; remove {udir} to "
+                         "convert the checkpoint again")
+    step = float(meta["step"])
     opt = engine.optimizer
     zero_flat = _init_optimizer_state(opt, step)
     plain = None if zero_flat else getattr(opt, "optimizer", opt)
@@ -337,8 +347,6 @@ def load_optimizer(engine, udir: str) -> dict:
                 safe_set_full_fp32_param(p, _local(p, _full(udir, fname, "fp32"), name)
                                          .to(p.device, torch.float32))
             for key in ("exp_avg", "exp_avg_sq"):
-                if not os.path.exists(os.path.join(udir, "zero", fname, f"{key}.pt")):
-                    continue  # a parameter that never had a gradient: no moments yet
                 value = _local(p, _full(udir, fname, key), name).to(p.device, torch.float32)
                 if zero_flat:
                     safe_set_full_optimizer_state(p, value, key)

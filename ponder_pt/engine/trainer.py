@@ -52,7 +52,8 @@ class Trainer:
                                           world.rank, world.world_size, D.barrier, self.log,
                                           dp=world.dp, zero_stage=cfg.parallel.zero_stage,
                                           extra=self._checkpoint_extra(), tp=world.tp,
-                                          pp=world.pp)
+                                          pp=world.pp,
+                                          fallback_to_older=cfg.checkpoint.fallback_to_older)
             # a checkpoint saved at another layout: converted now, its weights go into the
             # model before DeepSpeed partitions it, its optimizer state in train()
             self.universal = self.ckpt.prepare_resume(cfg.checkpoint.load, cfg.model,

@@ -86,6 +86,7 @@ def hf_to_checkpoint(hf_dir: str, out: str, overrides: Sequence[str] = (), tp: i
     tag = tag_for(0)
     write_tp_shards(out, tag, full, cfg.model, tp, progress)
     write_meta(out, tag, {"tag": tag, "step": 0, "world_size": tp, "dp": 1, "zero_stage": 0,
+                          "layout": {"tp": tp, "pp": 1, "dp": 1, "zero_stage": 0},
                           "state": {"step": 0}, "files": file_sizes(os.path.join(out, tag)),
                           "source": os.path.abspath(hf_dir)})
     write_run_config(cfg, out)

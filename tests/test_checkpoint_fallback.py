@@ -1,0 +1,129 @@
+"""Which checkpoint a resume takes when the newest one is not usable.
+
+Provably broken tags (a save cut short, a file missing or truncated) are skipped for the
+previous one. A complete tag that fails to load or to convert stops the run with the reason,
+the tag's path and the opt-in, unless checkpoint.fallback_to_older is set; so does a tag whose
+ponder_meta.json records no layout. The engine here is a stand-in whose load fails on demand;
+test_train and test_elastic_resume run the same paths with DeepSpeed's real files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ponder_pt.engine import reshard
+from ponder_pt.engine.checkpoint import CheckpointLoadError, CheckpointManager
+from ponder_pt.weights.files import file_sizes, tag_for, write_meta
+
+LAYOUT = {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 1}
+
+
+def _save(ckpt: str, step: int, layout=LAYOUT, meta_extra=None) -> str:
+    tag = tag_for(step)
+    root = os.path.join(ckpt, tag)
+    os.makedirs(root)
+    with open(os.path.join(root, "mp_rank_00_model_states.pt"), "wb") as fh:
+        fh.write(b"x" * 64)
+    meta = {"tag": tag, "step": step, "world_size": 1, "state": {"step": step},
+            "files": file_sizes(root), **({"layout": layout} if layout else {}),
+            **(meta_extra or {})}
+    write_meta(ckpt, tag, meta)
+    return tag
+
+
+class Engine:
+    """DeepSpeed's load_checkpoint, failing for the tags in `fails`."""
+
+    def __init__(self, fails=()):
+        self.fails, self.loaded = dict(fails), []
+
+    def load_checkpoint(self, src, tag):
+        if tag in self.fails:
+            raise self.fails[tag]
+        self.loaded.append(tag)
+        return os.path.join(src, tag), {"ponder_state": {"step": int(tag[-8:])}}
+
+
+def _manager(ckpt, logs, **kw):
+    return CheckpointManager(str(ckpt), 3, 0, 1, barrier=lambda: None, log=logs.append,
+                             zero_stage=1, **kw)
+
+
+def test_a_complete_tag_that_fails_to_load_stops_unless_fallback_is_asked(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _save(str(ckpt), 2)
+    newest = _save(str(ckpt), 4)
+    logs = []
+    engine = Engine({newest: OSError("Input/output error")})
+    with pytest.raises(CheckpointLoadError) as err:
+        _manager(ckpt, logs).resume(engine)
+    msg = str(err.value)
+    assert os.path.join(str(ckpt), newest) in msg and "OSError: Input/output error" in msg
+    assert "checkpoint.fallback_to_older=true" in msg and engine.loaded == []
+
+    state = _manager(ckpt, logs, fallback_to_older=True).resume(engine)
+    assert state == {"step": 2} and engine.loaded == ["step_00000002"]
+    assert any("fallback_to_older" in line and newest in line for line in logs)
+
+
+def test_another_ranks_failure_stops_every_rank(tmp_path):
+    """all_ok is the all-reduce: this rank loaded the tag, another did not."""
+    ckpt = tmp_path / "ckpt"
+    _save(str(ckpt), 2)
+    _save(str(ckpt), 4)
+    with pytest.raises(CheckpointLoadError, match="another rank failed to load it"):
+        _manager(ckpt, []).resume(Engine(), all_ok=lambda ok: False)
+
+
+def test_provably_broken_tags_are_skipped_without_the_opt_in(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _save(str(ckpt), 2)
+    truncated = _save(str(ckpt), 4)
+    with open(os.path.join(ckpt, truncated, "mp_rank_00_model_states.pt"), "wb") as fh:
+        fh.write(b"x" * 10)
+    os.makedirs(ckpt / tag_for(6))  # a save cut short: no ponder_meta.json
+    logs = []
+    engine = Engine()
+    assert _manager(ckpt, logs).resume(engine) == {"step": 2}
+    assert any("step_00000004: skipped, truncated" in line for line in logs)
+    assert any("step_00000006: skipped, incomplete" in line for line in logs)
+
+
+def test_a_checkpoint_without_a_recorded_layout_is_not_guessed(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    tag = _save(str(ckpt), 2, layout=None, meta_extra={"dp": 1, "zero_stage": 1})
+    for call in (lambda m: m.prepare_resume(None, model_cfg=None),
+                 lambda m: m.resume(Engine())):
+        with pytest.raises(CheckpointLoadError) as err:
+            call(_manager(ckpt, [], fallback_to_older=True))
+        msg = str(err.value)
+        assert os.path.join(str(ckpt), tag, "ponder_meta.json") in msg
+        assert '"layout": {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 1}' in msg
+
+
+def test_a_failed_conversion_stops_unless_fallback_is_asked(tmp_path, monkeypatch):
+    """Saved at DP=2 ZeRO-1 TP=2, resumed at TP=1: the newest tag's conversion fails."""
+    ckpt = tmp_path / "ckpt"
+    saved = dict(LAYOUT, tp=2, dp=2)
+    older = _save(str(ckpt), 2, saved)
+    newest = _save(str(ckpt), 4, saved)
+
+    def convert(src, tag, layout, model_cfg, unsafe, log, out):
+        if tag == newest:
+            raise MemoryError("cannot allocate")
+        return out
+
+    monkeypatch.setattr(reshard, "convert", convert)
+    with pytest.raises(CheckpointLoadError) as err:
+        _manager(ckpt, []).prepare_resume(None, model_cfg=None)
+    msg = str(err.value)
+    assert os.path.join(str(ckpt), newest) in msg and "MemoryError: cannot allocate" in msg
+    assert "TP=2 PP=1 DP=2 ZeRO-1 to TP=1 PP=1 DP=1 ZeRO-1" in msg
+    assert "checkpoint.fallback_to_older=true" in msg
+
+    manager = _manager(ckpt, [], fallback_to_older=True)
+    udir = manager.prepare_resume(None, model_cfg=None)
+    assert manager.elastic[1] == older and udir == reshard.universal_dir(str(ckpt), older,
+                                                                          str(ckpt))
