@@ -123,12 +123,14 @@ study: $(STAMP)
 study-toy: $(STAMP)
 	$(PY) -m experiments.study --toy --out study_toy_out $(STUDY_ARGS)
 
-# A private one-node SLURM on this machine (root; installs slurm-wlm + munge with apt-get if
-# missing) for trying the sbatch scripts on CPUs: see README.md, SLURM. Then
+# A private SLURM on this machine (root; installs slurm-wlm + munge with apt-get if missing)
+# for trying the sbatch scripts on CPUs: see README.md, SLURM and Multi-node. Then
 #   export SLURM_CONF=$(SLURM_DIR)/slurm.conf
+# NODES=2 (or more) simulates that many nodes in network namespaces (tools/netns_cluster.py).
 SLURM_DIR ?= /tmp/ponder-slurm
+NODES ?= 1
 slurm-up:
-	python3 tools/slurm_local.py up --dir $(SLURM_DIR)
+	python3 tools/slurm_local.py up --dir $(SLURM_DIR) --nodes $(NODES)
 
 slurm-down:
 	python3 tools/slurm_local.py down --dir $(SLURM_DIR)

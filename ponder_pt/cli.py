@@ -185,9 +185,12 @@ def cmd_train(args) -> int:
         cmd = torchrun_command(args.nproc, args.config, args.overrides)
         if args.dry_run:
             return run(args.config, args.overrides, dry_run=True, world_size=args.nproc,
-                       launch=" ".join(shlex.quote(c) for c in cmd), mfu_from=args.mfu_from)
+                       launch=" ".join(shlex.quote(c) for c in cmd), mfu_from=args.mfu_from,
+                       interconnect=args.interconnect,
+                       per_node=args.ranks_per_node or args.nproc)
         return _launch_and_wait(cmd, args)
-    return run(args.config, args.overrides, dry_run=args.dry_run, mfu_from=args.mfu_from)
+    return run(args.config, args.overrides, dry_run=args.dry_run, mfu_from=args.mfu_from,
+               interconnect=args.interconnect, per_node=args.ranks_per_node)
 
 
 def _launch_and_wait(cmd: list[str], args) -> int:
@@ -273,6 +276,8 @@ def _add_convert_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train import add_interconnect_args
+
     parser = argparse.ArgumentParser(prog="ponder-pt", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"ponder-pt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -365,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu-from", metavar="FILE", default=None,
                    help="with --dry-run: a gpu_results.json whose measured MFU the time "
                         "estimate uses (default: benchmarks/results/*/gpu_results.json)")
+    add_interconnect_args(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("plot", help="loss curves of runs (their log dirs) to a PNG")
     p.add_argument("runs", nargs="+", help="log.dir of each run, or metrics.jsonl files")

@@ -91,9 +91,22 @@ def _check_optional_packages(cfg: Config) -> None:
         raise ConfigError(missing)
 
 
+def ranks_per_node(world_size: int, given: Optional[int] = None) -> int:
+    """Ranks on one node, for the interconnect estimate: `given`, else what the sbatch script
+    or SLURM says, else 8 (GPUs per node) up to the world size."""
+    for value in (given, os.environ.get("PONDER_PT_RANKS_PER_NODE"),
+                  os.environ.get("SLURM_NTASKS_PER_NODE")):
+        if value and str(value).split("(")[0].isdigit() and int(str(value).split("(")[0]) > 0:
+            return int(str(value).split("(")[0])
+    return min(world_size, 8)
+
+
 def dry_run_report(cfg: Config, world_size: int, launch: str,
-                   mfu_from: Optional[str] = None) -> str:
-    from ponder_pt.engine.estimate import format_estimate, memory_estimate, time_estimate
+                   mfu_from: Optional[str] = None, interconnect: Optional[str] = None,
+                   per_node: Optional[int] = None) -> str:
+    from ponder_pt.engine import comm_model
+    from ponder_pt.engine.estimate import (format_duration, format_estimate, memory_estimate,
+                                           time_estimate)
     from ponder_pt.engine.flops import flops_per_token, param_count
 
     m, tr, par = cfg.model, cfg.train, cfg.parallel
@@ -117,12 +130,30 @@ def dry_run_report(cfg: Config, world_size: int, launch: str,
         f"flops_per_token: {fpt:.4g} (training, {cfg.ponder.steps + 1} pass"
         f"{'es' if cfg.ponder.steps else ''})",
         f"total: {tokens:,} tokens, {fpt * tokens:.3g} FLOPs",
-        *format_estimate(memory_estimate(cfg, world_size),
-                         time_estimate(cfg, world_size, mfu_from)),
-        "# launch",
-        launch,
     ]
+    tim = time_estimate(cfg, world_size, mfu_from)
+    lines += format_estimate(memory_estimate(cfg, world_size), tim)
+    rpn = ranks_per_node(world_size, per_node)
+    comm = comm_model.estimate(cfg, world_size, rpn)
+    gbps, latency, fabric = comm_model.parse_interconnect(interconnect)
+    lines += comm_model.format_comm(comm, tim["seconds"] / tr.iters, gbps, latency,
+                                    f"{fabric} ({rpn} ranks per node)")
+    if comm.nodes > 1:
+        total = tim["seconds"] + tr.iters * comm.seconds(gbps, latency)
+        lines.append(f"time to train with communication: {format_duration(total)} "
+                     f"({tim['gpus'] * total / 3600:,.0f} GPU-hours)")
+    lines += ["# launch", launch]
     return "\n".join(lines)
+
+
+def add_interconnect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--interconnect", metavar="FABRIC|GBPS[@US]", default=None,
+                   help="with --dry-run: the link between nodes, a fabric name (ib-8x400, "
+                        "ib-8x200, ib-400, roce-400, eth-100, eth-25, eth-10; default "
+                        "ib-8x400) or Gbit/s per node with an optional latency in µs")
+    p.add_argument("--ranks-per-node", type=int, default=None, metavar="N",
+                   help="with --dry-run: ranks on one node (default: the sbatch script's, "
+                        "SLURM_NTASKS_PER_NODE, else 8)")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -135,6 +166,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--mfu-from", metavar="FILE", default=None,
                    help="with --dry-run: a gpu_results.json whose measured MFU the time "
                         "estimate uses (default: benchmarks/results/*/gpu_results.json)")
+    add_interconnect_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
@@ -142,7 +174,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def run(config: Optional[str], overrides: Sequence[str], dry_run: bool = False,
         launch: Optional[str] = None, world_size: Optional[int] = None,
-        mfu_from: Optional[str] = None) -> int:
+        mfu_from: Optional[str] = None, interconnect: Optional[str] = None,
+        per_node: Optional[int] = None) -> int:
     from ponder_pt.engine import distributed as D
 
     world_size = world_size or D.env_world_size()
@@ -152,19 +185,31 @@ def run(config: Optional[str], overrides: Sequence[str], dry_run: bool = False,
         if launch is None:
             launch = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "ponder_pt.train",
                                                        *sys.argv[1:]])
-        print(dry_run_report(cfg, world_size, launch, mfu_from))
+        print(dry_run_report(cfg, world_size, launch, mfu_from, interconnect, per_node))
         return 0
     from ponder_pt.engine.trainer import Trainer
 
-    world = D.init(cfg.parallel.tp, cfg.parallel.pp)
+    world = D.init(cfg.parallel.tp, cfg.parallel.pp, cfg.dist.timeout)
+    finished = False
     try:
+        if world.world_size > 1:
+            where = D.describe_world()
+            if world.is_main:
+                print(where, flush=True)
         if cfg.parallel.pp > 1:
             from ponder_pt.engine.pipeline import PipelineTrainer as TrainerClass
         else:
             TrainerClass = Trainer
-        code = TrainerClass(cfg, tok, world).train()
+        try:
+            code = TrainerClass(cfg, tok, world).train()
+        except RuntimeError as exc:  # a peer rank gone: say which, for the job's last line
+            why = D.explain_comm_error(exc, cfg.dist.timeout)
+            if why is None:
+                raise
+            raise D.PeerLost(why) from exc
+        finished = True
     finally:
-        D.shutdown()
+        D.shutdown(clean=finished)
     return code
 
 
@@ -181,7 +226,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ponder_pt.engine.failures import run_cli
 
     return run_cli("ponder-pt train", lambda: run(args.config, args.overrides, args.dry_run,
-                                                  mfu_from=args.mfu_from),
+                                                  mfu_from=args.mfu_from,
+                                                  interconnect=args.interconnect,
+                                                  per_node=args.ranks_per_node),
                    (ConfigError, DataError, FileNotFoundError))
 
 

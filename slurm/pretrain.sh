@@ -30,6 +30,7 @@ LAUNCH=(srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" -m ponder_pt.train "
 
 if [[ $DRY_RUN == 1 ]]; then
   WORLD_SIZE="${SLURM_NTASKS:-$((NODES * (GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1)))}" \
+  PONDER_PT_RANKS_PER_NODE="${SLURM_NTASKS_PER_NODE:-$((GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1))}" \
   PONDER_PT_LAUNCH="sbatch -> ${LAUNCH[*]}" \
     exec "$PYTHON" -m ponder_pt.train "${ARGS[@]}" --dry-run
 fi

@@ -234,3 +234,78 @@ def test_mfu_from_the_newest_of_equally_close_measurements(tmp_path):
                       validate=False)
     for order in (files, files[::-1]):
         assert E.pick_mfu(cfg, order, "H100")["mfu"] == 0.413
+
+
+def _comm_cfg(tp=1, pp=1, zero=1, K=0, precision="fp32", micro=1, global_batch=8):
+    cfg = load_config("ponderpythia-70m", [f"parallel.tp={tp}", f"parallel.pp={pp}",
+                                           f"parallel.zero_stage={zero}", f"ponder.steps={K}",
+                                           f"train.precision={precision}",
+                                           f"train.micro_batch={micro}",
+                                           f"train.global_batch={global_batch}",
+                                           "data.seq_len=128", "model.vocab_size=50304"])
+    return cfg
+
+
+def test_comm_model_counts_the_ring_edges_between_nodes():
+    """DP = 4 on 2 nodes x 2 ranks: the ring 0-1-2-3 crosses between 1 and 2 and between 3 and
+    0, each edge carrying 2(N-1)/N of the fp32 gradients; inside a node nothing counts."""
+    from ponder_pt.engine import comm_model as C
+
+    cfg = _comm_cfg()
+    grads = param_count(cfg.model, cfg.model.vocab_size)["total"] * 4
+    est = C.estimate(cfg, 4, 2)
+    assert est.nodes == 2 and set(est.node_bytes) == {0, 1}
+    assert est.node_bytes[0] == pytest.approx(1.5 * grads)
+    assert est.latency_steps == 6  # 2(N-1) sequential steps of one all-reduce
+    assert C.estimate(cfg, 4, 4).node_bytes == {}  # one node
+    # 1 Gbit/s: bytes x 8 / 1e9, plus the latency of the ring's steps
+    assert est.seconds(1.0, 100.0) == pytest.approx(1.5 * grads * 8 / 1e9 + 6 * 100e-6)
+    # ZeRO-2 reduce-scatters every micro-batch (ga = 2 here) and all-gathers once
+    assert C.estimate(_comm_cfg(zero=2), 4, 2).node_bytes[0] == pytest.approx(
+        (2 + 1) * 0.75 * grads)
+    # bf16 halves the bytes
+    assert C.estimate(_comm_cfg(precision="bf16"), 4, 2).node_bytes[0] == pytest.approx(
+        0.75 * grads)
+
+
+def test_comm_model_places_tp_inside_nodes_and_pp_across():
+    from ponder_pt.engine import comm_model as C
+
+    tp_in_node = C.estimate(_comm_cfg(tp=2), 4, 2)
+    assert "TP" not in tp_in_node.by_kind and tp_in_node.by_kind["DP"] > 0
+    tp_across = C.estimate(_comm_cfg(tp=2), 4, 1)  # one rank per node: TP crosses too
+    assert tp_across.by_kind["TP"] > 0
+    pp = C.estimate(_comm_cfg(pp=2, K=3), 4, 2)  # stage 0 on node 0, stage 1 on node 1
+    act = 1 * 128 * 512 * 4
+    ga = 8 // (1 * 2)
+    # per micro-batch and pass activations forward and gradients back, plus the fed-back
+    # embedding of the K extra passes, for each of the 2 DP replicas' pipelines
+    assert pp.by_kind["PP"] == pytest.approx(2 * (2 * 4 * ga + 2 * 3 * ga) * act)
+    assert "DP" not in pp.by_kind  # both DP groups stay inside a node
+
+
+def test_interconnect_argument():
+    from ponder_pt.engine import comm_model as C
+
+    assert C.parse_interconnect("eth-25")[:2] == (25.0, 50.0)
+    assert C.parse_interconnect("100@20")[:2] == (100.0, 20.0)
+    assert C.parse_interconnect(None)[2] == C.DEFAULT_FABRIC
+    with pytest.raises(ValueError, match="a fabric"):
+        C.parse_interconnect("fast")
+
+
+def test_dry_run_prints_the_interconnect_term(capsys, monkeypatch):
+    """One node: nothing between nodes. 4 nodes of 8: the efficiency falls with the fabric."""
+    from ponder_pt.cli import main
+
+    assert main(["train", "--config", "ponderpythia-1b", "--dry-run", "--nproc", "8"]) == 0
+    assert "one node: no traffic between nodes" in capsys.readouterr().out
+    monkeypatch.setenv("WORLD_SIZE", "32")
+    for fabric, lo, hi in (("ib-8x400", 90, 100), ("eth-10", 1, 60)):
+        assert main(["train", "--config", "ponderpythia-1b", "--dry-run",
+                     "--interconnect", fabric, "--ranks-per-node", "8"]) == 0
+        out = capsys.readouterr().out
+        eff = int(out.split("scaling efficiency at 4 nodes: ")[1].split(" %")[0])
+        assert lo <= eff <= hi, (fabric, eff)
+        assert f"on {fabric} (8 ranks per node)" in out
+        assert "time to train with communication" in out

@@ -192,3 +192,31 @@ def test_env_sh_rendezvous():
         out = _source_env_sh(SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="2", **bad)
         assert out.returncode == 2 and out.stdout == "", out.stdout
         assert "export MASTER_ADDR" in out.stderr and "127.0.0.1" not in out.stdout
+
+
+def test_a_failed_collective_names_the_lost_peer(monkeypatch):
+    """The transport's message gives the peer's address; the ranks gathered at start-up map
+    it to a rank and host. A timeout names dist.timeout; other errors are left alone."""
+    import socket
+
+    import torch.distributed as dist
+
+    from ponder_pt.engine import distributed as D
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert "1 ranks on 1 host" in D.describe_world()
+    finally:
+        dist.destroy_process_group()
+    host = socket.gethostname()
+    ip = socket.gethostbyname(host)
+    closed = RuntimeError(f"[../gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                          f"[{ip}]:41235")
+    assert D.explain_comm_error(closed, 30).startswith(f"lost contact with rank 0 on {host} "
+                                                       f"({ip}): that process or its node")
+    stranger = RuntimeError("Read error [10.9.9.9]:5555: Connection reset by peer")
+    assert "lost contact with a peer rank" in D.explain_comm_error(stranger, 30)
+    hung = RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+                        "30000ms for recv operation to complete")
+    assert "did not answer within dist.timeout=30 s" in D.explain_comm_error(hung, 30)
+    assert D.explain_comm_error(RuntimeError("CUDA out of memory"), 30) is None

@@ -70,8 +70,9 @@ def test_ci_cannot_switch_the_live_tests_off(tmp_path):
 
 
 # ------------------------------------------------------------------------- the cluster
-@pytest.fixture(scope="module")
-def slurm():
+def live_cluster(nodes: int = 1):
+    """A started private SLURM of `nodes` nodes (a generator: stopped and removed after its
+    yield), or the skip / CI failure that says why there is none."""
     in_ci = live_slurm_required(os.environ)
     if os.environ.get("PONDER_SLURM", "1") == "0":
         if in_ci:  # CI runs these tests or fails: no switch skips them there
@@ -89,10 +90,11 @@ def slurm():
                         f"{exc}", pytrace=False)
         pytest.skip(f"no live SLURM here: {exc}")
     directory = tempfile.mkdtemp(prefix="ponder-slurm-")  # short: holds the munge socket
-    cluster = slurm_local.LocalSlurm(directory)
+    cluster = slurm_local.LocalSlurm(directory, nodes=nodes)
     try:
         cluster.start(timeout=120)
     except slurm_local.SlurmUnavailable as exc:
+        cluster.stop()
         shutil.rmtree(directory, ignore_errors=True)
         if in_ci:
             pytest.fail(f"the live SLURM did not start: {exc}", pytrace=False)
@@ -105,9 +107,13 @@ def slurm():
 
 
 @pytest.fixture(scope="module")
-def job_env(slurm, prepared, bpe_dir, tmp_path_factory):
+def slurm():
+    yield from live_cluster(1)
+
+
+def job_environment(cluster, prepared, bpe_dir, cache) -> dict:
     """What sbatch hands every job (it exports the submitting environment)."""
-    env = slurm.env()
+    env = cluster.env()
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                 "SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID"):
         env.pop(key, None)
@@ -116,7 +122,6 @@ def job_env(slurm, prepared, bpe_dir, tmp_path_factory):
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
                                                    os.path.join(ROOT, ".torch_extensions")))
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]  # deepspeed
-    cache = tmp_path_factory.mktemp("slurm_cache")
     env["PONDER_TEST_CACHE"] = str(cache)
     # DeepSpeed's shared-memory comm op, built before the first job: on a fresh checkout its
     # build (30-60 s on a loaded machine) would otherwise fall inside the first job that needs
@@ -126,6 +131,11 @@ def job_env(slurm, prepared, bpe_dir, tmp_path_factory):
                     "build_op('ShareMemCommBuilder')"], env=env, cwd=ROOT, check=True,
                    timeout=900)
     return env
+
+
+@pytest.fixture(scope="module")
+def job_env(slurm, prepared, bpe_dir, tmp_path_factory):
+    return job_environment(slurm, prepared, bpe_dir, tmp_path_factory.mktemp("slurm_cache"))
 
 
 class Job:
@@ -179,16 +189,18 @@ def submit(cluster, env, script_and_args, opts=(), log_dir=None, run_dir=None,
     log = os.path.join(str(log_dir or run_dir), log_name)
     os.makedirs(os.path.dirname(log), exist_ok=True)  # or SLURM cannot open it: launch fails
     cmd = ["sbatch", "--parsable", f"--output={log}", *opts, *script_and_args]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(cluster.command(*cmd), env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr}"
     job_id = proc.stdout.strip().split(";")[0]
     return Job(cluster, job_id, log.replace("%j", job_id))
 
 
-def train_job(cluster, env, run_dir, extra=(), time_opts=("--time=10", "--signal=USR1@60")):
-    """The real script on 1 node x 2 CPU tasks; --set pairs after the script name win."""
-    opts = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-            *time_opts]
+def train_job(cluster, env, run_dir, extra=(), time_opts=("--time=10", "--signal=USR1@60"),
+              nodes=1, tasks_per_node=2):
+    """The real script on `nodes` nodes x 2 CPU tasks; --set pairs after the script name win."""
+    opts = [f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=0",
+            "--cpus-per-task=1", *time_opts]
     args = [*TRAIN_ARGS, "--set", f"data.cache_dir={env['PONDER_TEST_CACHE']}", *extra]
     return submit(cluster, env, [SCRIPT, *args], opts, run_dir=run_dir)
 
@@ -427,6 +439,155 @@ def test_data_prep_array_runs_and_merges(slurm, job_env, corpus, bpe_dir, tmp_pa
                 "shards merged in order")
 
 
+# ------------------------------------------------------------------------- two nodes
+# Two simulated nodes (tools/netns_cluster.py: own network, hostname and /etc/hosts each, on a
+# private bridge) x 2 CPU tasks: the rendezvous is node1's address, and every collective that
+# spans the nodes crosses a (virtual) link, whose byte counters the tests read.
+MULTI_ITERS = 20
+MULTI_ARGS = ["--set", f"train.iters={MULTI_ITERS}", "--set", "log.tensorboard=false"]
+LAYOUTS = {  # name -> overrides; srun places tasks 0-1 on node1 and 2-3 on node2
+    "dp4_zero1": ["parallel.zero_stage=1"],
+    "dp4_zero3": ["parallel.zero_stage=3"],
+    "tp2_in_node_dp2_across": ["parallel.tp=2", "parallel.zero_stage=1"],
+    "pp2_one_stage_per_node": ["parallel.pp=2", "parallel.zero_stage=1"],
+}
+
+
+@pytest.fixture(scope="module")
+def slurm2():
+    yield from live_cluster(2)
+
+
+@pytest.fixture(scope="module")
+def job_env2(slurm2, prepared, bpe_dir, tmp_path_factory):
+    return job_environment(slurm2, prepared, bpe_dir, tmp_path_factory.mktemp("slurm2_cache"))
+
+
+@pytest.fixture(scope="module")
+def one_process(slurm2, job_env2, tmp_path_factory):
+    """The reference: the same script and settings as one task on one node."""
+    run = tmp_path_factory.mktemp("slurm2_one")
+    job = train_job(slurm2, job_env2, run, MULTI_ARGS, tasks_per_node=1)
+    info = job.wait()
+    job.check(info["JobState"] == "COMPLETED", "the 1-process reference completed")
+    return losses(run)[0]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_two_nodes_train_like_one_process(slurm2, job_env2, one_process, tmp_path, layout):
+    before = slurm2.sim.link_bytes()
+    extra = [*MULTI_ARGS, *(a for o in LAYOUTS[layout] for a in ("--set", o))]
+    job = train_job(slurm2, job_env2, tmp_path, extra, nodes=2)
+    info = job.wait()
+    after = slurm2.sim.link_bytes()
+    text = job.text()
+    job.check(info["JobState"] == "COMPLETED", f"job {job.id} completed")
+    node1 = slurm2.sim.addr(1)
+    job.check(re.search(rf"4 ranks on 2 hosts \(node1, node2\); rendezvous node1:\d+ = "
+                        rf"{re.escape(node1)}\b", text) is not None,
+              "4 ranks on node1 and node2 met at node1's address")
+    crossed = {n: after[n]["tx"] - before[n]["tx"] for n in after}
+    print(f"{layout}: bytes sent over each node's link: {crossed}")
+    # 20 steps of gradient all-reduces (or activations, for PP) between the nodes: far more
+    # than SLURM's own messages, which are a few kB
+    job.check(all(b > 1_000_000 for b in crossed.values()), f"traffic crossed: {crossed}")
+    got, steps = losses(tmp_path)
+    job.check(steps == list(range(1, MULTI_ITERS + 1)), f"steps logged once: {steps}")
+    for step, loss in one_process.items():
+        job.check(got[step] == pytest.approx(loss, rel=2e-5),  # fp32, other reduction orders
+                  f"step {step}: loss {got[step]} != one process's {loss}")
+
+
+def ranks_on(cluster, node: int) -> list[int]:
+    """The pids of the training ranks running on simulated node `node`."""
+    pids = []
+    for pid in cluster.sim.pids(cluster.sim.netns(node)):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if argv[1:3] == [b"-m", b"ponder_pt.train"]:
+            pids.append(pid)
+    return pids
+
+
+def wait_until_ended(job: Job, since: float, bound: float) -> float:
+    """Seconds from `since` until the job's batch script ended (SLURM may still be waiting
+    for the lost node to clean up); fails past `bound`."""
+    def ended(info):
+        return (info.get("JobState") in TERMINAL | {"COMPLETING", "PENDING", "REQUEUED"}
+                or int(info.get("Restarts", 0)) >= 1)
+    job.wait(ended, timeout=bound, what=f"end within {bound:.0f}s")
+    return time.monotonic() - since
+
+
+DIST_TIMEOUT = 30
+
+
+def test_a_lost_node_ends_the_job_and_one_node_resumes_it(slurm2, job_env2, one_process,
+                                                          tmp_path):
+    """Node2 dies mid-run (its slurmd and both of its ranks SIGKILLed at once, while every
+    rank is held, so the loss lands between two steps): the job ends within 2 x dist.timeout
+    instead of hanging, its log names what was lost, and the same script resubmitted with
+    --nodes=1 resumes from the last checkpoint at DP=2 (moments kept through the elastic path)
+    and follows the uninterrupted run."""
+    extra = [*MULTI_ARGS, "--set", "checkpoint.interval=5", "--set",
+             f"dist.timeout={DIST_TIMEOUT}"]
+    job = train_job(slurm2, job_env2, tmp_path, extra, nodes=2)
+    try:
+        wait_for_step(job, tmp_path, 7)
+        on1, on2 = ranks_on(slurm2, 1), ranks_on(slurm2, 2)
+        job.check(len(on1) == len(on2) == 2, f"2 ranks per node: {on1}, {on2}")
+        for pid in on1 + on2:
+            os.kill(pid, signal.SIGSTOP)
+        lost = time.monotonic()
+        slurm2.sim.kill_node(2)
+        for pid in on1:
+            os.kill(pid, signal.SIGCONT)
+        took = wait_until_ended(job, lost, 2 * DIST_TIMEOUT)
+        text = job.text()
+        print(f"the job ended {took:.0f}s after node2 was lost")
+        # every surviving rank that talked to node2 says so (which of them fails first varies)
+        job.check(re.search(r"PeerLost: lost contact with ranks? [23](, 3)? on node2 "
+                            rf"\({re.escape(slurm2.sim.addr(2))}\)", text) is not None,
+                  "a rank's last line names the lost node and its ranks")
+        slurm2.run("scancel", job.id, check=False)
+        job.wait(lambda i: i.get("JobState") in TERMINAL, what="be cancelled")
+    finally:
+        slurm2.start_node(2)
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    job.check("step_00000005" in saved, f"a checkpoint at step 5: {saved}")
+    newest = int(saved[-1][5:])
+    again = train_job(slurm2, job_env2, tmp_path, extra[:-2], nodes=1)
+    info = again.wait()
+    text = again.text()
+    again.check(info["JobState"] == "COMPLETED", "the resubmitted job completed")
+    again.check("saved at TP=1 PP=1 DP=4 ZeRO-1, resuming at TP=1 PP=1 DP=2 ZeRO-1" in text,
+                "converted from DP=4 to DP=2")
+    again.check(f"training steps {newest}..{MULTI_ITERS}" in text, "resumed at the checkpoint")
+    got, _ = losses(tmp_path)
+    for step, loss in one_process.items():
+        again.check(got[step] == pytest.approx(loss, rel=2e-5),
+                    f"step {step}: loss {got[step]} != uninterrupted {loss}")
+
+
+def test_a_stopped_rank_ends_the_job_within_the_timeout(slurm2, job_env2, tmp_path):
+    """One rank on node2 SIGSTOPped (hung, not dead: no connection closes): the others wait
+    in their next collective for dist.timeout, then fail, and the job ends."""
+    extra = [*MULTI_ARGS, "--set", "train.iters=100000", "--set", f"dist.timeout={DIST_TIMEOUT}"]
+    job = train_job(slurm2, job_env2, tmp_path, extra, nodes=2)
+    wait_for_step(job, tmp_path, 3)
+    victim = ranks_on(slurm2, 2)[-1]
+    os.kill(victim, signal.SIGSTOP)
+    stopped = time.monotonic()
+    took = wait_until_ended(job, stopped, 2 * DIST_TIMEOUT)
+    text = job.text()
+    print(f"the job ended {took:.0f}s after a rank stopped")
+    job.check(f"did not answer within dist.timeout={DIST_TIMEOUT} s" in text,
+              "the ranks that waited say for how long and why")
+    slurm2.run("scancel", job.id, check=False)
+
+
 # ------------------------------------------------------------------------- without daemons
 def test_slurm_local_says_why_it_cannot_run(monkeypatch):
     monkeypatch.setattr(slurm_local.os, "geteuid", lambda: 1000)
@@ -447,6 +608,27 @@ def test_slurm_local_config_is_private_to_its_directory(tmp_path):
         assert line in conf, line
     assert "cgroup" not in conf
     assert cluster.env({"PATH": "/usr/bin"})["SLURM_CONF"] == str(tmp_path / "slurm.conf")
+    assert cluster.command("sinfo") == ["sinfo"]  # one node: the machine's own network
+
+
+def test_slurm_local_multinode_config_names_every_simulated_node(tmp_path):
+    """N nodes: one per namespace, each with its address on the bridge and files of its own;
+    the controller listens on the bridge's address, where the SLURM commands run."""
+    cluster = slurm_local.LocalSlurm(str(tmp_path), nodes=3)
+    cluster.write_conf()
+    conf = (tmp_path / "slurm.conf").read_text()
+    for line in (f"SlurmctldHost={cluster.host}(10.77.0.1)", "NodeName=node1 NodeAddr=10.77.0.2",
+                 "NodeName=node3 NodeAddr=10.77.0.4", "PartitionName=debug Nodes=node1,node2,node3",
+                 f"SlurmdPidFile={tmp_path}/slurmd-%n.pid", f"SlurmdSpoolDir={tmp_path}/spool/%n",
+                 f"SlurmdLogFile={tmp_path}/slurmd-%n.log"):
+        assert line in conf, line
+    assert cluster.node_names == ["node1", "node2", "node3"]
+    cmd = cluster.command("sbatch", "x.sh")
+    assert cmd[:2] == ["nsenter", f"--net=/run/netns/{cluster.sim.switch}"]
+    assert cmd[-2:] == ["sbatch", "x.sh"]
+    assert f"mount --bind {tmp_path}/hosts /etc/hosts" in " ".join(cmd)
+    node = cluster.sim.node_command(2, ["slurmd"])
+    assert "--uts" in node and any(part.startswith("hostname node2 &&") for part in node)
 
 
 NINJA_SIGNALLING = """#!/bin/bash

@@ -193,6 +193,15 @@ class LogConfig:
 
 
 @dataclass
+class DistConfig:
+    timeout: float = 600.0
+    """Seconds a rank waits in one collective (or the rendezvous) for its peers before it fails
+    with the rank and host it waited for. It bounds how long a job whose node died, or whose
+    rank stopped, hangs before SLURM can requeue it. Raise it where one rank alone does slow
+    work the others wait on (a checkpoint conversion of a large model on rank 0)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     ponder: PonderConfig = field(default_factory=PonderConfig)
@@ -202,6 +211,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     name: str = "custom"
 
 

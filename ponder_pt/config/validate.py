@@ -185,6 +185,9 @@ def problems(cfg: Config, world_size: Optional[int] = None,
         out.append("data.num_workers: must be >= 0")
     if cfg.checkpoint.interval < 1 or cfg.checkpoint.keep_last < 1:
         out.append("checkpoint.interval and checkpoint.keep_last must be >= 1")
+    if not cfg.dist.timeout >= 10:
+        out.append(f"dist.timeout={cfg.dist.timeout}: must be at least 10 seconds (a "
+                   "collective that waits less fails on ordinary start-up delays)")
     if cfg.checkpoint.init_from:  # the source's shape against ours (config/init_source.py)
         out.extend(init_from_problems(cfg, vocab))
     return out

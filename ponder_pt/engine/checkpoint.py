@@ -260,7 +260,8 @@ class CheckpointManager:
                 ok = all_ok(ok)
             if not ok:
                 if not self.fallback_to_older:
-                    who = reason if not mine else "another rank failed to load it (its log says why)"
+                    who = (reason if not mine
+                           else "another rank failed to load it (its log says why)")
                     raise CheckpointLoadError(f"checkpoint {os.path.join(src, tag)} is complete "
                                               f"but did not load: {who}; {FALLBACK_HINT}")
                 self.log(f"checkpoint {tag}: failed to load; checkpoint.fallback_to_older: "

@@ -4,7 +4,9 @@ parallel_state for TP x PP x DP, and the `mpu` view of it that DeepSpeed expects
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -46,9 +48,12 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init(tp: int, pp: int) -> World:
+def init(tp: int, pp: int, timeout: float = 600.0) -> World:
     """Start (or join) the process group named by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT
-    (set by deepspeed, torchrun or `ponder-pt train`) and lay out TP x PP x DP."""
+    (set by deepspeed, torchrun or `ponder-pt train`) and lay out TP x PP x DP. `timeout`
+    (dist.timeout): seconds any collective, and the rendezvous, waits for a peer."""
+    import datetime
+
     import deepspeed
     from megatron.core import parallel_state as ps
 
@@ -74,15 +79,80 @@ def init(tp: int, pp: int) -> World:
     warn_stale_locks()
     if not dist.is_initialized():
         build_op("ShareMemCommBuilder")  # safe from preemption signals (ds_ops)
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout))
     if not ps.model_parallel_is_initialized():
+        # its groups get torch's default timeout otherwise (30 min for gloo); it makes a
+        # timedelta of these minutes, so a fraction keeps the seconds
         ps.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                     pipeline_model_parallel_size=pp)
+                                     pipeline_model_parallel_size=pp,
+                                     distributed_timeout_minutes=timeout / 60)
     return World(
         rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, tp=tp,
         pp=pp, dp=ps.get_data_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
         device=device)
+
+
+_PLACES: list = []  # rank -> (host name, its address), from describe_world
+
+
+def _address(host: str) -> str:
+    import socket
+
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return "?"
+
+
+def describe_world() -> str:
+    """Where the ranks run and met: the hosts (gathered from every rank, so a collective) and
+    the rendezvous address they resolved; one line for the run's log. Also what
+    `explain_comm_error` needs to name a lost peer."""
+    import socket
+
+    host = socket.gethostname()
+    places = [None] * dist.get_world_size()
+    dist.all_gather_object(places, (host, _address(host)))
+    _PLACES[:] = places
+    hosts = [h for h, _ in places]
+    names = list(dict.fromkeys(hosts))  # in rank order
+    addr = os.environ.get("MASTER_ADDR", "")
+    resolved = _address(addr)
+    shown = ", ".join(names if len(names) <= 8 else [*names[:4], "...", *names[-2:]])
+    return (f"{len(hosts)} ranks on {len(names)} host{'s' if len(names) > 1 else ''} ({shown}); "
+            f"rendezvous {addr}:{os.environ.get('MASTER_PORT', '')}"
+            + (f" = {resolved}" if resolved != addr else ""))
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because a peer rank died, hung or became unreachable."""
+
+
+def explain_comm_error(exc: BaseException, timeout: float) -> Optional[str]:
+    """What a failed collective means, naming the peer's ranks and host where the transport's
+    message gives its address (a closed or reset connection: the process or its node died),
+    or dist.timeout where the peer never answered (hung, stopped, or a link gone silent).
+    None for an error that is not about a peer."""
+    text = str(exc)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    lost = re.search(r"(closed by peer|reset by peer|Connection refused|Broken pipe|"
+                     r"Connection timed out|No route to host)", text, re.I)
+    if lost:
+        ips = re.findall(r"\[?(\d{1,3}(?:\.\d{1,3}){3})\]?:\d+", text)
+        ranks = [r for r, (_, ip) in enumerate(_PLACES) if ip in ips]
+        if ranks:
+            hosts = sorted({_PLACES[r][0] for r in ranks})
+            return (f"lost contact with rank{'s' if len(ranks) > 1 else ''} "
+                    f"{', '.join(map(str, ranks))} on {', '.join(hosts)} ({', '.join(ips)}): "
+                    f"that process or its node is gone ({first})")
+        return f"lost contact with a peer rank ({first})"
+    if re.search(r"timed out|timeout", text, re.I) and not isinstance(exc, TimeoutError):
+        hosts = ", ".join(dict.fromkeys(h for h, _ in _PLACES)) or "?"
+        return (f"a peer rank did not answer within dist.timeout={timeout:g} s: one of the "
+                f"ranks on {hosts} is hung, stopped or cut off ({first})")
+    return None
 
 
 class MegatronMPU:
@@ -166,12 +236,20 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    """barrier + destroy: gloo may abort at exit otherwise."""
+def shutdown(clean: bool = True) -> None:
+    """barrier + destroy: gloo may abort at exit otherwise. After a failure (`clean` False)
+    no barrier, which would fail or wait on the peers that are gone, and nothing raised: the
+    failure that got us here is the one to report."""
     from megatron.core import parallel_state as ps
 
-    if dist.is_initialized():
-        dist.barrier()
+    if not dist.is_initialized():
+        return
+    try:
+        if clean:
+            dist.barrier()
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         dist.destroy_process_group()
+    except Exception:
+        if clean:
+            raise

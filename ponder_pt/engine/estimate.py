@@ -367,7 +367,7 @@ def time_estimate(cfg: Config, world_size: int, mfu_from: Optional[str] = None) 
 
 
 # ------------------------------------------------------------------ report
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     days, rest = divmod(seconds, 86400)
     if days:
         return f"{days:.0f} d {rest / 3600:.1f} h"
@@ -385,7 +385,7 @@ def format_estimate(mem: dict, tim: dict) -> list[str]:
     lines += [f"{'total':<20} {mem['total'] / GiB:>8.2f}  + allocator overhead/fragmentation, "
               "communication buffers and other temporaries come on top",
               "# time to train (estimate)",
-              f"{_duration(tim['seconds'])} on {tim['gpus']} GPUs = {tim['flops']:.3g} FLOPs / "
+              f"{format_duration(tim['seconds'])} on {tim['gpus']} GPUs = {tim['flops']:.3g} FLOPs / "
               f"({tim['gpus']} x {tim['peak_tflops']:g} TFLOP/s x MFU {100 * tim['mfu']:.1f} %)"
               f"; {tim['gpus'] * tim['seconds'] / 3600:,.0f} GPU-hours",
               f"peak: {tim['peak_source']}",

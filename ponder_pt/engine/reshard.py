@@ -178,6 +178,21 @@ def _engine_state(root: str, unsafe_unpickle: bool) -> dict:
     return out
 
 
+def _shard_step(root: str, unsafe_unpickle: bool) -> Optional[float]:
+    """Adam's step as the first ZeRO optimizer shard records it (every parameter group of a
+    shard holds the same one), or None."""
+    files = sorted(glob.glob(os.path.join(root, "*_optim_states.pt")))
+    if not files:
+        return None
+    outer = load_checkpoint_file(files[0], unsafe_unpickle).get("optimizer_state_dict", {})
+    # ZeRO 1/2 keep torch's optimizer state under base_optimizer_state, ZeRO-3 under
+    # optimizer_state_dict
+    inner = outer.get("base_optimizer_state") or outer.get("optimizer_state_dict") or {}
+    steps = {float(st["step"]) for st in (inner.get("state") or {}).values()
+             if isinstance(st, dict) and "step" in st}
+    return steps.pop() if len(steps) == 1 else None
+
+
 def convert(src: str, tag: str, layout: dict, model_cfg, unsafe_unpickle: bool = False,
             log: Callable[[str], None] = print, out: Optional[str] = None) -> str:
     """Write the layout-free form (see the module docstring) of `<src>/<tag>`, saved at
@@ -208,6 +223,8 @@ def convert(src: str, tag: str, layout: dict, model_cfg, unsafe_unpickle: bool =
             for name, states in params.items():
                 # a block or the shared weights held by several stages: identical copies
                 parts.setdefault(full_name(name), {}).setdefault(tp_rank, states)
+        if step is None:  # ds_to_universal writes no step.pt for ZeRO-3: read the shards
+            step = _shard_step(root, unsafe_unpickle)
         if step is None:
             raise ValueError(f"{tag}: the optimizer shards under {root} record no Adam step "
                              "(step 0 would redo the bias correction of the first steps)")

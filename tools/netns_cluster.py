@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Several simulated "nodes" on one Linux machine (root), with real TCP between them.
+
+Each node is a network namespace with its own UTS namespace (hostname `node1`..`nodeN`) and,
+for what runs in it, a private mount namespace whose /etc/hosts names every node. A veth link
+joins each node to a bridge in a separate "switch" namespace, which also holds the address
+that a controller (slurmctld) listens on. Nothing is added to the machine's own network
+namespace or its /etc: traffic only ever flows between namespaces this module made, and
+`down` deletes them all (their links and bridge go with them).
+
+The byte counters of the switch's ports show what crossed each link, and `shape` gives the
+links a bandwidth and a latency with `tc` (tbf + netem), for benchmarks.
+
+  python3 tools/netns_cluster.py up --name demo --nodes 2
+  python3 tools/netns_cluster.py exec --name demo --nodes 2 --node 1 -- hostname
+  python3 tools/netns_cluster.py down --name demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+SUBNET = "10.77.0"  # private to the switch namespace: it cannot clash with the host's routes
+SWITCH_ADDR = f"{SUBNET}.1"
+
+
+class NetnsUnavailable(RuntimeError):
+    """The namespaces cannot be made here; the message says why."""
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise NetnsUnavailable(f"`ip {' '.join(args)}` failed: {proc.stderr.strip()}")
+    return proc
+
+
+def why_not_here() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "network namespaces need Linux"
+    if os.geteuid() != 0:
+        return "making network namespaces needs root"
+    for tool in ("ip", "unshare"):
+        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
+            return f"`{tool}` is not installed (iproute2, util-linux)"
+    return None
+
+
+class SimCluster:
+    """`nodes` namespaces named `<name>-n1`.. and a switch `<name>-sw`; `state_dir` holds the
+    hosts file the nodes see."""
+
+    def __init__(self, name: str, nodes: int, state_dir: str):
+        if not 1 <= nodes <= 200:
+            raise ValueError(f"nodes must be 1..200, not {nodes}")
+        self.name, self.nodes, self.dir = name, nodes, os.path.abspath(state_dir)
+        self.switch = f"{name}-sw"
+
+    # ----------------------------------------------------------------- names
+    def netns(self, node: int) -> str:
+        return f"{self.name}-n{node}"
+
+    @staticmethod
+    def hostname(node: int) -> str:
+        return f"node{node}"
+
+    @staticmethod
+    def addr(node: int) -> str:
+        return f"{SUBNET}.{node + 1}"
+
+    @property
+    def hosts_file(self) -> str:
+        return os.path.join(self.dir, "hosts")
+
+    def all_netns(self) -> list[str]:
+        return [self.switch] + [self.netns(i) for i in range(1, self.nodes + 1)]
+
+    def exists(self) -> list[str]:
+        listed = _ip("netns", "list", check=False).stdout.split("\n")
+        names = {line.split()[0] for line in listed if line.strip()}
+        return [ns for ns in self.all_netns() if ns in names]
+
+    # ----------------------------------------------------------------- up / down
+    def up(self) -> None:
+        reason = why_not_here()
+        if reason:
+            raise NetnsUnavailable(reason)
+        self.down()  # leftovers of an earlier instance of this name
+        os.makedirs(self.dir, exist_ok=True)
+        with open(self.hosts_file, "w") as fh:
+            fh.write("127.0.0.1 localhost\n")
+            fh.write(f"{SWITCH_ADDR} switch\n")
+            for i in range(1, self.nodes + 1):
+                fh.write(f"{self.addr(i)} {self.hostname(i)}\n")
+        try:
+            sw = self.switch
+            _ip("netns", "add", sw)
+            _ip("-n", sw, "link", "set", "lo", "up")
+            _ip("-n", sw, "link", "add", "br0", "type", "bridge")
+            _ip("-n", sw, "addr", "add", f"{SWITCH_ADDR}/24", "dev", "br0")
+            _ip("-n", sw, "link", "set", "br0", "up")
+            for i in range(1, self.nodes + 1):
+                ns = self.netns(i)
+                _ip("netns", "add", ns)
+                _ip("-n", ns, "link", "set", "lo", "up")
+                # the node's end is created straight inside its namespace, named eth0 there
+                _ip("-n", sw, "link", "add", self.port(i), "type", "veth", "peer", "name",
+                    "eth0", "netns", ns)
+                _ip("-n", sw, "link", "set", self.port(i), "master", "br0")
+                _ip("-n", sw, "link", "set", self.port(i), "up")
+                _ip("-n", ns, "addr", "add", f"{self.addr(i)}/24", "dev", "eth0")
+                _ip("-n", ns, "link", "set", "eth0", "up")
+        except NetnsUnavailable:
+            self.down()
+            raise
+
+    def down(self, timeout: float = 10) -> None:
+        """Kill every process left in the namespaces, then delete them (links go with them)."""
+        present = self.exists()
+        for ns in present:
+            self._kill_all(ns, timeout)
+        for ns in present:
+            _ip("netns", "del", ns, check=False)
+
+    @staticmethod
+    def port(node: int) -> str:
+        """The switch's end of node `node`'s link."""
+        return f"p{node}"
+
+    # ----------------------------------------------------------------- running things
+    def _enter(self, ns: str, cmd: list[str], hostname: str | None = None) -> list[str]:
+        # nsenter + unshare rather than `ip netns exec`, which remounts /sys: slurmd needs the
+        # machine's /sys/fs/cgroup. The private mount namespace gets its own /etc/hosts.
+        script = (f"hostname {hostname} && " if hostname else "") + (
+            f"mount --bind {self.hosts_file} /etc/hosts && exec \"$@\"")
+        return ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--mount",
+                *(["--uts"] if hostname else []), "sh", "-c", script, "sh", *cmd]
+
+    def node_command(self, node: int, cmd: list[str]) -> list[str]:
+        """`cmd` run as on node `node`: its network, hostname and /etc/hosts."""
+        return self._enter(self.netns(node), cmd, self.hostname(node))
+
+    def switch_command(self, cmd: list[str]) -> list[str]:
+        """`cmd` run in the switch namespace (the controller's address), with the nodes'
+        names resolvable."""
+        return self._enter(self.switch, cmd)
+
+    def pids(self, ns: str) -> list[int]:
+        out = _ip("netns", "pids", ns, check=False).stdout.split()
+        return [int(p) for p in out if p.isdigit()]
+
+    def _kill_all(self, ns: str, timeout: float, sig=signal.SIGKILL) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = self.pids(ns)
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+
+    def kill_node(self, node: int) -> None:
+        """Every process on node `node` SIGKILLed at once, as when a machine dies."""
+        self._kill_all(self.netns(node), 10)
+
+    # ----------------------------------------------------------------- traffic
+    def link_bytes(self) -> dict[int, dict[str, int]]:
+        """{node: {"rx": bytes the node received, "tx": bytes it sent}} over its link, from
+        the switch port's counters (the port receives what the node sends)."""
+        proc = subprocess.run(["ip", "-n", self.switch, "-s", "-j", "link", "show"],
+                              capture_output=True, text=True, timeout=30)
+        links = {link["ifname"]: link["stats64"] for link in json.loads(proc.stdout or "[]")
+                 if "stats64" in link}
+        return {i: {"tx": links[self.port(i)]["rx"]["bytes"],
+                    "rx": links[self.port(i)]["tx"]["bytes"]}
+                for i in range(1, self.nodes + 1) if self.port(i) in links}
+
+    def shape(self, mbit: float | None, delay_ms: float = 0.0) -> None:
+        """Every link limited to `mbit` Mbit/s each way (tbf) with `delay_ms` one-way latency
+        (netem); None removes the shaping."""
+        for i in range(1, self.nodes + 1):
+            for ns, dev in ((self.netns(i), "eth0"), (self.switch, self.port(i))):
+                subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev,
+                                "root"], capture_output=True, timeout=30)
+                if mbit is None:
+                    continue
+                # netem's own rate limit: a bandwidth and a delay in one qdisc, either way
+                cmd = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
+                       "netem", "rate", f"{mbit}mbit", "limit", "100000"]
+                if delay_ms:
+                    cmd += ["delay", f"{delay_ms}ms"]
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+                if proc.returncode != 0:
+                    raise NetnsUnavailable(f"`{' '.join(cmd)}` failed: {proc.stderr.strip()}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["up", "down", "exec", "bytes"])
+    p.add_argument("--name", default="ponder")
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--dir", default=None, help="state directory (default /tmp/<name>-netns)")
+    p.add_argument("--node", type=int, default=1)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cmd = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    cluster = SimCluster(args.name, args.nodes, args.dir or f"/tmp/{args.name}-netns")
+    try:
+        if args.action == "up":
+            cluster.up()
+            print(f"{args.nodes} nodes up: " + ", ".join(
+                f"{cluster.hostname(i)}={cluster.addr(i)}" for i in range(1, args.nodes + 1)))
+        elif args.action == "down":
+            cluster.down()
+        elif args.action == "bytes":
+            print(cluster.link_bytes())
+        else:
+            return subprocess.call(cluster.node_command(args.node, cmd))
+    except NetnsUnavailable as exc:
+        print(f"netns_cluster: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
