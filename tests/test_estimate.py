@@ -248,24 +248,26 @@ def _comm_cfg(tp=1, pp=1, zero=1, K=0, precision="fp32", micro=1, global_batch=8
 
 def test_comm_model_counts_the_ring_edges_between_nodes():
     """DP = 4 on 2 nodes x 2 ranks: the ring 0-1-2-3 crosses between 1 and 2 and between 3 and
-    0, each edge carrying 2(N-1)/N of the fp32 gradients; inside a node nothing counts."""
+    0. ZeRO-0 all-reduces the fp32 gradients (2(N-1)/N of them over each edge); ZeRO-1 then
+    all-gathers the updated parameters ((N-1)/N more); inside a node nothing counts."""
     from ponder_pt.engine import comm_model as C
 
-    cfg = _comm_cfg()
-    grads = param_count(cfg.model, cfg.model.vocab_size)["total"] * 4
-    est = C.estimate(cfg, 4, 2)
-    assert est.nodes == 2 and set(est.node_bytes) == {0, 1}
-    assert est.node_bytes[0] == pytest.approx(1.5 * grads)
-    assert est.latency_steps == 6  # 2(N-1) sequential steps of one all-reduce
-    assert C.estimate(cfg, 4, 4).node_bytes == {}  # one node
+    grads = param_count(_comm_cfg().model, 50304)["total"] * 4
+    zero0 = C.estimate(_comm_cfg(zero=0), 4, 2)
+    assert zero0.nodes == 2 and set(zero0.node_bytes) == {0, 1}
+    assert zero0.node_bytes[0] == pytest.approx(1.5 * grads)
+    assert zero0.latency_steps == 6  # 2(N-1) sequential steps of one all-reduce
     # 1 Gbit/s: bytes x 8 / 1e9, plus the latency of the ring's steps
-    assert est.seconds(1.0, 100.0) == pytest.approx(1.5 * grads * 8 / 1e9 + 6 * 100e-6)
-    # ZeRO-2 reduce-scatters every micro-batch (ga = 2 here) and all-gathers once
+    assert zero0.seconds(1.0, 100.0) == pytest.approx(1.5 * grads * 8 / 1e9 + 6 * 100e-6)
+    zero1 = C.estimate(_comm_cfg(), 4, 2)
+    assert zero1.node_bytes[0] == pytest.approx(2.25 * grads) and zero1.latency_steps == 9
+    assert C.estimate(_comm_cfg(), 4, 4).node_bytes == {}  # one node
+    # ZeRO-2 reduces every micro-batch (ga = 2 here), then all-gathers once
     assert C.estimate(_comm_cfg(zero=2), 4, 2).node_bytes[0] == pytest.approx(
-        (2 + 1) * 0.75 * grads)
+        (2 * 1.5 + 0.75) * grads)
     # bf16 halves the bytes
     assert C.estimate(_comm_cfg(precision="bf16"), 4, 2).node_bytes[0] == pytest.approx(
-        0.75 * grads)
+        1.125 * grads)
 
 
 def test_comm_model_places_tp_inside_nodes_and_pp_across():

@@ -185,22 +185,27 @@ class SimCluster:
                 for i in range(1, self.nodes + 1) if self.port(i) in links}
 
     def shape(self, mbit: float | None, delay_ms: float = 0.0) -> None:
-        """Every link limited to `mbit` Mbit/s each way (tbf) with `delay_ms` one-way latency
-        (netem); None removes the shaping."""
+        """Every link limited to `mbit` Mbit/s each way (a token bucket, tbf) and, where the
+        kernel has netem, delayed `delay_ms` at each end; None removes the shaping."""
         for i in range(1, self.nodes + 1):
             for ns, dev in ((self.netns(i), "eth0"), (self.switch, self.port(i))):
                 subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev,
                                 "root"], capture_output=True, timeout=30)
                 if mbit is None:
                     continue
-                # netem's own rate limit: a bandwidth and a delay in one qdisc, either way
-                cmd = ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
-                       "netem", "rate", f"{mbit}mbit", "limit", "100000"]
+                # a burst of 10 ms at the rate (at least 64 kB): above rate / HZ, as tbf needs
+                burst = max(int(mbit * 1e6 / 8 / 100), 65536)
+                cmds = [["tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf",
+                         "rate", f"{mbit:g}mbit", "burst", str(burst), "latency", "100ms"]]
                 if delay_ms:
-                    cmd += ["delay", f"{delay_ms}ms"]
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-                if proc.returncode != 0:
-                    raise NetnsUnavailable(f"`{' '.join(cmd)}` failed: {proc.stderr.strip()}")
+                    cmds.append(["tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle",
+                                 "10:", "netem", "delay", f"{delay_ms:g}ms"])
+                for cmd in cmds:
+                    proc = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True,
+                                          text=True, timeout=30)
+                    if proc.returncode != 0:
+                        raise NetnsUnavailable(f"`{' '.join(cmd)}` in {ns} failed: "
+                                               f"{proc.stderr.strip()}")
 
 
 def main(argv=None) -> int:
