@@ -16,5 +16,18 @@ if [[ "${SLURM_NNODES:-1}" == 1 && -z "${HOSTFILE:-}" ]]; then
 fi
 HOSTFILE="${HOSTFILE:-$(mktemp)}"
 "${PYTHON:-python3}" launchers/slurm_hosts.py --hostfile "$HOSTFILE" --slots "$NPROC_PER_NODE" >/dev/null
+# pdsh starts the remote ranks with ssh's bare environment; DeepSpeed forwards only a few
+# prefixes (PYTHON*, NCCL*, ...) and what DS_ENV_FILE lists: list env.sh's settings and the
+# caches and paths a run reads (unless you pass your own DS_ENV_FILE)
+if [[ -z "${DS_ENV_FILE:-}" ]]; then
+  DS_ENV_FILE="$(mktemp)"
+  for var in OMP_NUM_THREADS TOKENIZERS_PARALLELISM CUDA_DEVICE_MAX_CONNECTIONS \
+      NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_IB_TIMEOUT \
+      NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME TORCH_EXTENSIONS_DIR HF_HOME HF_DATASETS_CACHE \
+      TRITON_CACHE_DIR PATH LD_LIBRARY_PATH; do
+    if [[ -n "${!var:-}" ]]; then echo "$var=${!var}" >> "$DS_ENV_FILE"; fi
+  done
+  export DS_ENV_FILE
+fi
 exec "${DEEPSPEED:-deepspeed}" --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" \
   --master_port "$MASTER_PORT" ponder_pt/train.py "$@"

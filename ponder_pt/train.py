@@ -146,8 +146,20 @@ def dry_run_report(cfg: Config, world_size: int, launch: str,
     return "\n".join(lines)
 
 
+def _interconnect(value: str) -> str:
+    """--interconnect, checked as it is parsed (a clear usage error, not a traceback)."""
+    from ponder_pt.engine.comm_model import parse_interconnect
+
+    try:
+        parse_interconnect(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def add_interconnect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interconnect", metavar="FABRIC|GBPS[@US]", default=None,
+                   type=_interconnect,
                    help="with --dry-run: the link between nodes, a fabric name (ib-8x400, "
                         "ib-8x200, ib-400, roce-400, eth-100, eth-25, eth-10; default "
                         "ib-8x400) or Gbit/s per node with an optional latency in µs")

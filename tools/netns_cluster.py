@@ -30,6 +30,13 @@ SUBNET = "10.77.0"  # private to the switch namespace: it cannot clash with the 
 SWITCH_ADDR = f"{SUBNET}.1"
 
 
+def _sbin(name: str) -> str:
+    for d in ("/usr/sbin", "/sbin", "/usr/bin"):
+        if os.path.exists(os.path.join(d, name)):
+            return os.path.join(d, name)
+    return name
+
+
 class NetnsUnavailable(RuntimeError):
     """The namespaces cannot be made here; the message says why."""
 
@@ -171,6 +178,52 @@ class SimCluster:
     def kill_node(self, node: int) -> None:
         """Every process on node `node` SIGKILLed at once, as when a machine dies."""
         self._kill_all(self.netns(node), 10)
+
+    # ----------------------------------------------------------------- ssh between nodes
+    @property
+    def ssh_dir(self) -> str:
+        return os.path.join(self.dir, "ssh")
+
+    def start_sshd(self, path: str | None = None) -> dict:
+        """An sshd on every node (port 22 of its namespace) that lets root in with a key made
+        here, and an `ssh` ahead of `path` (default: this PATH) that uses it: the environment
+        to add for pdsh or DeepSpeed's launcher. Nothing under ~/.ssh or /etc/ssh is touched."""
+        d = self.ssh_dir
+        os.makedirs(d, exist_ok=True)
+        for name in ("host_key", "id_ed25519"):
+            if not os.path.exists(os.path.join(d, name)):
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                                os.path.join(d, name)], check=True, timeout=60)
+        with open(os.path.join(d, "id_ed25519.pub")) as src, \
+                open(os.path.join(d, "authorized_keys"), "w") as dst:
+            dst.write(src.read())
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
+        with open(os.path.join(d, "ssh_config"), "w") as fh:
+            fh.write(f"Host *\n  IdentityFile {d}/id_ed25519\n  User root\n"
+                     "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n"
+                     "  LogLevel ERROR\n  BatchMode yes\n")
+        os.makedirs(os.path.join(d, "bin"), exist_ok=True)
+        wrapper = os.path.join(d, "bin", "ssh")
+        with open(wrapper, "w") as fh:
+            fh.write(f"#!/bin/sh\nexec /usr/bin/ssh -F {d}/ssh_config \"$@\"\n")
+        os.chmod(wrapper, 0o755)
+        for i in range(1, self.nodes + 1):
+            conf = os.path.join(d, f"sshd_config.{i}")
+            with open(conf, "w") as fh:
+                fh.write(f"Port 22\nListenAddress {self.addr(i)}\nHostKey {d}/host_key\n"
+                         f"AuthorizedKeysFile {d}/authorized_keys\n"
+                         "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+                         f"StrictModes no\nUsePAM no\nPidFile {d}/sshd.{i}.pid\n"
+                         "AcceptEnv *\n")
+            cmd = self.node_command(i, [_sbin("sshd"), "-f", conf, "-E",
+                                        os.path.join(d, f"sshd.{i}.log")])
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            if proc.returncode != 0:
+                raise NetnsUnavailable(f"sshd on {self.hostname(i)} did not start: "
+                                       f"{proc.stderr.strip()}")
+        path = os.environ.get("PATH", "") if path is None else path
+        return {"PATH": f"{d}/bin{os.pathsep}{path}",
+                "PDSH_RCMD_TYPE": "ssh"}
 
     # ----------------------------------------------------------------- traffic
     def link_bytes(self) -> dict[int, dict[str, int]]:

@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from netns_cluster import SWITCH_ADDR, NetnsUnavailable, SimCluster  # noqa: E402
 
 DEFAULT_DIR = "/tmp/ponder-slurm"
-PACKAGES = ("slurm-wlm", "munge")
+# openssh-server and pdsh: DeepSpeed's own launcher between simulated nodes
+PACKAGES = ("slurm-wlm", "munge", "openssh-server", "pdsh")
 PARTITION = "debug"
 
 
@@ -54,8 +55,8 @@ def _which(name: str):
 
 
 def missing_programs() -> list[str]:
-    return [p for p in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
-            if _which(p) is None]
+    return [p for p in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "sshd",
+                        "ssh-keygen", "pdsh") if _which(p) is None]
 
 
 def why_not_here() -> str | None:

@@ -21,6 +21,7 @@ Adam's moments and step, the LR schedule and the data position over.
 
 from __future__ import annotations
 
+import datetime
 import os
 import shutil
 from typing import Callable, Optional
@@ -30,6 +31,7 @@ import torch
 from ..weights.files import META, file_sizes, list_tags, read_meta, tag_for, verify, write_meta
 from . import reshard
 
+CONVERSION_TIMEOUT = datetime.timedelta(hours=6)
 FALLBACK_HINT = ("set checkpoint.fallback_to_older=true to resume from the previous checkpoint "
                  "instead (the steps since it are trained again)")
 
@@ -171,8 +173,12 @@ class CheckpointManager:
             except CheckpointLoadError as exc:
                 error = str(exc)
         if torch.distributed.is_initialized():
+            # the other ranks wait for rank 0's conversion, which for a large model can take
+            # longer than dist.timeout allows any one collective: a group of its own
+            group = torch.distributed.new_group(backend="gloo", timeout=CONVERSION_TIMEOUT)
             box = [(choice, error)]
-            torch.distributed.broadcast_object_list(box, src=0)
+            torch.distributed.broadcast_object_list(box, src=0, group=group)
+            torch.distributed.destroy_process_group(group)
             choice, error = box[0]
         if error is not None:
             raise CheckpointLoadError(error)

@@ -106,15 +106,16 @@ def _address(host: str) -> str:
         return "?"
 
 
-def describe_world() -> str:
-    """Where the ranks run and met: the hosts (gathered from every rank, so a collective) and
-    the rendezvous address they resolved; one line for the run's log. Also what
-    `explain_comm_error` needs to name a lost peer."""
+def describe_world(places: Optional[list] = None) -> str:
+    """Where the ranks run and met: the (host, address) of every rank, `places` or gathered
+    from the ranks (a collective), and the rendezvous address they resolved; one line for the
+    run's log. Also what `explain_comm_error` needs to name a lost peer."""
     import socket
 
-    host = socket.gethostname()
-    places = [None] * dist.get_world_size()
-    dist.all_gather_object(places, (host, _address(host)))
+    if places is None:
+        host = socket.gethostname()
+        places = [None] * dist.get_world_size()
+        dist.all_gather_object(places, (host, _address(host)))
     _PLACES[:] = places
     hosts = [h for h, _ in places]
     names = list(dict.fromkeys(hosts))  # in rank order
@@ -140,7 +141,7 @@ def explain_comm_error(exc: BaseException, timeout: float) -> Optional[str]:
     lost = re.search(r"(closed by peer|reset by peer|Connection refused|Broken pipe|"
                      r"Connection timed out|No route to host)", text, re.I)
     if lost:
-        ips = re.findall(r"\[?(\d{1,3}(?:\.\d{1,3}){3})\]?:\d+", text)
+        ips = list(dict.fromkeys(re.findall(r"\[?(\d{1,3}(?:\.\d{1,3}){3})\]?:\d+", text)))
         ranks = [r for r, (_, ip) in enumerate(_PLACES) if ip in ips]
         if ranks:
             hosts = sorted({_PLACES[r][0] for r in ranks})
