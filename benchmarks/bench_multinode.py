@@ -108,16 +108,13 @@ def run_once(sim, args, run_dir, data, tok, two_nodes: bool, port: int) -> dict:
             "bytes_per_step": per_step if two_nodes else 0.0}
 
 
-def predicted(args, gbps: float | None) -> tuple[float, float]:
-    """(bytes node1 sends per step, seconds of communication per step) by the model."""
+def model_estimate(args):
+    """The communication model's estimate for the runs: 4 ranks, 2 per node."""
     from ponder_pt.engine import comm_model
     from ponder_pt.train import resolve
 
     cfg, _ = resolve(CONFIG, overrides(args), 4, need_tokenizer=False)
-    est = comm_model.estimate(cfg, 4, 2)
-    # the delay is added on the node's side and on the switch's: one way crosses both
-    secs = est.seconds(gbps, 2 * args.delay_ms * 1000) if gbps else 0.0
-    return est.node_bytes.get(0, 0.0), secs
+    return comm_model.estimate(cfg, 4, 2)
 
 
 def main(argv=None) -> int:
@@ -143,6 +140,7 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="bench-multinode-")
     sim = SimCluster("pbench", 2, work)
     results = []
+    est = model_estimate(args)
     try:
         data, tok = prepare_data(work)
         sim.up()
@@ -154,7 +152,9 @@ def main(argv=None) -> int:
             sim.shape(gbps * 1000 if gbps else None, args.delay_ms if gbps else 0.0)
             got = run_once(sim, args, os.path.join(work, f"two_{i}"), data, tok, True,
                            29412 + i)
-            pred_bytes, pred_comm = predicted(args, gbps)
+            pred_bytes = est.node_bytes.get(0, 0.0)  # what node1 sends per step
+            # the delay is added on the node's side and on the switch's: one way crosses both
+            pred_comm = est.seconds(gbps, 2 * args.delay_ms * 1000) if gbps else 0.0
             label = f"2 nodes x 2 ranks, {f'{gbps:g} Gbit/s' if gbps else 'unshaped'}"
             results.append({"run": label, "gbps": gbps, **got, "pred_bytes": pred_bytes,
                             "pred_step_s": base["step_s"] + pred_comm if gbps else None})

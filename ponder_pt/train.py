@@ -96,8 +96,9 @@ def ranks_per_node(world_size: int, given: Optional[int] = None) -> int:
     or SLURM says, else 8 (GPUs per node) up to the world size."""
     for value in (given, os.environ.get("PONDER_PT_RANKS_PER_NODE"),
                   os.environ.get("SLURM_NTASKS_PER_NODE")):
-        if value and str(value).split("(")[0].isdigit() and int(str(value).split("(")[0]) > 0:
-            return int(str(value).split("(")[0])
+        count = str(value or "").split("(")[0]  # SLURM writes "2(x3)" for 3 nodes of 2
+        if count.isdigit() and int(count) > 0:
+            return int(count)
     return min(world_size, 8)
 
 

@@ -19,6 +19,7 @@ links a bandwidth and a latency with `tc` (tbf + netem), for benchmarks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -162,17 +163,16 @@ class SimCluster:
         out = _ip("netns", "pids", ns, check=False).stdout.split()
         return [int(p) for p in out if p.isdigit()]
 
-    def _kill_all(self, ns: str, timeout: float, sig=signal.SIGKILL) -> None:
+    def _kill_all(self, ns: str, timeout: float) -> None:
+        """SIGKILL every process in `ns` until none is left (a dying daemon may fork)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             pids = self.pids(ns)
             if not pids:
                 return
             for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
+                with contextlib.suppress(ProcessLookupError):  # exited since it was listed
+                    os.kill(pid, signal.SIGKILL)
             time.sleep(0.1)
 
     def kill_node(self, node: int) -> None:

@@ -344,9 +344,8 @@ class LocalSlurm:
         self._spawn(self.command(_which("slurmctld"), "-f", self.conf, "-i"), "slurmctld")
         if self.sim is None:
             self._spawn([_which("slurmd"), "-f", self.conf], "slurmd")
-        for i, node in enumerate(self.node_names if self.sim else [], start=1):
-            self._spawn(self.sim.node_command(i, [_which("slurmd"), "-N", node, "-f",
-                                                  self.conf]), f"slurmd on {node}")
+        for i in range(1, self.nodes + 1) if self.sim else ():
+            self._spawn_slurmd(i)
         self._wait(lambda: self.node_state() == "idle", timeout,
                    f"the {'nodes' if self.sim else 'node'} did not come up idle")
 
@@ -354,8 +353,7 @@ class LocalSlurm:
         """Simulated node `node` (1-based) back after `sim.kill_node`: its slurmd started
         again and the node returned to service (SLURM set it DOWN when it stopped answering)."""
         name = self.node_names[node - 1]
-        self._spawn(self.sim.node_command(node, [_which("slurmd"), "-N", name, "-f",
-                                                 self.conf]), f"slurmd on {name}")
+        self._spawn_slurmd(node)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             state = self.node_states().get(name, "")
@@ -366,6 +364,12 @@ class LocalSlurm:
             time.sleep(1)
         raise SlurmUnavailable(f"{name} did not return to idle within {timeout:.0f}s "
                                f"({self.node_states()})\n{self.log_tail()}")
+
+    def _spawn_slurmd(self, node: int) -> None:
+        """Simulated node `node`'s slurmd, inside that node's namespaces."""
+        name = self.node_names[node - 1]
+        self._spawn(self.sim.node_command(node, [_which("slurmd"), "-N", name, "-f",
+                                                 self.conf]), f"slurmd on {name}")
 
     def _spawn(self, cmd: list[str], name: str) -> None:
         proc = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=60,

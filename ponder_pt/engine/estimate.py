@@ -385,8 +385,9 @@ def format_estimate(mem: dict, tim: dict) -> list[str]:
     lines += [f"{'total':<20} {mem['total'] / GiB:>8.2f}  + allocator overhead/fragmentation, "
               "communication buffers and other temporaries come on top",
               "# time to train (estimate)",
-              f"{format_duration(tim['seconds'])} on {tim['gpus']} GPUs = {tim['flops']:.3g} FLOPs / "
-              f"({tim['gpus']} x {tim['peak_tflops']:g} TFLOP/s x MFU {100 * tim['mfu']:.1f} %)"
+              f"{format_duration(tim['seconds'])} on {tim['gpus']} GPUs = "
+              f"{tim['flops']:.3g} FLOPs / ({tim['gpus']} x {tim['peak_tflops']:g} TFLOP/s x "
+              f"MFU {100 * tim['mfu']:.1f} %)"
               f"; {tim['gpus'] * tim['seconds'] / 3600:,.0f} GPU-hours",
               f"peak: {tim['peak_source']}",
               f"MFU: {tim['mfu_source']}"]
