@@ -17,6 +17,14 @@ the pondering cost ratio K-step / ((K+1) x plain), whose goal is <= 1.1.
 
     .venv/bin/python benchmarks/bench_generate.py --decoders --layers 12 --hidden 64
 
+`--adaptive` times adaptive pondering (a halting head, K = `--steps`): greedy decoding of
+the same model at several Q-exit thresholds against q = 1 (every pass, fixed K), side by side,
+and checks that the time per token follows the passes taken: adaptive / fixed ms per token
+against (mean passes) / (K+1). The halting head is random, scaled so tokens spread over the
+passes (`--halt-spread`).
+
+    .venv/bin/python benchmarks/bench_generate.py --adaptive --layers 6 --hidden 512 --heads 8 --vocab 50304 --lengths 64
+
 Each run writes its measurements, the machine, versions and arguments to a json (`--record`;
 default benchmarks/results/cpu/bench_generate.json, with --decoders
 bench_generate_decoders.json).
@@ -48,6 +56,63 @@ def build(args):
                       num_heads=args.heads, max_seq_len=args.prompt + max(args.lengths) + 8,
                       vocab_size=args.vocab)
     return PonderLM(cfg, PonderConfig(steps=args.steps), seed=0).to(args.device).eval()
+
+
+def build_adaptive(args):
+    """The `build` shape with a palbert halting head spread by --halt-spread."""
+    from ponder_pt.config.schema import HaltingConfig, ModelConfig, PonderConfig
+    from ponder_pt.models import PonderLM, init_single_process
+
+    init_single_process()
+    cfg = ModelConfig(arch="gpt_neox", num_layers=args.layers, hidden_size=args.hidden,
+                      num_heads=args.heads, max_seq_len=args.prompt + max(args.lengths) + 8,
+                      vocab_size=args.vocab)
+    model = PonderLM(cfg, PonderConfig(steps=args.steps, halting=HaltingConfig(mode="palbert")),
+                     seed=0)
+    with torch.no_grad():
+        w = model.halting.proj.weight
+        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+                * args.halt_spread / args.hidden ** 0.5)
+    return model.to(args.device).eval()
+
+
+@torch.no_grad()
+def adaptive_decode(model, prompt, n, q):
+    """Greedy tokens and the passes each took, decoding at Q-exit threshold q."""
+    from ponder_pt.inference.decode import Decoder
+
+    dec = Decoder(model, prompt.shape[1] + n, halt_q=q, mode="eager")
+    z, out, passes = dec.prefill_one(prompt[0].tolist()), [], []
+    for _ in range(n):
+        out.append(int(z.argmax()))
+        passes.append(dec.passes[0] if dec.adaptive else model.ponder_cfg.steps + 1)
+        z = dec.step_one(out[-1])
+    return out, passes
+
+
+def adaptive_table(model, prompt, args) -> tuple[list, list]:
+    """ms/token at each q and at q = 1, min of two interleaved rounds."""
+    n, K, qs = args.lengths[0], args.steps, [1.0] + list(args.halt_q)
+    for q in qs:
+        adaptive_decode(model, prompt, 8, q)  # warm-up
+    best, passes = {}, {}
+    for _ in range(2):
+        for q in qs:
+            (out, used), t = timed(adaptive_decode, model, prompt, n, q)
+            best[q] = min(best.get(q, float("inf")), t / n)
+            passes[q] = sum(used) / len(used)
+    lines = [f"| q | mean passes | ms/token | vs fixed K={K} | (mean passes) / {K + 1} "
+             "| within 15 % |", "|---:|---:|---:|---:|---:|:---:|"]
+    measured = []
+    for q in qs:
+        ratio, want = best[q] / best[1.0], passes[q] / (K + 1)
+        ok = abs(ratio - want) <= 0.15 * want
+        lines.append(f"| {q:g}{' (fixed K)' if q >= 1 else ''} | {passes[q]:.2f} | "
+                     f"{1e3 * best[q]:.2f} | {ratio:.2f} | {want:.2f} | "
+                     f"{'yes' if ok else 'NO'} |")
+        measured.append({"q": q, "mean_passes": passes[q], "s_per_token": best[q],
+                         "ratio_to_fixed": ratio, "passes_ratio": want, "within_15pct": ok})
+    return lines, measured
 
 
 def cached(model, prompt, n):
@@ -146,22 +211,31 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--decoders", action="store_true",
                    help="time the decoders against each other (first of --lengths tokens)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="time adaptive pondering at --halt-q thresholds against fixed K")
+    p.add_argument("--halt-q", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    p.add_argument("--halt-spread", type=float, default=4.0,
+                   help="std of the random halting head's logit (tokens spread over passes)")
     add_record_arg(p, "bench_generate")
     args = p.parse_args(argv)
     if args.decoders and args.record == default_path("bench_generate"):
         args.record = default_path("bench_generate_decoders")
+    if args.adaptive and args.record == default_path("bench_generate"):
+        args.record = default_path("bench_generate_adaptive")
     started = environment()
     torch.set_num_threads(args.threads)
-    model = build(args)
+    model = build_adaptive(args) if args.adaptive else build(args)
     prompt = torch.randint(0, args.vocab, (1, args.prompt),
                            generator=torch.Generator().manual_seed(0)).to(args.device)
     head = (f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads "
             f"{args.threads}, device {args.device}; GPT-NeoX {args.layers} layers x hidden "
             f"{args.hidden}, vocab {args.vocab}")
-    if args.decoders:
-        lines = [f"{head}, prompt {args.prompt}, {args.lengths[0]} new tokens, greedy, batch 1",
-                 ""]
-        table, measured = decoders_table(model, prompt, args)
+    if args.adaptive or args.decoders:
+        what = f"K={args.steps} with a palbert halting head, " if args.adaptive else ""
+        lines = [f"{head}, {what}prompt {args.prompt}, {args.lengths[0]} new tokens, greedy, "
+                 "batch 1", ""]
+        table, measured = (adaptive_table if args.adaptive else decoders_table)(model, prompt,
+                                                                                args)
         lines += table
         print("\n".join(lines))
         write_record(args.record, "bench_generate.py", args, measured, "\n".join(lines),

@@ -132,6 +132,7 @@ def dry_run_report(cfg: Config, world_size: int, launch: str,
         f"{'es' if cfg.ponder.steps else ''})",
         f"total: {tokens:,} tokens, {fpt * tokens:.3g} FLOPs",
     ]
+    lines += adaptive_decode_lines(cfg, fpt)
     tim = time_estimate(cfg, world_size, mfu_from)
     lines += format_estimate(memory_estimate(cfg, world_size), tim)
     rpn = ranks_per_node(world_size, per_node)
@@ -145,6 +146,29 @@ def dry_run_report(cfg: Config, world_size: int, launch: str,
                      f"({tim['gpus'] * total / 3600:,.0f} GPU-hours)")
     lines += ["# launch", launch]
     return "\n".join(lines)
+
+
+def adaptive_decode_lines(cfg: Config, train_fpt: float) -> list[str]:
+    """Dry-run lines of adaptive pondering: training pays every pass; decoding pays the
+    passes tokens take, shown at each mean from 1 to K+1 (context: data.seq_len)."""
+    from ponder_pt.engine.flops import decode_flops_per_token
+
+    h, K = cfg.ponder.halting, cfg.ponder.steps
+    if h.mode == "off" or K < 1:
+        return []
+    m, ctx = cfg.model, cfg.data.seq_len
+    full = decode_flops_per_token(m, m.vocab_size, ctx, K + 1, cfg.ponder.feedback)
+    lines = ["# adaptive pondering",
+             f"halting: {h.mode}, train_exits {h.train_exits}, q {h.q}, beta {h.beta}, prior "
+             f"{h.prior}{', head_only' if h.head_only else ''}",
+             f"training still pays all {K + 1} passes for every token ({train_fpt:.4g} "
+             "FLOPs/token above): every pass's loss and exit probability are trained",
+             f"decode FLOPs/token at context {ctx} by mean passes per token (fixed K = {K}: "
+             f"{full:.4g}):"]
+    for passes in [1 + i * 0.5 for i in range(2 * K + 1)]:
+        flops = decode_flops_per_token(m, m.vocab_size, ctx, passes, cfg.ponder.feedback)
+        lines.append(f"  {passes:.1f} passes: {flops:.4g} ({flops / full:.0%} of fixed K)")
+    return lines
 
 
 def _interconnect(value: str) -> str:

@@ -134,6 +134,12 @@ TP_CASES = {
     "neox_ponder2_sp_manual": ("gpt_neox", {}, {"steps": 2}, True),
     "llama_ponder1_ckpt_full_sp_manual": ("llama", {"activation_checkpointing": "full"},
                                           {"steps": 1}, True),
+    # adaptive pondering (halting head replicated, lambda gathered over SP, per-pass CE)
+    "neox_halt_palbert2": ("gpt_neox", {}, {"steps": 2, "halting": "palbert"}, False),
+    "llama_halt_pondernet3_sp": ("llama", {}, {"steps": 3, "halting": "pondernet"}, True),
+    "neox_halt_frozen2_sp_chunk_ckpt": (
+        "gpt_neox", {"vocab_chunk": 24, "activation_checkpointing": "full"},
+        {"steps": 2, "halting": "palbert", "train_exits": "frozen"}, True),
     # negative control: SP without the norm-grad all-reduce must NOT match TP=1
     "neox_plain_sp_manual_no_allreduce": ("gpt_neox", {}, {}, True),
 }
@@ -146,7 +152,17 @@ def _run_case(name, spec):
     arch, mover, pover, sp = spec
     cfg = tiny_model_config(arch, **mover)
     sync = "manual" if "_manual" in name else "hooks"
+    pover = dict(pover)
+    if "halting" in pover:
+        from ponder_pt.config.schema import HaltingConfig
+
+        pover["halting"] = HaltingConfig(mode=pover["halting"], q=0.5,
+                                         train_exits=pover.pop("train_exits", "dense"))
     model = PonderLM(cfg, PonderConfig(**pover), sequence_parallel=sp, sp_grad_sync=sync, seed=7)
+    if model.halting is not None:  # spread lambda out: tokens exit at different passes
+        with torch.no_grad():
+            w = model.halting.proj.weight
+            w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(7)) * 0.3)
     model.train()  # dropout is 0; train mode exercises activation checkpointing
     weights = {n: gather_full(p) for n, p in model.named_parameters()}
     ids, labels, mask = batch(seed=1)
@@ -155,7 +171,8 @@ def _run_case(name, spec):
     if not name.endswith("_no_allreduce"):
         allreduce_sequence_parallel_grads(model)
     grads = {n: gather_tensor(p.grad, partition_spec(p)) for n, p in model.named_parameters()}
-    return {"loss": loss.item(), "weights": weights, "grads": grads,
+    hist = None if model.halting_stats is None else model.halting_stats["exit_hist"].tolist()
+    return {"loss": loss.item(), "weights": weights, "grads": grads, "exit_hist": hist,
             "sequence_parallel": model.sequence_parallel,
             "local_vocab_rows": model.embed.weight.shape[0]}
 
@@ -218,6 +235,7 @@ def _tp_report(cases=None, hf_archs=("gpt_neox", "llama")) -> dict:
             "same_params": sorted(ref["grads"]) == sorted(got["grads"]),
             "tp2_sequence_parallel": got["sequence_parallel"],
             "tp2_local_vocab_rows": got["local_vocab_rows"],
+            "exit_hist_tp1": ref["exit_hist"], "exit_hist_tp2": got["exit_hist"],
         }
     ps.destroy_model_parallel()
     return report

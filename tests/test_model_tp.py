@@ -58,3 +58,12 @@ def test_hf_roundtrip_and_logits_at_tp2(report, arch):
     assert r["max_weight_diff"] == 0.0
     assert r["max_logit_diff"] <= 1e-5
     assert r["max_decode_diff"] <= 1e-5  # K=1 pondering with 2 KV caches at TP=2
+
+
+@pytest.mark.parametrize("name", [n for n in TP_CASES if "_halt_" in n])
+def test_adaptive_pondering_exits_alike_at_tp2(report, name):
+    """The halting cases above match TP=1 with tokens exiting at several passes (under the
+    frozen rule too), and both layouts take the same exits."""
+    r = report[name]
+    assert r["exit_hist_tp2"] == pytest.approx(r["exit_hist_tp1"], abs=1e-6)
+    assert sum(f > 0 for f in r["exit_hist_tp2"]) >= 2, r["exit_hist_tp2"]

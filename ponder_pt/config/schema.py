@@ -59,6 +59,29 @@ class ModelConfig:
 
 
 @dataclass
+class HaltingConfig:
+    """Adaptive pondering (DESIGN.md): per token, a halting head after every pass k gives
+    lambda_k, exit distribution p_k = lambda_k * prod_{j<k}(1 - lambda_j) (lambda_K = 1)."""
+    mode: str = "off"
+    """off | pondernet (lambda_k from the pass's final-norm hidden state) | palbert (also from
+    lambda_{k-1}: PALBERT's Lambda layer)."""
+    q: float = 0.5
+    """Q-exit threshold in (0, 1]: a token exits at the first pass whose cumulative p reaches
+    q. q = 1 never exits early (exactly fixed-K pondering)."""
+    beta: float = 0.1
+    """Weight of KL(p || prior) in the loss: sum_k p_k CE_k + beta KL."""
+    prior: float = 0.3
+    """lambda_p of the geometric prior over passes 0..K (truncated, renormalised)."""
+    train_exits: str = "dense"
+    """dense: every pass trains for every token; frozen: the training forward runs the
+    inference semantics (later passes read an exited token's frozen keys/values; exits from
+    the detached lambda by Q-exit at q)."""
+    head_only: bool = False
+    """Train only the halting head on a frozen backbone (with checkpoint.init_from: turns a
+    fixed-K pondering model into an adaptive one)."""
+
+
+@dataclass
 class PonderConfig:
     steps: int = 0
     """K extra passes feeding back the probability-weighted embedding; 0 = off."""
@@ -71,6 +94,8 @@ class PonderConfig:
     """What each extra pass feeds back: "embedding" (PonderingLM: e_k = e_{k-1} + s * p.W_in)
     or "hidden" (the looped baseline of PonderingLM's ablation: e_k = e_{k-1} + h_k, h_k the
     final-norm hidden state of pass k, the vector the output head would multiply)."""
+    halting: HaltingConfig = field(default_factory=HaltingConfig)
+    """Adaptive pondering: each token learns how many of the K+1 passes it needs."""
 
 
 @dataclass

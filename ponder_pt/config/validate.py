@@ -18,6 +18,8 @@ OPTIMIZERS = ("torch", "deepspeed")
 CHECKPOINTING = ("none", "full", "selective")
 LR_DECAYS = ("cosine", "linear", "constant")
 PONDER_FEEDBACKS = ("embedding", "hidden")
+HALTING_MODES = ("off", "pondernet", "palbert")
+TRAIN_EXITS = ("dense", "frozen")
 
 
 def _divisors_hint(n: int) -> str:
@@ -145,6 +147,7 @@ def problems(cfg: Config, world_size: Optional[int] = None,
     elif p.feedback == "hidden" and p.top_k > 0:
         out.append(f"ponder.top_k={p.top_k} has no effect with ponder.feedback=hidden (no "
                    "softmax is fed back); set ponder.top_k=0")
+    out.extend(halting_problems(cfg))
     if not 0.0 <= cfg.pause.rate < 1.0:
         out.append(f"pause.rate: must be in [0, 1) (0 = off), got {cfg.pause.rate}")
     if cfg.pause.inference_pauses < 0:
@@ -190,6 +193,40 @@ def problems(cfg: Config, world_size: Optional[int] = None,
                    "collective that waits less fails on ordinary start-up delays)")
     if cfg.checkpoint.init_from:  # the source's shape against ours (config/init_source.py)
         out.extend(init_from_problems(cfg, vocab))
+    return out
+
+
+def halting_problems(cfg: Config) -> list[str]:
+    """`ponder.halting.*` (adaptive pondering) against the rest of the run."""
+    h, out = cfg.ponder.halting, []
+    if h.mode not in HALTING_MODES:
+        return [f"ponder.halting.mode: {h.mode!r} is not one of {HALTING_MODES}"]
+    if not 0.0 < h.q <= 1.0:
+        out.append(f"ponder.halting.q={h.q}: must be in (0, 1] (a token exits at the first pass "
+                   "whose cumulative exit probability reaches q; 1 = never early)")
+    if h.mode == "off":
+        if h.head_only:
+            out.append("ponder.halting.head_only=true needs a halting head: set "
+                       "ponder.halting.mode=palbert or pondernet")
+        return out
+    if cfg.ponder.steps < 1:
+        out.append(f"ponder.halting.mode={h.mode} needs pondering passes to halt over: set "
+                   f"ponder.steps >= 1 (got {cfg.ponder.steps}) or ponder.halting.mode=off")
+    if h.beta < 0:
+        out.append(f"ponder.halting.beta={h.beta}: must be >= 0 (weight of the KL to the prior)")
+    if not 0.0 < h.prior < 1.0:
+        out.append(f"ponder.halting.prior={h.prior}: must be in (0, 1) (lambda_p of the "
+                   "geometric prior over passes)")
+    if h.train_exits not in TRAIN_EXITS:
+        out.append(f"ponder.halting.train_exits: {h.train_exits!r} is not one of {TRAIN_EXITS}")
+    if h.head_only and not cfg.checkpoint.init_from:
+        out.append("ponder.halting.head_only=true trains only the halting head, so the backbone "
+                   "must come from somewhere: set checkpoint.init_from to a trained checkpoint "
+                   "or HF directory with the same ponder.steps")
+    if cfg.parallel.pp > 1:
+        out.append(f"ponder.halting.mode={h.mode} is not supported with pipeline parallelism "
+                   f"(parallel.pp={cfg.parallel.pp}): the per-pass losses need the labels on "
+                   "every stage. Use parallel.tp and ZeRO instead (parallel.pp=1)")
     return out
 
 

@@ -57,6 +57,21 @@ def flops_per_token(m: ModelConfig, vocab_size: int, seq_len: int, ponder_steps:
     return 3.0 * forward
 
 
+def decode_flops_per_token(m: ModelConfig, vocab_size: int, context: int, passes: float,
+                           feedback: str = "embedding") -> float:
+    """Forward FLOPs of decoding one token that runs `passes` of the K+1 passes (adaptive
+    pondering's mean; K+1 for fixed K) over `context` cached positions: every pass runs the
+    blocks (attention over the context) and the output head (the feedback and the halting
+    decision need each pass's logits), and all passes but the last add p . W_in (none for
+    the looped baseline, whose head runs on the last pass only)."""
+    h = m.hidden_size
+    blocks = 2 * m.num_layers * _block_weights(m) + 4 * m.num_layers * context * h
+    head = 2 * h * vocab_size
+    if feedback == "hidden":
+        return passes * blocks + head
+    return passes * (blocks + head) + max(passes - 1.0, 0.0) * 2 * vocab_size * h
+
+
 def peak_tflops(device_name: str) -> float | None:
     for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
         if key in device_name.upper():

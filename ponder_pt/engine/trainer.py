@@ -27,6 +27,16 @@ from .schedule import lr_at, make_scheduler
 EXIT_DIVERGED = 3
 
 
+def freeze_all_but_halting(model: torch.nn.Module) -> int:
+    """`ponder.halting.head_only`: only the halting head trains. Returns the frozen count."""
+    frozen = 0
+    for name, p in model.named_parameters():
+        if not name.startswith("halting."):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases and norm weights (1-D tensors), as in gpt-neox/Megatron."""
     decay, no_decay = [], []
@@ -86,6 +96,10 @@ class Trainer:
 
         model = build_model(self.cfg)
         self._initial_weights(model)
+        if self.cfg.ponder.halting.head_only:
+            frozen = freeze_all_but_halting(model)
+            self.log(f"ponder.halting.head_only: training the halting head only "
+                     f"({frozen:,} backbone parameters frozen on this rank)")
         if self.cfg.train.compile:
             model.compile_blocks()  # before DeepSpeed wraps it; compiles on the first step
         build_adam_op(self.cfg)
@@ -116,13 +130,41 @@ class Trainer:
 
     def _train_step(self, batches) -> float:
         """One optimizer step over this rank's micro-batches; the global mean loss."""
-        losses = []
+        losses, self.halting_rows = [], []
         for _ in range(self.ga):
             loss = self._forward(self._to_device(next(batches)))
+            self._keep_halting_stats()
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed applies the update at the accumulation boundary
             losses.append(loss.detach())
         return self._dp_mean(torch.stack(losses).mean())
+
+    def _keep_halting_stats(self) -> None:
+        """Adaptive pondering: the last forward's expected passes and exit histogram."""
+        stats = getattr(self.engine.module, "halting_stats", None)
+        if stats is not None:
+            self.halting_rows.append(torch.cat([stats["expected_passes"].view(1),
+                                                stats["exit_hist"]]))
+            self.engine.module.halting_stats = None
+
+    def _halting_record(self) -> dict:
+        """Mean over micro-batches and data-parallel ranks of the kept halting stats:
+        halt_expected_passes (sum_k (k+1) p_k), halt_passes (passes by Q-exit at
+        ponder.halting.q, what decoding pays) and halt_exit_frac_k (tokens exiting at pass k)."""
+        if not getattr(self, "halting_rows", None):
+            return {}
+        row = torch.stack(self.halting_rows).mean(0)
+        if self.world.dp > 1:
+            from megatron.core import parallel_state as ps
+
+            dist.all_reduce(row, group=ps.get_data_parallel_group())
+            row = row / self.world.dp
+        self.halting_rows = []
+        hist = row[1:].tolist()
+        out = {"halt_expected_passes": float(row[0]),
+               "halt_passes": sum((k + 1) * f for k, f in enumerate(hist))}
+        out.update({f"halt_exit_frac_{k}": f for k, f in enumerate(hist)})
+        return out
 
     def _eval_sums(self, batches) -> torch.Tensor:
         """[sum of loss x tokens, tokens] over this rank's validation micro-batches."""
@@ -131,6 +173,7 @@ class Trainer:
             batch = self._to_device(batch)
             tokens = batch["loss_mask"].sum()
             sums += torch.stack([self._forward(batch).double() * tokens, tokens.double()])
+            self._keep_halting_stats()
         return sums
 
     def _to_device(self, batch: dict) -> dict:
@@ -154,12 +197,15 @@ class Trainer:
         self.engine.eval()
         sampler = StepBatchSampler(0, tr.eval_iters, tr.global_batch, tr.micro_batch,
                                    self.world.dp_rank, self.world.dp)
+        self.halting_rows = []
         sums = self._eval_sums(iter(loader(self.valid_ds, sampler, 0)))
         if self.world.dp > 1:
             dist.all_reduce(sums, group=ps.get_data_parallel_group())
         self.engine.train()
         loss = float(sums[0] / sums[1].clamp(min=1))
-        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(sums[1])}
+        # adaptive pondering: the loss is each token's exit-pass CE at ponder.halting.q
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(sums[1]),
+                **self._halting_record()}
 
     def _save(self, step: int, extra: dict) -> None:
         if self.ckpt is not None:
@@ -210,14 +256,16 @@ class Trainer:
                 record = {"loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": done * tokens_per_step,
                           "step_time": dt, "tokens_per_s": tok_s, "tflops_per_gpu": tflops,
                           "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
-                          "skipped_steps": skipped}
+                          "skipped_steps": skipped, **self._halting_record()}
                 if self.on_cuda:  # this rank's allocator peak so far (the dry run estimates it)
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 metrics.log(done, record)
                 if done % cfg.log.interval == 0 or done == tr.iters:
                     elapsed = time.perf_counter() - t_start
                     eta = elapsed / (done - start_step) * (tr.iters - done)
-                    self.log(f"step {done:>6}/{tr.iters} | loss {loss:7.4f} | lr {lr:.2e} | "
+                    halting = (f" | passes {record['halt_passes']:.2f}"
+                               if "halt_passes" in record else "")
+                    self.log(f"step {done:>6}/{tr.iters} | loss {loss:7.4f}{halting} | lr {lr:.2e} | "
                              f"gnorm {'n/a' if gnorm is None else f'{gnorm:6.3f}'} | {tok_s:,.0f} tok/s | {tflops:.3g} TFLOP/s/gpu"
                              + (f" | MFU {record['mfu']:.1%}" if record["mfu"] else "")
                              + (f" | mem {record['peak_mem_gib']:.1f} GiB"

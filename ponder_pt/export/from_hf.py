@@ -58,6 +58,9 @@ def hf_to_checkpoint(hf_dir: str, out: str, overrides: Sequence[str] = (), tp: i
                      f"{extra.get('ponder_scale_initial_by_steps', False)}",
                      f"ponder.top_k={extra.get('ponder_top_k', 0)}",
                      f"ponder.feedback={extra.get('ponder_feedback') or 'embedding'}"]
+        if (extra.get("ponder_halting") or "off") != "off":  # adaptive pondering
+            defaults += [f"ponder.halting.mode={extra['ponder_halting']}",
+                         f"ponder.halting.q={extra.get('ponder_halt_q', 0.5)}"]
     if extra.get("pause_token_id") is not None:
         defaults += [f"pause.token_id={extra['pause_token_id']}",
                      f"pause.inference_pauses={extra.get('default_pauses', 10)}"]

@@ -4,6 +4,9 @@ from .device import DEVICE_HELP
 
 TRUST_HELP = ("run Python code shipped in the model directory (its auto_map); ponder-pt exports "
               "do not need it, they load with the installed ponder-pt's classes")
+HALT_Q_HELP = ("adaptive pondering models: Q-exit threshold in (0, 1], a token stops at the "
+               "first pass whose cumulative exit probability reaches it (default: the model's "
+               "ponder.halting.q; 1 = every pass, exactly fixed-K pondering)")
 UNSAFE_HELP = ("read a training checkpoint with full unpickling (runs any code its files hold); "
                "by default only tensors and DeepSpeed's checkpoint types load")
 
@@ -33,7 +36,9 @@ def add_generate_args(p) -> None:
                         "--pauses M`; else 0)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true",
-                   help='print {"token_ids": [...], "text": ...} of the new tokens')
+                   help='print {"token_ids": [...], "text": ...} of the new tokens (adaptive '
+                        'pondering models add "passes": the passes each new token took)')
+    p.add_argument("--halt-q", type=float, default=None, help=HALT_Q_HELP)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--unsafe-unpickle", action="store_true", help=UNSAFE_HELP)
 
@@ -45,6 +50,7 @@ def add_eval_args(p) -> None:
     p.add_argument("--pauses", type=int, default=None,
                    help="M <pause> tokens after each prompt (default: the model's recorded M, "
                         "e.g. from `sft --pauses M`)")
+    p.add_argument("--halt-q", type=float, default=None, help=HALT_Q_HELP)
     p.add_argument("--include-path", help="directory of extra lm-eval task YAMLs (offline tasks)")
     p.add_argument("--limit", type=float, help="examples per task (int) or fraction (< 1)")
     p.add_argument("--num-fewshot", type=int)
@@ -59,3 +65,15 @@ def add_eval_args(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--unsafe-unpickle", action="store_true", help=UNSAFE_HELP)
+
+
+def apply_halt_q(lm, halt_q) -> None:
+    """`--halt-q` onto a loaded model: refused outside (0, 1] or on a model without halting."""
+    if halt_q is None:
+        return
+    if not 0.0 < halt_q <= 1.0:
+        raise SystemExit(f"error: --halt-q {halt_q}: must be in (0, 1] (1 = every pass)")
+    if not lm.adaptive:
+        raise SystemExit("error: --halt-q needs an adaptive pondering model (trained with "
+                         "ponder.halting.mode palbert or pondernet); this one has no halting head")
+    lm.halt_q = halt_q

@@ -61,7 +61,8 @@ class Decoder:
     MODES = ("eager", "static", "graph")
 
     def __init__(self, model, capacity: int, ponder_steps: Optional[int] = None,
-                 vocab_rows: Optional[int] = None, mode: Optional[str] = None, batch: int = 1):
+                 vocab_rows: Optional[int] = None, mode: Optional[str] = None, batch: int = 1,
+                 halt_q: Optional[float] = None):
         self.model, self.K, self.vocab_rows, self.batch = model, ponder_steps, vocab_rows, batch
         self.device = next(model.parameters()).device
         on_cuda = self.device.type == "cuda"
@@ -70,6 +71,15 @@ class Decoder:
             raise ValueError(f"decoding mode must be one of {self.MODES}, got {mode!r}")
         if mode == "graph" and not on_cuda:
             raise ValueError("CUDA-graph decoding needs the model on a CUDA device")
+        # adaptive pondering: which passes run depends on the tokens, so no single graph
+        self.halt_q = halt_q
+        self.adaptive = adaptive_decoding(model, ponder_steps, halt_q)
+        self.passes: list = []  # passes each row's latest logits took (adaptive pondering)
+        if self.adaptive and mode == "graph":
+            mode = "eager"
+            warnings.warn("adaptive pondering decodes eagerly: the passes skipped per token "
+                          "depend on the token, which one CUDA graph cannot replay",
+                          RuntimeWarning, stacklevel=2)
         self.mode = mode
         # GPT-2 cannot go past its position table, whatever the caller asks
         self.capped = model.pos_embed is not None and capacity > model.cfg.max_seq_len
@@ -77,7 +87,8 @@ class Decoder:
         self.caches = model.new_caches(ponder_steps, capacity=self.capacity, batch=batch)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.replays = 0
-        self.graph_status = "not captured yet" if mode == "graph" else "off"
+        self.graph_status = ("not captured yet" if mode == "graph" else
+                             "off: adaptive pondering decodes eagerly" if self.adaptive else "off")
         self._next = torch.zeros(batch, dtype=torch.long, device=self.device)  # next positions
         if mode != "eager":  # what the fixed-shape step reads
             self._tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
@@ -96,8 +107,13 @@ class Decoder:
         return z
 
     def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self._last(self.model(ids, position_ids=position_ids, caches=self.caches,
-                                     gather_logits=True, ponder_steps=self.K))
+        if not self.adaptive:  # (a halting model asked for q = 1: every pass)
+            return self._last(self.model(ids, position_ids=position_ids, caches=self.caches,
+                                         gather_logits=True, ponder_steps=self.K, halt_q=1.0))
+        logits, exits = self.model(ids, position_ids=position_ids, caches=self.caches,
+                                   gather_logits=True, halt_q=self.halt_q, return_exits=True)
+        self.passes = (exits[:, -1] + 1).tolist()
+        return self._last(logits)
 
     def _room(self, n: int) -> None:
         if self.length + n > self.capacity:
@@ -219,6 +235,15 @@ class Decoder:
             return logits
         self._set_length(col)
         return self.step(tokens)
+
+
+def adaptive_decoding(model, ponder_steps: Optional[int], halt_q: Optional[float]) -> bool:
+    """Whether decoding `model` exits tokens early (a halting head, its own K, q < 1)."""
+    if getattr(model, "halting", None) is None:
+        return False
+    h = model.ponder_cfg.halting
+    q = h.q if halt_q is None else halt_q
+    return q < 1.0 and ponder_steps in (None, model.ponder_cfg.steps)
 
 
 def weight_read_ratio(model, ponder_steps: int, context: int = 0) -> float:

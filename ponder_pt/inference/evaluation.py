@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from tqdm import tqdm
 
+from .cli_args import apply_halt_q
 from .model import InferenceModel, load_model
 from .pauses import append_pauses, resolve_pauses
 
@@ -168,15 +169,19 @@ def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,
              include_path: Optional[str] = None, limit: Optional[float] = None,
              num_fewshot: Optional[int] = None, device: str = "auto", progress: bool = True,
              seed: int = 1234, trust_remote_code: bool = False,
-             unsafe_unpickle: bool = False, batch_size: int = 16) -> dict:
+             unsafe_unpickle: bool = False, batch_size: int = 16,
+             halt_q: Optional[float] = None) -> dict:
     """lm_eval.simple_evaluate on our wrapper; returns its results dict. device: "auto"
-    (cuda when available, else cpu), "cpu", "cuda" or "cuda:N"."""
+    (cuda when available, else cpu), "cpu", "cuda" or "cuda:N". halt_q: adaptive pondering's
+    Q-exit threshold (None: the model's own); adaptive models add "mean_passes" (passes per
+    scored token) to the results dict."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    lm = PonderEvalLM(load_model(model_dir, device=device, trust_remote_code=trust_remote_code,
-                                 unsafe_unpickle=unsafe_unpickle), pauses, progress=progress,
-                      batch_size=batch_size)
+    model = load_model(model_dir, device=device, trust_remote_code=trust_remote_code,
+                       unsafe_unpickle=unsafe_unpickle)
+    apply_halt_q(model, halt_q)
+    lm = PonderEvalLM(model, pauses, progress=progress, batch_size=batch_size)
     tm = TaskManager(include_path=include_path) if include_path else TaskManager()
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                   task_manager=tm, log_samples=False, random_seed=seed,
@@ -184,6 +189,9 @@ def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,
                                   fewshot_random_seed=seed)
     if res is not None:
         res["pauses"] = lm.pauses  # the M every request was scored with
+        if model.adaptive and model.passes_seen:
+            res["mean_passes"] = model.passes_seen[0] / max(1, model.passes_seen[1])
+            res["halt_q"] = model.halt_q
     return res
 
 
@@ -198,14 +206,18 @@ def cmd_eval(args) -> int:
     res = run_eval(args.model, tasks, args.pauses, args.include_path, limit, args.num_fewshot,
                    args.device, progress=not args.quiet,
                    trust_remote_code=args.trust_remote_code,
-                   unsafe_unpickle=args.unsafe_unpickle, batch_size=args.batch_size)
+                   unsafe_unpickle=args.unsafe_unpickle, batch_size=args.batch_size,
+                   halt_q=args.halt_q)
     results = res.get("results", {}) if res else {}
+    adaptive = {key: res[key] for key in ("mean_passes", "halt_q") if res and key in res}
     if args.json:
-        print(json.dumps({"results": results}, default=str))
+        print(json.dumps({"results": results, **adaptive}, default=str))
     else:
         from lm_eval.utils import make_table
 
         print(make_table(res))
+        if adaptive:
+            print(f"adaptive pondering: {adaptive['mean_passes']:.3f} passes per token")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
             json.dump({"results": results, "config": res.get("config")}, fh, indent=1,

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Optional
 
+from .cli_args import apply_halt_q
 from .model import InferenceModel, load_model
 from .pauses import append_pauses, resolve_pauses
 
@@ -21,7 +22,10 @@ def generate_text(lm: InferenceModel, prompt: str, max_new_tokens: int = 32,
         ids = [lm.eos_id]  # an empty prompt starts from the end-of-document token
     new = lm.generate(ids, max_new_tokens, greedy=greedy, temperature=temperature,
                       top_k=top_k, seed=seed)
-    return {"token_ids": new, "text": lm.decode(new), "pauses": m, "prompt_ids": ids}
+    out = {"token_ids": new, "text": lm.decode(new), "pauses": m, "prompt_ids": ids}
+    if lm.adaptive:
+        out["passes"] = list(lm.last_passes or [])
+    return out
 
 
 def read_prompts(path: str) -> list[str]:
@@ -66,6 +70,7 @@ def cmd_generate(args) -> int:
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None  # before loading
     lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
                     unsafe_unpickle=args.unsafe_unpickle)
+    apply_halt_q(lm, args.halt_q)
     if prompts is not None:
         results = generate_many(lm, prompts, args.max_new_tokens, args.greedy, args.pauses,
                                 args.temperature, args.top_k, args.seed, args.batch_size)
@@ -81,7 +86,8 @@ def cmd_generate(args) -> int:
     res = generate_text(lm, args.prompt, args.max_new_tokens, args.greedy, args.pauses,
                         args.temperature, args.top_k, args.seed)
     if args.json:
-        print(json.dumps({"token_ids": res["token_ids"], "text": res["text"]}))
+        keys = ("token_ids", "text", "passes") if "passes" in res else ("token_ids", "text")
+        print(json.dumps({key: res[key] for key in keys}))
     else:
         print(args.prompt + res["text"])
     return 0

@@ -45,19 +45,27 @@ def generate_cached(model, prompt: Sequence[int], max_new_tokens: int, *,
                     greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
                     generator: Optional[torch.Generator] = None,
                     ponder_steps: Optional[int] = None, on_token=None,
-                    cuda_graph: Optional[bool] = None) -> list[int]:
+                    cuda_graph: Optional[bool] = None, halt_q: Optional[float] = None,
+                    passes: Optional[list] = None) -> list[int]:
     """Batch-1 decoding of a `PonderLM` with K+1 KV caches (one per pass, preallocated for
     prompt + new tokens): a prefill of the prompt, then one one-token step (K+1 one-token
     passes) per new token, replayed from a CUDA graph on a GPU (`decode.Decoder`; cuda_graph
     False turns that off). Rows >= vocab_rows are never emitted; stops after eos_id (None:
     never). ponder_steps overrides the model's K (0: plain decoding). on_token(i, token) is
     called after each new token (benchmarks time lengths with it). `NativeModel.generate`
-    and benchmarks' generation-speed section both run this loop."""
+    and benchmarks' generation-speed section both run this loop. Adaptive pondering: halt_q
+    overrides `ponder.halting.q`, and `passes` (a list) receives the passes each new token's
+    logits took."""
     report = None if on_token is None else (lambda i, tokens: on_token(i, tokens[0]))
-    return generate_cached_batch(model, [prompt], max_new_tokens, vocab_rows=vocab_rows,
-                                 eos_id=eos_id, greedy=greedy, temperature=temperature,
-                                 top_k=top_k, generators=[generator], ponder_steps=ponder_steps,
-                                 on_token=report, cuda_graph=cuda_graph)[0]
+    rows: Optional[list] = None if passes is None else []
+    out = generate_cached_batch(model, [prompt], max_new_tokens, vocab_rows=vocab_rows,
+                                eos_id=eos_id, greedy=greedy, temperature=temperature,
+                                top_k=top_k, generators=[generator], ponder_steps=ponder_steps,
+                                on_token=report, cuda_graph=cuda_graph, halt_q=halt_q,
+                                passes=rows)[0]
+    if passes is not None:
+        passes.extend(rows[0])
+    return out
 
 
 @torch.no_grad()
@@ -66,21 +74,26 @@ def generate_cached_batch(model, prompts: Sequence[Sequence[int]], max_new_token
                           greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
                           generators: Optional[Sequence[Optional[torch.Generator]]] = None,
                           ponder_steps: Optional[int] = None, on_token=None,
-                          cuda_graph: Optional[bool] = None) -> list[list[int]]:
+                          cuda_graph: Optional[bool] = None, halt_q: Optional[float] = None,
+                          passes: Optional[list] = None) -> list[list[int]]:
     """`generate_cached` for several prompts at once (left-padded into one batch; each row
     decodes as it would alone). Sampling draws row i's tokens from generators[i] only, so a
     row's sample is the one it gets alone with that generator. A row's output ends after its
     eos_id; decoding stops when every row has ended or after max_new_tokens. on_token(i,
-    tokens) is called after each step's picks (one per row)."""
+    tokens) is called after each step's picks (one per row). `passes` (a list) receives one
+    list per row: the passes each of its new tokens took (adaptive pondering; K+1 each
+    otherwise)."""
     if max_new_tokens <= 0 or not prompts:
         return [[] for _ in prompts]
     if not greedy and generators is not None and len(generators) != len(prompts):
         raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts")
     gens = list(generators) if generators is not None else [None] * len(prompts)
     dec = Decoder(model, max(len(p) for p in prompts) + max_new_tokens - 1, ponder_steps,
-                  vocab_rows, _decode_mode(cuda_graph), batch=len(prompts))
+                  vocab_rows, _decode_mode(cuda_graph), batch=len(prompts), halt_q=halt_q)
     z = dec.prefill(prompts)
     outs: list[list[int]] = [[] for _ in prompts]
+    used: list[list[int]] = [[] for _ in prompts]
+    K = model.ponder_cfg.steps if ponder_steps is None else ponder_steps
     done = [False] * len(prompts)
     for i in range(max_new_tokens):
         if greedy:
@@ -92,12 +105,15 @@ def generate_cached_batch(model, prompts: Sequence[Sequence[int]], max_new_token
         for row, tok in enumerate(picked):
             if not done[row]:
                 outs[row].append(tok)
+                used[row].append(dec.passes[row] if dec.adaptive else K + 1)
                 done[row] = eos_id is not None and tok == eos_id
         if on_token is not None:
             on_token(i, picked)
         if all(done) or i + 1 == max_new_tokens:
             break
         z = dec.step(picked)
+    if passes is not None:
+        passes.extend(used)
     return outs
 
 
@@ -112,6 +128,14 @@ class InferenceModel(abc.ABC):
     vocab_rows: int = 0
     max_len: int = 2048
     ponder_steps: int = 0
+    adaptive: bool = False
+    """A halting head decides per token how many passes it takes (adaptive pondering)."""
+    halt_q: Optional[float] = None
+    """Q-exit threshold of an adaptive model (None: the one it was trained with)."""
+    last_passes: Optional[list] = None
+    """Passes each token of the last `generate` took (adaptive models)."""
+    passes_seen: Optional[list] = None
+    """[passes, tokens] summed over `logits` calls (adaptive models): mean passes per token."""
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -176,24 +200,32 @@ class PonderLMModel(InferenceModel):
     @torch.no_grad()
     @varying_shape_method
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids.to(self.device), gather_logits=True).float()
+        if not self.adaptive:
+            return self.model(ids.to(self.device), gather_logits=True).float()
+        logits, exits = self.model(ids.to(self.device), gather_logits=True, halt_q=self.halt_q,
+                                   return_exits=True)
+        seen = self.passes_seen or [0, 0]
+        self.passes_seen = [seen[0] + int(exits.sum()) + exits.numel(), seen[1] + exits.numel()]
+        return logits.float()
 
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def generate(self, prompt, max_new_tokens, greedy=True, temperature=1.0, top_k=0, seed=0,
                  stop_at_eos=True):
+        self.last_passes = []
         return generate_cached(self.model, prompt, max_new_tokens, vocab_rows=self.vocab_rows,
                                eos_id=self.eos_id if stop_at_eos else None, greedy=greedy,
                                temperature=temperature, top_k=top_k,
-                               generator=self._generator(seed))
+                               generator=self._generator(seed), halt_q=self.halt_q,
+                               passes=self.last_passes)
 
     def _generate_rows(self, prompts, max_new_tokens, stop_at_eos, sampling=None):
         temperature, top_k, seeds = sampling or (1.0, 0, None)
         return generate_cached_batch(
             self.model, prompts, max_new_tokens, vocab_rows=self.vocab_rows,
             eos_id=self.eos_id if stop_at_eos else None, greedy=sampling is None,
-            temperature=temperature, top_k=top_k,
+            temperature=temperature, top_k=top_k, halt_q=self.halt_q,
             generators=None if seeds is None else [self._generator(s) for s in seeds])
 
 
@@ -224,6 +256,8 @@ class NativeModel(PonderLMModel):
         pf = pause_fields(cfg)
         self.pause_id, self.default_pauses = pf.get("pause_token_id"), pf.get("default_pauses", 0)
         self.max_len, self.ponder_steps = cfg.model.max_seq_len, cfg.ponder.steps
+        self.adaptive = self.model.halting is not None
+        self.halt_q = cfg.ponder.halting.q if self.adaptive else None
 
 
 
@@ -252,6 +286,19 @@ class HFModel(InferenceModel):
             self.vocab_rows = self.pause_id  # <pause> was added to the tokenizer: never emit it
         self.max_len = c.max_position_embeddings
         self.ponder_steps = int(getattr(c, "ponder_steps", 0) or 0)
+        self.adaptive = (self.ponder_steps > 0
+                         and (getattr(c, "ponder_halting", None) or "off") != "off")
+        self.halt_q = float(c.ponder_halt_q) if self.adaptive else None
+
+    def _halt_kwargs(self) -> dict:
+        return {"halt_q": self.halt_q} if self.adaptive else {}
+
+    def _passes_hook(self, passes: list):
+        """Collect, per forward of generate(), the passes its last position took."""
+        def hook(module, args, output):
+            passes.append((module.halt_exits[:, -1] + 1).tolist()
+                          if hasattr(module, "halt_exits") else None)
+        return self.model.register_forward_hook(hook)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
@@ -262,7 +309,13 @@ class HFModel(InferenceModel):
     @torch.no_grad()
     @varying_shape_method
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids.to(self.device), use_cache=False).logits.float()
+        out = self.model(ids.to(self.device), use_cache=False, **self._halt_kwargs())
+        if self.adaptive and hasattr(self.model, "halt_exits") and self.halt_q < 1.0:
+            exits = self.model.halt_exits
+            seen = self.passes_seen or [0, 0]
+            self.passes_seen = [seen[0] + int(exits.sum()) + exits.numel(),
+                                seen[1] + exits.numel()]
+        return out.logits.float()
 
     def _suppressed(self) -> Optional[list]:
         """Ids generate() must never emit: padded rows beyond the tokenizer, <pause> too."""
@@ -280,8 +333,18 @@ class HFModel(InferenceModel):
                   eos_token_id=self.eos_id if stop_at_eos else None)
         if not greedy:
             kw.update(temperature=temperature, top_k=top_k or None)
-        out = self.model.generate(ids, **kw)
-        return out[0, ids.shape[1]:].tolist()
+        steps: list = []
+        hook = self._passes_hook(steps) if self.adaptive else None
+        try:
+            out = self.model.generate(ids, **kw, **self._halt_kwargs())
+        finally:
+            if hook is not None:
+                hook.remove()
+        new = out[0, ids.shape[1]:].tolist()
+        if self.adaptive:
+            self.last_passes = [(row[0] if row else self.ponder_steps + 1)
+                                for row in steps[:len(new)]]
+        return new
 
     @torch.no_grad()
     @varying_shape_method
@@ -298,7 +361,7 @@ class HFModel(InferenceModel):
         out = self.model.generate(ids, attention_mask=mask, do_sample=False,
                                   max_new_tokens=max_new_tokens, pad_token_id=pad,
                                   suppress_tokens=self._suppressed(),
-                                  eos_token_id=eos)
+                                  eos_token_id=eos, **self._halt_kwargs())
         new = out[:, width:].tolist()  # finished rows are padded with `pad` (= EOS) after it
         return [r[:r.index(eos) + 1] if eos is not None and eos in r else r for r in new]
 

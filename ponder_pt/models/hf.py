@@ -81,9 +81,14 @@ def load_hf_state_dict(model: torch.nn.Module, sd: dict, cfg: Optional[ModelConf
     load_full_state_dict(model, hf_to_full(sd, cfg or model.cfg), source="HF")
 
 
-def load_full_state_dict(model: torch.nn.Module, full: dict, source: str = "source") -> None:
-    """Copy unsharded weights (our names) into `model`, keeping this rank's TP shard of each."""
+def load_full_state_dict(model: torch.nn.Module, full: dict, source: str = "source",
+                         keep_fresh: tuple = ()) -> None:
+    """Copy unsharded weights (our names) into `model`, keeping this rank's TP shard of each.
+    keep_fresh: name prefixes the source may lack entirely (they keep their initialisation)."""
     params = dict(model.named_parameters())
+    for prefix in keep_fresh:
+        if not any(name.startswith(prefix) for name in full):
+            params = {n: p for n, p in params.items() if not n.startswith(prefix)}
     missing = sorted(set(params) - set(full))
     if missing:
         raise KeyError(f"{source}: no weights for {missing}")
@@ -130,4 +135,6 @@ def load_initial_weights(model: torch.nn.Module, path: str, unsafe_unpickle: boo
                 raise ValueError(f"checkpoint.init_from {path}: model.{key} is "
                                  f"{getattr(src_cfg.model, key)} there, {getattr(cfg, key)} here")
         pad_vocab(full, cfg.vocab_size)
-    load_full_state_dict(model, full, source=f"checkpoint.init_from {path}")
+    # a fixed-K pondering source has no halting head: an adaptive run starts it fresh
+    load_full_state_dict(model, full, source=f"checkpoint.init_from {path}",
+                         keep_fresh=("halting.",))

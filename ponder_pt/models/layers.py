@@ -168,7 +168,9 @@ class Attention(nn.Module):
         self.dense = row(mp, cfg.num_heads * cfg.head_dim, cfg.hidden_size,
                          inits(prefix + "dense", output=True), bias, sequence_parallel)
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, frozen=None):
+        """frozen: (layer index, `halting.FrozenPass`) in adaptive pondering: exited tokens'
+        keys/values replaced by their exit pass's, before the cache and the attention see them."""
         s, b, _ = x.shape
         qkv, _ = self.qkv(x)
         qkv = qkv.view(s, b, self.kv_local, self.groups + 2, self.head_dim)
@@ -178,6 +180,8 @@ class Attention(nn.Module):
         q = q.reshape(s, b, self.kv_local * self.groups, self.head_dim)
         k, v = k.squeeze(3), v.squeeze(3)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        if frozen is not None:
+            k, v = frozen[1].apply(frozen[0], k, v)
         p = self.dropout if self.training else 0.0
         if cache is not None:
             out = self._cached_attention(q, k, v, cos, sin, cache)
@@ -246,14 +250,25 @@ class KVCache:
 
     def attend(self, index: int, q, k, v):
         """Append k/v [b, kv, n, d] to layer `index`, attend q [b, h, n, d] over everything."""
-        past = self.layers[index]
-        if past is not None:
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        self.layers[index] = (k, v)
+        k, v = self.append(index, k, v)
         return _cached_sdpa(q, k, v, _causal_mask(q.shape[2], k.shape[2], q.device))
 
     def advance(self, n: int) -> None:
         """The length follows the stored tensors; nothing to do."""
+
+    def copy_new_from(self, other: "KVCache", n: int) -> None:
+        """Append, in every layer, the last n columns `other` got this step: a skipped pass
+        takes the previous pass's keys/values (adaptive pondering's frozen rows)."""
+        for index, (k, v) in enumerate(other.layers):
+            self.append(index, k[:, :, -n:], v[:, :, -n:])
+
+    def append(self, index: int, k, v) -> tuple:
+        """Layer `index`'s keys/values grown by k/v [b, kv, n, d]; returns them whole."""
+        past = self.layers[index]
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        self.layers[index] = (k, v)
+        return k, v
 
 
 class StaticKVCache:
@@ -318,6 +333,15 @@ class StaticKVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def copy_new_from(self, other: "StaticKVCache", n: int) -> None:
+        """Copy, in every layer, the n columns `other` is filling this step (before
+        `advance`): a skipped pass takes the previous pass's keys/values."""
+        cols = (self.columns if self.columns is not None
+                else self._cols[self.length:self.length + n])
+        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            for dst, src in zip(mine, theirs):
+                dst.index_copy_(2, cols, src.index_select(2, cols))
+
 
 class Block(nn.Module):
     """Pre-norm block; GPT-NeoX parallel residual x + attn(ln1 x) + mlp(ln2 x) or sequential
@@ -341,10 +365,12 @@ class Block(nn.Module):
     def _dropout(self, x):
         return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
-    def forward(self, x, cos, sin, cache=None):
-        """cache: None, or a KVCache (inference) whose entry `self.index` this block uses."""
+    def forward(self, x, cos, sin, cache=None, frozen=None):
+        """cache: None, or a KVCache (inference) whose entry `self.index` this block uses;
+        frozen: None, or the `halting.FrozenPass` of this pass (adaptive pondering)."""
         cache = None if cache is None else (self.index, cache)
-        attn = self._dropout(self.attn(self._enter(self.ln1(x)), cos, sin, cache))
+        frozen = None if frozen is None else (self.index, frozen)
+        attn = self._dropout(self.attn(self._enter(self.ln1(x)), cos, sin, cache, frozen))
         if self.parallel_residual:
             mlp = self._dropout(self.mlp(self._enter(self.ln2(x))))
             return mlp + attn + x

@@ -22,6 +22,11 @@ passes and the same e_0, but e_k = e_{k-1} + h_k with h_k the final-norm hidden 
 k (the vector the output head would multiply), unscaled; no softmax, no p.W_in, and the head
 runs on the last pass only.
 
+Adaptive pondering (`ponder.halting.mode`, DESIGN.md; `halting.py`): a halting head after
+every pass gives each token's exit probabilities; training adds the per-pass losses, and
+inference exits tokens early under the frozen keys/values rule (`_adaptive`). Off, the model
+has no halting module and runs exactly as without it.
+
 `model.vocab_chunk` > 0 computes the full-softmax feedback and the training loss from the
 final-norm hidden state over chunks of vocabulary rows (`vocab_chunk.py`), so no [tokens, V]
 tensor is kept for backward; top-k feedback (`ponder.top_k` > 0) and calls without labels
@@ -41,6 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config.schema import ModelConfig, PonderConfig
 from . import parallel as par
 from .cross_entropy import cross_entropy_bf16
+from . import halting as halt
 from . import vocab_chunk as vchunk
 from .layers import (Block, KVCache, LearnedPositions, RMSNorm, Rotary, StaticKVCache,
                      make_norm)
@@ -99,6 +105,12 @@ class PonderLM(nn.Module):
             gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
             disable_grad_reduce=self.sequence_parallel)
         self.rotary = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rotary_base)
+        hcfg = self.ponder_cfg.halting
+        # adaptive pondering: no module at all when off, so state dicts stay as they were
+        self.halting = (halt.HaltingHead(cfg.hidden_size, hcfg.mode, seed,
+                                         self.sequence_parallel, params_dtype)
+                        if hcfg.mode != "off" and self.ponder_cfg.steps > 0 else None)
+        self.halting_stats: Optional[dict] = None  # of the last forward with labels
         self.set_activation_checkpointing(cfg.activation_checkpointing)
         for module in self.modules():  # megatron layers are already in params_dtype
             if isinstance(module, (nn.LayerNorm, RMSNorm)):
@@ -154,29 +166,37 @@ class PonderLM(nn.Module):
 
     def transformer(self, embeds: torch.Tensor, position_ids: torch.Tensor,
                     cache: Optional[KVCache] = None, hidden: bool = False,
-                    rope: Optional[tuple] = None) -> torch.Tensor:
+                    rope: Optional[tuple] = None,
+                    frozen: Optional[halt.FrozenPass] = None) -> torch.Tensor:
         """One full pass: [s, b, h] (this rank's sequence shard under SP) -> logits
         [s, b, V/tp] for the whole sequence. With `cache`, the pass continues after the
         cached positions and appends to the cache. hidden=True returns the final-norm hidden
         state instead of the logits: [s, b, h], full hidden on every TP rank, and this rank's
         sequence shard [s/tp, b, h] under SP (the layout of the embedding stream e).
         rope: `self.rotary(position_ids, dtype)` when the caller already has it (the K+1
-        passes of one forward share it)."""
+        passes of one forward share it). frozen: adaptive pondering's frozen keys/values."""
         cos, sin = self.rotary(position_ids, embeds.dtype) if rope is None else rope
         x = embeds if self.pos_embed is None else self.pos_embed(embeds, position_ids)
         full = (self.checkpointing == "full" and self.training and torch.is_grad_enabled()
                 and cache is None)
         for block in self.layers:
-            if full:
+            if full and frozen is not None:
+                x = checkpoint(block, x, cos, sin, None, frozen, use_reentrant=False)
+            elif full:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            elif frozen is not None:
+                x = block(x, cos, sin, cache, frozen)
             else:
                 x = block(x, cos, sin, cache)
         x = self.final_norm(x)
-        if hidden:
-            return x
+        return x if hidden else self.head(x)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden [s(/tp under SP), b, h] -> logits [s, b, V/tp]."""
         if self.sequence_parallel:
-            x = par.gather_seq(x)
-        logits, _ = self.output(x, weight=self.embed.weight if self.cfg.tie_embeddings else None)
+            hidden = par.gather_seq(hidden)
+        logits, _ = self.output(hidden,
+                                weight=self.embed.weight if self.cfg.tie_embeddings else None)
         return logits
 
     @property
@@ -234,7 +254,9 @@ class PonderLM(nn.Module):
                 inputs_embeds: Optional[torch.Tensor] = None,
                 ponder_steps: Optional[int] = None,
                 gather_logits: bool = False,
-                caches: Optional[list] = None) -> torch.Tensor:
+                caches: Optional[list] = None,
+                halt_q: Optional[float] = None,
+                return_exits: bool = False):
         """Run K pondering passes and the final pass.
 
         input_ids [b, s], or inputs_embeds [b, s, h] taken as e_0 as is (no scaling).
@@ -247,6 +269,13 @@ class PonderLM(nn.Module):
         caches: K+1 KV caches from `new_caches()` (one per pass) for incremental decoding:
         the call continues after the cached positions (position_ids default accordingly), so
         a prefill followed by one-token calls reproduces the full forward's logits.
+
+        Adaptive pondering (`ponder.halting.mode` not off, K = the model's steps): in training
+        mode with labels the loss is the halting objective (`_adaptive`); otherwise tokens
+        exit by Q-exit at halt_q (default `ponder.halting.q`) under the frozen keys/values
+        rule, and the logits (or, with labels, the CE) are those of each token's exit pass.
+        halt_q >= 1 runs exactly the fixed-K forward. return_exits=True returns
+        (logits or loss, exit pass [b, s]).
         """
         K = self.ponder_cfg.steps if ponder_steps is None else ponder_steps
         if inputs_embeds is not None:
@@ -270,6 +299,22 @@ class PonderLM(nn.Module):
             e = par.split_seq(e)
         per_pass = caches if caches is not None else [None] * (K + 1)
         rope = self.rotary(position_ids, e.dtype)
+        q = self.ponder_cfg.halting.q if halt_q is None else float(halt_q)
+        if (self.halting is not None and K == self.ponder_cfg.steps
+                and (q < 1.0 or (self.training and labels is not None))):
+            out, exits = self._adaptive(e, position_ids, rope, per_pass, labels, loss_mask, q,
+                                        caches is not None)
+            if labels is None:
+                out = out.transpose(0, 1)
+                out = par.gather_vocab(out) if gather_logits else out
+            return (out, exits.t()) if return_exits else out
+        out = self._fixed(e, position_ids, rope, per_pass, labels, loss_mask, K, gather_logits)
+        if return_exits:
+            return out, torch.full((b, s), K, dtype=torch.long, device=e.device)
+        return out
+
+    def _fixed(self, e, position_ids, rope, per_pass, labels, loss_mask, K, gather_logits):
+        """Fixed-K pondering: K passes feeding back, the loss or logits of the last one."""
         for k in range(K):
             e = self.ponder_step(e, self.transformer(e, position_ids, per_pass[k],
                                                      hidden=self.pass_returns_hidden, rope=rope))
@@ -277,13 +322,97 @@ class PonderLM(nn.Module):
             hidden = self.transformer(e, position_ids, per_pass[K], hidden=True, rope=rope)
             return self.chunked_loss(hidden, labels, loss_mask)
         logits = self.transformer(e, position_ids, per_pass[K], rope=rope)
-        for cache in caches or ():
-            cache.advance(s)
+        for cache in per_pass:
+            if cache is not None:
+                cache.advance(position_ids.shape[1])
 
         if labels is None:
             logits = logits.transpose(0, 1)
             return par.gather_vocab(logits) if gather_logits else logits
         return self.loss(logits, labels, loss_mask)
+
+    def _adaptive(self, e, position_ids, rope, per_pass, labels, loss_mask, q: float,
+                  cached: bool):
+        """Adaptive pondering over passes 0..K (DESIGN.md). Returns (out, exits [s, b]):
+        out = the training objective (training mode with labels: sum_k p_k CE_k + beta KL,
+        every pass dense, or under the frozen rule with `train_exits: frozen`), the masked CE
+        of each token's exit pass (eval mode with labels), or the exit passes' logits
+        [s, b, V/tp] (no labels).
+
+        Exits are decided right after each pass from the running survival prod(1 - lambda_j)
+        (detached), identically in a whole-sequence call and in incremental decoding. Once
+        every token of a cached call has exited, the remaining passes are skipped: their
+        caches take the previous pass's keys/values of this chunk, which are the frozen ones.
+        """
+        hcfg, K = self.ponder_cfg.halting, self.ponder_cfg.steps
+        objective = labels is not None and self.training
+        frozen = (None if objective and hcfg.train_exits == "dense"
+                  else halt.FrozenPass.first(self.cfg.num_layers))
+        if labels is not None:
+            target, mask = self._targets(labels, loss_mask)
+        n = position_ids.shape[1]
+        lambdas, ces, outs = [], [], []
+        previous, survive, exited = None, None, None  # exited: [s, b] bool
+        exits = torch.full((n, position_ids.shape[0]), K, dtype=torch.long, device=e.device)
+        for k in range(K + 1):
+            if cached and exited is not None and bool(exited.all()):
+                for j in range(k, K + 1):  # the frozen rows are the previous pass's
+                    per_pass[j].copy_new_from(per_pass[j - 1], n)
+                break
+            hidden = self.transformer(e, position_ids, per_pass[k], hidden=True, rope=rope,
+                                      frozen=frozen)
+            logits = None
+            if labels is None or not self.vocab_chunk or (k < K and not self.pass_returns_hidden):
+                logits = self.head(hidden)
+            if labels is not None:
+                ces.append(self._per_token_ce(hidden, logits, target, keep_logits=k < K))
+            else:
+                outs.append(logits)
+            if k == K:
+                break
+            lam = self.halting(hidden, previous)
+            previous = lam
+            lam = par.gather_seq_replicated(lam) if self.sequence_parallel else lam
+            lambdas.append(lam)
+            survive = (1.0 - lam.detach()) * (1.0 if survive is None else survive)
+            now = survive <= 1.0 - q if q < 1.0 else torch.zeros_like(survive, dtype=torch.bool)
+            exiting = now if exited is None else now & ~exited
+            exited = now if exited is None else exited | now
+            exits = torch.where(exiting, k, exits)
+            if frozen is not None:
+                frozen = frozen.next(exiting.t())
+            e = self.ponder_step(e, hidden if self.pass_returns_hidden else logits)
+        for cache in per_pass:
+            if cache is not None:
+                cache.advance(n)
+        if objective:
+            p = halt.exit_distribution(lambdas)
+            prior = halt.geometric_prior(hcfg.prior, K, device=p.device)
+            self.halting_stats = halt.stats(p, mask, q)
+            loss = halt.halting_loss(torch.stack(ces), p, mask, hcfg.beta, prior)
+            return loss, exits
+        if labels is not None:
+            p = halt.exit_distribution(lambdas)
+            self.halting_stats = halt.stats(p, mask, q)
+            picked = torch.stack(ces).gather(0, exits.unsqueeze(0)).squeeze(0)
+            return (picked * mask).sum() / mask.sum().clamp(min=1.0), exits
+        return self._pick_pass(outs, exits), exits
+
+    @staticmethod
+    def _pick_pass(outs: list, exits: torch.Tensor) -> torch.Tensor:
+        """Each token's logits [s, b, V/tp] from its exit pass (`outs` ends at the last pass
+        run: no token exits at a skipped one)."""
+        picked = outs[0].clone()
+        for k, z in enumerate(outs[1:], start=1):
+            picked = torch.where((exits == k).unsqueeze(-1), z, picked)
+        return picked
+
+    def _per_token_ce(self, hidden, logits, target, keep_logits: bool) -> torch.Tensor:
+        """CE [s, b] of one pass (vocab-chunked from the hidden state with vocab_chunk)."""
+        if self.vocab_chunk:
+            return vchunk.cross_entropy(hidden, self.output_weight(), target, self.vocab_chunk,
+                                        self.sequence_parallel)
+        return self.per_token_loss(logits, target, keep_input=keep_logits)
 
     def new_caches(self, ponder_steps: Optional[int] = None, capacity: int = 0,
                    batch: int = 1) -> list:
@@ -310,15 +439,23 @@ class PonderLM(nn.Module):
         Negative labels (HF's -100) are ignored as if masked.
         """
         target, mask = PonderLM._targets(labels, loss_mask)
+        per_token = PonderLM.per_token_loss(logits, target)
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+    @staticmethod
+    def per_token_loss(logits: torch.Tensor, target: torch.Tensor,
+                       keep_input: bool = False) -> torch.Tensor:
+        """Vocab-parallel CE [s, b] of logits [s, b, V/tp] against target [s, b].
+        keep_input: the logits are used afterwards (adaptive pondering's feedback)."""
         if par.tp_size() == 1 and logits.dtype == torch.bfloat16:
             # a third of megatron's traffic, 2 B per logit kept instead of 4 (cross_entropy.py)
-            per_token = cross_entropy_bf16(logits, target)
-        else:
-            # megatron's CE overwrites its fp32 input in place (the logits are not needed
-            # afterwards) and writes its gradient into the saved softmax; F.cross_entropy
-            # would allocate two more fp32 [tokens, V] buffers at the backward peak
-            per_token = vocab_parallel_cross_entropy(logits.float(), target)
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+            return cross_entropy_bf16(logits, target)
+        # megatron's CE overwrites its fp32 input in place (the logits are not needed
+        # afterwards) and writes its gradient into the saved softmax; F.cross_entropy
+        # would allocate two more fp32 [tokens, V] buffers at the backward peak
+        z = logits.float()
+        return vocab_parallel_cross_entropy(z.clone() if keep_input and z is logits else z,
+                                            target)
 
     def chunked_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
                      loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -184,6 +184,21 @@ class _ReduceScatterSeq(torch.autograd.Function):
         return _all_gather_dim0(g, ctx.group), None
 
 
+class _GatherSeqReplicated(_GatherSeq):
+    """Sequence shard -> full sequence feeding a term computed identically on every TP rank
+    (forward all-gather, backward: this rank's shard of the already complete gradient)."""
+
+    @staticmethod
+    def backward(ctx, g):
+        return _split_dim0(g, ctx.group), None
+
+
+def gather_seq_replicated(x: torch.Tensor) -> torch.Tensor:
+    """[s/tp, ...] -> [s, ...] for a replicated consumer (e.g. the halting loss): unlike
+    `gather_seq`, whose consumer is vocab- or head-parallel, the gradient is not summed."""
+    return x if tp_size() == 1 else _GatherSeqReplicated.apply(x, tp_group())
+
+
 def gather_seq(x: torch.Tensor) -> torch.Tensor:
     """[s/tp, b, h] -> [s, b, h] entering a TP region (sequence parallelism)."""
     return x if tp_size() == 1 else _GatherSeq.apply(x, tp_group())

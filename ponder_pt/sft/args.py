@@ -18,7 +18,7 @@ _FORWARD = [
     ("--max-train", "max_train", int), ("--max-eval", "max_eval", int),
     ("--max-new-tokens", "max_new_tokens", int), ("--metric", "metric", str),
     ("--device", "device", str), ("--source-model", "source_model", str),
-    ("--source-task", "source_task", str),
+    ("--source-task", "source_task", str), ("--halt-q", "halt_q", float),
 ]
 
 
@@ -78,6 +78,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="auto (cuda when available, else cpu), cpu, cuda; the final "
                         "evaluation and --eval-only run here")
+    p.add_argument("--halt-q", type=float, default=None,
+                   help="adaptive pondering backbones: the Q-exit threshold fine-tuning, "
+                        "validation, the export and scoring use (default: the backbone's)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="with --eval-only: run Python code shipped in the model directory (its "
                         "auto_map); ponder-pt exports do not need it")

@@ -104,6 +104,11 @@ def train(args) -> dict:
     seed_everything(args.seed)
     task = load_local_task(args.task, args.max_train)
     cfg, full, tok, pause_id = load_backbone(args.model, m, args.unsafe_unpickle)
+    if args.halt_q is not None:  # adaptive pondering: train, validate and export at this q
+        if cfg.ponder.halting.mode == "off":
+            raise ValueError(f"--halt-q {args.halt_q}: {args.model} has no halting head (not "
+                             "an adaptive pondering model)")
+        cfg.ponder.halting.q = args.halt_q
     max_length = args.max_length or cfg.model.max_seq_len
     if max_length > cfg.model.max_seq_len:
         raise ValueError(f"--max-length {max_length} exceeds the model's max_seq_len "
@@ -217,12 +222,14 @@ def finish(args, cfg, tok, task, m: int, summary: dict) -> str:
 def score(model_dir: str, args, task, pauses: Optional[int], extra: dict) -> str:
     """Score `model_dir` (an HF export or checkpoint.dir) on the task's evaluation split with
     M = pauses (None: the model's recorded M); writes OUT/eval.json and predictions.jsonl."""
+    from ..inference.cli_args import apply_halt_q
     from ..inference.model import load_model
     from ..inference.pauses import resolve_pauses
     from .evaluate import evaluate, write_eval
 
     lm = load_model(model_dir, device=args.device, trust_remote_code=args.trust_remote_code,
                     unsafe_unpickle=args.unsafe_unpickle)
+    apply_halt_q(lm, getattr(args, "halt_q", None))
     m = resolve_pauses(pauses, lm.default_pauses, lm.pause_id)
     split, rows = task.eval_split
     rows = rows[:args.max_eval] if args.max_eval else rows
@@ -283,6 +290,8 @@ def cmd_sft(args) -> int:
         return 0
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.halt_q is not None and not 0.0 < args.halt_q <= 1.0:
+        raise ValueError(f"--halt-q {args.halt_q}: must be in (0, 1] (1 = every pass)")
     _pauses(args)
     launched = "WORLD_SIZE" in os.environ
     model_dir = args.model

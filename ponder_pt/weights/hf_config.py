@@ -13,7 +13,8 @@ from dataclasses import replace
 
 # config.json fields of our pondering / pause exports on top of the stock config
 PONDER_KEYS = ("ponder_steps", "ponder_scale_embeds", "ponder_scale_initial_by_steps",
-               "ponder_top_k", "ponder_feedback", "pause_token_id", "default_pauses",
+               "ponder_top_k", "ponder_feedback", "ponder_halting", "ponder_halt_q",
+               "pause_token_id", "default_pauses",
                "ponder_transformers", "auto_map")
 
 

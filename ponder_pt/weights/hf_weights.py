@@ -135,12 +135,24 @@ def _layer_names(cfg):
                 yield f"layers.{i}.{ours}.{suf}", f"{pre}layers.{i}.{theirs}.{suf}"
 
 
+# adaptive pondering's halting head: ours <-> the export's (the same tensors)
+HALTING_NAMES = {"halting.proj.weight": "ponder_halting.weight",
+                 "halting.proj.bias": "ponder_halting.bias"}
+
+
 def hf_to_full(sd: dict, cfg) -> dict:
     """HF state dict -> full (unsharded) tensors under our parameter names.
 
     An HF vocabulary smaller than cfg.vocab_size (padded for TP) gets zero rows appended to
-    the embedding and the output head.
+    the embedding and the output head. An adaptive pondering export's halting head comes
+    along under our names.
     """
+    out = _backbone_to_full(sd, cfg)
+    out.update({ours: sd[theirs] for ours, theirs in HALTING_NAMES.items() if theirs in sd})
+    return out
+
+
+def _backbone_to_full(sd: dict, cfg) -> dict:
     if cfg.arch == "gpt2":
         return _gpt2_to_full(sd, cfg)
     arch, pre = cfg.arch, _PREFIX[cfg.arch]
@@ -173,6 +185,13 @@ def full_to_hf(full: dict, cfg, vocab_size: Optional[int] = None) -> dict:
 
     vocab_size: keep only the first rows of the embedding / head (drop TP padding).
     """
+    sd = _full_to_backbone(full, cfg, vocab_size)
+    sd.update({theirs: full[ours].contiguous() for ours, theirs in HALTING_NAMES.items()
+               if ours in full})
+    return sd
+
+
+def _full_to_backbone(full: dict, cfg, vocab_size: Optional[int]) -> dict:
     rows = vocab_size or cfg.vocab_size
     if cfg.arch == "gpt2":
         return _full_to_gpt2(full, cfg, rows)

@@ -19,6 +19,15 @@ Attention masks (left padding) and position ids are applied identically in every
 GPT-2: the backbone (GPT2Model) adds its learned positions `wpe` to the inputs_embeds of every
 pass; e_k holds token embeddings only (ponder-pt trains it the same way).
 
+Adaptive pondering (config.ponder_halting "palbert" / "pondernet"): after pass k a halting
+head `ponder_halting` gives lambda_k = sigmoid(w . h_k + b) (palbert: w . [h_k ; lambda_{k-1}]);
+a token exits after the first pass where prod_{j<=k} (1 - lambda_j) <= 1 - q (Q-exit, q =
+config.ponder_halt_q, or `halt_q=` given to forward / generate; q >= 1: fixed-K pondering) and
+its logits are that pass's. Later passes read an exited token's keys/values of its exit pass:
+the token's passes are skipped and its cache columns in later passes are copies. Positions are
+run one at a time (a prompt of n tokens costs n one-token steps), which is what makes the
+frozen keys/values exact without touching the backbone's attention.
+
 Cache naming differs across the supported transformers: up to 5.23 generate() hands the cache
 to forward as `past_key_values` and reads it back from `output.past_key_values`; from 5.24 both
 are called `cache` (the old name still works with a deprecation warning). forward accepts
@@ -33,6 +42,7 @@ import inspect
 import math
 
 import torch
+from torch import nn
 from transformers import DynamicCache, GPT2LMHeadModel, GPTNeoXForCausalLM, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -69,10 +79,42 @@ def _ponder_caches(past_key_values, steps, use_cache):
     return list(passes) + [main], main
 
 
+def _append_last(cache, source, rows=None):
+    """Write `source`'s newest column into `cache` for every layer: appended (a skipped
+    pass), or with `rows` [b] bool over the column the pass just wrote (exited rows only)."""
+    for index, layer in enumerate(source.layers):
+        k, v = layer.keys[:, :, -1:], layer.values[:, :, -1:]
+        if rows is None:
+            cache.update(k.clone(), v.clone(), index)
+            continue
+        mine = cache.layers[index]
+        sel = rows[:, None, None, None]
+        mine.keys[:, :, -1:] = torch.where(sel, k, mine.keys[:, :, -1:])
+        mine.values[:, :, -1:] = torch.where(sel, v, mine.values[:, :, -1:])
+
+
 class _PonderMixin:
     def __init__(self, config, *args, **kwargs):
         check_transformers_version(config)
         super().__init__(config, *args, **kwargs)
+        mode = self._halting()
+        if mode != "off":  # adaptive pondering's halting head (weights from the export)
+            self.ponder_halting = nn.Linear(config.hidden_size + (mode == "palbert"), 1)
+
+    def _halting(self):
+        mode = getattr(self.config, "ponder_halting", None) or "off"
+        if mode not in ("off", "pondernet", "palbert"):
+            raise ValueError(f"config.ponder_halting={mode!r}: expected off, pondernet or palbert")
+        return mode
+
+    def _lambda(self, hidden, previous):
+        """lambda [b, n] (float32) from the pass's last hidden state [b, n, h]."""
+        x = hidden
+        if self._halting() == "palbert":
+            prev = (torch.zeros(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
+                    if previous is None else previous.to(hidden.dtype))
+            x = torch.cat([hidden, prev.unsqueeze(-1)], dim=-1)
+        return torch.sigmoid(self.ponder_halting(x).squeeze(-1).float())
 
     def _backbone(self):
         return getattr(self, self.base_model_prefix)
@@ -99,7 +141,7 @@ class _PonderMixin:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
                 inputs_embeds=None, past_key_values=None, labels=None, use_cache=None,
-                logits_to_keep=0, cache=None, **kwargs):
+                logits_to_keep=0, cache=None, halt_q=None, **kwargs):
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
         past = cache if cache is not None else past_key_values
@@ -113,11 +155,24 @@ class _PonderMixin:
         else:
             e = inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        caches, main = _ponder_caches(past, steps, use_cache)
+        q = float(getattr(self.config, "ponder_halt_q", 0.5) if halt_q is None else halt_q)
+        adaptive = steps > 0 and self._halting() != "off" and q < 1.0
+        caches, main = _ponder_caches(past, steps, use_cache or adaptive)
         head = self.get_output_embeddings()
         kwargs.pop("return_dict", None)
         backbone = self._backbone()
         cache_arg = _cache_arg(type(backbone))
+        if adaptive:
+            logits = self._adaptive(e, attention_mask, position_ids, caches, q, kwargs)
+            keep = (slice(-logits_to_keep, None) if isinstance(logits_to_keep, int)
+                    else logits_to_keep)
+            logits = logits[:, keep, :]
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels,
+                                          vocab_size=self.config.vocab_size)
+            return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                          **{_OUT_CACHE: main if use_cache else None})
         for k in range(steps + 1):
             out = backbone(inputs_embeds=e, attention_mask=attention_mask,
                            position_ids=position_ids, use_cache=use_cache, return_dict=True,
@@ -136,6 +191,63 @@ class _PonderMixin:
                                       vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits,
                                       **{_OUT_CACHE: main if use_cache else None})
+
+
+    def _adaptive(self, e, attention_mask, position_ids, caches, q, kwargs):
+        """Adaptive pondering over positions one at a time (see the module docstring):
+        logits [b, n, V] of each token's exit pass. `caches` (K+1) continue after their
+        filled columns, like generate()'s; `halt_exits` [b, n] (exit passes) is left on self
+        for whoever wants to know how many passes each token took."""
+        steps, scale, _, top_k = self._ponder_settings()
+        feedback = self._feedback()
+        w_in = self.get_input_embeddings().weight
+        head, backbone = self.get_output_embeddings(), self._backbone()
+        cache_arg = _cache_arg(type(backbone))
+        past = caches[0].get_seq_length()
+        cache_position = kwargs.pop("cache_position", None)
+        b, n = e.shape[:2]
+        outs, all_exits = [], []
+        for t in range(n):
+            extra = dict(kwargs)
+            if cache_position is not None:
+                extra["cache_position"] = cache_position[t:t + 1]
+            mask = None if attention_mask is None else attention_mask[:, :past + t + 1]
+            pos = None if position_ids is None else position_ids[:, t:t + 1]
+            x = e[:, t:t + 1]
+            picked, previous, survive = None, None, None
+            exited = torch.zeros(b, dtype=torch.bool, device=e.device)
+            exits = torch.full((b,), steps, dtype=torch.long, device=e.device)
+            for k in range(steps + 1):
+                if k > 0 and bool(exited.all()):
+                    for j in range(k, steps + 1):  # skipped: the frozen columns
+                        _append_last(caches[j], caches[j - 1])
+                    break
+                out = backbone(inputs_embeds=x, attention_mask=mask, position_ids=pos,
+                               use_cache=True, return_dict=True, **{cache_arg: caches[k]},
+                               **extra)
+                if k > 0 and bool(exited.any()):  # exited rows keep their frozen keys/values
+                    _append_last(caches[k], caches[k - 1], exited)
+                hidden = out.last_hidden_state
+                logits = head(hidden)
+                picked = (logits if picked is None
+                          else torch.where(exited[:, None, None], picked, logits))
+                if k == steps:
+                    break
+                lam = self._lambda(hidden, previous)
+                previous = lam
+                survive = (1.0 - lam[:, 0]) * (1.0 if survive is None else survive)
+                now = survive <= 1.0 - q
+                exits = torch.where(now & ~exited, k, exits)
+                exited = exited | now
+                if feedback == "hidden":
+                    x = x + hidden.to(x.dtype)
+                else:
+                    probs = self._probs(logits, top_k)
+                    x = x + scale * torch.matmul(probs.to(w_in.dtype), w_in)
+            outs.append(picked)
+            all_exits.append(exits)
+        self.halt_exits = torch.stack(all_exits, dim=1)
+        return torch.cat(outs, dim=1)
 
 
 class PonderGPTNeoXForCausalLM(_PonderMixin, GPTNeoXForCausalLM):
