@@ -628,18 +628,27 @@ def render(out_dir: str) -> list:
     lines = read_lines(os.path.join(out_dir, "pause_ft_scores.jsonl"))
     doc = finish(doc, lines)
     paths = write_outputs(out_dir, doc, lines)
-    js_path = os.path.join(out_dir, "results.json")
-    results = read_json(js_path)
+    results = read_json(os.path.join(out_dir, "results.json"))
+    return paths + add_to_results(out_dir, "pause_ft", doc,
+                                  section(doc, (results or {}).get("runs")))
+
+
+def add_to_results(out_dir: str, key: str, doc: dict, text: str) -> list:
+    """A stage's section spliced into DIR/results.md and its document put under `key` in
+    DIR/results.json, where those exist (each replaced atomically); the paths written."""
+    paths = []
     md_path = os.path.join(out_dir, "results.md")
     if os.path.exists(md_path):
         with open(md_path, encoding="utf-8") as fh:
-            text = splice_section(fh.read(), section(doc, (results or {}).get("runs")))
+            merged = splice_section(fh.read(), text)
         with open(md_path + ".tmp", "w", encoding="utf-8") as fh:
-            fh.write(text)
+            fh.write(merged)
         os.replace(md_path + ".tmp", md_path)
         paths.append(md_path)
+    js_path = os.path.join(out_dir, "results.json")
+    results = read_json(js_path)
     if results is not None:
-        results["pause_ft"] = doc
+        results[key] = doc
         with open(js_path + ".tmp", "w", encoding="utf-8") as fh:
             fh.write(json.dumps(results, indent=1))
         os.replace(js_path + ".tmp", js_path)
@@ -647,17 +656,21 @@ def render(out_dir: str) -> list:
     return paths
 
 
-def main(argv=None) -> int:
+def render_main(argv, prog: str, what: str, needs: str, render_fn) -> int:
+    """`python -m PROG --render DIR`: rebuild a stage's report (`render_fn(DIR)`)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m experiments.pause_ft_report",
-                                 description="Rebuild the pause_ft report from its saved scores")
+    ap = argparse.ArgumentParser(prog=prog, description=f"Rebuild the {what} report")
     ap.add_argument("--render", metavar="DIR", required=True,
-                    help="a directory with pause_ft.json and pause_ft_scores.jsonl (a study's "
-                         "--out, or experiments/results)")
-    for p in render(ap.parse_args(argv).render):
+                    help=f"a directory with {needs} (a study's --out, or experiments/results)")
+    for p in render_fn(ap.parse_args(argv).render):
         print(f"wrote {p}")
     return 0
+
+
+def main(argv=None) -> int:
+    return render_main(argv, "python -m experiments.pause_ft_report", "pause_ft",
+                       "pause_ft.json and pause_ft_scores.jsonl", render)
 
 
 if __name__ == "__main__":

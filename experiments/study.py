@@ -26,7 +26,6 @@ itself by appending a stage (a function of the `Study`) that stores its numbers 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -39,9 +38,11 @@ import yaml
 
 from ponder_pt.config.tree import deep_merge
 
+from .adaptive import stage_adaptive
 from .early_exit import stage_early_exit
-from .jobs import is_trained, job_env, run_logged, stop_children
+from .jobs import job_env, run_logged, stop_children
 from .pause_ft import stage_pause_ft
+from .training import run_overrides, spec_hash, train_run  # noqa: F401 - run_overrides: tests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "configs")
@@ -124,31 +125,6 @@ def plan_runs(sc: dict) -> list[dict]:
     return runs
 
 
-def run_overrides(sc: dict, run: dict, data: dict, run_dir: str) -> list[str]:
-    base_iters = int(sc["train"]["base_iters"])
-    interval = max(1, base_iters // max(1, int(sc["schedule"]["curve_points"])))
-    return [
-        *sc["train"]["overrides"],
-        *sc.get("train_sets", []),
-        f"model.vocab_size={data['padded_vocab_size']}",  # the same rows for every run
-        f"data.train=[{data['train_prefix']}]", f"data.tokenizer={data['tokenizer']}",
-        "data.split=100,0,0", "data.valid=[]", f"data.cache_dir={os.path.join(run_dir, 'cache')}",
-        f"train.iters={run['iters']}", f"train.seed={run['seed']}",
-        "train.eval_iters=0", f"train.eval_interval={run['iters']}",
-        f"ponder.steps={run['ponder_steps']}", f"ponder.feedback={run['feedback']}",
-        f"pause.rate={run['pause_rate']}",
-        f"checkpoint.dir={os.path.join(run_dir, 'ckpt')}", f"checkpoint.interval={interval}",
-        "checkpoint.keep_last=100000", f"log.dir={run_dir}", "log.interval=10",
-    ]
-
-
-def spec_hash(sc: dict, run: dict, overrides: list[str]) -> str:
-    """What makes a run's result: its overrides, the data and the evaluation settings."""
-    key = {"overrides": overrides, "run": run, "corpus": sc["corpus"],
-           "tokenizer": sc["tokenizer"], "eval": sc["eval"], "config": sc["train"]["config"]}
-    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def relative_cost(sc: dict, run: dict, vocab: int) -> float:
     """Training FLOPs of a run (for scheduling and the ETA)."""
     from ponder_pt.config import load_config
@@ -219,30 +195,9 @@ def execute_run(study: Study, run: dict) -> dict:
     ev = _load_eval(run_dir, digest)
     if ev is not None:
         return ev
-    spec_path = os.path.join(run_dir, "spec.json")
-    if os.path.exists(spec_path):
-        with open(spec_path, encoding="utf-8") as fh:
-            if json.load(fh).get("spec_hash") != digest:  # settings changed: start over
-                import shutil
-
-                study.log(f"{run['name']}: settings changed since the last attempt; retraining")
-                shutil.rmtree(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(spec_path, "w", encoding="utf-8") as fh:
-        json.dump({"spec_hash": digest, "run": run, "overrides": overrides}, fh, indent=1)
+    train_wall = train_run(study, run)
     threads = int(sc["schedule"]["threads_per_job"])
     env = job_env(threads)
-    t0 = time.time()
-    if not is_trained(run_dir, run["iters"]):
-        cmd = [sys.executable, "-m", "ponder_pt", "train", "--config", sc["train"]["config"],
-               "--nproc", str(sc["train"]["nproc"])]
-        for item in overrides:
-            cmd += ["--set", item]
-        code = run_logged(cmd, os.path.join(run_dir, "train.log"), env)
-        if code != 0:
-            raise RuntimeError(f"{run['name']}: training exited with code {code}; see "
-                               f"{os.path.join(run_dir, 'train.log')}")
-    train_wall = time.time() - t0
     ev_cfg = sc["eval"]
     extra = {"spec_hash": digest, "name": run["name"], "group": run["group"],
              "kind": run["kind"], "seed": run["seed"], "mult": run["mult"],
@@ -406,6 +361,7 @@ STAGES: list[tuple[str, Callable[[Study], None]]] = [
     ("runs", stage_runs),
     ("early_exit", stage_early_exit),
     ("pause_ft", stage_pause_ft),
+    ("adaptive", stage_adaptive),
     ("report", stage_report),
 ]
 

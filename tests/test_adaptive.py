@@ -184,6 +184,8 @@ def test_frozen_training_runs_the_inference_semantics():
     with torch.no_grad():
         scored = model(ids, labels=labels, loss_mask=mask)  # eval mode: CE at the exit pass
         ref, exits = model(ids, gather_logits=True, return_exits=True)
+        # imposing those very exits (the random-exit baseline's API) gives the same logits
+        assert torch.equal(model(ids, gather_logits=True, exit_at=exits), ref)
     picked = F.cross_entropy(ref.flatten(0, 1), labels.flatten(), reduction="none")
     m = mask.flatten().float()
     assert scored.item() == pytest.approx(float((picked * m).sum() / m.sum()), rel=1e-5)
@@ -217,7 +219,9 @@ def test_halting_configs_are_refused_with_the_fix(tmp_path):
     assert "is not one of" in found("ponder.halting.mode=palbert",
                                     "ponder.halting.train_exits=sparse")
     assert "pipeline parallelism" in found("ponder.halting.mode=palbert", "parallel.pp=2",
-                                           "parallel.zero_stage=1")
+                                           "parallel.zero_stage=1",
+                                           "ponder.halting.train_exits=frozen")
+    assert found("ponder.halting.mode=palbert", "parallel.pp=2", "parallel.zero_stage=1") == ""
     assert "needs a halting head" in found("ponder.halting.head_only=true")
     assert found("ponder.halting.mode=palbert") == ""
 
@@ -315,3 +319,36 @@ def test_dry_run_shows_training_and_decode_flops(capsys):
     # training = 3 x (forward of every pass at context seq): the same pieces
     assert flops_per_token(m, 50304, 0, 3) == pytest.approx(
         3 * decode_flops_per_token(m, 50304, 0, 4.0))
+
+
+def test_pipeline_chain_with_halting_matches_the_model():
+    """The unrolled pipeline layers run in order without DeepSpeed (what PP = 2 cuts into
+    stages): the halting objective and the head's gradient equal PonderLM's, for a palbert
+    head on the soft-embedding feedback (plain and vocab-chunked) and a pondernet head on the
+    looped baseline."""
+    import dataclasses
+
+    from ponder_pt.models.pipeline import (BlockLayer, SharedParams, _embed_fn,
+                                           _halting_feedback_fn, _halting_head_fn,
+                                           pipeline_loss)
+
+    ids, labels, mask = batch(seed=9)
+    for mode, feedback, chunk in (("palbert", "embedding", 0), ("palbert", "embedding", 24),
+                                  ("pondernet", "hidden", 0)):
+        cfg = tiny_model_config("gpt_neox", vocab_chunk=chunk)
+        ponder = PonderConfig(steps=2, feedback=feedback, halting=HaltingConfig(mode=mode))
+        model = PonderLM(cfg, dataclasses.replace(ponder), seed=7).train()
+        want = model(ids, labels=labels, loss_mask=mask)
+        want.backward()
+        shared = SharedParams(cfg, ponder, 7, torch.float32)
+        blocks = [BlockLayer(cfg, i, 7, torch.float32) for i in range(cfg.num_layers)]
+        xe = _embed_fn(shared, (ids, labels, mask))
+        for k in range(3):
+            for block in blocks:
+                xe = block(xe)
+            xe = _halting_feedback_fn(shared, xe, k) if k < 2 else _halting_head_fn(shared, xe)
+        got = pipeline_loss(xe, (labels, mask))
+        got.backward()
+        assert got.item() == pytest.approx(want.item(), rel=1e-5), (mode, feedback, chunk)
+        ours, theirs = shared.halting.proj.weight.grad, model.halting.proj.weight.grad
+        assert (ours - theirs).abs().max().item() <= 1e-5 * theirs.abs().max().item() + 1e-7

@@ -1,5 +1,5 @@
-"""Adaptive pondering under the real trainer: ZeRO-3 on 2 processes against a single process,
-and head-only calibration of a fixed-K checkpoint (the backbone must not move), then the
+"""Adaptive pondering under the real trainer: ZeRO-3 and PP = 2 on 2 processes against a single
+process, and head-only calibration of a fixed-K checkpoint (the backbone must not move), then the
 calibrated checkpoint through `generate --json` and the dry run."""
 
 import json
@@ -43,6 +43,18 @@ def test_zero3_with_halting_matches_single_process(single, prepared, bpe_dir, tm
     assert 1.0 <= first["halt_expected_passes"] <= 3.0 and 1.0 <= first["halt_passes"] <= 3.0
     assert sum(first[f"halt_exit_frac_{k}"] for k in range(3)) == pytest.approx(1.0)
     assert "valid_halt_passes" in want[-1]
+
+
+def test_pp2_with_halting_matches_single_process(single, prepared, bpe_dir, tmp_path):
+    """The pipeline carries the labels and a per-pass halting state through its stages; the
+    training losses equal one process's (validation under PP scores the objective instead)."""
+    proc = run_train(str(tmp_path), prepared, bpe_dir,
+                     HALTING + ["parallel.pp=2", "parallel.zero_stage=1"], nproc=2)
+    assert "adaptive pondering under PP" in proc.stdout
+    (train, _), (ref_train, _) = metrics(str(tmp_path)), metrics(str(single))
+    assert sorted(train) == sorted(ref_train) == [1, 2, 3, 4]
+    for step, loss in ref_train.items():
+        assert train[step] == pytest.approx(loss, rel=REL), (step, train, ref_train)
 
 
 def test_head_only_calibrates_a_fixed_k_checkpoint(trained, prepared, bpe_dir,  # noqa: F811

@@ -69,3 +69,20 @@ def test_default_root_is_torchs(tmp_path, monkeypatch):
     root = ext_locks.extensions_root()
     assert root.startswith(os.path.realpath(str(tmp_path)))
     assert os.path.dirname(_get_build_directory("some_op", verbose=False)) == root
+
+
+def test_jit_builds_use_the_locked_ninja(monkeypatch):
+    """Every process builds with the environment's ninja, whatever its PATH says: a system
+    ninja of another release would rebuild every op the locked one built, and back."""
+    import shutil
+
+    import ninja
+
+    from ponder_pt.engine.ds_ops import use_locked_ninja
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert use_locked_ninja() == ninja.BIN_DIR
+    assert shutil.which("ninja") == os.path.join(ninja.BIN_DIR, "ninja")
+    assert os.environ["PATH"] == f"{ninja.BIN_DIR}:/usr/bin:/bin"
+    use_locked_ninja()  # once is enough
+    assert os.environ["PATH"].count(ninja.BIN_DIR) == 1

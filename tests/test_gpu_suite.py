@@ -264,8 +264,11 @@ def test_gpu_suite_smoke(tmp_path):
         assert speed[case]["status"] == "ok", (case, speed[case])
     assert speed["k3_cached"]["n_tokens"] == speed["k0_cached"]["n_tokens"] == 32
     assert speed["k3_cached"]["ms_per_token"] > 0 and speed["ratio"]["ratio"] > 0
-    for case in ("recompute", "hf_generate"):  # ok, or skipped if the busy CPU ran late
+    for case in ("recompute", "hf_generate", "adaptive"):  # ok, or skipped if running late
         assert speed[case]["status"] in ("ok", "skipped"), (case, speed[case])
+    if speed["adaptive"]["status"] == "ok":  # adaptive decoding: passes per token measured
+        assert 1.0 <= speed["adaptive"]["mean_passes"] <= 4.0
+        assert speed["adaptive"]["ratio_to_fixed"] > 0
     if speed["recompute"]["status"] == "ok":  # fp math on CPU: same greedy tokens
         assert speed["recompute"]["n_tokens"] == 16
     thr = {(e["impl"], e["K"], e["ckpt"], e["chunked"]): e for e in res["throughput"]}

@@ -129,6 +129,23 @@ def test_toy_study_reports_every_run(toy):
     assert ee["backbone"] == "plain" and (out / "early_exit.png").stat().st_size > 1000
     assert {r["strategy"] for r in ee["rows"]} == {"palbert", "pabee"}
     assert all(1 <= r["avg_exit_layer"] <= r["num_layers"] for r in ee["rows"])
+    # adaptive pondering: a halting run and the head-only calibration of ponder_k3, each
+    # swept over q beside fixed K = 0, 1, 3 and random exits on the same windows
+    ad = res["adaptive"]
+    assert set(ad["summary"]) == {"adaptive_palbert_frozen", "adaptive_calibrated"}
+    assert sorted(ad["fixed_summary"], key=int) == ["0", "1", "3"]
+    assert ad["fixed_summary"]["0"]["n"] == 2 and ad["fixed"]["ponder_k3"]["K"] == 3
+    for g in ad["summary"].values():
+        assert [c["q"] for c in g["curve"]] == [0.3, 0.6]
+        assert all(1.0 <= c["passes"] <= 4.0 and math.isfinite(c["random_loss"])
+                   for c in g["curve"])
+        assert sum(b["share"] for b in g["by_exit"]) == pytest.approx(1.0)
+    calibrated = ad["runs"]["adaptive_calibrated"]
+    # head-only: the backbone is ponder_k3's, so q = 1 scores exactly ponder_k3
+    assert calibrated["fixed_k_loss"] == pytest.approx(ad["fixed"]["ponder_k3"]["loss"], rel=1e-6)
+    assert "## Adaptive pondering" in md and "**Verdict.**" in md
+    assert (out / "adaptive.png").stat().st_size > 1000
+    assert (out / "adaptive.md").read_text().strip() in md
     summary = res["summary"]
     assert summary["plain"]["valid_loss"]["n"] == 2  # two seeds in the toy config
     assert all(math.isfinite(v) for _, v in _numbers(summary))
@@ -145,6 +162,7 @@ def test_rerun_skips_finished_runs_and_rewrites_the_report(toy):
     n = len(plan_runs(load_study_config("toy")))
     assert f"runs: {n} planned, {n} already done, 0 to run" in stdout
     assert "start " not in stdout
+    assert "adaptive: training 2 runs" in stdout and "retraining" not in stdout
     assert (out / "results.md").stat().st_mtime > before
     assert seconds < 120
 
@@ -171,7 +189,7 @@ def test_every_scale_resolves_to_a_valid_trainer_config():
     """The trainer overrides of every scale are valid `ponder-pt train` configs."""
     from experiments.study import run_overrides
 
-    from ponder_pt.config import load_config
+    from ponder_pt.config import load_config, problems
 
     data = {"padded_vocab_size": 50432, "train_prefix": "/x/train", "tokenizer": "/x/tok"}
     for scale in ("toy", "cpu", "gpu", "cluster"):
@@ -183,6 +201,24 @@ def test_every_scale_resolves_to_a_valid_trainer_config():
             assert cfg.ponder.steps == run["ponder_steps"]
             assert cfg.ponder.feedback == run["feedback"]
             assert cfg.train.iters == run["iters"]
+        # the adaptive stage's runs too (the calibration's init_from source is not there:
+        # its shape check is the trainer's, tested elsewhere)
+        from types import SimpleNamespace
+
+        from experiments.adaptive import plan
+
+        study = SimpleNamespace(sc=sc, runs=plan_runs(sc),
+                                run_dir=lambda r: f"/x/runs/{r['name']}")
+        adaptive = plan(study)
+        assert {r["group"] for r in adaptive} >= {"adaptive_calibrated"}
+        for run in adaptive:
+            overrides = run_overrides(sc, run, data, "/x/run")
+            cfg = load_config(sc["train"]["config"], overrides, validate=False)
+            found = [p for p in problems(cfg, vocab_size=50432)
+                     if "checkpoint.init_from" not in p]
+            assert found == [], (scale, run["name"], found)
+            assert cfg.ponder.halting.mode in ("palbert", "pondernet") and cfg.ponder.steps == 3
+            assert cfg.ponder.halting.head_only == (run["group"] == "adaptive_calibrated")
 
 
 def test_pause_ft_corpus_task_summary_and_equal_flops_steps():

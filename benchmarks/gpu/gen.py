@@ -251,12 +251,53 @@ class GenBench:
                                  cuda_graph=False)
         res = _gen_timing(times, n)
         res["decoding"] = self.decoding
+        self.res[f"K{K}_eager"] = res
         graph = self.res.get(f"K{K}")
         if graph and res["ms_per_token_after_first"]:  # both without prefill and capture
             first = min(_gen_marks(n))
             res["eager_over_graph"] = (res["ms_per_token_after_first"]
                                        / cached_ms_to(graph, res["n_tokens"], start=first))
             res["same_tokens_as_graph"] = out == graph["tokens"][:len(out)]
+        return res
+
+    def e_adaptive(self):
+        """Adaptive pondering: the same weights with a random palbert halting head (its logits
+        spread so tokens exit at different passes), decoded at q = 0.5 (eagerly: the passes
+        differ per token) over the first GEN_EAGER_TOKENS tokens, against the eager fixed-K
+        run over the same tokens. Goal: time ratio within 15 % of (mean passes) / (K+1)."""
+        import torch
+
+        from ponder_pt.config.schema import HaltingConfig, PonderConfig
+        from ponder_pt.inference.model import generate_cached
+        from ponder_pt.models import PonderLM
+
+        n = min(GEN_EAGER_TOKENS, self.n_new)
+        model = PonderLM(self.cfg, PonderConfig(steps=GEN_K, halting=HaltingConfig(
+            mode="palbert", q=0.5)), params_dtype=torch.bfloat16, seed=0)
+        model.load_state_dict(self.model.state_dict(), strict=False)  # the head stays random
+        with torch.no_grad():
+            w = model.halting.proj.weight
+            w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+                    * 4.0 / self.cfg.hidden_size ** 0.5)
+        model = model.to(self.dev).eval()
+        generate_cached(model, self.prompt, 8)  # warm-up
+        passes: list = []
+        sync(self.dev)
+        t0 = time.perf_counter()
+        generate_cached(model, self.prompt, n, passes=passes)
+        sync(self.dev)
+        total = time.perf_counter() - t0
+        mean = statistics.fmean(passes)
+        res = {"n_tokens": n, "total_s": total, "ms_per_token": 1e3 * total / n,
+               "mean_passes": mean, "passes_ratio": mean / (GEN_K + 1)}
+        fixed = self.res.get(f"K{GEN_K}_eager")
+        if fixed:
+            ratio = res["ms_per_token"] / fixed["ms_per_token"]
+            ok = abs(ratio - res["passes_ratio"]) <= 0.15 * res["passes_ratio"]
+            res.update(ratio_to_fixed=ratio, within_15pct=ok,
+                       note=f"adaptive / eager fixed K={GEN_K} ms/token {ratio:.2f} vs mean "
+                            f"passes / {GEN_K + 1} = {res['passes_ratio']:.2f}")
+        del model
         return res
 
     def e_recompute(self, n, extend=False):
@@ -362,6 +403,9 @@ class GenBench:
              self.e_ratio, lambda: 0.0),
             (f"{sh} K={GEN_K} cached without CUDA graph, first {GEN_EAGER_TOKENS} tokens",
              "k3_eager", lambda: self.e_eager(GEN_K), lambda: 0.0),
+            (f"{sh} adaptive K={GEN_K} (random palbert head, q=0.5), eager, first "
+             f"{min(GEN_EAGER_TOKENS, n)} tokens", "adaptive", self.e_adaptive,
+             lambda: self.est(f"K{GEN_K}_eager", 1.0)),
             (f"{sh} recompute prefix (reference), K={GEN_K}, {self.n_rec} new tokens",
              "recompute", lambda: self.e_recompute(self.n_rec),
              lambda: self.est("K3", self.n_rec / n)),
@@ -375,7 +419,7 @@ class GenBench:
             if case == "recompute_full" and (self.rec_state is None
                                              or max(self.rec_state[1]) >= n):
                 continue
-            if case in ("recompute", "hf_generate") and not self.baselines:
+            if case in ("recompute", "hf_generate", "adaptive") and not self.baselines:
                 self.skip(name, self.fields(case), "baselines run at the first shape only")
                 continue
             if case == "ratio" and not ("K0" in self.res and f"K{GEN_K}" in self.res):
@@ -446,7 +490,8 @@ def markdown(res: dict) -> list:
         last = seg[max(seg, key=int)] if seg else None
         rows.append([e.get("shape"), e.get("case"), e["status"], e.get("n_tokens"),
                      e.get("ms_per_token"), last, e.get("tokens_per_s"),
-                     e.get("ratio") or e.get("speedup_cached_vs_recompute")
+                     e.get("ratio") or e.get("ratio_to_fixed")
+                     or e.get("speedup_cached_vs_recompute")
                      or e.get("hf_over_native") or e.get("eager_over_graph"),
                      e.get("extrapolated_ms_per_token"),
                      (e.get("note") or e.get("reason") or e.get("error", ""))[:90]])
@@ -456,7 +501,9 @@ def markdown(res: dict) -> list:
     out += ["", f"*ratio: for `ratio`, K={gs.get('K')} cached ms/token / (K+1 x K=0 "
                 f"cached ms/token), goal <= {gs.get('goal_ratio')} (the note gives the floor "
                 f"that reading the weights sets: each pondering pass also reads W_in); for "
-                f"`k3_eager`, its ms/token / the graph-replayed run's; for `recompute`, "
+                f"`k3_eager`, its ms/token / the graph-replayed run's; for `adaptive`, "
+                f"its ms/token / `k3_eager`'s (goal: within 15 % of mean passes / (K+1)); "
+                f"for `recompute`, "
                 f"recompute ms/token / K={gs.get('K')} cached ms/token over the same "
                 f"tokens; for `hf_generate`, HF ms/token / native ms/token. **only where "
                 f"the recompute loop stopped early: a linear fit, not a measurement."]

@@ -223,10 +223,11 @@ def halting_problems(cfg: Config) -> list[str]:
         out.append("ponder.halting.head_only=true trains only the halting head, so the backbone "
                    "must come from somewhere: set checkpoint.init_from to a trained checkpoint "
                    "or HF directory with the same ponder.steps")
-    if cfg.parallel.pp > 1:
-        out.append(f"ponder.halting.mode={h.mode} is not supported with pipeline parallelism "
-                   f"(parallel.pp={cfg.parallel.pp}): the per-pass losses need the labels on "
-                   "every stage. Use parallel.tp and ZeRO instead (parallel.pp=1)")
+    if cfg.parallel.pp > 1 and h.train_exits == "frozen":
+        out.append(f"ponder.halting.train_exits=frozen is not supported with pipeline "
+                   f"parallelism (parallel.pp={cfg.parallel.pp}): later passes would need every "
+                   "layer's keys/values of the earlier ones on other stages. Use "
+                   "train_exits=dense with PP, or parallel.tp and ZeRO (parallel.pp=1)")
     return out
 
 

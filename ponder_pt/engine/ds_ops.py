@@ -13,9 +13,11 @@ handler once the op is built. DeepSpeed then finds the op already loaded.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
+from typing import Optional
 
 from .ds_config import adam_op
 from .preemption import SIGNALS, signals_held
@@ -47,12 +49,35 @@ def build_in_fresh_process(name: str) -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def use_locked_ninja() -> Optional[str]:
+    """Put the `ninja` of this Python's environment (the locked pip package) first on PATH,
+    for torch's JIT builds here and in child processes; returns its folder (None without it).
+
+    Why: ninja 1.13 hashes the commands in its build log differently from earlier releases,
+    so two ninjas taking turns on one TORCH_EXTENSIONS_DIR (a system 1.11 for processes whose
+    PATH lacks the venv, the venv's 1.13 for the rest) each see the other's build as stale and
+    rebuild it, every time. Besides the minutes lost, a process killed during one of those
+    rebuilds leaves torch's build lock behind, and every later process waits on it forever."""
+    try:
+        import ninja
+    except ImportError:
+        return None
+    folder = getattr(ninja, "BIN_DIR", None)
+    if not folder or not os.path.exists(os.path.join(folder, "ninja")):
+        return None
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != folder:
+        os.environ["PATH"] = folder + (os.pathsep + path if path else "")
+    return folder
+
+
 def build_op(name: str, attempts: int = ATTEMPTS):
     """Load DeepSpeed's op builder `name` (e.g. "ShareMemCommBuilder", "CPUAdamBuilder") for
     this accelerator, compiling it if needed; None where the accelerator has no such op."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
+    use_locked_ninja()
     builder = get_accelerator().create_op_builder(name)
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return None

@@ -16,11 +16,18 @@ from .schedule import make_scheduler
 from .trainer import Trainer, param_groups
 
 
-def _pipe_batch(batch: dict):
-    return batch["tokens"], (batch["labels"], batch["loss_mask"])
+def _pipe_batch(batch: dict, halting: bool = False):
+    """(first stage's inputs, last stage's labels); adaptive pondering's per-pass losses need
+    the labels from the first stage on (`models.pipeline`)."""
+    labels = (batch["labels"], batch["loss_mask"])
+    return ((batch["tokens"], *labels) if halting else batch["tokens"]), labels
 
 
 class PipelineTrainer(Trainer):
+    @property
+    def _halting(self) -> bool:
+        return self.cfg.ponder.halting.mode != "off" and self.cfg.ponder.steps > 0
+
     def _build_engine(self, ds_cfg: dict):
         import deepspeed
         from deepspeed.pipe import PipelineModule
@@ -35,6 +42,11 @@ class PipelineTrainer(Trainer):
             layers=pipeline_layers(cfg.model, cfg.ponder, cfg.train.seed), loss_fn=pipeline_loss,
             topology=topo, partition_method="type:BlockLayer", activation_checkpoint_interval=0)
         self._initial_weights(module)
+        self._head_only(module)
+        if self._halting:
+            self.log("note: adaptive pondering under PP: validation reports the training "
+                     "objective (scoring at the exit passes needs the frozen keys/values of "
+                     "parallel.pp=1: `ponder-pt eval`, `generate`), and no halt_* metrics")
         build_adam_op(cfg)
         engine, _, _, _ = deepspeed.initialize(
             model=module, model_parameters=param_groups(module, cfg.train.weight_decay),
@@ -65,12 +77,12 @@ class PipelineTrainer(Trainer):
 
     def _train_step(self, batches) -> float:
         # every stage draws the step's micro-batches so all data iterators stay in step
-        micro = [_pipe_batch(next(batches)) for _ in range(self.ga)]
+        micro = [_pipe_batch(next(batches), self._halting) for _ in range(self.ga)]
         loss = self.engine.train_batch(data_iter=iter(micro))
         return float(loss.item())  # already averaged over micro-batches and DP, on all stages
 
     def _eval_sums(self, batches) -> torch.Tensor:
-        micro = [_pipe_batch(b) for b in batches]
+        micro = [_pipe_batch(b, self._halting) for b in batches]
         counts = [float(b[1][1].sum()) for b in micro]
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for start in range(0, len(micro), self.ga):

@@ -30,8 +30,8 @@ EXIT_DIVERGED = 3
 def freeze_all_but_halting(model: torch.nn.Module) -> int:
     """`ponder.halting.head_only`: only the halting head trains. Returns the frozen count."""
     frozen = 0
-    for name, p in model.named_parameters():
-        if not name.startswith("halting."):
+    for name, p in model.named_parameters():  # PonderLM's halting.*, a stage's *.halting.*
+        if "halting" not in name.split("."):
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen
@@ -96,10 +96,7 @@ class Trainer:
 
         model = build_model(self.cfg)
         self._initial_weights(model)
-        if self.cfg.ponder.halting.head_only:
-            frozen = freeze_all_but_halting(model)
-            self.log(f"ponder.halting.head_only: training the halting head only "
-                     f"({frozen:,} backbone parameters frozen on this rank)")
+        self._head_only(model)
         if self.cfg.train.compile:
             model.compile_blocks()  # before DeepSpeed wraps it; compiles on the first step
         build_adam_op(self.cfg)
@@ -123,6 +120,13 @@ class Trainer:
             self.log(f"initial weights from {self.cfg.checkpoint.init_from}")
         if self.universal:
             load_weights(model, self.universal)
+
+    def _head_only(self, model: torch.nn.Module) -> None:
+        """`ponder.halting.head_only`: freeze everything but the halting head."""
+        if self.cfg.ponder.halting.head_only:
+            frozen = freeze_all_but_halting(model)
+            self.log(f"ponder.halting.head_only: training the halting head only "
+                     f"({frozen:,} backbone parameters frozen on this rank)")
 
     def _checkpoint_extra(self):
         """(save, load) of state DeepSpeed's checkpoint misses; None for the plain engine."""

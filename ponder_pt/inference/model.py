@@ -296,8 +296,7 @@ class HFModel(InferenceModel):
     def _passes_hook(self, passes: list):
         """Collect, per forward of generate(), the passes its last position took."""
         def hook(module, args, output):
-            passes.append((module.halt_exits[:, -1] + 1).tolist()
-                          if hasattr(module, "halt_exits") else None)
+            passes.append((module.halt_exits[:, -1] + 1).tolist())
         return self.model.register_forward_hook(hook)
 
     def encode(self, text: str) -> list[int]:
@@ -334,7 +333,8 @@ class HFModel(InferenceModel):
         if not greedy:
             kw.update(temperature=temperature, top_k=top_k or None)
         steps: list = []
-        hook = self._passes_hook(steps) if self.adaptive else None
+        early = self.adaptive and self.halt_q < 1.0  # q = 1: every pass, no exits to record
+        hook = self._passes_hook(steps) if early else None
         try:
             out = self.model.generate(ids, **kw, **self._halt_kwargs())
         finally:
@@ -342,8 +342,9 @@ class HFModel(InferenceModel):
                 hook.remove()
         new = out[0, ids.shape[1]:].tolist()
         if self.adaptive:
-            self.last_passes = [(row[0] if row else self.ponder_steps + 1)
-                                for row in steps[:len(new)]]
+            self.last_passes = ([row[0] if row else self.ponder_steps + 1
+                                 for row in steps[:len(new)]] if early
+                                else [self.ponder_steps + 1] * len(new))
         return new
 
     @torch.no_grad()

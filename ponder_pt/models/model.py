@@ -256,7 +256,8 @@ class PonderLM(nn.Module):
                 gather_logits: bool = False,
                 caches: Optional[list] = None,
                 halt_q: Optional[float] = None,
-                return_exits: bool = False):
+                return_exits: bool = False,
+                exit_at: Optional[torch.Tensor] = None):
         """Run K pondering passes and the final pass.
 
         input_ids [b, s], or inputs_embeds [b, s, h] taken as e_0 as is (no scaling).
@@ -275,7 +276,9 @@ class PonderLM(nn.Module):
         exit by Q-exit at halt_q (default `ponder.halting.q`) under the frozen keys/values
         rule, and the logits (or, with labels, the CE) are those of each token's exit pass.
         halt_q >= 1 runs exactly the fixed-K forward. return_exits=True returns
-        (logits or loss, exit pass [b, s]).
+        (logits or loss, exit pass [b, s]). exit_at [b, s] (long, 0..K) imposes the exit passes
+        instead of Q-exit (evaluation only: e.g. random exits at a given mean number of passes,
+        the baseline a halting head must beat).
         """
         K = self.ponder_cfg.steps if ponder_steps is None else ponder_steps
         if inputs_embeds is not None:
@@ -300,10 +303,14 @@ class PonderLM(nn.Module):
         per_pass = caches if caches is not None else [None] * (K + 1)
         rope = self.rotary(position_ids, e.dtype)
         q = self.ponder_cfg.halting.q if halt_q is None else float(halt_q)
+        if exit_at is not None and (self.halting is None or K != self.ponder_cfg.steps
+                                    or (self.training and labels is not None)):
+            raise ValueError("exit_at needs an adaptive model at its own K, outside training")
         if (self.halting is not None and K == self.ponder_cfg.steps
-                and (q < 1.0 or (self.training and labels is not None))):
+                and (q < 1.0 or exit_at is not None or (self.training and labels is not None))):
             out, exits = self._adaptive(e, position_ids, rope, per_pass, labels, loss_mask, q,
-                                        caches is not None)
+                                        caches is not None,
+                                        None if exit_at is None else exit_at.t())
             if labels is None:
                 out = out.transpose(0, 1)
                 out = par.gather_vocab(out) if gather_logits else out
@@ -332,7 +339,7 @@ class PonderLM(nn.Module):
         return self.loss(logits, labels, loss_mask)
 
     def _adaptive(self, e, position_ids, rope, per_pass, labels, loss_mask, q: float,
-                  cached: bool):
+                  cached: bool, exit_at: Optional[torch.Tensor] = None):
         """Adaptive pondering over passes 0..K (DESIGN.md). Returns (out, exits [s, b]):
         out = the training objective (training mode with labels: sum_k p_k CE_k + beta KL,
         every pass dense, or under the frozen rule with `train_exits: frozen`), the masked CE
@@ -349,7 +356,7 @@ class PonderLM(nn.Module):
         frozen = (None if objective and hcfg.train_exits == "dense"
                   else halt.FrozenPass.first(self.cfg.num_layers))
         if labels is not None:
-            target, mask = self._targets(labels, loss_mask)
+            target, mask = self.targets(labels, loss_mask)
         n = position_ids.shape[1]
         lambdas, ces, outs = [], [], []
         previous, survive, exited = None, None, None  # exited: [s, b] bool
@@ -375,7 +382,12 @@ class PonderLM(nn.Module):
             lam = par.gather_seq_replicated(lam) if self.sequence_parallel else lam
             lambdas.append(lam)
             survive = (1.0 - lam.detach()) * (1.0 if survive is None else survive)
-            now = survive <= 1.0 - q if q < 1.0 else torch.zeros_like(survive, dtype=torch.bool)
+            if exit_at is not None:  # imposed exits [s, b]
+                now = exit_at <= k
+            elif q < 1.0:
+                now = survive <= 1.0 - q
+            else:
+                now = torch.zeros_like(survive, dtype=torch.bool)
             exiting = now if exited is None else now & ~exited
             exited = now if exited is None else exited | now
             exits = torch.where(exiting, k, exits)
@@ -438,7 +450,7 @@ class PonderLM(nn.Module):
 
         Negative labels (HF's -100) are ignored as if masked.
         """
-        target, mask = PonderLM._targets(labels, loss_mask)
+        target, mask = PonderLM.targets(labels, loss_mask)
         per_token = PonderLM.per_token_loss(logits, target)
         return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
@@ -465,7 +477,7 @@ class PonderLM(nn.Module):
                             self.sequence_parallel)
 
     @staticmethod
-    def _targets(labels: torch.Tensor, loss_mask: Optional[torch.Tensor]):
+    def targets(labels: torch.Tensor, loss_mask: Optional[torch.Tensor]):
         """[b, s] labels / mask -> [s, b] targets (masked ones set to 0) and float mask."""
         target = labels.t().contiguous()
         mask = (target >= 0).float()
@@ -483,6 +495,6 @@ def chunked_loss(hidden: torch.Tensor, output_weight: torch.Tensor, labels: torc
                  sequence_parallel: bool = False) -> torch.Tensor:
     """Mean CE over loss_mask of the logits hidden · output_weightᵀ, vocab-chunked (also the
     pipeline's loss). hidden [s(/tp under SP), b, h]; labels / loss_mask [b, s]."""
-    target, mask = PonderLM._targets(labels, loss_mask)
+    target, mask = PonderLM.targets(labels, loss_mask)
     per_token = vchunk.cross_entropy(hidden, output_weight, target, chunk, sequence_parallel)
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)

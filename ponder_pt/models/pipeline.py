@@ -21,6 +21,14 @@ with h_k = final_norm(x) for the looped baseline, `ponder.feedback="hidden"`). P
 table lives with the shared weights: the embedding and every feedback start the next pass
 from x = e + wpe (e itself never holds positions, as in `PonderLM`).
 
+Adaptive pondering (`ponder.halting`, dense exits): the first layer takes (tokens, labels,
+loss_mask) and the activations carry two more tensors, the targets [s, b] and a halting state
+[s, b, 2K+1] holding each pass's lambda (slots 0..K-1) and per-token cross-entropy (slots
+K..2K): every feedback computes its pass's CE and lambda (the halting head lives with the
+shared weights), the head the last CE, and `pipeline_loss` the halting objective from the
+state. Frozen exits (`train_exits: frozen`) need each layer's keys/values of every pass and
+are refused with PP.
+
 With `model.vocab_chunk` > 0 the feedback uses the chunked soft embedding (unless top-k), and
 the head hands the loss (h, W_out, chunk) instead of logits -- DeepSpeed gives the loss
 function only the last layer's outputs and the labels, so W_out rides along -- and
@@ -29,6 +37,7 @@ function only the last layer's outputs and the labels, so W_out rides along -- a
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,6 +46,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config.schema import ModelConfig, PonderConfig
+from . import halting as halt
 from . import parallel as par
 from .layers import Block, LearnedPositions, Rotary, make_norm
 from .linear import ColumnLinear
@@ -74,6 +84,11 @@ class SharedParams(nn.Module):
                                                init_method=inits("output"), bias=False,
                                                gather_output=False)
         steps = ponder.steps
+        hcfg = ponder.halting
+        # the same seeded head as PonderLM's; None when halting is off
+        self.halting = (halt.HaltingHead(cfg.hidden_size, hcfg.mode, seed, False, dtype)
+                        if hcfg.mode != "off" and steps > 0 else None)
+        self.halting_cfg, self.steps = hcfg, steps
         self.top_k = ponder.top_k
         self.feedback = ponder.feedback
         self.vocab_chunk = cfg.vocab_chunk
@@ -98,18 +113,76 @@ class SharedParams(nn.Module):
         return self.embed.weight if self.tied else self.output.weight
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.final_norm(x)
+        return self.head(self.final_norm(x))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden -> logits [s, b, V/tp]."""
         if self.tied:
-            return torch.matmul(x, self.embed.weight.t())
-        out, _ = self.output(x)
+            return torch.matmul(h, self.embed.weight.t())
+        out, _ = self.output(h)
         return out
 
 
-def _embed_fn(shared: SharedParams, tokens: torch.Tensor):
-    """tokens [b, s] -> (x, e), both the scaled e_0 [s, b, h]."""
+def _embed_fn(shared: SharedParams, inputs):
+    """tokens [b, s] -> (x, e), both the scaled e_0 [s, b, h]. Adaptive pondering: (tokens,
+    labels, loss_mask) -> (x, e, targets [s, b], halting state [s, b, 2K+1] of zeros)."""
+    halting = isinstance(inputs, (tuple, list))
+    tokens = inputs[0] if halting else inputs
     e = shared.embed(tokens.t().contiguous()) * shared.initial_scale
     e = shared._touch(e)
-    return shared.pass_input(e), e
+    if not halting:
+        return shared.pass_input(e), e
+    target, _ = PonderLM.targets(inputs[1], inputs[2])
+    state = shared._touch(e.new_zeros(*target.shape, 2 * shared.steps + 1, dtype=torch.float32))
+    return shared.pass_input(e), e, target, state
+
+
+def _put(state: torch.Tensor, slot: int, value: torch.Tensor) -> torch.Tensor:
+    """`state` with `value` [s, b] in its (still zero) slot; autograd-friendly."""
+    onehot = torch.zeros(state.shape[-1], dtype=state.dtype, device=state.device)
+    onehot[slot] = 1.0
+    return state + value.to(state.dtype).unsqueeze(-1) * onehot
+
+
+def _pass_ce(shared: SharedParams, h: torch.Tensor, logits, target: torch.Tensor):
+    """Per-token CE [s, b] of one pass (vocab-chunked from h with vocab_chunk)."""
+    if shared.vocab_chunk:
+        return vchunk.cross_entropy(h, shared.head_weight(), target, shared.vocab_chunk)
+    return PonderLM.per_token_loss(logits, target, keep_input=True)
+
+
+def _halting_feedback_fn(shared: SharedParams, xe, k: int):
+    """`_feedback_fn` of pass k under adaptive pondering: also the pass's CE and lambda_k into
+    the halting state (palbert reads lambda_{k-1} back from it)."""
+    x, e, target, state = xe
+    h = shared.final_norm(x)
+    looped = shared.feedback == "hidden"
+    # logits for the CE (unless vocab-chunked) or for an unchunked softmax feedback
+    wanted = not shared.vocab_chunk or not (looped or shared.chunked_feedback)
+    logits = shared.head(h) if wanted else None
+    previous = state[..., k - 1] if k > 0 else None
+    state = _put(state, k, shared.halting(h, previous))
+    state = _put(state, shared.steps + k, _pass_ce(shared, h, logits, target))
+    if looped:
+        e = shared._touch(e + h)
+        return shared.pass_input(e), e, target, state
+    if shared.chunked_feedback:
+        mix = vchunk.soft_embedding(h, shared.head_weight(), shared.embed.weight,
+                                    shared.vocab_chunk)
+    else:
+        mix = par.soft_embedding(par.vocab_parallel_softmax(logits, shared.top_k),
+                                 shared.embed.weight)
+    e = e + shared.scale * mix
+    return shared.pass_input(e), e, target, state
+
+
+def _halting_head_fn(shared: SharedParams, xe):
+    """The last pass's CE into the halting state; (state, halting config) for the loss."""
+    x, e, target, state = xe
+    h = shared.final_norm(x)
+    logits = None if shared.vocab_chunk else shared.head(h)
+    state = _put(state, 2 * shared.steps, _pass_ce(shared, h, logits, target))
+    return shared._touch(state + 0.0 * e.sum()), shared.halting_cfg
 
 
 def _feedback_fn(shared: SharedParams, xe):
@@ -155,7 +228,7 @@ class BlockLayer(nn.Module):
         self.block.attn.selective = cfg.activation_checkpointing == "selective"
 
     def forward(self, xe):
-        x, e = xe
+        x, e, *rest = xe  # rest: adaptive pondering's targets and halting state, untouched
         s, b = x.shape[:2]
         pos = torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
         cos, sin = self.rotary(pos, x.dtype)
@@ -163,7 +236,7 @@ class BlockLayer(nn.Module):
             x = checkpoint(self.block, x, cos, sin, use_reentrant=False)
         else:
             x = self.block(x, cos, sin)
-        return x, e
+        return (x, e, *rest)
 
 
 def _block_weight_names(cfg: ModelConfig, dtype: torch.dtype) -> list[str]:
@@ -183,16 +256,28 @@ def pipeline_layers(cfg: ModelConfig, ponder: PonderConfig, seed: int,
         return TiedLayerSpec("shared", SharedParams, cfg, ponder, seed, dtype, forward_fn=fn,
                              tied_weight_attr=shared_attrs)
 
+    halting = ponder.halting.mode != "off" and ponder.steps > 0
     layers = [shared(_embed_fn)]
     for k in range(ponder.steps + 1):
         layers += [TiedLayerSpec(f"block{i}", BlockLayer, cfg, i, seed, dtype,
                                  tied_weight_attr=block_attrs) for i in range(cfg.num_layers)]
-        layers.append(shared(_feedback_fn if k < ponder.steps else _head_fn))
+        if halting:
+            layers.append(shared(functools.partial(_halting_feedback_fn, k=k)
+                                 if k < ponder.steps else _halting_head_fn))
+        else:
+            layers.append(shared(_feedback_fn if k < ponder.steps else _head_fn))
     return layers
 
 
 def pipeline_loss(outputs, targets) -> torch.Tensor:
     labels, loss_mask = targets
+    if isinstance(outputs, tuple) and len(outputs) == 2:  # adaptive pondering: (state, cfg)
+        state, hcfg = outputs
+        K = (state.shape[-1] - 1) // 2
+        _, mask = PonderLM.targets(labels, loss_mask)
+        p = halt.exit_distribution([state[..., k] for k in range(K)])
+        prior = halt.geometric_prior(hcfg.prior, K, device=state.device)
+        return halt.halting_loss(state[..., K:].permute(2, 0, 1), p, mask, hcfg.beta, prior)
     if isinstance(outputs, tuple):  # vocab-chunked head: (h, W_out, chunk)
         return chunked_loss(*outputs[:2], labels, loss_mask, outputs[2])
     return PonderLM.loss(outputs, labels, loss_mask)
