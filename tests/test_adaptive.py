@@ -114,6 +114,15 @@ def test_q_one_is_fixed_k_bit_for_bit():
         assert passes == [[3] * 6, [3] * 6]
     off = PonderLM(tiny_model_config(), PonderConfig(steps=2), seed=3)
     assert off.halting is None and not any(k.startswith("halting") for k in off.state_dict())
+    # off, an export's config.json carries no halting fields: fixed-K exports stay as they were
+    from ponder_pt.config import load_config
+    from ponder_pt.export.to_hf import build_hf_config
+
+    cfg = load_config(None, ["ponder.steps=2"], validate=False)
+    cfg.model = tiny_model_config()
+    assert not [k for k in build_hf_config(cfg).to_dict() if "halt" in k]
+    cfg.ponder.halting.mode = "palbert"
+    assert build_hf_config(cfg).to_dict()["ponder_halting"] == "palbert"
 
 
 def _plain_objective(model, ids, labels, mask, beta, lambda_p):

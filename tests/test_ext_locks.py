@@ -71,7 +71,7 @@ def test_default_root_is_torchs(tmp_path, monkeypatch):
     assert os.path.dirname(_get_build_directory("some_op", verbose=False)) == root
 
 
-def test_jit_builds_use_the_locked_ninja(monkeypatch):
+def test_jit_builds_use_the_locked_ninja(monkeypatch, tmp_path):
     """Every process builds with the environment's ninja, whatever its PATH says: a system
     ninja of another release would rebuild every op the locked one built, and back."""
     import shutil
@@ -86,3 +86,9 @@ def test_jit_builds_use_the_locked_ninja(monkeypatch):
     assert os.environ["PATH"] == f"{ninja.BIN_DIR}:/usr/bin:/bin"
     use_locked_ninja()  # once is enough
     assert os.environ["PATH"].count(ninja.BIN_DIR) == 1
+    # a folder named by PONDER_PT_NINJA_DIR wins (e.g. a wrapper around the locked ninja)
+    wrapper = tmp_path / "bin"
+    wrapper.mkdir()
+    (wrapper / "ninja").write_text("#!/bin/sh\n")
+    monkeypatch.setenv("PONDER_PT_NINJA_DIR", str(wrapper))
+    assert use_locked_ninja() == str(wrapper) and os.environ["PATH"].startswith(str(wrapper))

@@ -510,10 +510,13 @@ def test_signal_during_startup_under_slurm_still_saves_and_exits_99(prepared, bp
     if when == "op_build":
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
-        (bin_dir / "ninja").write_text(NINJA_SIGNALLING.format(ninja=shutil.which("ninja")))
+        import ninja
+
+        # the wrapper runs the locked ninja, the one every other build uses (ds_ops)
+        (bin_dir / "ninja").write_text(NINJA_SIGNALLING.format(
+            ninja=os.path.join(ninja.BIN_DIR, "ninja")))
         (bin_dir / "ninja").chmod(0o755)
-        env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
-                   PONDER_TEST_MARK=str(tmp_path / "signalled"))
+        env.update(PONDER_PT_NINJA_DIR=str(bin_dir), PONDER_TEST_MARK=str(tmp_path / "signalled"))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)  # its own group to signal
     out = []

@@ -49,20 +49,26 @@ def build_in_fresh_process(name: str) -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+NINJA_DIR_ENV = "PONDER_PT_NINJA_DIR"
+
+
 def use_locked_ninja() -> Optional[str]:
     """Put the `ninja` of this Python's environment (the locked pip package) first on PATH,
     for torch's JIT builds here and in child processes; returns its folder (None without it).
+    PONDER_PT_NINJA_DIR names another folder holding the `ninja` to use instead.
 
     Why: ninja 1.13 hashes the commands in its build log differently from earlier releases,
     so two ninjas taking turns on one TORCH_EXTENSIONS_DIR (a system 1.11 for processes whose
     PATH lacks the venv, the venv's 1.13 for the rest) each see the other's build as stale and
     rebuild it, every time. Besides the minutes lost, a process killed during one of those
     rebuilds leaves torch's build lock behind, and every later process waits on it forever."""
-    try:
-        import ninja
-    except ImportError:
-        return None
-    folder = getattr(ninja, "BIN_DIR", None)
+    folder = os.environ.get(NINJA_DIR_ENV)
+    if not folder:
+        try:
+            import ninja
+        except ImportError:
+            return None
+        folder = getattr(ninja, "BIN_DIR", None)
     if not folder or not os.path.exists(os.path.join(folder, "ninja")):
         return None
     path = os.environ.get("PATH", "")

@@ -73,8 +73,9 @@ def build_hf_config(cfg: Config, tokenizer=None):
     raw.update(extra, ponder_steps=cfg.ponder.steps, ponder_scale_embeds=cfg.ponder.scale_embeds,
                ponder_scale_initial_by_steps=cfg.ponder.scale_initial_by_steps,
                ponder_top_k=cfg.ponder.top_k, ponder_feedback=cfg.ponder.feedback,
-               ponder_halting=cfg.ponder.halting.mode, ponder_halt_q=cfg.ponder.halting.q,
                ponder_transformers=TESTED_TRANSFORMERS)
+    if cfg.ponder.halting.mode != "off":  # adaptive only: fixed-K exports stay as they were
+        raw.update(ponder_halting=cfg.ponder.halting.mode, ponder_halt_q=cfg.ponder.halting.q)
     hf = cls(**raw)
     model_cls = cls.__name__.replace("Config", "ForCausalLM")
     hf.architectures = [model_cls]

@@ -7,8 +7,9 @@ running the directory's copy. Fields on top of the stock GPT-NeoX / LLaMA / GPT-
 config:
     ponder_steps (K), ponder_scale_embeds, ponder_scale_initial_by_steps, ponder_top_k,
     ponder_feedback ("embedding", or "hidden" for the looped baseline),
-    ponder_halting ("off", or "palbert" / "pondernet": adaptive pondering, a halting head
-    `ponder_halting` after every pass) and ponder_halt_q (its Q-exit threshold),
+    ponder_halting ("palbert" / "pondernet": adaptive pondering, a halting head
+    `ponder_halting` after every pass) and ponder_halt_q (its Q-exit threshold), written only
+    by adaptive exports (absent: "off"; a fixed-K export's config.json stays as it was),
     pause_token_id / default_pauses (pause-trained models; None / 0 otherwise),
     ponder_transformers (the transformers versions the export was tested with, e.g.
     ">=5.17,<5.26"; the model refuses to load outside them).
@@ -59,8 +60,6 @@ class PonderFields:
     ponder_scale_initial_by_steps: bool = False
     ponder_top_k: int = 0
     ponder_feedback: str = "embedding"
-    ponder_halting: str = "off"
-    ponder_halt_q: float = 0.5
     pause_token_id: int | None = None
     default_pauses: int = 0
     ponder_transformers: str | None = None
