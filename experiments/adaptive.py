@@ -161,7 +161,7 @@ def _cached_score(run_dir: str, key: str, compute) -> dict:
         if saved.get("key") == key:
             return saved["scores"]
     except (OSError, ValueError):
-        pass
+        pass  # no scores yet, or unreadable ones: computed again below
     scores = compute()
     with open(path + ".tmp", "w", encoding="utf-8") as fh:
         json.dump({"key": key, "scores": scores}, fh, indent=1)
@@ -214,8 +214,7 @@ def stage_adaptive(study) -> None:
     schedule = study.sc["schedule"]
     torch.set_num_threads(max(1, int(schedule["jobs"]) * int(schedule["threads_per_job"])))
     windows = _windows(study)
-    scoring = {"qs": cfg.get("qs"), "batch": study.sc["eval"]["batch"]}
-    scoring = dict(cfg, **{k: v for k, v in scoring.items() if v is not None})
+    scoring = dict(cfg, batch=study.sc["eval"]["batch"])
     fixed = {}
     for r in fixed_runs:
         def compute(r=r):

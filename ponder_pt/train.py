@@ -154,7 +154,7 @@ def adaptive_decode_lines(cfg: Config, train_fpt: float) -> list[str]:
     from ponder_pt.engine.flops import decode_flops_per_token
 
     h, K = cfg.ponder.halting, cfg.ponder.steps
-    if h.mode == "off" or K < 1:
+    if not cfg.ponder.adaptive:
         return []
     m, ctx = cfg.model, cfg.data.seq_len
     full = decode_flops_per_token(m, m.vocab_size, ctx, K + 1, cfg.ponder.feedback)

@@ -97,6 +97,11 @@ class PonderConfig:
     halting: HaltingConfig = field(default_factory=HaltingConfig)
     """Adaptive pondering: each token learns how many of the K+1 passes it needs."""
 
+    @property
+    def adaptive(self) -> bool:
+        """A halting head over the passes: halting on and at least one pondering step."""
+        return self.halting.mode != "off" and self.steps > 0
+
 
 @dataclass
 class PauseConfig:

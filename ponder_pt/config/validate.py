@@ -196,14 +196,20 @@ def problems(cfg: Config, world_size: Optional[int] = None,
     return out
 
 
+def halt_q_problem(q: float, name: str = "ponder.halting.q") -> Optional[str]:
+    """The problem with Q-exit threshold `q` (config key or option `name`), or None."""
+    if 0.0 < q <= 1.0:
+        return None
+    return (f"{name}={q}: must be in (0, 1] (a token exits at the first pass whose cumulative "
+            "exit probability reaches q; 1 = never early)")
+
+
 def halting_problems(cfg: Config) -> list[str]:
     """`ponder.halting.*` (adaptive pondering) against the rest of the run."""
-    h, out = cfg.ponder.halting, []
+    h = cfg.ponder.halting
     if h.mode not in HALTING_MODES:
         return [f"ponder.halting.mode: {h.mode!r} is not one of {HALTING_MODES}"]
-    if not 0.0 < h.q <= 1.0:
-        out.append(f"ponder.halting.q={h.q}: must be in (0, 1] (a token exits at the first pass "
-                   "whose cumulative exit probability reaches q; 1 = never early)")
+    out = [p for p in [halt_q_problem(h.q)] if p]
     if h.mode == "off":
         if h.head_only:
             out.append("ponder.halting.head_only=true needs a halting head: set "

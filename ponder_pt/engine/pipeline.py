@@ -26,7 +26,7 @@ def _pipe_batch(batch: dict, halting: bool = False):
 class PipelineTrainer(Trainer):
     @property
     def _halting(self) -> bool:
-        return self.cfg.ponder.halting.mode != "off" and self.cfg.ponder.steps > 0
+        return self.cfg.ponder.adaptive
 
     def _build_engine(self, ds_cfg: dict):
         import deepspeed

@@ -52,6 +52,7 @@ class Trainer:
         from ..data.samples import datasets_for_config
 
         self.cfg, self.tok, self.world = cfg, tokenizer, world
+        self.halting_rows: list = []  # adaptive pondering's stats, kept per micro-batch
         self.log = log if world.is_main else (lambda *a, **k: None)
         tr = cfg.train
         self.ga = tr.global_batch // (tr.micro_batch * world.dp)
@@ -155,7 +156,7 @@ class Trainer:
         """Mean over micro-batches and data-parallel ranks of the kept halting stats:
         halt_expected_passes (sum_k (k+1) p_k), halt_passes (passes by Q-exit at
         ponder.halting.q, what decoding pays) and halt_exit_frac_k (tokens exiting at pass k)."""
-        if not getattr(self, "halting_rows", None):
+        if not self.halting_rows:
             return {}
         row = torch.stack(self.halting_rows).mean(0)
         if self.world.dp > 1:

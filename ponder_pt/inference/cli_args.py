@@ -66,14 +66,3 @@ def add_eval_args(p) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--unsafe-unpickle", action="store_true", help=UNSAFE_HELP)
 
-
-def apply_halt_q(lm, halt_q) -> None:
-    """`--halt-q` onto a loaded model: refused outside (0, 1] or on a model without halting."""
-    if halt_q is None:
-        return
-    if not 0.0 < halt_q <= 1.0:
-        raise SystemExit(f"error: --halt-q {halt_q}: must be in (0, 1] (1 = every pass)")
-    if not lm.adaptive:
-        raise SystemExit("error: --halt-q needs an adaptive pondering model (trained with "
-                         "ponder.halting.mode palbert or pondernet); this one has no halting head")
-    lm.halt_q = halt_q

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from tqdm import tqdm
 
-from .cli_args import apply_halt_q
 from .model import InferenceModel, load_model
 from .pauses import append_pauses, resolve_pauses
 
@@ -180,7 +179,7 @@ def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,
 
     model = load_model(model_dir, device=device, trust_remote_code=trust_remote_code,
                        unsafe_unpickle=unsafe_unpickle)
-    apply_halt_q(model, halt_q)
+    model.set_halt_q(halt_q)
     lm = PonderEvalLM(model, pauses, progress=progress, batch_size=batch_size)
     tm = TaskManager(include_path=include_path) if include_path else TaskManager()
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,

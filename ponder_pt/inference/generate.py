@@ -7,7 +7,6 @@ import json
 import sys
 from typing import Optional
 
-from .cli_args import apply_halt_q
 from .model import InferenceModel, load_model
 from .pauses import append_pauses, resolve_pauses
 
@@ -70,7 +69,7 @@ def cmd_generate(args) -> int:
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None  # before loading
     lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
                     unsafe_unpickle=args.unsafe_unpickle)
-    apply_halt_q(lm, args.halt_q)
+    lm.set_halt_q(args.halt_q)
     if prompts is not None:
         results = generate_many(lm, prompts, args.max_new_tokens, args.greedy, args.pauses,
                                 args.temperature, args.top_k, args.seed, args.batch_size)

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..config.validate import halt_q_problem
 from ..sdpa_backends import varying_shape_method
 from .decode import Decoder
 from .device import resolve_device
@@ -136,6 +137,20 @@ class InferenceModel(abc.ABC):
     """Passes each token of the last `generate` took (adaptive models)."""
     passes_seen: Optional[list] = None
     """[passes, tokens] summed over `logits` calls (adaptive models): mean passes per token."""
+
+    def set_halt_q(self, q: Optional[float], name: str = "--halt-q") -> None:
+        """Decode and score at Q-exit threshold q (None: keep the model's own); refused
+        outside (0, 1] and on a model without a halting head."""
+        if q is None:
+            return
+        problem = halt_q_problem(q, name)
+        if problem:
+            raise ValueError(problem)
+        if not self.adaptive:
+            raise ValueError(f"{name} needs an adaptive pondering model (trained with "
+                             "ponder.halting.mode palbert or pondernet); this one has no "
+                             "halting head")
+        self.halt_q = q
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:

@@ -109,7 +109,7 @@ class PonderLM(nn.Module):
         # adaptive pondering: no module at all when off, so state dicts stay as they were
         self.halting = (halt.HaltingHead(cfg.hidden_size, hcfg.mode, seed,
                                          self.sequence_parallel, params_dtype)
-                        if hcfg.mode != "off" and self.ponder_cfg.steps > 0 else None)
+                        if self.ponder_cfg.adaptive else None)
         self.halting_stats: Optional[dict] = None  # of the last forward with labels
         self.set_activation_checkpointing(cfg.activation_checkpointing)
         for module in self.modules():  # megatron layers are already in params_dtype
@@ -359,10 +359,11 @@ class PonderLM(nn.Module):
             target, mask = self.targets(labels, loss_mask)
         n = position_ids.shape[1]
         lambdas, ces, outs = [], [], []
-        previous, survive, exited = None, None, None  # exited: [s, b] bool
+        previous, survive = None, None
+        # exit pass per token [s, b]; K = not exited (yet): only passes < K set an exit
         exits = torch.full((n, position_ids.shape[0]), K, dtype=torch.long, device=e.device)
         for k in range(K + 1):
-            if cached and exited is not None and bool(exited.all()):
+            if cached and k > 0 and bool((exits < K).all()):
                 for j in range(k, K + 1):  # the frozen rows are the previous pass's
                     per_pass[j].copy_new_from(per_pass[j - 1], n)
                 break
@@ -388,8 +389,7 @@ class PonderLM(nn.Module):
                 now = survive <= 1.0 - q
             else:
                 now = torch.zeros_like(survive, dtype=torch.bool)
-            exiting = now if exited is None else now & ~exited
-            exited = now if exited is None else exited | now
+            exiting = now & (exits == K)
             exits = torch.where(exiting, k, exits)
             if frozen is not None:
                 frozen = frozen.next(exiting.t())

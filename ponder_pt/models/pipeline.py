@@ -87,7 +87,7 @@ class SharedParams(nn.Module):
         hcfg = ponder.halting
         # the same seeded head as PonderLM's; None when halting is off
         self.halting = (halt.HaltingHead(cfg.hidden_size, hcfg.mode, seed, False, dtype)
-                        if hcfg.mode != "off" and steps > 0 else None)
+                        if ponder.adaptive else None)
         self.halting_cfg, self.steps = hcfg, steps
         self.top_k = ponder.top_k
         self.feedback = ponder.feedback
@@ -256,12 +256,11 @@ def pipeline_layers(cfg: ModelConfig, ponder: PonderConfig, seed: int,
         return TiedLayerSpec("shared", SharedParams, cfg, ponder, seed, dtype, forward_fn=fn,
                              tied_weight_attr=shared_attrs)
 
-    halting = ponder.halting.mode != "off" and ponder.steps > 0
     layers = [shared(_embed_fn)]
     for k in range(ponder.steps + 1):
         layers += [TiedLayerSpec(f"block{i}", BlockLayer, cfg, i, seed, dtype,
                                  tied_weight_attr=block_attrs) for i in range(cfg.num_layers)]
-        if halting:
+        if ponder.adaptive:
             layers.append(shared(functools.partial(_halting_feedback_fn, k=k)
                                  if k < ponder.steps else _halting_head_fn))
         else:

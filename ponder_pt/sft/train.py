@@ -21,6 +21,7 @@ import shutil
 import sys
 from typing import Optional, Sequence
 
+from ..config.validate import halt_q_problem
 from .args import add_args, worker_argv
 
 
@@ -222,14 +223,13 @@ def finish(args, cfg, tok, task, m: int, summary: dict) -> str:
 def score(model_dir: str, args, task, pauses: Optional[int], extra: dict) -> str:
     """Score `model_dir` (an HF export or checkpoint.dir) on the task's evaluation split with
     M = pauses (None: the model's recorded M); writes OUT/eval.json and predictions.jsonl."""
-    from ..inference.cli_args import apply_halt_q
     from ..inference.model import load_model
     from ..inference.pauses import resolve_pauses
     from .evaluate import evaluate, write_eval
 
     lm = load_model(model_dir, device=args.device, trust_remote_code=args.trust_remote_code,
                     unsafe_unpickle=args.unsafe_unpickle)
-    apply_halt_q(lm, getattr(args, "halt_q", None))
+    lm.set_halt_q(args.halt_q)
     m = resolve_pauses(pauses, lm.default_pauses, lm.pause_id)
     split, rows = task.eval_split
     rows = rows[:args.max_eval] if args.max_eval else rows
@@ -290,8 +290,9 @@ def cmd_sft(args) -> int:
         return 0
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.halt_q is not None and not 0.0 < args.halt_q <= 1.0:
-        raise ValueError(f"--halt-q {args.halt_q}: must be in (0, 1] (1 = every pass)")
+    problem = None if args.halt_q is None else halt_q_problem(args.halt_q, "--halt-q")
+    if problem:  # before any worker starts
+        raise ValueError(problem)
     _pauses(args)
     launched = "WORLD_SIZE" in os.environ
     model_dir = args.model
