@@ -70,7 +70,7 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
     run_dir = os.path.join(out_dir, "run")
     overrides = [f"data.train=[{prefix}]", f"data.tokenizer={tok_dir}",
                  f"data.cache_dir={os.path.join(out_dir, 'data', 'cache')}",
-                 f"log.dir={run_dir}", f"checkpoint.dir={os.path.join(run_dir, 'checkpoints')}"]
+                 f"run.dir={run_dir}"]
     if quick:
         overrides += ["train.iters=20", "train.eval_interval=10", "train.warmup=2"]
     cfg = load_config("demo", overrides)
@@ -93,10 +93,10 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    if os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    if os.path.isdir(run_dir):
         import shutil
 
-        shutil.rmtree(os.path.join(run_dir, "checkpoints"))  # the demo always starts afresh
+        shutil.rmtree(run_dir)  # the demo always starts afresh
     code = subprocess.call(torchrun_command(2, "demo", overrides), env=env)
     if code != 0:
         raise RuntimeError(f"demo training exited with code {code}")

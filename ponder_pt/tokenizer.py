@@ -2,13 +2,19 @@
 
 The loaded `Tokenizer` also answers the model-side vocabulary questions: the padded vocabulary
 size (a multiple of make_vocab_size_divisible_by x TP, like Megatron) and which padded row is
-reserved for `<pause>`.
+reserved for `<pause>`; and what its ids mean (`identity()`: a hash of the token strings in id
+order and of the file it was read from), which `data prepare` records beside the data and
+`train` compares with data.tokenizer.
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import itertools
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -53,6 +59,8 @@ class Tokenizer:
     def __init__(self, path: str, eod_token: Optional[str] = None):
         self.path = _resolve_tokenizer_file(path)
         self._eod_token = eod_token
+        self._vocab_sha256: Optional[str] = None
+        self._files_sha256: Optional[dict] = None
         if self.path.endswith(".json"):
             from tokenizers import Tokenizer as HFTokenizer
 
@@ -113,6 +121,25 @@ class Tokenizer:
             return self._tok.id_to_token(tid)
         return self._tok.id_to_piece(tid)
 
+    def vocab_sha256(self) -> str:
+        """sha256 of the token strings in id order: equal for a re-saved or copied tokenizer
+        with the same vocabulary, different as soon as any id means another token."""
+        if self._vocab_sha256 is None:
+            lookup = self._tok.id_to_token if self.kind == "bpe" else self._tok.id_to_piece
+            tokens = [lookup(i) for i in range(self.vocab_size)]
+            blob = json.dumps(tokens, ensure_ascii=False).encode("utf-8")
+            self._vocab_sha256 = hashlib.sha256(blob).hexdigest()
+        return self._vocab_sha256
+
+    def identity(self) -> dict:
+        """What the ids of this tokenizer mean, as recorded beside prepared data: the vocabulary
+        hash decides whether two tokenizers agree; the file hashes only tell copies apart."""
+        if self._files_sha256 is None:
+            self._files_sha256 = {os.path.basename(self.path): file_sha256(self.path)}
+        return {"path": os.path.abspath(self.path), "kind": self.kind,
+                "vocab_size": self.vocab_size, "vocab_sha256": self.vocab_sha256(),
+                "files_sha256": dict(self._files_sha256), "eod_id": self.eod_id}
+
     def layout(self, divisible_by: int = 128, tp: int = 1, need_pause: bool = False) -> VocabLayout:
         return VocabLayout.build(self.vocab_size, divisible_by, tp, self.own_pause_id, need_pause)
 
@@ -126,6 +153,14 @@ class Tokenizer:
     # picklable by path, so worker processes can rebuild it cheaply
     def __reduce__(self):
         return (Tokenizer, (self.path, self._eod_token))
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _resolve_tokenizer_file(path: str) -> str:
@@ -149,8 +184,18 @@ def load_tokenizer(path: str, eod_token: Optional[str] = None) -> Tokenizer:
     return Tokenizer(path, eod_token=eod_token)
 
 
+class _TextSeen:
+    """What tokenizer training read: texts per file and the keys of jsonl records that lacked
+    the text key (to suggest --text-key when nothing was usable)."""
+
+    def __init__(self, files: Sequence[str]):
+        self.texts = dict.fromkeys(files, 0)
+        self.keys: collections.Counter = collections.Counter()
+
+
 def _text_lines(files: Sequence[str], text_key: str = "text",
-                rejects: Optional[list] = None) -> Iterable[str]:
+                rejects: Optional[list] = None, seen: Optional[_TextSeen] = None
+                ) -> Iterable[str]:
     """Training text from .txt (lines) or .jsonl (`text_key`) files. A .jsonl line that is not
     JSON or has no string `text_key` is skipped (tokenizer training only samples text) and
     noted in `rejects` as (file, line number, reason); `train_tokenizer` reports them."""
@@ -170,11 +215,39 @@ def _text_lines(files: Sequence[str], text_key: str = "text",
                     text = rec.get(text_key) if isinstance(rec, dict) else None
                     if isinstance(text, str):
                         if text:  # an empty document has nothing to learn from
+                            if seen is not None:
+                                seen.texts[path] += 1
                             yield text
-                    elif rejects is not None:
-                        rejects.append((path, number, f"no string {text_key!r} field"))
+                    else:
+                        if rejects is not None:
+                            rejects.append((path, number, f"no string {text_key!r} field"))
+                        if seen is not None and isinstance(rec, dict) and text_key not in rec:
+                            seen.keys.update(k for k, v in rec.items() if isinstance(v, str))
                 elif line.strip():
+                    if seen is not None:
+                        seen.texts[path] += 1
                     yield line
+
+
+def _no_text_error(files: Sequence[str], text_key: str, rejects: list, seen: _TextSeen
+                   ) -> ValueError:
+    """Why tokenizer training got no text, per file, with the --text-key to try."""
+    why = []
+    for path in files:
+        skipped = sum(1 for p, _, _ in rejects if p == path)
+        if os.path.getsize(path) == 0:
+            why.append(f"{path}: empty file")
+        elif skipped:
+            why.append(f"{path}: {skipped} line(s) skipped, none with text under {text_key!r}")
+        else:
+            why.append(f"{path}: only blank lines or empty texts")
+    hint = ""
+    if seen.keys:
+        best = seen.keys.most_common(1)[0][0]
+        hint = (f"; string keys seen: {', '.join(k for k, _ in seen.keys.most_common(8))}"
+                f" - did you mean --text-key {best}?")
+    return ValueError(f"tokenizer train: no training text in the input(s) ({'; '.join(why)})"
+                      f"{hint}")
 
 
 def _sentence_chunks(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
@@ -215,19 +288,34 @@ SENTENCEPIECE_SETTINGS = dict(
 def train_tokenizer(files: Sequence[str], vocab_size: int, out_dir: str, kind: str = "bpe",
                     text_key: str = "text", show_progress: bool = True) -> str:
     """Train a tokenizer on text/jsonl files; returns the written file path. Skipped .jsonl
-    lines are counted and the first few named (file:line) on stderr."""
-    for path in files:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer training input {path!r} does not exist")
-    os.makedirs(out_dir, exist_ok=True)
+    lines are counted and the first few named (file:line) on stderr; inputs that hold no text
+    at all are refused (ValueError naming them) before anything is written, and an input
+    without text beside others that have some is named on stderr."""
+    missing = [p for p in files if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"tokenizer training input(s) not found: {', '.join(missing)}")
+    folders = [p for p in files if os.path.isdir(p)]
+    if folders:
+        raise ValueError(f"tokenizer training input(s) are directories, not .txt/.jsonl files: "
+                         f"{', '.join(folders)}")
+    if not files:
+        raise ValueError("tokenizer train: no --input files")
     rejects: list = []
+    seen = _TextSeen(files)
     try:
-        return _train(_text_lines(files, text_key, rejects), vocab_size, out_dir, kind,
-                      show_progress)
+        texts = iter(_text_lines(files, text_key, rejects, seen))
+        first = next(texts, None)
+        if first is None:
+            raise _no_text_error(files, text_key, rejects, seen)
+        os.makedirs(out_dir, exist_ok=True)
+        out = _train(itertools.chain([first], texts), vocab_size, out_dir, kind, show_progress)
+        empty = [p for p, n in seen.texts.items() if n == 0]
+        if empty:
+            print(f"tokenizer train: no text in {', '.join(empty)} (trained on the other "
+                  "input(s))", file=sys.stderr)
+        return out
     finally:
         if rejects:
-            import sys
-
             shown = "; ".join(f"{p}:{n}: {why}" for p, n, why in rejects[:5])
             more = f" (and {len(rejects) - 5} more)" if len(rejects) > 5 else ""
             print(f"tokenizer train: skipped {len(rejects)} unusable line(s): {shown}{more}",

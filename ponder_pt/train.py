@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 import sys
 
-if (__name__ == "__main__" and os.environ.get("SLURM_JOB_ID")
-        and "--dry-run" not in sys.argv):
-    # SLURM's time-limit or preemption signal can arrive while the imports below run; caught
-    # from here on (preemption imports nothing else), it is remembered instead of killing the
-    # rank. The batch script requeues ranks killed even earlier (slurm/pretrain.sh)
+if __name__ == "__main__" and "--dry-run" not in sys.argv:
+    # a stop signal (SLURM's time limit or preemption, Ctrl-C through torchrun) can arrive
+    # while the imports below run; caught from here on (preemption imports nothing else), it
+    # is remembered instead of killing the rank. The batch script requeues ranks killed even
+    # earlier (slurm/pretrain.sh)
     from ponder_pt.engine.preemption import catch_early
 
     catch_early()
@@ -28,6 +28,7 @@ from typing import Optional, Sequence  # noqa: E402
 
 # absolute imports: this file is also run as a script by the deepspeed launcher
 from ponder_pt.config import Config, check, config_to_yaml, load_config
+from ponder_pt.launch_env import launcher_reports
 
 DEFAULT_VOCAB = 50304  # GPT-NeoX-20B tokenizer padded to 128, used by --dry-run without data
 
@@ -74,7 +75,8 @@ def resolve(config: Optional[str], overrides: Sequence[str], world_size: int,
     if need_tokenizer:  # a truncated .bin or a foreign .idx fails here, not at some step
         from ponder_pt.data.verify import check_data, config_prefixes
 
-        check_data(config_prefixes(cfg), tok.vocab_size if tok is not None else None)
+        check_data(config_prefixes(cfg, with_keys=True), tokenizer=tok,
+                   model_vocab=cfg.model.vocab_size)
     return cfg, tok
 
 
@@ -144,6 +146,9 @@ def dry_run_report(cfg: Config, world_size: int, launch: str,
         total = tim["seconds"] + tr.iters * comm.seconds(gbps, latency)
         lines.append(f"time to train with communication: {format_duration(total)} "
                      f"({tim['gpus'] * total / 3600:,.0f} GPU-hours)")
+    from ponder_pt.data.verify import dry_run_lines  # unset/absent data and tokenizer
+
+    lines += dry_run_lines(cfg, DEFAULT_VOCAB)
     lines += ["# launch", launch]
     return "\n".join(lines)
 
@@ -197,6 +202,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ponder_pt/train.py", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, metavar="NAME_OR_YAML")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="the run directory (run.dir; default: a new one under runs/)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, layout, size, per-GPU memory and time "
                         "estimates and the launch command; train nothing")
@@ -209,36 +216,116 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def command_line(config: Optional[str], overrides: Sequence[str], run_dir: Optional[str] = None,
+                 nproc: int = 1, prog: Sequence[str] = ("ponder-pt", "train")) -> str:
+    """The shell command that runs this training again (in `run_dir`: resumes it)."""
+    parts = [*prog, "--config", config or "custom"]
+    last = {item.split("=", 1)[0].strip(): i for i, item in enumerate(overrides)}
+    for i, item in enumerate(overrides):
+        key = item.split("=", 1)[0].strip()
+        if last[key] == i and (run_dir is None or key != "run.dir"):  # the last one wins
+            parts += ["--set", item]
+    if run_dir is not None:
+        parts += ["--out", run_dir]
+    if nproc > 1:
+        parts += ["--nproc", str(nproc)]
+    return shlex.join(parts)
+
+
+def prepare_run(cfg: Config, config: Optional[str], world_size: int):
+    """The run's directory and what it resumes, settled before any process group starts;
+    the resume plan (None: a fresh run). A multi-rank launch that names no directory gets
+    one from rank 0 later (`share_run_dir`)."""
+    from ponder_pt.config.resume import plan_resume
+    from ponder_pt.config.run_dir import place_run
+
+    place_run(cfg, config, create=world_size == 1)
+    return plan_resume(cfg) if cfg.run.dir else None
+
+
+def share_run_dir(cfg: Config, config: Optional[str]) -> None:
+    """Ranks launched without a run directory: rank 0 makes a new one for all of them."""
+    from ponder_pt.config.run_dir import fill_dirs, new_run_dir, run_name
+    from ponder_pt.engine import distributed as D
+
+    if cfg.run.dir is None:
+        import torch.distributed as dist
+
+        made = new_run_dir(run_name(cfg, config)) if dist.get_rank() == 0 else None
+        fill_dirs(cfg, D.from_main(made))
+
+
+def start_lines(cfg: Config, plan) -> list[str]:
+    """What a run says first: where it lives, where checkpoints go, what it resumes."""
+    ck = cfg.checkpoint
+    lines = [f"run directory: {cfg.run.dir}"
+             + (f" (logs in {cfg.log.dir})" if cfg.log.dir != cfg.run.dir else "")]
+    if ck.dir:
+        lines.append(f"checkpoints: {ck.dir}, every {ck.interval} steps, at the end and when "
+                     "stopped (Ctrl-C, SIGTERM, SIGUSR1)")
+    else:
+        lines.append("checkpoints: off (checkpoint.save=false): a stop loses the run")
+    if plan is not None:
+        lines += plan.describe()
+    return lines
+
+
+def end_lines(cfg: Config, code: int, step: int, signum: Optional[int], again: str,
+              more: Optional[str] = None) -> list[str]:
+    """What a run says last: how to export and resume it, or why it stopped. `again` is the
+    command that runs it again in the same directory, `more` the one that trains it further."""
+    from ponder_pt.engine.preemption import signal_name
+
+    run_dir, ck = cfg.run.dir, cfg.checkpoint.dir
+    if signum is not None:
+        if not ck:
+            return [f"stopped at step {step} ({signal_name(signum)}), nothing saved "
+                    "(checkpoint.save=false)"]
+        return [f"stopped at step {step} ({signal_name(signum)}), saved; resume with: {again}"]
+    if code != 0 or not ck:
+        return []
+    return [f"finished {step} steps in {run_dir}",
+            f"  export:   ponder-pt convert to-hf --model {run_dir} --out "
+            f"{os.path.join(run_dir, 'hf')}",
+            f"  continue: {more or again + f' --set train.iters={2 * step}'}"]
+
+
 def run(config: Optional[str], overrides: Sequence[str], dry_run: bool = False,
         launch: Optional[str] = None, world_size: Optional[int] = None,
         mfu_from: Optional[str] = None, interconnect: Optional[str] = None,
-        per_node: Optional[int] = None) -> int:
+        per_node: Optional[int] = None, again: Optional[str] = None) -> int:
+    """Train (or with `dry_run`, report). `again`: the command that resumes this run, for
+    its last line (default: `ponder-pt train` with the same config and settings)."""
     from ponder_pt.engine import distributed as D
 
     world_size = world_size or D.env_world_size()
     cfg, tok = resolve(config, overrides, world_size, need_tokenizer=not dry_run)
     if dry_run:
-        launch = launch or os.environ.get("PONDER_PT_LAUNCH")
-        if launch is None:
-            launch = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "ponder_pt.train",
-                                                       *sys.argv[1:]])
+        launch = launch or os.environ.get("PONDER_PT_LAUNCH") or command_line(
+            config, overrides, prog=(sys.executable, "-m", "ponder_pt.train"))
         print(dry_run_report(cfg, world_size, launch, mfu_from, interconnect, per_node))
         return 0
+    plan = prepare_run(cfg, config, world_size)
     from ponder_pt.engine.trainer import Trainer
 
     world = D.init(cfg.parallel.tp, cfg.parallel.pp, cfg.dist.timeout)
+    share_run_dir(cfg, config)
+    report = world.is_main and not launcher_reports()
     finished = False
     try:
         if world.world_size > 1:
             where = D.describe_world()
             if world.is_main:
                 print(where, flush=True)
+        if world.is_main:
+            print("\n".join(start_lines(cfg, plan)), flush=True)
         if cfg.parallel.pp > 1:
             from ponder_pt.engine.pipeline import PipelineTrainer as TrainerClass
         else:
             TrainerClass = Trainer
         try:
-            code = TrainerClass(cfg, tok, world).train()
+            trainer = TrainerClass(cfg, tok, world)
+            code = trainer.train()
         except RuntimeError as exc:  # a peer rank gone: say which, for the job's last line
             why = D.explain_comm_error(exc, cfg.dist.timeout)
             if why is None:
@@ -247,12 +334,22 @@ def run(config: Optional[str], overrides: Sequence[str], dry_run: bool = False,
         finished = True
     finally:
         D.shutdown(clean=finished)
+    if report:
+        if again is None and os.environ.get("SLURM_JOB_ID") and world_size > 1:
+            again = f"the same job script, with RUN_DIR={cfg.run.dir}"
+        more = None if again else command_line(
+            config, [*overrides, f"train.iters={2 * trainer.last_step}"], cfg.run.dir, world_size)
+        again = again or command_line(config, overrides, cfg.run.dir, world_size)
+        for line in end_lines(cfg, code, trainer.last_step, trainer.stop_signal, again, more):
+            print(line, flush=True)
+    if trainer.stop_signal is not None and launcher_reports():
+        return 0  # the launcher reports the stop (torchrun would report an exit code as a crash)
     return code
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if os.environ.get("SLURM_JOB_ID") and not args.dry_run:  # before anything slow
+    if not args.dry_run:  # before anything slow
         from ponder_pt.engine.preemption import catch_early
 
         catch_early()
@@ -261,12 +358,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ponder_pt.config import ConfigError
     from ponder_pt.data.prepare import DataError
     from ponder_pt.engine.failures import run_cli
+    from ponder_pt.weights.files import CheckpointLoadError
 
+    if args.out:
+        args.overrides.append(f"run.dir={args.out}")
     return run_cli("ponder-pt train", lambda: run(args.config, args.overrides, args.dry_run,
                                                   mfu_from=args.mfu_from,
                                                   interconnect=args.interconnect,
                                                   per_node=args.ranks_per_node),
-                   (ConfigError, DataError, FileNotFoundError))
+                   (ConfigError, DataError, FileNotFoundError, CheckpointLoadError))
 
 
 if __name__ == "__main__":

@@ -68,13 +68,19 @@ def test_a_complete_tag_that_fails_to_load_stops_unless_fallback_is_asked(tmp_pa
     assert any("fallback_to_older" in line and newest in line for line in logs)
 
 
+def _other_rank(loaded: bool, mismatch: bool):
+    """all_ok's all-reduce with one more rank: its answers to 'loaded?' then 'no mismatch?'."""
+    answers = iter([loaded, not mismatch])
+    return lambda mine: mine and next(answers)
+
+
 def test_another_ranks_failure_stops_every_rank(tmp_path):
     """all_ok is the all-reduce: this rank loaded the tag, another did not."""
     ckpt = tmp_path / "ckpt"
     _save(str(ckpt), 2)
     _save(str(ckpt), 4)
     with pytest.raises(CheckpointLoadError, match="another rank failed to load it"):
-        _manager(ckpt, []).resume(Engine(), all_ok=lambda ok: False)
+        _manager(ckpt, []).resume(Engine(), all_ok=_other_rank(loaded=False, mismatch=False))
 
 
 def test_provably_broken_tags_are_skipped_without_the_opt_in(tmp_path):
@@ -127,3 +133,21 @@ def test_a_failed_conversion_stops_unless_fallback_is_asked(tmp_path, monkeypatc
     udir = manager.prepare_resume(None, model_cfg=None)
     assert manager.elastic[1] == older and udir == reshard.universal_dir(str(ckpt), older,
                                                                           str(ckpt))
+
+
+def test_weights_of_another_model_are_named_so_not_damage(tmp_path):
+    """A state_dict mismatch (a resume with another model shape) is no damaged file: the
+    message says so and offers neither a fallback nor removing the tag, on the rank that saw
+    it and on the others (all_ok agrees on it too)."""
+    ckpt = tmp_path / "ckpt"
+    _save(str(ckpt), 2)
+    newest = _save(str(ckpt), 4)
+    mismatch = RuntimeError('Error(s) in loading state_dict for PonderLM:\n\tUnexpected key(s) '
+                            'in state_dict: "layers.2.ln1.weight"')
+    for engine, all_ok in ((Engine({newest: mismatch}), None),
+                           (Engine(), _other_rank(loaded=False, mismatch=True))):
+        with pytest.raises(CheckpointLoadError) as err:
+            _manager(ckpt, [], fallback_to_older=True).resume(engine, all_ok=all_ok)
+        msg = str(err.value)
+        assert "holds another model than this run's" in msg and "run_config.yaml" in msg
+        assert "fallback_to_older" not in msg and "damaged" not in msg

@@ -120,3 +120,21 @@ def test_train_refuses_corrupt_data_before_any_process(prepared, bpe_dir, tmp_pa
     assert "torch.distributed" not in proc.stderr and "Traceback" not in proc.stderr
 
 
+
+
+def test_unrecorded_data_is_scanned_within_one_budget_against_the_model_rows(good, tmp_path,
+                                                                             capsys):
+    """Data without a tokenizer record (built here with megatron-core's own builder, as other
+    tools do): scanned for its largest id while the shared budget lasts, the rest named in one
+    note with the command that checks them."""
+    other = _copy(good, str(tmp_path / "other"))
+    with pytest.raises(DataError) as err:
+        check_data([("data.train", good), ("data.valid", other)], model_vocab=256,
+                   scan_limit=os.path.getsize(good + ".bin"))
+    msg = str(err.value)
+    assert f"data.train {good}: token ids go up to 301 (scanned" in msg
+    assert "model has 256 vocabulary rows (model.vocab_size=256)" in msg and other not in msg
+    note = capsys.readouterr().err
+    assert note.startswith("note: 1 prefix(es) without a tokenizer record")
+    assert f"`ponder-pt data verify --full {other}`" in note
+    assert check_data([("data.train", good)], model_vocab=302)[0].ok

@@ -8,7 +8,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from ponder_pt.cli import main
-from ponder_pt.data.prepare import DataError, merge, prepare
+from ponder_pt.data.prepare import DataError, merge, prepare, unrecorded
 from ponder_pt.tokenizer import load_tokenizer
 
 
@@ -30,6 +30,10 @@ def test_indexed_dataset_holds_exact_tokens(kind, workers, corpus, corpus_texts,
         assert ds[i].tolist() == expected[i]
     assert list(ds.document_indices) == list(range(len(expected) + 1))
     assert stats.tokens == sum(map(len, expected)) and stats.rejected == 0
+    record = _record(prefix)
+    assert record["max_token_id"] == max(map(max, expected)) == stats.max_token_id
+    assert (record["documents"], record["tokens"]) == (len(expected), stats.tokens)
+    assert record["tokenizer"]["vocab_size"] == tok.vocab_size
     assert ds.index.dtype == np.uint16  # vocab < 65500: Megatron's optimal dtype
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
@@ -103,14 +107,39 @@ def test_txt_parquet_arrow_and_saved_dataset_inputs(bpe_dir, tmp_path):
     assert reject["file"].endswith("b.parquet") and reject["line"] == 2 and reject["reason"] == "empty text"
 
 
-def test_merge_concatenates_prefixes(bpe_dir, corpus, tmp_path):
+def _record(prefix):
+    with open(prefix + ".tokenizer-id.json") as fh:
+        return json.load(fh)
+
+
+def test_merge_concatenates_prefixes(bpe_dir, sp_dir, corpus, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     prepare([corpus], bpe_dir, a, progress=False)
-    prepare([corpus], bpe_dir, b, progress=False)
+    (tmp_path / "b.txt").write_text("A short second corpus.\n")
+    prepare([str(tmp_path / "b.txt")], bpe_dir, b, progress=False)
     n = merge([a, b], str(tmp_path / "ab"))
-    da, dab = IndexedDataset(a), IndexedDataset(str(tmp_path / "ab"))
-    assert n == len(dab) == 2 * len(da)
-    assert dab[len(da)].tolist() == da[0].tolist()
+    da, db, dab = IndexedDataset(a), IndexedDataset(b), IndexedDataset(str(tmp_path / "ab"))
+    assert n == len(dab) == len(da) + 1
+    assert dab[len(da)].tolist() == db[0].tolist()
+    # the tokenizer record is carried over: the largest id and the counts of both inputs
+    ra, rab = _record(a), _record(str(tmp_path / "ab"))
+    assert rab["tokenizer"] == ra["tokenizer"] == load_tokenizer(bpe_dir).identity()
+    every = np.concatenate([dab[i] for i in range(len(dab))])
+    assert rab["max_token_id"] == int(every.max()) and rab["tokens"] == len(every)
+    assert rab["documents"] == n
+    # another tokenizer: refused, naming both prefixes and tokenizers; nothing written
+    c = str(tmp_path / "c")
+    prepare([str(tmp_path / "b.txt")], sp_dir, c, progress=False)
+    with pytest.raises(DataError, match="different tokenizers") as err:
+        merge([a, c], str(tmp_path / "ac"))
+    for name in (a, c, load_tokenizer(bpe_dir).path, load_tokenizer(sp_dir).path):
+        assert name in str(err.value)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("ac")]
+    # an input prepared elsewhere (no record): the merged prefix gets none either
+    os.remove(b + ".tokenizer-id.json")
+    assert unrecorded([a, b]) == [b]
+    merge([a, b], str(tmp_path / "ab"))
+    assert not os.path.exists(str(tmp_path / "ab") + ".tokenizer-id.json")
 
 
 def test_cli_prepare_reports_and_fails_cleanly(bpe_dir, tmp_path, capsys):

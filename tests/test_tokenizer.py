@@ -1,5 +1,9 @@
 """Tokenizer training and the one loader for both kinds; padded vocab and the <pause> row."""
 
+import hashlib
+import json
+import os
+
 import pytest
 
 from ponder_pt.cli import main
@@ -56,6 +60,30 @@ def test_pause_reservation_when_no_padding_is_free():
     assert lay.pause_id is None and lay.padded_vocab_size == 32000
     lay = VocabLayout.build(500, 128, 1, pause_id=7)  # the tokenizer's own <pause> wins
     assert lay.pause_id == 7 and lay.padded_vocab_size == 512
+
+
+def test_identity_is_the_vocabulary_not_the_file(bpe_dir, sp_dir, tmp_path):
+    """A re-saved tokenizer.json (other formatting, same tokens) keeps its vocabulary hash;
+    a tokenizer whose ids mean other tokens does not."""
+    tok = load_tokenizer(bpe_dir)
+    with open(tok.path) as fh:
+        data = json.load(fh)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data, indent=1))
+    copy = load_tokenizer(str(tmp_path))
+    ident, ident_copy = tok.identity(), copy.identity()
+    assert ident["vocab_sha256"] == ident_copy["vocab_sha256"]
+    assert ident["files_sha256"] != ident_copy["files_sha256"]
+    with open(tok.path, "rb") as fh:
+        assert ident["files_sha256"] == {"tokenizer.json": hashlib.sha256(fh.read()).hexdigest()}
+    assert ident["vocab_size"] == tok.vocab_size and ident["path"] == os.path.abspath(tok.path)
+    sp = load_tokenizer(sp_dir).identity()
+    assert sp["vocab_size"] == ident["vocab_size"] and sp["vocab_sha256"] != ident["vocab_sha256"]
+    # two ids swapped: the same tokens, other ids, another vocabulary
+    vocab = data["model"]["vocab"]
+    a, b = (next(k for k, v in vocab.items() if v == i) for i in (300, 301))
+    vocab[a], vocab[b] = 301, 300
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    assert load_tokenizer(str(tmp_path)).identity()["vocab_sha256"] != ident["vocab_sha256"]
 
 
 def test_loader_errors_are_clear(tmp_path):

@@ -55,6 +55,8 @@ def run_trainer(args, run_dir: str, overrides: list, paths: dict, timeout: float
         f"data.train=[{paths['prefix']}]", f"data.tokenizer={paths['tok']}",
         f"data.cache_dir={os.path.join(os.path.dirname(run_dir), 'cache')}",
         "data.num_workers=0", f"log.dir={run_dir}"]
+    if not any(o.startswith("checkpoint.") for o in overrides):
+        overrides.append("checkpoint.save=false")  # timing rows: no checkpoint to write
     cmd = [sys.executable, "-m", "ponder_pt.train", "--config", "demo"]
     for item in overrides:
         cmd += ["--set", item]

@@ -9,10 +9,10 @@ from typing import Iterable, Union
 class ConfigError(ValueError):
     """A configuration problem the user can fix; the message names the key and the fix."""
 
-    def __init__(self, problems: Union[str, list[str]]):
+    def __init__(self, problems: Union[str, list[str]], headline: str = "invalid configuration"):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid configuration:\n{lines}")
+        super().__init__(f"{headline}:\n{lines}")
 
 
 def suggest(word: str, options: Iterable[str]) -> str:

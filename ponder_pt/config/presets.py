@@ -146,5 +146,16 @@ RUN_PRESETS["demo"] = {
               "warmup": 20, "precision": "fp32", "eval_interval": 50, "eval_iters": 4},
     "parallel": {"zero_stage": 1},
     "checkpoint": {"interval": 100},
-    "log": {"dir": "runs/demo", "interval": 10},
+    "log": {"interval": 10},
+}
+# The newcomer's run: your own text on a laptop CPU in a few minutes (README, "Your own text").
+RUN_PRESETS["tiny"] = {
+    "name": "tiny",
+    "model": {"preset": "pythia-tiny", "num_layers": 4, "hidden_size": 128,
+              "ffn_hidden_size": 512},
+    "data": {"seq_len": 128, "split": "98,2,0"},
+    "train": {"iters": 300, "micro_batch": 8, "global_batch": 16, "lr": 3e-3, "min_lr": 3e-4,
+              "warmup": 0.1, "precision": "fp32", "eval_interval": 100, "eval_iters": 4},
+    "checkpoint": {"interval": 100},
+    "log": {"interval": 10},
 }

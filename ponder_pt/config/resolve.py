@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import os
 
-from ..weights.files import RUN_CONFIG, atomic_write, run_config_path
+from ..weights.files import RUN_CONFIG, atomic_write, checkpoint_dir, run_config_path
 from ..weights.hf_config import model_config_from_hf, read_hf_config
 from .errors import ConfigError, suggest
 from .presets import MODEL_PRESETS
@@ -63,8 +63,10 @@ def resolve_from_init(raw: dict) -> dict:
 
 
 def load_run_config(ckpt_dir: str) -> Config:
-    """The run config saved in a checkpoint.dir (unvalidated: it describes what was run)."""
-    return build(Config, resolve_model_preset(load_raw(run_config_path(ckpt_dir))), "")
+    """The run config saved in a checkpoint.dir, or a run directory's checkpoints/
+    (unvalidated: it describes what was run)."""
+    path = run_config_path(checkpoint_dir(ckpt_dir))
+    return build(Config, resolve_model_preset(load_raw(path)), "")
 
 
 def write_run_config(cfg: Config, ckpt_dir: str) -> None:

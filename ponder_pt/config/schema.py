@@ -189,8 +189,24 @@ class ParallelConfig:
 
 
 @dataclass
+class RunConfig:
+    dir: Optional[str] = None
+    """The run directory (`ponder-pt train --out DIR`): checkpoints/, metrics.jsonl,
+    tensorboard/, loss.png and run_config.yaml. None = a new directory under runs/ named after
+    the config and the start time (`log.dir` or `checkpoint.dir`, when set, override their
+    part). Starting again with the same DIR resumes from its newest checkpoint."""
+    overwrite: bool = False
+    """Start afresh in a `run.dir` that holds a run with no checkpoint to resume from (its
+    metrics.jsonl is replaced). Off: such a directory is refused, never reused silently."""
+
+
+@dataclass
 class CheckpointConfig:
     dir: Optional[str] = None
+    """None = `run.dir`/checkpoints."""
+    save: bool = True
+    """Save at `interval`, at the end and when a stop signal arrives. false: no checkpoints at
+    all (benchmarks); a stop then loses the run."""
     interval: int = 1000
     keep_last: int = 3
     load: Optional[str] = None
@@ -212,7 +228,8 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    dir: str = "runs/default"
+    dir: Optional[str] = None
+    """metrics.jsonl, tensorboard/ and loss.png; None = `run.dir`."""
     interval: int = 1
     wandb: bool = False
     wandb_project: str = "ponder-pt"
@@ -234,6 +251,7 @@ class DistConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     ponder: PonderConfig = field(default_factory=PonderConfig)
     pause: PauseConfig = field(default_factory=PauseConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class Reject:
     line: int
     reason: str
     excerpt: str = ""
+    keys: tuple = ()  # a record without the text key: its keys,
+    longest_text_key: Optional[str] = None  # and the one holding its longest string
 
     def __str__(self) -> str:
         return f"{self.source}:{self.line}: {self.reason}"
@@ -42,9 +44,15 @@ def _excerpt(data: Union[bytes, str], n: int = 80) -> str:
     return text[:n] + ("..." if len(text) > n else "")
 
 
-def _check_text(source: str, line: int, text, key: str, raw) -> Record:
+def _check_text(source: str, line: int, text, key: str, raw, record: Optional[dict] = None
+                ) -> Record:
     if text is None:
-        return Reject(source, line, f"missing text key {key!r}", _excerpt(raw))
+        keys, longest = (), None
+        if record is not None and key not in record:  # what it has instead: --text-key?
+            keys = tuple(str(k) for k in record)
+            strings = [(len(v), str(k)) for k, v in record.items() if isinstance(v, str) and v]
+            longest = max(strings)[1] if strings else None
+        return Reject(source, line, f"missing text key {key!r}", _excerpt(raw), keys, longest)
     if not isinstance(text, str):
         return Reject(source, line, f"text key {key!r} is {type(text).__name__}, not a string",
                       _excerpt(str(raw)))
@@ -84,7 +92,8 @@ class RawLine:
         if not isinstance(record, dict):
             return Reject(self.source, self.line,
                           f"JSON value is {type(record).__name__}, not an object", _excerpt(line))
-        return _check_text(self.source, self.line, record.get(self.text_key), self.text_key, line)
+        return _check_text(self.source, self.line, record.get(self.text_key), self.text_key, line,
+                           record)
 
 
 def read_jsonl_raw(path: str, text_key: str = "text") -> Iterator[RawLine]:
@@ -152,7 +161,8 @@ def read_dataset(spec: str, text_key: str = "text") -> Iterator[Record]:
     else:
         raise FileNotFoundError(f"{spec}: not a file or dataset folder (hub datasets: hf:NAME)")
     for row, record in enumerate(ds, start=1):
-        yield _check_text(spec, row, record.get(text_key), text_key, json.dumps(record, default=str))
+        yield _check_text(spec, row, record.get(text_key), text_key,
+                          json.dumps(record, default=str), record)
 
 
 def read_input(spec: str, text_key: str = "text", txt_mode: str = "paragraph",

@@ -95,7 +95,7 @@ def finetune(cfg: FinetuneConfig, device: Optional[str] = None) -> dict:
     check(cfg, world.dp)
     main = world.is_main
     os.makedirs(cfg.out, exist_ok=True)
-    if not cfg.log.dir or cfg.log.dir == "runs/default":
+    if not cfg.log.dir:
         cfg.log.dir = cfg.out
     seed_everything(cfg.train.seed)
     model, tokenizer, task, train, valid = build(cfg, announce=main)

@@ -13,6 +13,8 @@ from typing import Iterator
 
 import torch
 
+from .preemption import ignore_stop_signals
+
 
 def step_micro_batches(step: int, global_batch: int, micro_batch: int, dp_rank: int,
                        dp: int) -> list[list[int]]:
@@ -40,6 +42,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 
 def loader(dataset, sampler: StepBatchSampler, num_workers: int) -> torch.utils.data.DataLoader:
+    """Workers ignore stop signals: Ctrl-C or a SIGTERM to the process group reaches them too,
+    and the rank, which decides when to stop, still needs their batches to finish the step."""
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=False)
+                                       persistent_workers=False,
+                                       worker_init_fn=ignore_stop_signals if num_workers else None)

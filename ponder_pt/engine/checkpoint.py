@@ -28,16 +28,15 @@ from typing import Callable, Optional
 
 import torch
 
-from ..weights.files import META, file_sizes, list_tags, read_meta, tag_for, verify, write_meta
+from ..weights.files import (META, CheckpointLoadError, file_sizes, list_tags,
+                             newest_complete, read_meta, resume_source, tag_for, verify,
+                             write_meta)
 from . import reshard
+from .failures import one_line
 
 CONVERSION_TIMEOUT = datetime.timedelta(hours=6)
 FALLBACK_HINT = ("set checkpoint.fallback_to_older=true to resume from the previous checkpoint "
                  "instead (the steps since it are trained again)")
-
-
-class CheckpointLoadError(RuntimeError):
-    """The newest complete checkpoint cannot be used, and falling back was not asked for."""
 
 
 def rng_state() -> dict:
@@ -144,18 +143,14 @@ class CheckpointManager:
             shutil.rmtree(os.path.join(self.dir, reshard.CONVERTED), ignore_errors=True)
 
     def resume_source(self, load_dir: Optional[str], quiet: bool = False) -> str:
-        """Where to resume from: `checkpoint.load` until this run has an intact checkpoint of
-        its own in `checkpoint.dir`, then `checkpoint.dir` (a preempted, requeued or restarted
-        run continues from its own progress, not from the checkpoint it started from)."""
-        if not load_dir or os.path.realpath(load_dir) == os.path.realpath(self.dir):
-            return self.dir
-        own = next((t for t in list_tags(self.dir) if verify(self.dir, t) is None), None)
-        if own is None:
-            return load_dir
-        if not quiet and self.rank == 0:
-            self.log(f"checkpoint.dir holds {own}: resuming from it, not from checkpoint.load "
-                     f"({load_dir})")
-        return self.dir
+        """Where to resume from (`weights.files.resume_source`); says so when this run's own
+        checkpoint wins over `checkpoint.load`."""
+        src = resume_source(self.dir, load_dir)
+        if (not quiet and self.rank == 0 and load_dir and src == self.dir
+                and os.path.realpath(load_dir) != os.path.realpath(self.dir)):
+            self.log(f"checkpoint.dir holds {newest_complete(self.dir)}: resuming from it, not "
+                     f"from checkpoint.load ({load_dir})")
+        return src
 
     def prepare_resume(self, load_dir: Optional[str], model_cfg, unsafe_unpickle: bool = False
                        ) -> Optional[str]:
@@ -251,6 +246,7 @@ class CheckpointManager:
                     failures.append(f"{tag}: {reason}")
                 continue
             meta = read_meta(src, tag)
+            other_model = False  # the weights do not fit this model (not a damaged file)
             try:
                 path, client = self._load(engine, src, tag, meta)
                 ok = path is not None
@@ -259,11 +255,18 @@ class CheckpointManager:
                 raise  # no layout recorded: the same on every rank, and no older tag helps
             except Exception as exc:
                 ok, reason = False, f"{type(exc).__name__}: {exc}"
+                other_model = "loading state_dict" in str(exc)
                 print(f"rank {self.rank}: checkpoint {os.path.join(src, tag)} failed to load "
-                      f"({reason})", flush=True)
+                      f"({one_line(reason, 1000)})", flush=True)
             mine = ok
             if all_ok is not None:
                 ok = all_ok(ok)
+                other_model = not all_ok(not other_model)
+            if other_model:  # every tag of a run holds the same model: no fallback helps
+                raise CheckpointLoadError(
+                    f"checkpoint {os.path.join(src, tag)} holds another model than this run's "
+                    f"({one_line(reason, 300) if not mine else 'see the rank that says so'}); "
+                    "resume with the model settings it was trained with (its run_config.yaml)")
             if not ok:
                 if not self.fallback_to_older:
                     who = (reason if not mine

@@ -3,8 +3,12 @@ parallel_state for TP x PP x DP, and the `mpu` view of it that DeepSpeed expects
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,6 +47,33 @@ def adopt_slurm_env() -> None:
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
 
 
+_BANNER = re.compile(r"DeepSpeed \S+ built successfully")
+
+
+def quiet_deepspeed(rank: int) -> None:
+    """DeepSpeed's start-up messages once per run, not once per rank: before DeepSpeed is
+    imported (its logger keeps a filter set now), ranks other than 0 let only its errors
+    through; its warnings and notes repeat rank 0's ("Setting accelerator to CPU", ...)."""
+    if rank != 0:
+        logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
+
+
+@contextlib.contextmanager
+def _no_build_banner(rank: int):
+    """On ranks other than 0, drop the line DeepSpeed prints (a bare print) when it has
+    loaded its comm op; anything else printed meanwhile still goes out."""
+    if rank == 0:
+        yield
+        return
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        sys.stdout.write("".join(line for line in buf.getvalue().splitlines(True)
+                                 if not _BANNER.match(line)))
+
+
 def env_world_size() -> int:
     adopt_slurm_env()
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -54,7 +85,6 @@ def init(tp: int, pp: int, timeout: float = 600.0) -> World:
     (dist.timeout): seconds any collective, and the rendezvous, waits for a peer."""
     import datetime
 
-    import deepspeed
     from megatron.core import parallel_state as ps
 
     from .ds_ops import build_op
@@ -67,6 +97,9 @@ def init(tp: int, pp: int, timeout: float = 600.0) -> World:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
+    quiet_deepspeed(int(os.environ["RANK"]))
+    import deepspeed
+
     set_rendezvous(os.environ, free_port)  # before any process group: fails fast, naming the fix
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
@@ -79,8 +112,9 @@ def init(tp: int, pp: int, timeout: float = 600.0) -> World:
     warn_stale_locks()
     if not dist.is_initialized():
         build_op("ShareMemCommBuilder")  # safe from preemption signals (ds_ops)
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout))
+        with _no_build_banner(int(os.environ["RANK"])):
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                       timeout=datetime.timedelta(seconds=timeout))
     if not ps.model_parallel_is_initialized():
         # its groups get torch's default timeout otherwise (30 min for gloo); it makes a
         # timedelta of these minutes, so a fraction keeps the seconds
@@ -230,6 +264,24 @@ def dp_mean(value: torch.Tensor, world: World) -> torch.Tensor:
 
 def any_true(flag: bool) -> bool:
     return not all_true(not flag)
+
+
+def from_main(value):
+    """Rank 0's `value`, on every rank (itself when there is no process group)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_union(items: set) -> set:
+    """The union of every rank's `items` (a set of picklable values)."""
+    if not dist.is_initialized():
+        return set(items)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, sorted(items))
+    return set().union(*map(set, parts))
 
 
 def barrier() -> None:

@@ -363,7 +363,8 @@ def time_estimate(cfg: Config, world_size: int, mfu_from: Optional[str] = None) 
                                      else "assumed (no usable throughput entry)")
     seconds = tokens * fpt / (world_size * peak * 1e12 * mfu)
     return {"seconds": seconds, "tokens": tokens, "flops": tokens * fpt, "gpus": world_size,
-            "peak_tflops": peak, "peak_source": peak_src, "mfu": mfu, "mfu_source": mfu_src}
+            "gpu": gpu, "peak_tflops": peak, "peak_source": peak_src, "mfu": mfu,
+            "mfu_source": mfu_src}
 
 
 # ------------------------------------------------------------------ report
@@ -371,12 +372,21 @@ def format_duration(seconds: float) -> str:
     days, rest = divmod(seconds, 86400)
     if days:
         return f"{days:.0f} d {rest / 3600:.1f} h"
+    if seconds < 60:
+        return f"{seconds:.2g} s"
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
+def gpus(n: int) -> str:
+    return f"{n} GPU" if n == 1 else f"{n} GPUs"
+
+
 def format_estimate(mem: dict, tim: dict) -> list[str]:
+    """The memory and time sections of `train --dry-run`. Both are for GPUs, whatever this
+    machine is (a dry run is for planning the cluster run), and the headings say so."""
     where = (f"pipeline stage {mem['stage']} of {mem['pp']} (the largest)"
              if mem["pp"] > 1 else "every rank")
+    hours = tim["gpus"] * tim["seconds"] / 3600
     lines = [f"# memory per GPU (estimate, {where}; tp {mem['tp']}, dp {mem['dp']}, "
              f"ZeRO-{mem['zero_stage']})",
              f"{'component':<20} {'GiB':>8}  from"]
@@ -384,11 +394,11 @@ def format_estimate(mem: dict, tim: dict) -> list[str]:
         lines.append(f"{name:<20} {nbytes / GiB:>8.2f}  {note}")
     lines += [f"{'total':<20} {mem['total'] / GiB:>8.2f}  + allocator overhead/fragmentation, "
               "communication buffers and other temporaries come on top",
-              "# time to train (estimate)",
-              f"{format_duration(tim['seconds'])} on {tim['gpus']} GPUs = "
+              f"# time to train (GPU estimate: {tim['gpus']} x {tim.get('gpu') or 'GPU'})",
+              f"{format_duration(tim['seconds'])} on {gpus(tim['gpus'])} = "
               f"{tim['flops']:.3g} FLOPs / ({tim['gpus']} x {tim['peak_tflops']:g} TFLOP/s x "
-              f"MFU {100 * tim['mfu']:.1f} %)"
-              f"; {tim['gpus'] * tim['seconds'] / 3600:,.0f} GPU-hours",
+              f"MFU {100 * tim['mfu']:.1f} %); "
+              + (f"{hours:,.0f}" if hours >= 10 else f"{hours:.2g}") + " GPU-hours",
               f"peak: {tim['peak_source']}",
               f"MFU: {tim['mfu_source']}"]
     return lines

@@ -273,6 +273,10 @@ def read_meta(udir: str) -> dict:
 
 def _full(udir: str, name: str, state: str) -> torch.Tensor:
     path = os.path.join(udir, "zero", name, f"{state}.pt")
+    if not os.path.isdir(os.path.dirname(path)):  # the checkpoint never had this parameter
+        raise ValueError(f"{name}: the model has this parameter, the checkpoint converted in "
+                         f"{udir} has not: the model differs from the one it was trained "
+                         "with; resume with that model's settings (its run_config.yaml)")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} is missing: {udir} is damaged; remove it to convert "
                                 f"the checkpoint again")
@@ -292,12 +296,22 @@ def _local(param: torch.nn.Parameter, full: torch.Tensor, name: str) -> torch.Te
     return t
 
 
-def load_weights(module: torch.nn.Module, udir: str) -> None:
-    """Copy the converted weights into a model before DeepSpeed wraps it."""
+def load_weights(module: torch.nn.Module, udir: str) -> set:
+    """Copy the converted weights into a model before DeepSpeed wraps it; returns the full
+    names it loaded (`unused_params` checks them, gathered over the ranks)."""
+    loaded = set()
     with torch.no_grad():
         for name, p in module.named_parameters():
             t = _local(p, _full(udir, full_name(name), "fp32"), name)
             p.copy_(t.to(device=p.device, dtype=p.dtype))
+            loaded.add(full_name(name))
+    return loaded
+
+
+def unused_params(udir: str, loaded: set) -> list[str]:
+    """Parameters of the converted checkpoint that no rank's model took (`loaded`: every
+    rank's `load_weights`): the checkpoint holds a larger or another model."""
+    return sorted(set(read_meta(udir).get("params", [])) - set(loaded))
 
 
 def _step_value(optimizer, group: dict, like: torch.Tensor, step: float):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 from typing import Optional
@@ -14,14 +15,16 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, config_to_dict, write_run_config
+from ..weights.files import tag_for
 from . import distributed as D
 from .batches import StepBatchSampler, loader
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointLoadError, CheckpointManager
 from .ds_config import build_ds_config
 from .ds_ops import build_adam_op
 from .flops import flops_per_token, peak_tflops
 from .metrics import MetricsLogger
-from .preemption import EXIT_REQUEUE, PreemptionFlag, announce_requeue, marker_path
+from .preemption import (EXIT_INTERRUPTED, EXIT_REQUEUE, PreemptionFlag, announce_requeue,
+                         marker_path, signal_name, write_marker)
 from .schedule import lr_at, make_scheduler
 
 EXIT_DIVERGED = 3
@@ -69,8 +72,9 @@ class Trainer:
             # model before DeepSpeed partitions it, its optimizer state in train()
             self.universal = self.ckpt.prepare_resume(cfg.checkpoint.load, cfg.model,
                                                       cfg.checkpoint.unsafe_unpickle)
-            if world.is_main:
-                write_run_config(cfg, cfg.checkpoint.dir)
+        self.stop_signal: Optional[int] = None  # the signal that stopped training early
+        self.last_saved: Optional[str] = None  # the tag of the last checkpoint written
+        self.last_step = 0
 
         self.engine = self._build_engine(build_ds_config(cfg, world.dp, cfg.parallel.ds_config))
         self.device = self.engine.device
@@ -110,7 +114,7 @@ class Trainer:
     def _initial_weights(self, model: torch.nn.Module) -> None:
         """checkpoint.init_from, then (winning over it) a checkpoint converted from another
         layout. `model` is this rank's piece: a PonderLM, or a PipelineModule stage."""
-        from .reshard import FullNameView, load_weights
+        from .reshard import FullNameView, load_weights, unused_params
 
         if self.cfg.checkpoint.init_from and not self.universal:
             from ..models.hf import load_initial_weights
@@ -120,7 +124,15 @@ class Trainer:
                                  unsafe_unpickle=self.cfg.checkpoint.unsafe_unpickle)
             self.log(f"initial weights from {self.cfg.checkpoint.init_from}")
         if self.universal:
-            load_weights(model, self.universal)
+            loaded = D.gather_union(load_weights(model, self.universal))
+            unused = unused_params(self.universal, loaded)
+            if unused:
+                shown = ", ".join(unused[:6]) + (f" and {len(unused) - 6} more"
+                                                 if len(unused) > 6 else "")
+                raise CheckpointLoadError(
+                    f"the checkpoint converted in {self.universal} holds parameters this model "
+                    f"lacks ({shown}): it was trained with another model; resume with that "
+                    "model's settings (its run_config.yaml)")
 
     def _head_only(self, model: torch.nn.Module) -> None:
         """`ponder.halting.head_only`: freeze everything but the halting head."""
@@ -213,10 +225,34 @@ class Trainer:
                 **self._halting_record()}
 
     def _save(self, step: int, extra: dict) -> None:
-        if self.ckpt is not None:
+        if self.ckpt is not None and self.last_saved != tag_for(step):
             t = time.perf_counter()
-            tag = self.ckpt.save(self.engine, step, {"step": step, **extra})
-            self.log(f"saved checkpoint {tag} ({time.perf_counter() - t:.1f}s)")
+            self.last_saved = self.ckpt.save(self.engine, step, {"step": step, **extra})
+            self.log(f"saved checkpoint {self.last_saved} ({time.perf_counter() - t:.1f}s)")
+
+    def _record_run_config(self) -> None:
+        """run_config.yaml once the resume (if any) loaded: a resume refused or failed leaves
+        the record of what was trained as it was."""
+        if self.world.is_main:
+            for where in {self.cfg.checkpoint.dir, self.cfg.run.dir} - {None}:
+                write_run_config(self.cfg, where)
+
+    def _stop(self, done: int, extra: dict, preempt: PreemptionFlag) -> int:
+        """A stop signal reached some rank: every rank saves step `done`; the exit code."""
+        cfg = self.cfg
+        # the signal may have reached another rank only: theirs decides for everyone
+        interrupted = D.any_true(preempt.received == signal.SIGINT)
+        self.stop_signal = signal.SIGINT if interrupted else (preempt.received or signal.SIGTERM)
+        what = signal_name(self.stop_signal)
+        if self.ckpt is None:
+            self.log(f"{what}: stopping at step {done}; checkpoint.save=false, nothing saved")
+            return EXIT_INTERRUPTED if interrupted else EXIT_REQUEUE
+        self.log(f"signal received: saving at step {done}, then exiting ({what})")
+        self._save(done, extra)
+        if self.world.is_main:
+            write_marker(cfg.checkpoint.dir, done, self.stop_signal)
+            announce_requeue(done)  # for the sbatch script, every rank saved
+        return EXIT_INTERRUPTED if interrupted else EXIT_REQUEUE
 
     # ------------------------------------------------------------------ loop
     def train(self) -> int:
@@ -227,11 +263,16 @@ class Trainer:
             start_step = int(state.get("step", 0))
             if world.is_main and os.path.exists(marker_path(self.ckpt.dir)):
                 os.remove(marker_path(self.ckpt.dir))  # this run is the requeued one
-        elif cfg.checkpoint.load:
-            raise ValueError("checkpoint.load needs checkpoint.dir to save into")
+        self._record_run_config()
+        self.last_step = start_step
+        preempt = PreemptionFlag()
+        if D.any_true(preempt.received == signal.SIGINT):  # Ctrl-C during start-up
+            self.stop_signal = signal.SIGINT
+            self.log(f"stopped before step {start_step + 1}: nothing new to save")
+            preempt.restore()
+            return EXIT_INTERRUPTED
         metrics = MetricsLogger(cfg.log, enabled=world.is_main, run_config=config_to_dict(cfg),
                                 resume=start_step)  # drops rows past it
-        preempt = PreemptionFlag()
         tokens_per_step = tr.global_batch * cfg.data.seq_len
         bad_in_a_row, skipped = int(state.get("bad_in_a_row", 0)), int(state.get("skipped", 0))
         sampler = StepBatchSampler(start_step, tr.iters, tr.global_batch, tr.micro_batch,
@@ -255,7 +296,7 @@ class Trainer:
                 else:
                     bad_in_a_row = 0
                 dt = time.perf_counter() - t0
-                done = step + 1
+                done = self.last_step = step + 1
                 tok_s = tokens_per_step / dt
                 tflops = self.flops_per_token * tok_s / world.world_size / 1e12
                 record = {"loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": done * tokens_per_step,
@@ -271,7 +312,8 @@ class Trainer:
                     halting = (f" | passes {record['halt_passes']:.2f}"
                                if "halt_passes" in record else "")
                     self.log(f"step {done:>6}/{tr.iters} | loss {loss:7.4f}{halting} | lr {lr:.2e} | "
-                             f"gnorm {'n/a' if gnorm is None else f'{gnorm:6.3f}'} | {tok_s:,.0f} tok/s | {tflops:.3g} TFLOP/s/gpu"
+                             f"gnorm {'n/a' if gnorm is None else f'{gnorm:6.3f}'} | {tok_s:,.0f} tok/s"
+                             + (f" | {tflops:.3g} TFLOP/s/gpu" if self.on_cuda else "")
                              + (f" | MFU {record['mfu']:.1%}" if record["mfu"] else "")
                              + (f" | mem {record['peak_mem_gib']:.1f} GiB"
                                 if "peak_mem_gib" in record else "")
@@ -292,15 +334,7 @@ class Trainer:
                 extra = {"bad_in_a_row": bad_in_a_row, "skipped": skipped,
                          "consumed_samples": done * tr.global_batch}
                 if D.any_true(preempt.set):
-                    self.log(f"signal received: saving at step {done} and exiting for requeue "
-                             f"(exit code {EXIT_REQUEUE})")
-                    self._save(done, extra)
-                    if world.is_main and cfg.checkpoint.dir:
-                        with open(marker_path(cfg.checkpoint.dir), "w") as fh:
-                            fh.write(f"step {done}\n")
-                    if world.is_main:
-                        announce_requeue(done)  # for the sbatch script, every rank saved
-                    exit_code = EXIT_REQUEUE
+                    exit_code = self._stop(done, extra, preempt)
                     break
                 if done % cfg.checkpoint.interval == 0 or done == tr.iters:
                     self._save(done, extra)

@@ -80,13 +80,25 @@ def refuse_remote_code(path: str, trust_remote_code: bool) -> None:
 
 def from_pretrained(auto_cls, path: str, trust_remote_code: bool = False, **kwargs):
     """`auto_cls.from_pretrained` with ponder classes registered and remote code refused unless
-    asked for; transformers' own refusal (hub names) is re-raised naming our flag."""
+    asked for; transformers' own refusal (hub names) is re-raised naming our flag. A bad value
+    in config.json is re-raised as a PonderConfigError (a ValueError) naming the file: the
+    Auto classes build a registered config from its dict, which knows no path."""
+    from .templates.configuration_ponder import config_error_at
+
     register_auto_classes()
     refuse_remote_code(path, trust_remote_code)
     try:
         return auto_cls.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except ValueError as exc:
+        named = config_error_at(exc, path)
+        if named is not None:
+            raise named from None
         if trust_remote_code or "trust_remote_code" not in str(exc):
             raise
         raise RemoteCodeRefused(f"{path}: the model needs code that ponder-pt does not ship; "
                                 f"pass {TRUST_FLAG} to run it ({exc})") from exc
+    except Exception as exc:  # transformers' strict config fields (no ValueError)
+        named = config_error_at(exc, path)
+        if named is None:
+            raise
+        raise named from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config import Config, load_run_config
+from ..weights.files import checkpoint_dir
 from ..weights.native import read_weights
 
 
@@ -21,6 +22,7 @@ def read_checkpoint(ckpt_dir: str, tag: Optional[str] = None, unsafe_unpickle: b
     Files are unpickled with torch's weights_only loader, DeepSpeed's checkpoint types
     allow-listed (weights.native.load_checkpoint_file); `unsafe_unpickle` lifts that for
     checkpoints you trust that hold other objects."""
+    ckpt_dir = checkpoint_dir(ckpt_dir)  # a run directory: its checkpoints/
     cfg = load_run_config(ckpt_dir)
     full, tag = read_weights(ckpt_dir, cfg, tag, unsafe_unpickle)
     return cfg, full, tag

@@ -27,7 +27,7 @@ import torch
 
 from ..config import Config
 from ..models.hf import hf_config_from
-from ..weights.files import read_meta
+from ..weights.files import checkpoint_dir, read_meta
 from ..weights.hf_weights import full_to_hf
 from .model_card import write_card
 from .native import read_checkpoint
@@ -142,6 +142,7 @@ def export_full(cfg: Config, full: dict, out: str, tokenizer_path: Optional[str]
 
 def checkpoint_to_hf(ckpt_dir: str, out: str, tag: Optional[str] = None,
                      progress: bool = True, unsafe_unpickle: bool = False) -> str:
+    ckpt_dir = checkpoint_dir(ckpt_dir)  # a run directory: its checkpoints/
     cfg, full, tag = read_checkpoint(ckpt_dir, tag, unsafe_unpickle=unsafe_unpickle)
     state = read_meta(ckpt_dir, tag).get("state") or {}
     steps = int(state.get("step", 0))
@@ -155,5 +156,5 @@ def checkpoint_to_hf(ckpt_dir: str, out: str, tag: Optional[str] = None,
 def cmd_to_hf(args) -> int:
     tag = checkpoint_to_hf(args.checkpoint, args.out, args.tag, progress=not args.quiet,
                            unsafe_unpickle=args.unsafe_unpickle)
-    print(f"exported {args.checkpoint}/{tag} -> {args.out}")
+    print(f"exported {args.checkpoint} ({tag}) -> {args.out}")
     return 0

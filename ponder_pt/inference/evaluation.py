@@ -11,6 +11,10 @@ Pauses (M = --pauses or the model's recorded default): `loglikelihood` scores th
 continuation after context + M pauses (the first continuation token is predicted at the last
 pause); `generate_until` generates after context + M pauses. `loglikelihood_rolling`
 (perplexity of whole documents) has no prompt to append pauses to and uses none.
+
+The tasks are built (their datasets read) before the model loads, so an unknown task name or
+a hub dataset out of reach (no network, HF_DATASETS_OFFLINE=1 with nothing cached) stops the
+command at once with one line, as `sft` and `finetune` do for their hub tasks.
 """
 
 from __future__ import annotations
@@ -25,8 +29,14 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from tqdm import tqdm
 
+from ..data.hub import HubUnavailable, hub_error_line, hub_unreachable
+from ..export.hf_auto import refuse_remote_code
 from .model import InferenceModel, load_model
 from .pauses import append_pauses, resolve_pauses
+
+OFFLINE_HINT = ("--include-path DIR with a task YAML that reads local files (dataset_path: json, "
+                "dataset_kwargs: {data_files: ...}), or run once where the Hub is reachable so "
+                "the datasets cache (HF_DATASETS_CACHE) holds the task's data")
 
 
 class PonderEvalLM(LM):
@@ -164,6 +174,29 @@ class PonderEvalLM(LM):
         return text
 
 
+def load_tasks(tasks: list[str], include_path: Optional[str] = None):
+    """An lm-eval TaskManager whose tasks are built now, datasets included; `simple_evaluate`
+    then uses these instead of building them again. An unknown name or an unreachable hub
+    dataset is a ValueError of one line (HubUnavailable for the latter)."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path and not os.path.isdir(include_path):
+        raise FileNotFoundError(f"--include-path {include_path}: no such directory")
+    tm = TaskManager(include_path=include_path) if include_path else TaskManager()
+    try:
+        loaded = tm.load(tasks)
+    except KeyError as exc:
+        raise ValueError(f"--tasks: {exc.args[0] if exc.args else exc}; `lm-eval ls tasks` "
+                         "lists the known ones, --include-path DIR adds your own YAMLs") from None
+    except Exception as exc:  # noqa: BLE001 - classified here, re-raised unless unreachable
+        if hub_unreachable(exc):
+            raise HubUnavailable(hub_error_line(f"lm-eval task {', '.join(tasks)}",
+                                                OFFLINE_HINT, exc)) from None
+        raise
+    tm.load = lambda task_list: loaded  # simple_evaluate asks for exactly these tasks
+    return tm
+
+
 def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,
              include_path: Optional[str] = None, limit: Optional[float] = None,
              num_fewshot: Optional[int] = None, device: str = "auto", progress: bool = True,
@@ -175,13 +208,15 @@ def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,
     Q-exit threshold (None: the model's own); adaptive models add "mean_passes" (passes per
     scored token) to the results dict."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
+    if not os.path.exists(model_dir):
+        raise FileNotFoundError(f"--model {model_dir}: no such directory")
+    refuse_remote_code(model_dir, trust_remote_code)  # a safety refusal comes first
+    tm = load_tasks(tasks, include_path)  # before the model: a task that cannot load fails fast
     model = load_model(model_dir, device=device, trust_remote_code=trust_remote_code,
                        unsafe_unpickle=unsafe_unpickle)
     model.set_halt_q(halt_q)
     lm = PonderEvalLM(model, pauses, progress=progress, batch_size=batch_size)
-    tm = TaskManager(include_path=include_path) if include_path else TaskManager()
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                   task_manager=tm, log_samples=False, random_seed=seed,
                                   numpy_random_seed=seed, torch_random_seed=seed,

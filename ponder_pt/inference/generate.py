@@ -66,6 +66,9 @@ def generate_many(lm: InferenceModel, prompts: list[str], max_new_tokens: int = 
 
 
 def cmd_generate(args) -> int:
+    if args.output and not args.prompts_file:
+        raise ValueError("--out FILE goes with --prompts-file (one JSON line per prompt); "
+                         "with --prompt the text goes to stdout")
     prompts = read_prompts(args.prompts_file) if args.prompts_file else None  # before loading
     lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
                     unsafe_unpickle=args.unsafe_unpickle)

@@ -11,7 +11,7 @@ included): they are masked out of the logits.
 from __future__ import annotations
 
 import abc
-
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -261,10 +261,8 @@ class NativeModel(PonderLMModel):
         cfg.parallel.tp, cfg.model.activation_checkpointing = 1, "none"
         self.cfg, self.device = cfg, torch.device(resolve_device(device))
         self.model = PonderLM(cfg.model, cfg.ponder).eval()
-        missing, unexpected = self.model.load_state_dict(full, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise KeyError(f"checkpoint/model mismatch: missing {missing}, unexpected {unexpected}")
+        _check_native_weights(self.model, full, ckpt_dir, self.tag)
+        self.model.load_state_dict(full, strict=False)  # strict but for _extra_state
         self.model.to(self.device)
         self.tok = load_tokenizer(cfg.data.tokenizer)
         self.eos_id, self.vocab_rows = self.tok.eod_id, self.tok.vocab_size
@@ -276,6 +274,33 @@ class NativeModel(PonderLMModel):
 
 
 
+def _check_native_weights(model, full: dict, ckpt_dir: str, tag: str) -> None:
+    """The checkpoint's tensors against the model its run_config.yaml builds:
+    WeightsMismatchError naming the files, keys and the config key to fix."""
+    from ..weights.files import checkpoint_dir, run_config_path
+    from ..weights.mismatch import check_weights
+    from ..weights.native import model_files
+
+    ckpt_dir = checkpoint_dir(ckpt_dir)  # a run directory: its checkpoints/, as read_checkpoint
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
+                if not k.endswith("_extra_state")}
+    c = model.cfg
+    check_weights(expected, {k: tuple(v.shape) for k, v in full.items()},
+                  weights=model_files(ckpt_dir, tag), config=run_config_path(ckpt_dir),
+                  layer_key="model.num_layers",
+                  sizes={"model.hidden_size": c.hidden_size, "model.ffn_hidden_size": c.ffn_size,
+                         "model.vocab_size": c.vocab_size, "model.max_seq_len": c.max_seq_len},
+                  fix="point --model at the checkpoint.dir that wrote these weights")
+
+
+class _DropLoadReport(logging.Filter):
+    """transformers' table of missing / unexpected / reshaped keys: check_loading_info says
+    the same in the error that follows it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
 class HFModel(InferenceModel):
     """An HF directory from `ponder-pt convert to-hf` (or any GPT-NeoX / LLaMA HF model)."""
 
@@ -283,14 +308,27 @@ class HFModel(InferenceModel):
 
     def __init__(self, path: str, device: str = "auto", trust_remote_code: bool = False):
         """Pondering exports load with ponder-pt's own classes; code from the directory runs
-        only with trust_remote_code (`--trust-remote-code`), see ponder_pt.export.hf_auto."""
+        only with trust_remote_code (`--trust-remote-code`), see ponder_pt.export.hf_auto.
+        Weights that do not match config.json (missing, unexpected or reshaped tensors) are
+        refused, stock classes too: WeightsMismatchError, a ValueError naming files and keys."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..export.hf_auto import from_pretrained
+        from ..export.templates.modeling_ponder import check_loading_info
 
         self.device = torch.device(resolve_device(device))
-        self.model = from_pretrained(AutoModelForCausalLM, path, trust_remote_code,
-                                     dtype=torch.float32).to(self.device).eval()
+        # mismatched shapes come back in the loading info (else transformers raises a bare
+        # RuntimeError pointing at a log table)
+        log, quiet = logging.getLogger("transformers.modeling_utils"), _DropLoadReport()
+        log.addFilter(quiet)
+        try:
+            model, info = from_pretrained(AutoModelForCausalLM, path, trust_remote_code,
+                                          dtype=torch.float32, output_loading_info=True,
+                                          ignore_mismatched_sizes=True)
+        finally:
+            log.removeFilter(quiet)
+        check_loading_info(path, info, model)
+        self.model = model.to(self.device).eval()
         self.tok = from_pretrained(AutoTokenizer, path, trust_remote_code)
         c = self.model.config
         self.eos_id = c.eos_token_id if c.eos_token_id is not None else self.tok.eos_token_id

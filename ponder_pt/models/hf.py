@@ -18,6 +18,7 @@ from ..config.resolve import load_run_config
 from ..config.schema import ModelConfig
 from ..weights.hf_weights import full_to_hf, hf_to_full, read_hf_weights
 from ..weights.layout import pad_vocab
+from ..weights.mismatch import WeightsMismatchError
 from ..weights.native import read_weights
 from . import parallel as par
 
@@ -90,15 +91,21 @@ def load_full_state_dict(model: torch.nn.Module, full: dict, source: str = "sour
         if not any(name.startswith(prefix) for name in full):
             params = {n: p for n, p in params.items() if not n.startswith(prefix)}
     missing = sorted(set(params) - set(full))
-    if missing:
-        raise KeyError(f"{source}: no weights for {missing}")
+    if missing:  # (tensors `model` lacks are fine: a pipeline stage holds some layers only)
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
+                                          else "")
+        raise WeightsMismatchError(f"{source}: no weights for {len(missing)} tensors of the "
+                                   f"model ({shown}): it was saved from a model of another "
+                                   "shape; make the run's model.* match it")
     with torch.no_grad():
         for name, p in params.items():
             spec = par.partition_spec(p)
             t = par.shard(full[name], *spec) if spec else full[name]
             if t.shape != p.shape:
-                raise ValueError(f"{name}: {source} gives {tuple(t.shape)} for this rank, "
-                                 f"model has {tuple(p.shape)}")
+                raise WeightsMismatchError(
+                    f"{source}: {name} is {tuple(t.shape)} for this rank there, "
+                    f"{tuple(p.shape)} in the model: it was saved from a model of another "
+                    "shape; make the run's model.* match it")
             p.copy_(t.to(p.dtype))
 
 

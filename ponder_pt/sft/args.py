@@ -48,21 +48,25 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=0,
                    help="tokens per example (input side); longer examples lose prompt tokens "
                         "from the left (counted); 0 = the model's max_seq_len")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training rows")
     p.add_argument("--max-steps", type=int, default=0, help="optimizer steps; 0 = --epochs")
     p.add_argument("--batch-size", type=int, default=16,
                    help="global batch (split over the --nproc processes)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--min-lr", type=float, default=0.0,
+                   help="learning rate at the end of the decay")
     p.add_argument("--warmup", type=float, default=0.06,
                    help="warmup: a fraction of the steps (< 1) or a number of steps")
-    p.add_argument("--lr-decay", default="linear", choices=["linear", "cosine", "constant"])
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2])
+    p.add_argument("--lr-decay", default="linear", choices=["linear", "cosine", "constant"],
+                   help="schedule after the warmup")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="gradient norm clipping; 0 = off")
+    p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2],
+                   help="DeepSpeed ZeRO stage")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 on a GPU, fp32 on the CPU")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="random seed (data order)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="validate every N steps; 0 = once per epoch")
     p.add_argument("--early-stop", type=int, default=3,
@@ -109,8 +113,10 @@ def add_task_args(p: argparse.ArgumentParser) -> None:
                         "(a=3; b=a+4; c=b*2; c=?); sort: sort a short list")
     p.add_argument("--level", type=int, default=1,
                    help="difficulty 1..5 (digits / hops / list length grow with it)")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="writes DIR/train.jsonl, validation.jsonl, test.jsonl and task.json")
     p.add_argument("--train", type=int, default=2000, help="training rows")
-    p.add_argument("--validation", type=int, default=200)
-    p.add_argument("--test", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--validation", type=int, default=200, help="validation rows")
+    p.add_argument("--test", type=int, default=200, help="test rows")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the rows are a function of kind, level and seed")

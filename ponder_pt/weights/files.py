@@ -23,7 +23,13 @@ from typing import Optional
 META = "ponder_meta.json"
 LATEST = "latest"
 RUN_CONFIG = "run_config.yaml"
+CHECKPOINTS = "checkpoints"  # a run directory's checkpoint.dir unless set otherwise
 _TAG = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint cannot be used for this run, and falling back was not asked for (or would
+    not help); the message says why and what to do."""
 
 
 def tag_for(step: int) -> str:
@@ -91,6 +97,11 @@ def read_meta(ckpt_dir: str, tag: str) -> dict:
 def resolve_tag(ckpt_dir: str, tag: Optional[str] = None) -> str:
     """`tag`, else the newest complete tag (the one `latest` names when it is intact)."""
     if tag is not None:
+        if not os.path.isdir(os.path.join(ckpt_dir, tag)):
+            there = list_tags(ckpt_dir)
+            raise ValueError(f"{ckpt_dir}: no tag {tag}; "
+                             + (f"these exist: {', '.join(there)}" if there
+                                else "it holds no step_NNNNNNNN tags"))
         reason = verify(ckpt_dir, tag)
         if reason is not None:
             raise ValueError(f"{ckpt_dir}/{tag}: {reason}")
@@ -120,3 +131,30 @@ def hf_source(path: str) -> Optional[str]:
         if verify(path, tag) is None:
             return read_meta(path, tag).get("source")
     return None
+
+
+def newest_complete(ckpt_dir: str) -> Optional[str]:
+    """The newest tag of `ckpt_dir` that is complete and intact, or None."""
+    return next((t for t in list_tags(ckpt_dir) if verify(ckpt_dir, t) is None), None)
+
+
+def checkpoint_dir(path: str) -> str:
+    """The checkpoint directory a user means by `path`: `path` itself when it holds step tags,
+    else a run directory's `checkpoints/` (`ponder-pt train --out DIR`) when that holds tags
+    or a run config; `path` unchanged otherwise (the caller reports what is missing)."""
+    inner = os.path.join(path, CHECKPOINTS)
+    if (not list_tags(path) and os.path.isdir(inner)
+            and (list_tags(inner) or os.path.exists(os.path.join(inner, RUN_CONFIG)))):
+        return inner
+    return path
+
+
+def resume_source(ckpt_dir: str, load_dir: Optional[str]) -> str:
+    """Where a run resumes from: `checkpoint.load` until `ckpt_dir` holds an intact checkpoint
+    of the run's own, then `ckpt_dir` (a preempted, requeued or restarted run continues from
+    its own progress, not from the checkpoint it started from)."""
+    if not load_dir or os.path.realpath(load_dir) == os.path.realpath(ckpt_dir):
+        return ckpt_dir
+    if newest_complete(ckpt_dir) is not None:
+        return ckpt_dir
+    return checkpoint_dir(load_dir)

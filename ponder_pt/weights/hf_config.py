@@ -3,6 +3,14 @@ LlamaConfig / GPT2Config (our pondering exports' too) and the fields our exports
 
 Needs only transformers, imported when a function runs (the config layer reads shapes here
 without loading torch).
+
+Every field read here is checked first, so a bad value names its key and the file
+("config.json: ponder_steps must be an integer >= 0, got 'three' (DIR/config.json)")
+instead of failing later in int() or float(): HFConfigError, a ValueError. The pondering
+fields follow the rules of the exported configuration class
+(`ponder_pt.export.templates.configuration_ponder.ponder_field_problem`, which an export
+carries on its own and so cannot be imported from here; tests hold the two to the same
+verdicts).
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
+from typing import Optional
 
 # config.json fields of our pondering / pause exports on top of the stock config
 PONDER_KEYS = ("ponder_steps", "ponder_scale_embeds", "ponder_scale_initial_by_steps",
@@ -18,13 +27,116 @@ PONDER_KEYS = ("ponder_steps", "ponder_scale_embeds", "ponder_scale_initial_by_s
                "ponder_transformers", "auto_map")
 
 
+class HFConfigError(ValueError):
+    """A config.json field has a value ponder-pt cannot use; the message names key and file."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def ponder_field_problem(key: str, value) -> Optional[str]:
+    """What is wrong with a pondering field of config.json, or None (null = the default)."""
+    if key in ("ponder_steps", "ponder_top_k", "default_pauses"):
+        if value is None or (_is_int(value) and value >= 0):
+            return None
+        return f"{key} must be an integer >= 0, got {value!r}"
+    if key in ("ponder_scale_embeds", "ponder_scale_initial_by_steps"):
+        return None if isinstance(value, bool) else f"{key} must be true or false, got {value!r}"
+    if key in ("ponder_feedback", "ponder_halting"):
+        allowed = (("embedding", "hidden") if key == "ponder_feedback"
+                   else ("off", "pondernet", "palbert"))
+        if value is None or value in allowed:
+            return None
+        return f"{key} must be one of {', '.join(allowed)}, got {value!r}"
+    if key == "ponder_halt_q":
+        if value is None or (_is_number(value) and 0 < value <= 1):
+            return None
+        return f"{key} must be a number in (0, 1], got {value!r}"
+    if key == "pause_token_id":
+        if value is None or (_is_int(value) and value >= 0):
+            return None
+        return f"{key} must be an integer >= 0 or null, got {value!r}"
+    if key == "ponder_transformers":
+        if value is None:
+            return None
+        from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+        try:
+            SpecifierSet(value)
+            return None
+        except (InvalidSpecifier, TypeError):
+            return f"{key} must be a version range such as '>=5.17,<5.26', got {value!r}"
+    return None
+
+
+# the stock fields read below (model_config_from_hf), by the check they get; GPT-2 spells
+# its sizes n_*; optional ones may be null (transformers then derives them)
+_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+          "intermediate_size", "max_position_embeddings", "n_layer", "n_embd", "n_head",
+          "n_positions")
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "n_inner")
+_POSITIVE = ("layer_norm_eps", "rms_norm_eps", "layer_norm_epsilon", "rope_theta",
+             "rotary_emb_base")
+_FRACTIONS = ("rotary_pct", "partial_rotary_factor")
+_BOOLS = ("tie_word_embeddings", "use_parallel_residual", "attention_bias", "mlp_bias",
+          "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention")
+
+
+def stock_field_problem(key: str, value) -> Optional[str]:
+    """What is wrong with a stock field that ponder-pt reads, or None."""
+    if key in _SIZES or (key in _OPTIONAL_SIZES and value is not None):
+        return None if _is_int(value) and value >= 1 else \
+            f"{key} must be an integer >= 1, got {value!r}"
+    if key in _POSITIVE:
+        return None if _is_number(value) and value > 0 else \
+            f"{key} must be a number > 0, got {value!r}"
+    if key in _FRACTIONS:
+        return None if _is_number(value) and 0 <= value <= 1 else \
+            f"{key} must be a number in [0, 1], got {value!r}"
+    if key in _BOOLS:
+        return None if isinstance(value, bool) else f"{key} must be true or false, got {value!r}"
+    if key in ("rope_parameters", "rope_scaling") and value is not None:
+        if not isinstance(value, dict):
+            return f"{key} must be an object, got {value!r}"
+        for sub, inner in value.items():
+            problem = stock_field_problem(sub, inner)
+            if problem:
+                return f"{key}.{problem}"
+    return None
+
+
+def config_problems(raw: dict) -> list[str]:
+    """Every bad value among the fields of a config.json (a dict) that ponder-pt reads."""
+    found = []
+    for key, value in raw.items():
+        problem = (ponder_field_problem(key, value) if key in PONDER_KEYS
+                   else stock_field_problem(key, value))
+        if problem:
+            found.append(problem)
+    return found
+
+
 def read_hf_config(path: str):
     """(stock GPTNeoXConfig/LlamaConfig/GPT2Config, our extra fields) of an HF dir (ponder
-    exports too)."""
+    exports too). HFConfigError naming the key and file for a bad value."""
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
-        raw = json.load(fh)
+    file = os.path.join(path, "config.json")
+    with open(file, encoding="utf-8") as fh:
+        try:
+            raw = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise HFConfigError(f"config.json: not JSON ({exc}) ({file})") from None
+    if not isinstance(raw, dict):
+        raise HFConfigError(f"config.json: expected a JSON object ({file})")
+    found = config_problems(raw)
+    if found:
+        raise HFConfigError(f"config.json: {'; '.join(found)} ({file})")
     extra = {k: raw.pop(k) for k in PONDER_KEYS if k in raw}
     kind = raw.get("model_type", "").removeprefix("ponder_")
     classes = {"gpt_neox": GPTNeoXConfig, "llama": LlamaConfig, "gpt2": GPT2Config}
@@ -33,7 +145,12 @@ def read_hf_config(path: str):
                          "(gpt_neox, llama or gpt2)")
     raw["model_type"] = kind
     raw.pop("architectures", None)
-    return classes[kind].from_dict(raw), extra
+    try:
+        return classes[kind].from_dict(raw), extra
+    except Exception as exc:  # transformers' strict fields: huggingface_hub's, no ValueError
+        if not any(c.__name__ == "StrictDataclassError" for c in type(exc).__mro__):
+            raise
+        raise HFConfigError(f"config.json: {' '.join(str(exc).split())} ({file})") from None
 
 
 def _rope(hf_config) -> tuple[float, float]:

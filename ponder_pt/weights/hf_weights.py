@@ -16,6 +16,11 @@ Layout notes:
   Stock GPT-2 directories (openai-community/gpt2) store GPT2Model keys without the
   `transformer.` prefix and unused `attn.bias` mask buffers: both are accepted.
 
+`hf_to_full` first checks the tensors against the shape `cfg` describes (`hf_shapes`): a
+missing, unexpected or reshaped tensor is a WeightsMismatchError naming the files (when they
+came from `read_hf_weights`) and keys, never a KeyError or a silently dropped tensor. Fewer
+vocabulary rows than cfg.vocab_size are fine (they are padded).
+
 `cfg` below is a model config (`ponder_pt.config.ModelConfig` or anything with its fields).
 """
 
@@ -23,11 +28,13 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from typing import Optional
 
 import torch
 
 from .layout import pad_rows
+from .mismatch import check_weights
 
 _PREFIX = {"gpt_neox": "gpt_neox.", "llama": "model."}
 _LAYER_KEYS = {
@@ -47,21 +54,30 @@ _TOP_KEYS = {
 }
 
 
-def read_hf_weights(path: str) -> dict:
+class HFWeights(dict):
+    """`read_hf_weights`' tensors, with the directory and files they came from (for errors)."""
+
+    path: Optional[str] = None
+    files: tuple = ()
+
+
+def read_hf_weights(path: str) -> HFWeights:
+    sd = HFWeights()
+    sd.path = path
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if files:
         from safetensors.torch import load_file
 
-        sd = {}
         for f in files:
             sd.update(load_file(f))
+        sd.files = tuple(files)
         return sd
     bins = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
     if not bins:
         raise FileNotFoundError(f"{path}: no *.safetensors or pytorch_model*.bin weights")
-    sd = {}
     for f in bins:
         sd.update(torch.load(f, map_location="cpu", weights_only=True))
+    sd.files = tuple(bins)
     return sd
 
 
@@ -140,13 +156,89 @@ HALTING_NAMES = {"halting.proj.weight": "ponder_halting.weight",
                  "halting.proj.bias": "ponder_halting.bias"}
 
 
+def hf_shapes(cfg, gpt2_prefix: str = "transformer.") -> dict:
+    """HF name -> shape of every tensor of an HF model of shape `cfg` (cfg.vocab_size rows;
+    `lm_head` only when untied; GPT-2's keys under `gpt2_prefix`)."""
+    h, f, rows = cfg.hidden_size, cfg.ffn_size, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    if cfg.arch == "gpt2":
+        p = gpt2_prefix
+        out = {p + "wte.weight": (rows, h), p + "wpe.weight": (cfg.max_seq_len, h),
+               p + "ln_f.weight": (h,), p + "ln_f.bias": (h,)}
+        for i in range(cfg.num_layers):
+            hp = f"{p}h.{i}."
+            out.update({hp + n: (h,) for n in ("ln_1.weight", "ln_1.bias", "ln_2.weight",
+                                               "ln_2.bias", "attn.c_proj.bias", "mlp.c_proj.bias")})
+            out.update({hp + "attn.c_attn.weight": (h, q + 2 * kv),  # Conv1D: [in, out]
+                        hp + "attn.c_attn.bias": (q + 2 * kv,), hp + "attn.c_proj.weight": (q, h),
+                        hp + "mlp.c_fc.weight": (h, f), hp + "mlp.c_fc.bias": (f,),
+                        hp + "mlp.c_proj.weight": (f, h)})
+        return out
+    pre, top = _PREFIX[cfg.arch], _TOP_KEYS[cfg.arch]
+    out = {pre + top["embed"] + ".weight": (rows, h), pre + top["final_norm"] + ".weight": (h,)}
+    if cfg.arch == "gpt_neox":
+        out[pre + "final_layer_norm.bias"] = (h,)
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = (rows, h)
+    weights = {"ln1": (h,), "ln2": (h,), "attn.qkv": (q + 2 * kv, h), "attn.dense": (h, q),
+               "mlp.fc1": (f, h), "mlp.fc2": (h, f)}
+    for ours, theirs in _layer_names(cfg):
+        module, suffix = ours.split(".", 2)[2].rsplit(".", 1)
+        out[theirs] = weights[module] if suffix == "weight" else weights[module][:1]
+    for i in range(cfg.num_layers if cfg.arch == "llama" else 0):
+        hp = f"{pre}layers.{i}."
+        out.update({hp + "self_attn.q_proj.weight": (q, h), hp + "self_attn.k_proj.weight": (kv, h),
+                    hp + "self_attn.v_proj.weight": (kv, h), hp + "mlp.gate_proj.weight": (f, h),
+                    hp + "mlp.up_proj.weight": (f, h)})
+    return out
+
+
+# what an HF file may hold beyond the model's tensors: buffers older transformers saved
+# (attention masks, rotary frequencies)
+_BUFFERS = re.compile(r"(\.attn\.(bias|masked_bias)|\.attention\.(bias|masked_bias)"
+                      r"|rotary_emb\.inv_freq)$")
+
+
+def check_hf_weights(sd: dict, cfg) -> None:
+    """WeightsMismatchError unless `sd` holds exactly the tensors of an HF model of shape `cfg`
+    (see the module docstring); `sd` from `read_hf_weights` is named by its files."""
+    prefix = "" if cfg.arch == "gpt2" and "transformer.wte.weight" not in sd \
+        and "wte.weight" in sd else "transformer."
+    expected = hf_shapes(cfg, prefix)
+    found = {k: tuple(v.shape) for k, v in sd.items()
+             if not _BUFFERS.search(k) and k not in HALTING_NAMES.values()}
+    if "embed_out.weight" in found and "lm_head.weight" not in found:  # GPT-NeoX's old name
+        found["lm_head.weight"] = found.pop("embed_out.weight")
+    if cfg.tie_embeddings:
+        found.pop("lm_head.weight", None)  # a tied head is the embedding
+    for name, shape in list(expected.items()):  # fewer vocabulary rows are padded
+        if shape[0] == cfg.vocab_size and len(shape) == 2 and name in found \
+                and found[name][1:] == shape[1:] and found[name][0] <= shape[0]:
+            expected[name] = found[name]
+    path, files = getattr(sd, "path", None), getattr(sd, "files", ())
+    if len(files) == 1:
+        weights = files[0]
+    else:
+        weights = f"{path} ({len(files)} weight files)" if files else "the HF state dict"
+    gpt2 = cfg.arch == "gpt2"
+    sizes = {"vocab_size": cfg.vocab_size, "n_embd" if gpt2 else "hidden_size": cfg.hidden_size,
+             "n_inner" if gpt2 else "intermediate_size": cfg.ffn_size,
+             "n_positions" if gpt2 else "max_position_embeddings": cfg.max_seq_len}
+    check_weights(expected, found, weights=weights,
+                  config=os.path.join(path, "config.json") if path else "the model config",
+                  layer_key="n_layer" if gpt2 else "num_hidden_layers", sizes=sizes,
+                  fix="re-export the checkpoint with `ponder-pt convert to-hf` if ponder-pt "
+                      "wrote it")
+
+
 def hf_to_full(sd: dict, cfg) -> dict:
     """HF state dict -> full (unsharded) tensors under our parameter names.
 
     An HF vocabulary smaller than cfg.vocab_size (padded for TP) gets zero rows appended to
     the embedding and the output head. An adaptive pondering export's halting head comes
-    along under our names.
+    along under our names. Tensors that do not match `cfg` are refused (`check_hf_weights`).
     """
+    check_hf_weights(sd, cfg)
     out = _backbone_to_full(sd, cfg)
     out.update({ours: sd[theirs] for ours, theirs in HALTING_NAMES.items() if theirs in sd})
     return out

@@ -166,6 +166,16 @@ def _pipeline_full(root: str, cfg, meta: dict, unsafe_unpickle: bool) -> dict:
     return merge_tp(parts, cfg.model)
 
 
+def model_files(ckpt_dir: str, tag: str) -> str:
+    """The files holding `tag`'s weights, as an error message names them: the one model-states
+    file, else the tag directory and how many there are."""
+    root = os.path.join(ckpt_dir, tag)
+    files = sorted(glob.glob(os.path.join(root, "*model_states.pt")))
+    if len(files) == 1:
+        return files[0]
+    return f"{root} ({len(files)} model-state files)" if files else root
+
+
 def read_weights(ckpt_dir: str, cfg, tag: Optional[str] = None, unsafe_unpickle: bool = False
                  ) -> tuple[dict, str]:
     """(full fp32 state dict in our naming, tag) of `ckpt_dir`'s tag (default: the newest

@@ -13,9 +13,12 @@ config:
     pause_token_id / default_pauses (pause-trained models; None / 0 otherwise),
     ponder_transformers (the transformers versions the export was tested with, e.g.
     ">=5.17,<5.26"; the model refuses to load outside them).
+A wrong value in any of them (`"ponder_steps": "three"`) is refused when the config is built,
+naming the key (and config.json, when loaded from a directory): PonderConfigError.
 """
 
 import dataclasses
+import os
 
 from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
@@ -49,6 +52,80 @@ def check_transformers_version(config) -> None:
             "(`ponder-pt convert to-hf`) that supports this transformers.")
 
 
+class PonderConfigError(ValueError):
+    """A field of a pondering config.json has a value the model cannot use."""
+
+    def __init__(self, problem: str, path: str | None = None):
+        self.problem, self.path = problem, path
+        super().__init__(f"config.json: {problem}" + (f" ({path})" if path else ""))
+
+
+def config_file(name_or_path) -> str:
+    """The config.json that `from_pretrained(name_or_path)` reads (a directory's, or the
+    name itself: a file, or a Hub repository)."""
+    name_or_path = os.fspath(name_or_path)
+    return (os.path.join(name_or_path, "config.json") if os.path.isdir(name_or_path)
+            else name_or_path)
+
+
+def config_error_at(exc: Exception, name_or_path) -> "PonderConfigError | None":
+    """`exc` (raised while building a config) as a PonderConfigError naming the file, or None
+    when it is no config-value problem. transformers' own fields are checked by its strict
+    dataclasses (huggingface_hub's StrictDataclassError, which is no ValueError)."""
+    if isinstance(exc, PonderConfigError):
+        return PonderConfigError(exc.problem, config_file(name_or_path))
+    if any(c.__name__ == "StrictDataclassError" for c in type(exc).__mro__):
+        return PonderConfigError(" ".join(str(exc).split()), config_file(name_or_path))
+    return None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def ponder_field_problem(key: str, value) -> str | None:
+    """What is wrong with config.json's pondering field `key` = `value`, or None. None stands
+    for the default where the model reads `value or default` (steps, top-k, pauses, feedback,
+    halting)."""
+    if key in ("ponder_steps", "ponder_top_k", "default_pauses"):
+        if value is None or (_is_int(value) and value >= 0):
+            return None
+        return f"{key} must be an integer >= 0, got {value!r}"
+    if key in ("ponder_scale_embeds", "ponder_scale_initial_by_steps"):
+        return None if isinstance(value, bool) else f"{key} must be true or false, got {value!r}"
+    if key in ("ponder_feedback", "ponder_halting"):
+        allowed = (("embedding", "hidden") if key == "ponder_feedback"
+                   else ("off", "pondernet", "palbert"))
+        if value is None or value in allowed:
+            return None
+        return f"{key} must be one of {', '.join(allowed)}, got {value!r}"
+    if key == "ponder_halt_q":  # absent from fixed-K exports
+        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and 0 < value <= 1):
+            return None
+        return f"{key} must be a number in (0, 1], got {value!r}"
+    if key == "pause_token_id":
+        if value is None or (_is_int(value) and value >= 0):
+            return None
+        return f"{key} must be an integer >= 0 or null, got {value!r}"
+    if key == "ponder_transformers":
+        if value is None:
+            return None
+        from packaging.specifiers import InvalidSpecifier, SpecifierSet  # transformers needs it
+
+        try:
+            SpecifierSet(value)
+            return None
+        except (InvalidSpecifier, TypeError):
+            return f"{key} must be a version range such as '>=5.17,<5.26', got {value!r}"
+    return None
+
+
+PONDER_FIELDS = ("ponder_steps", "ponder_scale_embeds", "ponder_scale_initial_by_steps",
+                 "ponder_top_k", "ponder_feedback", "ponder_halting", "ponder_halt_q",
+                 "pause_token_id", "default_pauses", "ponder_transformers")
+
+
 @dataclasses.dataclass(repr=False, eq=False, kw_only=True)
 class PonderFields:
     """The fields every pondering config adds to its stock config. transformers makes each
@@ -63,6 +140,26 @@ class PonderFields:
     pause_token_id: int | None = None
     default_pauses: int = 0
     ponder_transformers: str | None = None
+
+    def __post_init__(self, **kwargs):
+        # ponder_halting / ponder_halt_q are no fields (fixed-K exports' config.json must not
+        # gain them): they arrive in kwargs and become attributes here
+        super().__post_init__(**kwargs)
+        for key in PONDER_FIELDS:
+            problem = ponder_field_problem(key, getattr(self, key, None))
+            if problem:
+                raise PonderConfigError(problem)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' from_pretrained; a bad value is reported with the file it is in."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as exc:
+            named = config_error_at(exc, pretrained_model_name_or_path)
+            if named is None:
+                raise
+            raise named from None
 
 
 class PonderGPTNeoXConfig(PonderFields, GPTNeoXConfig):

@@ -34,12 +34,21 @@ are called `cache` (the old name still works with a deprecation warning). forwar
 either, and speaks the installed version's name to the backbone and in its output. The model
 refuses to load under a transformers outside the range recorded at export
 (`config.ponder_transformers`, see configuration_ponder.check_transformers_version).
+
+from_pretrained refuses weights that do not match config.json (WeightsMismatchError): tensors
+the config describes that the weights lack (transformers would initialise them at random),
+tensors it has no place for, and tensors of another shape (unless ignore_mismatched_sizes=True
+is passed). transformers' loading info already leaves out non-persistent buffers (rotary
+inv_freq), tied output weights and the class's _keys_to_ignore_on_load_* patterns.
 """
 
+import collections
 import dataclasses
 import functools
 import inspect
 import math
+import os
+import re
 
 import torch
 from torch import nn
@@ -47,7 +56,7 @@ from transformers import DynamicCache, GPT2LMHeadModel, GPTNeoXForCausalLM, Llam
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_ponder import (PonderGPT2Config, PonderGPTNeoXConfig, PonderLlamaConfig,
-                                   check_transformers_version)
+                                   check_transformers_version, config_error_at, config_file)
 
 # the output field holding the cache: `cache` from transformers 5.24, `past_key_values` before
 _OUT_CACHE = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
@@ -60,6 +69,128 @@ def _cache_arg(backbone_cls) -> str:
     inspect follows the deprecation wrapper (functools.wraps) to the real signature."""
     params = inspect.signature(backbone_cls.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+class WeightsMismatchError(ValueError):
+    """An export's weights do not match its config.json."""
+
+
+REEXPORT = "re-export the checkpoint with `ponder-pt convert to-hf`"
+_SHOWN = 3  # keys named per kind of problem; the rest are counted
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+# a buffer older GPT-2 checkpoints saved that transformers' ignore patterns do not name
+_OLD_BUFFER = re.compile(r"\.attn\.masked_bias$")
+# config.json keys that size tensors (GPT-2 spells them n_*), for naming the one to fix
+_SIZE_KEYS = ("vocab_size", "hidden_size", "n_embd", "intermediate_size", "n_inner",
+              "max_position_embeddings", "n_positions")
+
+
+def weights_file(name_or_path) -> str:
+    """The weights file from_pretrained(name_or_path) reads (sharded: its index)."""
+    name_or_path = os.fspath(name_or_path)
+    if not os.path.isdir(name_or_path):
+        return f"{name_or_path} (model.safetensors)"
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json"):
+        if os.path.exists(os.path.join(name_or_path, name)):
+            return os.path.join(name_or_path, name)
+    return os.path.join(name_or_path, "model.safetensors")
+
+
+def _natural(key: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
+def _some(keys) -> str:
+    shown = ", ".join(keys[:_SHOWN])
+    return shown + (f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else "")
+
+
+def _dims(shape) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _tensors(n: int) -> str:
+    return f"{n} tensor{'s' if n != 1 else ''}"
+
+
+def _layer(key: str):
+    m = _LAYER.search(key)
+    return int(m.group(1)) if m else None
+
+
+def _layers_held(missing, unexpected, model_keys, configured: int):
+    """How many layers the weights hold when the only difference is whole layers at the end
+    (config.json's layer count is off), else None."""
+    per_layer = collections.Counter(_layer(k) for k in model_keys)[0]
+    keys = missing or unexpected
+    if not per_layer or (missing and unexpected) or any(_layer(k) is None for k in keys):
+        return None
+    counts = collections.Counter(_layer(k) for k in keys)
+    if any(n != per_layer for n in counts.values()):
+        return None
+    if missing:
+        held = min(counts)
+        return held if set(counts) == set(range(held, configured)) else None
+    held = max(counts) + 1
+    return held if set(counts) == set(range(configured, held)) else None
+
+
+def _what_to_fix(config, missing, unexpected, mismatched, model_keys) -> str:
+    if config is None:
+        return f"{REEXPORT[0].upper()}{REEXPORT[1:]}."
+    layer_key = "n_layer" if getattr(config, "model_type", "").endswith("gpt2") \
+        else "num_hidden_layers"
+    configured = getattr(config, "num_hidden_layers", None)
+    if not mismatched and isinstance(configured, int):
+        held = _layers_held(missing, unexpected, model_keys, configured)
+        if held is not None:
+            return (f"config.json's {layer_key} is {configured} but the weights hold {held} "
+                    f"layers: set config.json's {layer_key} to {held}, or {REEXPORT}.")
+    sizes = config.to_dict()
+    for key, found, wanted in mismatched:
+        if len(found) != len(wanted):
+            continue
+        for have, want in zip(found, wanted):
+            keys = [k for k in _SIZE_KEYS if have != want and sizes.get(k) == want]
+            if keys:
+                return (f"config.json's {keys[0]} is {want} but the weights have {have} there "
+                        f"({key}): fix config.json's key {keys[0]}, or {REEXPORT}.")
+    return f"Fix config.json to describe these weights, or {REEXPORT}."
+
+
+def check_loading_info(name_or_path, info: dict, model=None, allow_mismatched: bool = False
+                       ) -> None:
+    """Raise WeightsMismatchError when from_pretrained's loading info (output_loading_info=
+    True) shows weights that do not match config.json: missing, unexpected or (unless
+    allow_mismatched) mismatched keys. Names the files, the first keys and what to fix."""
+    missing = sorted(info.get("missing_keys") or (), key=_natural)
+    unexpected = sorted((k for k in info.get("unexpected_keys") or ()
+                         if not _OLD_BUFFER.search(k)), key=_natural)
+    mismatched = [] if allow_mismatched else sorted(
+        ((k, tuple(a), tuple(b)) for k, a, b in info.get("mismatched_keys") or ()),
+        key=lambda m: _natural(m[0]))
+    if not (missing or unexpected or mismatched):
+        return
+    found = []
+    if missing:
+        found.append(f"{_tensors(len(missing))} that config.json describes "
+                     f"{'are' if len(missing) > 1 else 'is'} missing from the weights "
+                     f"({_some(missing)})")
+    if unexpected:
+        found.append(f"{_tensors(len(unexpected))} in the weights "
+                     f"{'have' if len(unexpected) > 1 else 'has'} no place in the model "
+                     f"config.json describes ({_some(unexpected)})")
+    if mismatched:
+        shapes = [f"{k} {_dims(a)} vs {_dims(b)}" for k, a, b in mismatched]
+        found.append(f"{_tensors(len(mismatched))} of the wrong shape (the weights' vs "
+                     f"config.json's: {_some(shapes)})")
+    config = getattr(model, "config", None)
+    model_keys = list(model.state_dict()) if model is not None else []
+    raise WeightsMismatchError(
+        f"{weights_file(name_or_path)} does not match {config_file(name_or_path)}: "
+        f"{'; '.join(found)}. "
+        f"{_what_to_fix(config, missing, unexpected, mismatched, model_keys)}")
 
 
 def _ponder_caches(past_key_values, steps, use_cache):
@@ -100,6 +231,24 @@ class _PonderMixin:
         mode = self._halting()
         if mode != "off":  # adaptive pondering's halting head (weights from the export)
             self.ponder_halting = nn.Linear(config.hidden_size + (mode == "palbert"), 1)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' from_pretrained, refusing weights that do not match config.json
+        (see the module docstring) and naming config.json on a bad value in it."""
+        want_info = kwargs.pop("output_loading_info", False)
+        allow_mismatched = bool(kwargs.get("ignore_mismatched_sizes", False))
+        kwargs["ignore_mismatched_sizes"] = True  # shape mismatches come back in the info
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args,
+                                                  output_loading_info=True, **kwargs)
+        except Exception as exc:
+            named = config_error_at(exc, pretrained_model_name_or_path)
+            if named is None:
+                raise
+            raise named from None
+        check_loading_info(pretrained_model_name_or_path, info, model, allow_mismatched)
+        return (model, info) if want_info else model
 
     def _halting(self):
         mode = getattr(self.config, "ponder_halting", None) or "off"
