@@ -138,9 +138,12 @@ slurm-down:
 slurm-status:
 	python3 tools/slurm_local.py status --dir $(SLURM_DIR)
 
-# only the live-SLURM tests (they start and stop their own SLURM; part of `make test` too)
+# only the live-SLURM tests, one node and two simulated ones (each module starts and stops its
+# own SLURM; part of `make test` too). PONDER_SLURM=require turns a SLURM that cannot start
+# into a failure instead of a skip, as in CI.
 test-slurm: $(STAMP)
-	$(PY) -m pytest -q tests/test_slurm_live.py $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) tests/test_slurm_live.py tests/test_slurm_multinode.py \
+	  $(PYTEST_ARGS)
 
 clean:
 	rm -rf demo_out study_toy_out .pytest_cache $(COMPAT_DIR) $(LATEST_VENV)

@@ -50,8 +50,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .bootstrap import BOOTSTRAP
 from .jobs import is_trained, job_env, run_logged
-from .pause_ft_report import (BOOTSTRAP, finish, read_json, read_lines, score_lines, section,
+from .pause_ft_report import (finish, read_json, read_lines, score_lines, section,
                               write_json, write_outputs)
 
 CELLS = [("StdPT", "plain", "StdFT"), ("StdPT", "plain", "PauseFT"),
@@ -154,7 +155,7 @@ def ensure_task(study, t: dict, root: str) -> str:
 # --------------------------------------------------------------------------- units
 
 
-def _scale_steps(args: list, mult: int) -> list:
+def scale_steps(args: list, mult: int) -> list:
     """`sft` arguments with (--max-steps or --epochs) multiplied by `mult` (and --eval-every,
     so every run is validated as often)."""
     out = list(args)
@@ -393,7 +394,7 @@ def stage_pause_ft(study) -> None:
                             ckpt=runs[u["run"]]["ckpt"], ckpt_step=runs[u["run"]]["step"],
                             out=os.path.join(root, task_name(t), f"{u['label']}_s{seed}"),
                             score_pauses=pauses if u["group"] == "2x2" else [0])
-                todo.append((unit, task_dir, _scale_steps(args, u["mult"])))
+                todo.append((unit, task_dir, scale_steps(args, u["mult"])))
     for name in sorted(skipped):
         study.log(f"pause_ft: cells on run {name} skipped (no checkpoint; run the 'runs' stage "
                   f"for it)")

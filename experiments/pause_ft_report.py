@@ -22,6 +22,8 @@ import math
 import os
 import statistics
 
+from .bootstrap import BOOTSTRAP, interval_side, paired_bootstrap
+
 
 def read_json(path: str):
     if not os.path.exists(path):
@@ -107,7 +109,6 @@ def tables(summary: list, pauses: list, m_ft: int) -> str:
 
 # --------------------------------------------------------------------------- intervals
 
-BOOTSTRAP = {"resamples": 10000, "seed": 0, "level": 0.95}
 BASE = ("StdPT_StdFT", 0)  # the cell every other one is set against: no pauses anywhere
 
 
@@ -129,20 +130,6 @@ def cell_rows(lines: list, task: str, label: str, m: int) -> list | None:
         raise ValueError(f"pause_ft: {task}/{label} M={m}: the seeds scored different numbers "
                          f"of test rows")
     return [statistics.fmean(col) for col in zip(*mine)]
-
-
-def paired_bootstrap(a: list, b: list, resamples: int, seed: int, level: float) -> dict:
-    """mean(a) - mean(b) over paired test rows and its percentile interval at `level`: the
-    rows are drawn with replacement `resamples` times (numpy's default_rng(seed)), the same
-    draw for a and b."""
-    import numpy as np
-
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = np.concatenate([d[rng.integers(0, len(d), size=(n, len(d)))].mean(axis=1)
-                            for n in [1000] * (resamples // 1000) + [resamples % 1000] if n])
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "rows": len(d)}
 
 
 def planned_comparisons(summary: list, m_ft: int) -> list:
@@ -229,10 +216,6 @@ def _iv(c: dict) -> str:
     return f"{_pts(c['diff'])} [{_pts(c['lo'])}, {_pts(c['hi'])}]"
 
 
-def _verdict(c: dict) -> str:
-    return "above 0" if c["lo"] > 0 else "below 0" if c["hi"] < 0 else "includes 0"
-
-
 def _span(values: list) -> str:
     lo, hi = min(values), max(values)
     return f"{lo:.3f}" if f"{lo:.3f}" == f"{hi:.3f}" else f"{lo:.3f}–{hi:.3f}"
@@ -248,7 +231,7 @@ def interval_table(doc: dict) -> str:
     for c in doc["intervals"]:
         lines.append(f"| {c['task']} | {_cell(c['a']['label'])} (M={c['a']['M']}) − "
                      f"{_cell(c['b']['label'])} (M={c['b']['M']}) | {what[c['kind']]} | "
-                     f"{_iv(c)} | {_verdict(c)} |")
+                     f"{_iv(c)} | {interval_side(c)} |")
     return "\n".join(lines)
 
 
@@ -405,7 +388,7 @@ def findings(doc: dict) -> list:
         out += [f"**Pondering K fine-tuned at equal tokens**, against K = 0 (StdPT + StdFT): "
                 f"{_tally(ponder)}.", ""]
         out += _per_task(tasks, ponder, lambda c: f"{_cell(c['a']['label'])} {_iv(c)}, "
-                                                  f"{_verdict(c)}")
+                                                  f"{interval_side(c)}")
         bb = doc["backbones"]
         ks = sorted({int(c["a"]["label"][1:]) for c in ponder})
         if "plain" in bb and all(f"ponder_k{k}" in bb for k in ks) and \

@@ -72,17 +72,14 @@ def _load(args, validate: bool = True):
 
 # ---------------------------------------------------------------- config
 def cmd_config_show(args) -> int:
-    from .config import check, config_to_yaml
+    from .config import check, config_to_yaml, fill_vocab
 
     cfg = _load(args, validate=False)
-    vocab = None
-    if args.tokenizer or cfg.data.tokenizer:
+    if args.tokenizer or cfg.data.tokenizer:  # shown and checked as a run would resolve it
         from .tokenizer import load_tokenizer
 
-        tok = load_tokenizer(args.tokenizer or cfg.data.tokenizer)
-        vocab = tok.layout(cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp,
-                           need_pause=cfg.pause.rate > 0).padded_vocab_size
-    check(cfg, world_size=args.world_size, vocab_size=vocab)
+        fill_vocab(cfg, load_tokenizer(args.tokenizer or cfg.data.tokenizer))
+    check(cfg, world_size=args.world_size, vocab_size=cfg.model.vocab_size)
     sys.stdout.write(config_to_yaml(cfg))
     return 0
 
@@ -185,7 +182,7 @@ def cmd_data_inspect(args) -> int:
     pause_rate = args.pause_rate or 0.0
     pause_id = args.pause_id
     if pause_id is None and tok is not None:
-        pause_id = tok.layout(need_pause=True).pause_id
+        pause_id = tok.pause_row
     if cfg is None and pause_rate > 0 and pause_id is None:
         raise ValueError("--pause-rate needs --pause-id (or --tokenizer to use its reserved row)")
     from .data.verify import check_data, config_prefixes
@@ -403,7 +400,7 @@ def _add_convert_parsers(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import add_interconnect_args
+    from .train import add_train_args
 
     parser = Parser(prog="ponder-pt", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"ponder-pt {__version__}")
@@ -508,20 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # train
     p = sub.add_parser("train", help="pretrain (DeepSpeed ZeRO, TP/PP); see ponder_pt/train.py")
-    _add_config_args(p, required=True)
-    p.add_argument("--out", metavar="DIR", default=None,
-                   help="the run directory (run.dir): checkpoints/, metrics.jsonl, "
-                        "tensorboard/, loss.png, run_config.yaml; an existing run there is "
-                        "resumed (default: a new directory under runs/)")
+    add_train_args(p)  # the options `deepspeed ponder_pt/train.py` takes too
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (launches torchrun when > 1)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print resolved config, layout, parameters, FLOPs/token, per-GPU "
-                        "memory and time-to-train estimates, launch command")
-    p.add_argument("--mfu-from", metavar="FILE", default=None,
-                   help="with --dry-run: a gpu_results.json whose measured MFU the time "
-                        "estimate uses (default: benchmarks/results/*/gpu_results.json)")
-    add_interconnect_args(p)
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("plot", help="loss curves of runs (their run directories) to a PNG")
     p.add_argument("runs", nargs="+", help="each run's directory (or log.dir), or "

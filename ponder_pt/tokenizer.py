@@ -141,7 +141,17 @@ class Tokenizer:
                 "files_sha256": dict(self._files_sha256), "eod_id": self.eod_id}
 
     def layout(self, divisible_by: int = 128, tp: int = 1, need_pause: bool = False) -> VocabLayout:
+        """The embedding rows under a padding rule. A run config's fields come from it through
+        `ponder_pt.config.fill_vocab`, the one place that applies the config's rule."""
         return VocabLayout.build(self.vocab_size, divisible_by, tp, self.own_pause_id, need_pause)
+
+    @property
+    def pause_row(self) -> int:
+        """The id <pause> takes when a model needs one: the tokenizer's own <pause> token, else
+        the first row past its vocabulary. Any padding rule gives the same row (`layout`);
+        without a run config (an HF export's tokenizer, `data inspect --tokenizer`) this is
+        the pause id."""
+        return self.layout(need_pause=True).pause_id
 
     def describe(self, divisible_by: int = 128, tp: int = 1) -> dict:
         lay = self.layout(divisible_by, tp, need_pause=True)
@@ -193,7 +203,7 @@ class _TextSeen:
         self.keys: collections.Counter = collections.Counter()
 
 
-def _text_lines(files: Sequence[str], text_key: str = "text",
+def text_lines(files: Sequence[str], text_key: str = "text",
                 rejects: Optional[list] = None, seen: Optional[_TextSeen] = None
                 ) -> Iterable[str]:
     """Training text from .txt (lines) or .jsonl (`text_key`) files. A .jsonl line that is not
@@ -250,7 +260,7 @@ def _no_text_error(files: Sequence[str], text_key: str, rejects: list, seen: _Te
                       f"{hint}")
 
 
-def _sentence_chunks(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
+def sentence_chunks(texts: Iterable[str], max_bytes: int) -> Iterable[str]:
     """Texts cut into pieces of at most max_bytes UTF-8 bytes, at line ends where possible,
     else at the last space, else anywhere between characters. sentencepiece's trainer drops
     every "sentence" longer than its max_sentence_length (4192 bytes) without a word, which
@@ -303,7 +313,7 @@ def train_tokenizer(files: Sequence[str], vocab_size: int, out_dir: str, kind: s
     rejects: list = []
     seen = _TextSeen(files)
     try:
-        texts = iter(_text_lines(files, text_key, rejects, seen))
+        texts = iter(text_lines(files, text_key, rejects, seen))
         first = next(texts, None)
         if first is None:
             raise _no_text_error(files, text_key, rejects, seen)
@@ -346,7 +356,7 @@ def _train(texts: Iterable[str], vocab_size: int, out_dir: str, kind: str,
 
         prefix = os.path.join(out_dir, "tokenizer")
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_sentence_chunks(texts, SENTENCEPIECE_MAX_BYTES)),
+            sentence_iterator=iter(sentence_chunks(texts, SENTENCEPIECE_MAX_BYTES)),
             model_prefix=prefix, vocab_size=vocab_size, **SENTENCEPIECE_SETTINGS,
             max_sentence_length=SENTENCEPIECE_MAX_BYTES,
             minloglevel=2, num_threads=max(1, os.cpu_count() or 1),

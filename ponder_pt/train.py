@@ -27,7 +27,7 @@ import shlex  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
 # absolute imports: this file is also run as a script by the deepspeed launcher
-from ponder_pt.config import Config, check, config_to_yaml, load_config
+from ponder_pt.config import Config, check, config_to_yaml, fill_vocab, load_config
 from ponder_pt.launch_env import launcher_reports
 
 DEFAULT_VOCAB = 50304  # GPT-NeoX-20B tokenizer padded to 128, used by --dry-run without data
@@ -57,12 +57,7 @@ def resolve(config: Optional[str], overrides: Sequence[str], world_size: int,
         raise ConfigError("data.tokenizer: not set; point it at the tokenizer used for "
                           "`ponder-pt data prepare`")
     if tok is not None:
-        layout = tok.layout(cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp,
-                            need_pause=cfg.pause.rate > 0)
-        if cfg.model.vocab_size is None:
-            cfg.model.vocab_size = layout.padded_vocab_size
-        if cfg.pause.rate > 0 and cfg.pause.token_id is None:
-            cfg.pause.token_id = layout.pause_id
+        fill_vocab(cfg, tok)
     elif cfg.model.vocab_size is None:
         cfg.model.vocab_size = DEFAULT_VOCAB
     check(cfg, world_size=world_size, vocab_size=cfg.model.vocab_size)
@@ -144,7 +139,7 @@ def dry_run_report(cfg: Config, world_size: int, launch: str,
                                     f"{fabric} ({rpn} ranks per node)")
     if comm.nodes > 1:
         total = tim["seconds"] + tr.iters * comm.seconds(gbps, latency)
-        lines.append(f"time to train with communication: {format_duration(total)} "
+        lines.append(f"time to train with communication: at most {format_duration(total)} "
                      f"({tim['gpus'] * total / 3600:,.0f} GPU-hours)")
     from ponder_pt.data.verify import dry_run_lines  # unset/absent data and tokenizer
 
@@ -198,22 +193,38 @@ def add_interconnect_args(p: argparse.ArgumentParser) -> None:
                         "SLURM_NTASKS_PER_NODE, else 8)")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="ponder_pt/train.py", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, metavar="NAME_OR_YAML")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The options of a training run, for both of its command lines: `ponder-pt train` (which
+    adds --nproc) and this entry point under a launcher (which takes --local_rank)."""
+    p.add_argument("--config", required=True, metavar="NAME_OR_YAML",
+                   help="named config (see `ponder-pt config list`) or a YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="the run directory (run.dir; default: a new one under runs/)")
+                   help="the run directory (run.dir): checkpoints/, metrics.jsonl, "
+                        "tensorboard/, loss.png, run_config.yaml; an existing run there is "
+                        "resumed (default: a new directory under runs/)")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, layout, size, per-GPU memory and time "
-                        "estimates and the launch command; train nothing")
+                   help="print resolved config, layout, parameters, FLOPs/token, per-GPU "
+                        "memory and time-to-train estimates, launch command; train nothing")
     p.add_argument("--mfu-from", metavar="FILE", default=None,
                    help="with --dry-run: a gpu_results.json whose measured MFU the time "
                         "estimate uses (default: benchmarks/results/*/gpu_results.json)")
     add_interconnect_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """This entry point's command line (`deepspeed ponder_pt/train.py ...`,
+    `torchrun -m ponder_pt.train ...`)."""
+    p = argparse.ArgumentParser(prog="ponder_pt/train.py", description=__doc__.split("\n")[0])
+    add_train_args(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def command_line(config: Optional[str], overrides: Sequence[str], run_dir: Optional[str] = None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -261,6 +262,7 @@ def test_hf_export_generates_like_the_native_model(tmp_path):
         cfg.model = model.cfg
         out = str(tmp_path / arch)
         export_full(cfg, full_state_dict(model), out, progress=False)
+        check_adaptive_card(out, K, model.ponder_cfg.halting.mode)
         hf = from_pretrained(AutoModelForCausalLM, out, False, dtype=torch.float32).eval()
         hf.generation_config.eos_token_id = None  # LLaMA's default EOS is id 2: never stop
         ids, _, _ = batch(b=2, s=10, seed=8)
@@ -287,6 +289,25 @@ def test_hf_export_generates_like_the_native_model(tmp_path):
         assert torch.equal(full["halting.proj.weight"], model.halting.proj.weight)
     stock = run_stock(STOCK_ADAPTIVE, json.dumps(jobs))
     assert stock["same"] == [True] * len(jobs)
+
+
+def check_adaptive_card(out: str, K: int, mode: str) -> None:
+    """The export's model card says a halting head decides the passes (its mode and q), not
+    that every token takes K + 1; eval results written into it carry q and the passes."""
+    from ponder_pt.export.model_card import update_results
+
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert f"up to K = {K} continuous-space pondering steps, as many as a halting head " \
+           f"(`{mode}`, q = 0.5) decides for each token" in card, card
+    assert f"; up to K + 1 = {K + 1} transformer passes per token" in card, card
+    assert f"Adaptive pondering: a halting head (`{mode}`) decides each token's passes" in card
+    assert "reaches q = 0.5 (`ponder.halting.q`" in card, card
+    assert f"; K + 1 = {K + 1} transformer passes" not in card
+    res = {"results": {"tiny": {"acc,none": 0.25}}, "halt_q": 0.3, "mean_passes": 1.75}
+    text = open(update_results(out, res, None), encoding="utf-8").read()
+    assert "| task | metric | value | split | few-shot | pauses M | limit | halting q | " \
+           "passes per token |" in text, text
+    assert "| tiny | acc | 0.25 | - | - | - | - | 0.3 | 1.750 |" in text, text
 
 
 # the export's own code (trust_remote_code), ponder_pt not importable
@@ -337,8 +358,8 @@ def test_pipeline_chain_with_halting_matches_the_model():
     looped baseline."""
     import dataclasses
 
-    from ponder_pt.models.pipeline import (BlockLayer, SharedParams, _embed_fn,
-                                           _halting_feedback_fn, _halting_head_fn,
+    from ponder_pt.models.pipeline import (BlockLayer, SharedParams, embed_layer,
+                                           halting_feedback_layer, halting_head_layer,
                                            pipeline_loss)
 
     ids, labels, mask = batch(seed=9)
@@ -351,11 +372,12 @@ def test_pipeline_chain_with_halting_matches_the_model():
         want.backward()
         shared = SharedParams(cfg, ponder, 7, torch.float32)
         blocks = [BlockLayer(cfg, i, 7, torch.float32) for i in range(cfg.num_layers)]
-        xe = _embed_fn(shared, (ids, labels, mask))
+        xe = embed_layer(shared, (ids, labels, mask))
         for k in range(3):
             for block in blocks:
                 xe = block(xe)
-            xe = _halting_feedback_fn(shared, xe, k) if k < 2 else _halting_head_fn(shared, xe)
+            xe = (halting_feedback_layer(shared, xe, k) if k < 2
+                  else halting_head_layer(shared, xe))
         got = pipeline_loss(xe, (labels, mask))
         got.backward()
         assert got.item() == pytest.approx(want.item(), rel=1e-5), (mode, feedback, chunk)

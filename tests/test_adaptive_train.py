@@ -4,13 +4,12 @@ calibrated checkpoint through `generate --json` and the dry run."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from _export_helpers import trained  # noqa: F401 - session fixture
 from train_utils import metrics, run_train
+from zygote import ponder
 
 REL = 2e-5  # fp32, different reduction orders
 HALTING = ["ponder.halting.mode=palbert", "ponder.halting.q=0.5", "ponder.halting.beta=0.05"]
@@ -79,10 +78,10 @@ def test_head_only_calibrates_a_fixed_k_checkpoint(trained, prepared, bpe_dir,  
     assert all("halt_passes" in r for r in rows if "loss" in r)
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "ponder_pt", "generate", "--model", str(ckpt),
-                          "--prompt", "The", "--greedy", "--json", "--max-new-tokens", "6",
-                          "--halt-q", "0.4"], capture_output=True, text=True, env=env,
-                         timeout=300)
+    out = ponder(["generate", "--model", str(ckpt),
+                  "--prompt", "The", "--greedy", "--json", "--max-new-tokens", "6",
+                  "--halt-q", "0.4"], env=env,
+                 timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(res["passes"]) == len(res["token_ids"]) == 6

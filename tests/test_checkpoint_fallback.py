@@ -1,21 +1,26 @@
 """Which checkpoint a resume takes when the newest one is not usable.
 
-Provably broken tags (a save cut short, a file missing or truncated) are skipped for the
-previous one. A complete tag that fails to load or to convert stops the run with the reason,
-the tag's path and the opt-in, unless checkpoint.fallback_to_older is set; so does a tag whose
+Provably broken tags (a save cut short, a listed file missing or truncated) are skipped for
+the previous one. A tag that cannot be checked (ponder_meta.json unreadable or listing no
+files) and a complete tag that fails to load or to convert stop the run with the reason, the
+tag's path and the opt-in, unless checkpoint.fallback_to_older is set; so does a tag whose
 ponder_meta.json records no layout. The engine here is a stand-in whose load fails on demand;
 test_train and test_elastic_resume run the same paths with DeepSpeed's real files.
 """
 
 from __future__ import annotations
 
+import builtins
+import errno
+import json
 import os
 
 import pytest
 
 from ponder_pt.engine import reshard
 from ponder_pt.engine.checkpoint import CheckpointLoadError, CheckpointManager
-from ponder_pt.weights.files import file_sizes, tag_for, write_meta
+from ponder_pt.weights import files
+from ponder_pt.weights.files import META, file_sizes, tag_for, verify, write_meta
 
 LAYOUT = {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 1}
 
@@ -68,19 +73,86 @@ def test_a_complete_tag_that_fails_to_load_stops_unless_fallback_is_asked(tmp_pa
     assert any("fallback_to_older" in line and newest in line for line in logs)
 
 
-def _other_rank(loaded: bool, mismatch: bool):
-    """all_ok's all-reduce with one more rank: its answers to 'loaded?' then 'no mismatch?'."""
-    answers = iter([loaded, not mismatch])
+def _eio_on(monkeypatch, path: str) -> None:
+    """Reading `path` fails as a disk or network file system fails (root ignores chmod 000)."""
+    def failing_open(file, *args, **kwargs):
+        if os.fspath(file) == path:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", failing_open, raising=False)
+
+
+@pytest.mark.parametrize("case", ["EIO", "a directory", "no file list"])
+def test_a_tag_that_cannot_be_checked_stops_unless_fallback_is_asked(tmp_path, monkeypatch,
+                                                                      case):
+    """Its ponder_meta.json cannot be read, or lists no files: the tag may well be intact (the
+    error may pass), so it is no provably broken tag to skip but a load failure; a pruning
+    save keeps it."""
+    ckpt = tmp_path / "ckpt"
+    _save(str(ckpt), 2)
+    newest = _save(str(ckpt), 4)
+    meta = os.path.join(str(ckpt), newest, META)
+    if case == "EIO":
+        _eio_on(monkeypatch, meta)
+        why = "cannot read its ponder_meta.json (OSError: [Errno 5] Input/output error"
+    elif case == "a directory":
+        os.remove(meta)
+        os.makedirs(meta)
+        why = "cannot read its ponder_meta.json (IsADirectoryError"
+    else:
+        with open(meta) as fh:
+            content = json.load(fh)
+        del content["files"]
+        with open(meta, "w") as fh:
+            json.dump(content, fh)
+        why = "its ponder_meta.json lists no files"
+    assert verify(str(ckpt), newest).kind == "unchecked"
+    engine = Engine()
+    for call in (lambda m: m.resume(engine), lambda m: m.prepare_resume(None, model_cfg=None)):
+        with pytest.raises(CheckpointLoadError) as err:
+            call(_manager(ckpt, []))
+        msg = str(err.value)
+        print(msg)
+        assert msg.startswith(f"checkpoint {os.path.join(str(ckpt), newest)}: {why}"), msg
+        assert "checkpoint.fallback_to_older=true" in msg and engine.loaded == []
+
+    logs = []
+    manager = _manager(ckpt, logs, fallback_to_older=True)
+    assert manager.prepare_resume(None, model_cfg=None) is None  # the older tag: no conversion
+    assert manager.resume(engine) == {"step": 2} and engine.loaded == ["step_00000002"]
+    assert any(f"checkpoint {newest}: cannot be checked; checkpoint.fallback_to_older" in line
+               for line in logs), logs
+
+    class Saver:
+        def save_checkpoint(self, where, tag, client_state, save_latest):
+            os.makedirs(os.path.join(where, tag))
+            with open(os.path.join(where, tag, "mp_rank_00_model_states.pt"), "wb") as fh:
+                fh.write(b"y" * 64)
+
+    manager.save(Saver(), 6, {"step": 6})
+    assert sorted(os.listdir(ckpt)) == ["latest", "step_00000002", newest, "step_00000006"]
+
+
+def _other_rank(loaded: bool, mismatch: bool, checked: bool = True):
+    """all_ok's all-reduce with one more rank: its answers to 'checked?', 'loaded?' and 'no
+    mismatch?'."""
+    answers = iter([checked, loaded, not mismatch])
     return lambda mine: mine and next(answers)
 
 
 def test_another_ranks_failure_stops_every_rank(tmp_path):
-    """all_ok is the all-reduce: this rank loaded the tag, another did not."""
+    """all_ok is the all-reduce: this rank checked and loaded the tag, another did not (before
+    any rank loads it when the other could not check it)."""
     ckpt = tmp_path / "ckpt"
     _save(str(ckpt), 2)
     _save(str(ckpt), 4)
     with pytest.raises(CheckpointLoadError, match="another rank failed to load it"):
         _manager(ckpt, []).resume(Engine(), all_ok=_other_rank(loaded=False, mismatch=False))
+    engine = Engine()
+    with pytest.raises(CheckpointLoadError, match="another rank could not check it"):
+        _manager(ckpt, []).resume(engine, all_ok=_other_rank(True, False, checked=False))
+    assert engine.loaded == []
 
 
 def test_provably_broken_tags_are_skipped_without_the_opt_in(tmp_path):

@@ -12,19 +12,19 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from train_utils import train_cmd
+from zygote import ponder
 
 
 def _cli(*args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, "-m", "ponder_pt", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return ponder([*args], env=env,
+                  timeout=timeout)
 
 
 def _train(tmp_path, tokenizer, train, valid=(), test=(), nproc=1):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -28,6 +27,7 @@ from ponder_pt.early_exit.toy import tiny_encoder, write_polarity_task
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _ee_helpers import pondering_export  # noqa: E402
+from zygote import ponder
 
 STRATEGIES = ["none", "palbert", "pondernet", "pabee", "entropy"]
 
@@ -438,8 +438,8 @@ def test_entropy_on_regression_is_rejected(backbones):
 def _finetune(args, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "ponder_pt", "finetune", *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    proc = ponder(["finetune", *args],
+                  timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -511,12 +511,12 @@ def test_finetune_decoder_export_backbone(backbones, task_dir, tmp_path):
 
 
 def test_finetune_rejects_bad_config_before_starting(backbones, task_dir):
-    proc = subprocess.run([sys.executable, "-m", "ponder_pt", "finetune", "--backbone",
-                           backbones["albert"], "--task", task_dir, "--exit", "palbert",
-                           "--set", "exit.beta=-1", "--nproc", "2"],
-                          capture_output=True, text=True, timeout=120)
+    proc = ponder(["finetune", "--backbone",
+                   backbones["albert"], "--task", task_dir, "--exit", "palbert",
+                   "--set", "exit.beta=-1", "--nproc", "2"],
+                  timeout=120)
     assert proc.returncode == 2 and "exit.beta" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "ponder_pt", "finetune", "--backbone",
-                           backbones["albert"], "--task", str(task_dir) + "_missing/", "--nproc",
-                           "2"], capture_output=True, text=True, timeout=120)
+    proc = ponder(["finetune", "--backbone",
+                   backbones["albert"], "--task", str(task_dir) + "_missing/", "--nproc",
+                   "2"], timeout=120)
     assert proc.returncode == 2 and "no such directory" in proc.stderr

@@ -46,7 +46,7 @@ def _universal(ckpt, tag):
         layout = json.load(fh)["layout"]
     udir = reshard.convert(ckpt, tag, layout, load_run_config(ckpt).model, log=lambda *a: None)
     meta = reshard.read_meta(udir)
-    return {n: {s: reshard._full(udir, n, s) for s in reshard.STATES
+    return {n: {s: reshard.read_full(udir, n, s) for s in reshard.STATES
                 if os.path.exists(os.path.join(udir, "zero", n, f"{s}.pt"))}
             for n in meta["params"]}, meta
 

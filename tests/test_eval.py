@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from _export_helpers import trained  # noqa: F401
+from zygote import ponder
 
 # hf_compat: CI runs these again at the oldest declared transformers
 pytestmark = pytest.mark.hf_compat
@@ -133,11 +132,11 @@ def test_eval_cli_local_tasks_with_pauses(trained, tmp_path):  # noqa: F811
     out = str(tmp_path / "results.json")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"))
-    proc = subprocess.run([sys.executable, "-m", "ponder_pt", "eval", "--model", trained["ponder"],
-                           "--tasks", "tiny_mc,tiny_ppl", "tiny_gen", "--include-path",
-                           str(tmp_path), "--limit", str(LIMIT), "--pauses", str(PAUSES),
-                           "--output", out, "--json", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = ponder(["eval", "--model", trained["ponder"],
+                   "--tasks", "tiny_mc,tiny_ppl", "tiny_gen", "--include-path",
+                   str(tmp_path), "--limit", str(LIMIT), "--pauses", str(PAUSES),
+                   "--output", out, "--json", "--device", "cpu"],
+                  timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
     assert set(results) == {"tiny_mc", "tiny_ppl", "tiny_gen"}
@@ -175,11 +174,11 @@ def test_eval_write_card_on_an_export(ponder_export, tmp_path):
                HF_DATASETS_CACHE=str(tmp_path / "hf_datasets"))
     card_path = os.path.join(ponder_export, "README.md")
     before = ModelCard.load(card_path)
-    proc = subprocess.run([sys.executable, "-m", "ponder_pt", "eval", "--model", ponder_export,
-                           "--tasks", "tiny_mc,tiny_ppl", "tiny_gen", "--include-path",
-                           str(tmp_path), "--limit", str(LIMIT), "--pauses", str(PAUSES),
-                           "--output", out, "--json", "--device", "cpu", "--write-card"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = ponder(["eval", "--model", ponder_export,
+                   "--tasks", "tiny_mc,tiny_ppl", "tiny_gen", "--include-path",
+                   str(tmp_path), "--limit", str(LIMIT), "--pauses", str(PAUSES),
+                   "--output", out, "--json", "--device", "cpu", "--write-card"],
+                  timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
     # the card: model-index and results section replaced, everything else as it was
@@ -195,8 +194,8 @@ def test_eval_write_card_on_an_export(ponder_export, tmp_path):
             f"{LIMIT} |") in card.text
     head, tail = before.text.split("<!-- ponder-pt eval results -->")
     assert card.text.startswith(head) and card.text.endswith(tail.split("-->", 1)[1])
-    native = subprocess.run([sys.executable, "-m", "ponder_pt", "eval", "--model", "/nonexistent",
-                             "--tasks", "tiny_mc", "--write-card"], capture_output=True, text=True)
+    native = ponder(["eval", "--model", "/nonexistent",
+                     "--tasks", "tiny_mc", "--write-card"])
     assert native.returncode == 2 and "not an HF export" in native.stderr
 
 

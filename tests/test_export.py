@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from ponder_pt.export import export_full, hf_to_checkpoint, read_checkpoint
 from ponder_pt.models import PonderLM, full_state_dict
 from ponder_pt.weights.hf_weights import hf_to_full
 from ponder_pt.weights.layout import merge_tp, shard, tp_spec
+from zygote import ponder
 
 # hf_compat: CI runs these again at the oldest declared transformers
 pytestmark = [pytest.mark.usefixtures("single_process"), pytest.mark.hf_compat]
@@ -93,9 +92,9 @@ def exported(trained, tmp_path_factory):  # noqa: F811
     for name in NAMES:
         out = dirs[name] = str(root / name)
         if name == "tp2":
-            proc = subprocess.run([sys.executable, "-m", "ponder_pt", "convert", "to-hf",
-                                   "--checkpoint", trained[name], "--out", out, "--quiet"],
-                                  capture_output=True, text=True, timeout=300)
+            proc = ponder(["convert", "to-hf",
+                           "--checkpoint", trained[name], "--out", out, "--quiet"],
+                          timeout=300)
             assert proc.returncode == 0, proc.stderr[-3000:]
         else:
             checkpoint_to_hf(trained[name], out, progress=False)
@@ -208,18 +207,18 @@ def test_from_hf_cli_then_train_from_it(trained, prepared, bpe_dir, tmp_path):  
     hf = str(tmp_path / "hf")
     checkpoint_to_hf(trained["plain"], hf, progress=False)
     conv = str(tmp_path / "conv")
-    proc = subprocess.run([sys.executable, "-m", "ponder_pt", "convert", "from-hf", "--hf", hf,
-                           "--out", conv, "--tp", "2", "--set", "ponder.steps=1", "--quiet"],
-                          capture_output=True, text=True, timeout=300)
+    proc = ponder(["convert", "from-hf", "--hf", hf,
+                   "--out", conv, "--tp", "2", "--set", "ponder.steps=1", "--quiet"],
+                  timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg, init, _ = read_checkpoint(conv)
     assert cfg.ponder.steps == 1 and cfg.parallel.tp == 2
     assert cfg.checkpoint.init_from == os.path.abspath(conv)
     _, plain, _ = read_checkpoint(trained["plain"])
     assert all(torch.equal(init[k], plain[k]) for k in plain)
-    gen = subprocess.run([sys.executable, "-m", "ponder_pt", "generate", "--model", conv,
-                          "--prompt", "x = ", "--greedy", "--json", "--max-new-tokens", "3"],
-                         capture_output=True, text=True, timeout=300)
+    gen = ponder(["generate", "--model", conv,
+                  "--prompt", "x = ", "--greedy", "--json", "--max-new-tokens", "3"],
+                 timeout=300)
     assert gen.returncode == 0 and len(json.loads(gen.stdout)["token_ids"]) <= 3
 
     run = str(tmp_path / "run")

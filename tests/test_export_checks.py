@@ -16,6 +16,7 @@ import pytest
 import yaml
 from _ee_helpers import pondering_export
 from _export_helpers import run_stock, trained  # noqa: F401
+from zygote import ponder
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
@@ -200,8 +201,8 @@ def test_generate_and_eval_refuse_mismatched_weights(exports, trained, tmp_path)
             f"set model.num_layers to {n} in run_config.yaml") in m and f"layers.{n}." in m, m
     # the user's own launch: exit 2, one line, no traceback, and not transformers' table of
     # missing keys (its log handler writes to the real stderr, which only this launch sees)
-    proc = subprocess.run([sys.executable, "-m", "ponder_pt", *gen, d["more_layers"]],
-                          capture_output=True, text=True, timeout=300, env=ENV)
+    proc = ponder([*gen, d["more_layers"]],
+                  timeout=300, env=ENV)
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"ponder-pt: error: {errors['more_layers']}"
     assert "Traceback" not in proc.stderr and "LOAD REPORT" not in proc.stderr, proc.stderr

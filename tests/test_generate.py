@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from _export_helpers import trained  # noqa: F401
 
 from ponder_pt.inference.pauses import append_pauses, resolve_pauses
+from zygote import ponder
 
 # hf_compat: CI runs these again at the oldest declared transformers
 pytestmark = pytest.mark.hf_compat
@@ -20,8 +19,7 @@ pytestmark = pytest.mark.hf_compat
 
 def _cli(*args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "ponder_pt", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    proc = ponder([*args], timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -164,7 +162,7 @@ def test_generate_prompts_file(trained, tmp_path):  # noqa: F811
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "ponder_pt", "generate", "--model",
-                           trained["ponder"], "--prompts-file", str(bad)],
-                          capture_output=True, text=True, timeout=120)
+    proc = ponder(["generate", "--model",
+                   trained["ponder"], "--prompts-file", str(bad)],
+                  timeout=120)
     assert proc.returncode == 2 and 'bad.jsonl:2: expected {"prompt": "..."}' in proc.stderr

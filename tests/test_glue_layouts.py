@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from ponder_pt.early_exit.tasks import GLUE, load_task, resolve_task
+from zygote import ponder
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "glue")
 
@@ -125,10 +124,10 @@ def test_finetune_without_hub_fails_in_one_line_before_any_process(tmp_path):
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
                HF_HOME=str(tmp_path / "hf"), HF_DATASETS_CACHE=str(tmp_path / "hf" / "ds"))
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "ponder_pt", "finetune", "--backbone",
-                           str(tmp_path / "no_backbone"), "--task", "rte", "--nproc", "2",
-                           "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = ponder(["finetune", "--backbone",
+                   str(tmp_path / "no_backbone"), "--task", "rte", "--nproc", "2",
+                   "--out", str(tmp_path / "out")],
+                  timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [x for x in proc.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "cannot reach the Hugging Face Hub" in lines[0], proc.stderr
@@ -142,12 +141,12 @@ def test_finetune_on_original_layout(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     out = tmp_path / "ft"
-    proc = subprocess.run(
-        [sys.executable, "-m", "ponder_pt", "finetune", "--backbone", backbone, "--task",
+    proc = ponder(
+        ["finetune", "--backbone", backbone, "--task",
          os.path.join(FIXTURES, "RTE"), "--exit", "pabee", "--out", str(out),
          "--set", "train.batch_size=4", "--set", "train.max_steps=2", "--set",
          "eval.batch_size=4", "--set", "eval.batch1=false", "--set", "train.lr=1e-3"],
-        capture_output=True, text=True, timeout=600, env=env)
+        timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "1 rows rejected" in proc.stderr and "RTE/train.tsv:6" in proc.stderr
     with open(out / "eval.json") as fh:

@@ -55,6 +55,7 @@ from ponder_pt.config.schema import ModelConfig  # noqa: E402
 from ponder_pt.models import (PonderLM, hf_config_from, load_hf_state_dict,  # noqa: E402
                               to_hf_state_dict)
 from ponder_pt.weights.hf_config import model_config_from_hf  # noqa: E402
+from zygote import ponder
 
 HF_COMPAT = pytest.mark.hf_compat  # CI runs these again at the oldest declared transformers
 
@@ -231,8 +232,8 @@ def test_from_hf_to_hf_round_trip(tp, prefixed, tmp_path):
     else:  # the CLI, both ways
         for args in (["from-hf", "--hf", src, "--out", ckpt, "--tp", "2"],
                      ["to-hf", "--checkpoint", ckpt, "--out", out]):
-            proc = subprocess.run([sys.executable, "-m", "ponder_pt", "convert", *args,
-                                   "--quiet"], capture_output=True, text=True, timeout=300)
+            proc = ponder(["convert", *args,
+                           "--quiet"], timeout=300)
             assert proc.returncode == 0, proc.stderr[-3000:]
     assert len([f for f in os.listdir(os.path.join(ckpt, "step_00000000"))
                 if f.startswith("mp_rank_")]) == tp
@@ -378,12 +379,12 @@ def test_finetune_on_gpt2_export(bpe_dir, tmp_path):
     out = str(tmp_path / "ft")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "ponder_pt", "finetune", "--backbone", backbone, "--task", task,
+    proc = ponder(
+        ["finetune", "--backbone", backbone, "--task", task,
          "--exit", "pabee", "--out", out, "--set", "train.max_steps=3", "--set",
          "train.batch_size=16", "--set", "train.max_length=64", "--set", "eval.batch1=false",
          "--set", "eval.max_eval_samples=16"],
-        capture_output=True, text=True, timeout=600, env=env)
+        timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     with open(os.path.join(out, "eval.json")) as fh:
         doc = json.load(fh)

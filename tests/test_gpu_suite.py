@@ -16,7 +16,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from _json_helpers import _numbers  # noqa: E402
-from benchmarks.gpu.profiling import (CATEGORIES, _device_rows, categorize, markdown,  # noqa: E402
+from benchmarks.gpu.profiling import (CATEGORIES, device_rows, categorize, markdown,  # noqa: E402
                                       rederive, rederived_markdown, summarize, top_ops)
 
 
@@ -72,7 +72,7 @@ ANNOT = "Optimizer.step#AdamW.step"
 
 
 def _gpu_events(annotation_flag=True):
-    """A fake torch.profiler event list (the FunctionEvent fields _device_rows reads), with the
+    """A fake torch.profiler event list (the FunctionEvent fields device_rows reads), with the
     double listings torch produces: the profiler's own "Activity Buffer Request" record nested
     in fused AdamW carries the op's correlation id, so torch gives it the op's kernels too; and
     the record_function around the optimizer step is mirrored on the GPU as an annotation that
@@ -111,7 +111,7 @@ def test_profile_device_time_counts_each_kernel_once(annotation_flag):
     """Kernel time and calls come from the device-side events, each once; the CPU ops that
     launched a kernel only split it over categories; a GPU user annotation is no kernel."""
     events = _gpu_events(annotation_flag)
-    rows = _device_rows(events, on_gpu=True)
+    rows = device_rows(events, on_gpu=True)
     by = {(n, c): (calls, us) for n, c, calls, us in rows}
     assert ANNOT not in {n for n, _ in by}
     work = [e for e in events if e.device_type.name == "CUDA" and e.name != ANNOT]

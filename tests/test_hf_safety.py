@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ from packaging.specifiers import SpecifierSet
 from _ee_helpers import pondering_export
 from _export_helpers import run_stock
 from _model_helpers import single_process  # noqa: F401
+from zygote import ponder
 
 pytestmark = pytest.mark.hf_compat
 
@@ -23,8 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _cli(*args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "ponder_pt", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return ponder([*args], timeout=timeout, env=env)
 
 
 # ------------------------------------------------------------------ transformers version guard

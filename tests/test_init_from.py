@@ -14,6 +14,7 @@ from ponder_pt.config import ConfigError, load_config
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _model_helpers import tiny_model_config  # noqa: E402
+from zygote import ponder
 
 
 def _hf_dir(path, arch="gpt_neox", weights=False, **over):
@@ -104,10 +105,10 @@ def test_train_refuses_before_launch_and_from_init_trains(prepared, bpe_dir, tmp
                   ffn_hidden_size=64, vocab_size=640)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "ponder_pt", "train", "--config", "pythia-14m",
-                           "--nproc", "2", "--set", f"checkpoint.init_from={src}", "--set",
-                           f"data.tokenizer={bpe_dir}", "--set", f"data.train=[{prepared}]"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = ponder(["train", "--config", "pythia-14m",
+                   "--nproc", "2", "--set", f"checkpoint.init_from={src}", "--set",
+                   f"data.tokenizer={bpe_dir}", "--set", f"data.train=[{prepared}]"],
+                  timeout=300, env=env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     for key in ("model.num_layers", "model.hidden_size", "model.ffn_hidden_size"):
         assert f"set --set {key}=" in proc.stderr

@@ -1,5 +1,6 @@
 """tools/check_layers.py: the tree follows its layers, and the checker catches an upward import
-(at top level and inside a function), another module's private name, and an import cycle."""
+(at top level and inside a function), another module's private name, an import cycle, and a
+test using a private name of ponder_pt."""
 
 from __future__ import annotations
 
@@ -89,3 +90,21 @@ def test_an_import_cycle_fails(tmp_path):
     assert found[0].startswith("import cycle among experiments.x, experiments.y: "
                                "experiments.x -> experiments.y -> experiments.x")
     assert "experiments/y.py:2: from . import x (inside a function)" in found[0]
+
+
+def test_a_test_using_a_private_name_of_ponder_pt_fails(tmp_path):
+    """tests/ may share its own private helpers, not ponder_pt's private names."""
+    root = _tree(tmp_path, {"tests/_helpers.py": "_thing = 1\n", "tests/test_x.py": """\
+        from _helpers import _thing
+        from ponder_pt.config import a
+        from ponder_pt.config.a import x
+
+
+        def test_it():
+            from ponder_pt.config.a import _hidden
+            return a._hidden, a.x, _thing
+        """})
+    assert check(root) == [
+        "tests/test_x.py:7: from ponder_pt.config.a import _hidden (inside a function): "
+        "imports the private name _hidden of ponder_pt.config.a",
+        "tests/test_x.py:8: a._hidden: uses the private name _hidden of ponder_pt.config.a"]

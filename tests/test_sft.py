@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from _export_helpers import trained  # noqa: F401  (the native pause-trained che
 
 from ponder_pt.sft.examples import IGNORE
 from ponder_pt.sft.synthetic import write_task
+from zygote import ponder
 
 pytestmark = pytest.mark.hf_compat
 
@@ -23,8 +22,7 @@ pytestmark = pytest.mark.hf_compat
 def _cli(*args, timeout=600, check=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "ponder_pt", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    proc = ponder(args, timeout=timeout, env=env)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -58,7 +56,7 @@ def test_inspect_exactly_m_pauses_answer_only_labels(sft_env, m, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3
     lm = load_model(sft_env["plain"], device="cpu")
-    pause = load_tokenizer(sft_env["plain"]).layout(need_pause=True).pause_id
+    pause = load_tokenizer(sft_env["plain"]).pause_row
     assert pause >= lm.vocab_rows
     rows = load_local_task(sft_env["task"]).train[:3]
     for line, row in zip(lines, rows):

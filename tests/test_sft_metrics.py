@@ -245,7 +245,7 @@ def test_truncation_and_rejects_reported(tmp_path, capsys):
     from types import SimpleNamespace
 
     from ponder_pt.sft.examples import prepare_split
-    from ponder_pt.sft.train import _report
+    from ponder_pt.sft.train import report_prepared
 
     class CharTok:  # one token per character
         eod_id = 0
@@ -262,7 +262,7 @@ def test_truncation_and_rejects_reported(tmp_path, capsys):
     assert [(r["file"], r["line"]) for r in prep.rejected] == [("t.jsonl", 3)]
     task = SimpleNamespace(rejected=[{"file": "t.jsonl", "line": 7, "reason": "bad JSON"}])
     empty = SimpleNamespace(rejected=[], truncated=0)
-    counts = _report(task, prep, empty, str(tmp_path), 10)
+    counts = report_prepared(task, prep, empty, str(tmp_path), 10)
     err = capsys.readouterr().err
     assert counts == {"rejected_rows": 2, "truncated": 1}
     assert "2 rows rejected (e.g. t.jsonl:7: bad JSON)" in err and "1 examples longer" in err

@@ -17,9 +17,11 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from _json_helpers import _numbers  # noqa: E402
-from experiments.pause_ft import _scale_steps, corpus_rows  # noqa: E402
-from experiments.pause_ft_report import (backbone_provenance, paired_bootstrap,  # noqa: E402
-                                         render, splice_section, summarize)
+from experiments import adaptive_report  # noqa: E402
+from experiments.bootstrap import paired_bootstrap  # noqa: E402
+from experiments.pause_ft import scale_steps, corpus_rows  # noqa: E402
+from experiments.pause_ft_report import (backbone_provenance, render,  # noqa: E402
+                                         splice_section, summarize)
 from experiments.study import load_study_config, plan_runs  # noqa: E402
 
 
@@ -134,11 +136,24 @@ def test_toy_study_reports_every_run(toy):
     ad = res["adaptive"]
     assert set(ad["summary"]) == {"adaptive_palbert_frozen", "adaptive_calibrated"}
     assert sorted(ad["fixed_summary"], key=int) == ["0", "1", "3"]
-    assert ad["fixed_summary"]["0"]["n"] == 2 and ad["fixed"]["ponder_k3"]["K"] == 3
+    # every seed of the plan in the fixed-K means (two in the toy config)
+    assert [ad["fixed_summary"][k]["n"] for k in ("0", "1", "3")] == [2, 1, 2]
+    assert sorted(ad["fixed"]) == sorted(ad["planned"]["fixed"]) == \
+        ["plain", "plain.s99", "ponder_k1", "ponder_k3", "ponder_k3.s99"]
+    assert ad["fixed"]["ponder_k3"]["K"] == 3
+    assert sorted(ad["stage"]["trained"]) == sorted(ad["planned"]["runs"])  # the first call
+    assert ad["stage"]["wall_s"] >= ad["stage"]["train_wall_s"] > 0
+    for name, r in ad["runs"].items():
+        for c in r["curve"]:
+            assert len(c["random_draws"]) == 2 and len(c["loss_windows"]) == 8, name
     for g in ad["summary"].values():
         assert [c["q"] for c in g["curve"]] == [0.3, 0.6]
-        assert all(1.0 <= c["passes"] <= 4.0 and math.isfinite(c["random_loss"])
-                   for c in g["curve"])
+        for c in g["curve"]:
+            assert 1.0 <= c["passes"] <= 4.0 and math.isfinite(c["random_loss"])
+            iv = c["vs_random"]
+            assert iv["lo"] <= iv["diff"] <= iv["hi"] and iv["rows"] == 8
+            assert c["verdict"] in ("win", "loss", "tie", "same exits")
+            assert (c["verdict"] == "win") == (iv["hi"] < 0 and c["verdict"] != "same exits")
         assert sum(b["share"] for b in g["by_exit"]) == pytest.approx(1.0)
     calibrated = ad["runs"]["adaptive_calibrated"]
     # head-only: the backbone is ponder_k3's, so q = 1 scores exactly ponder_k3
@@ -146,6 +161,19 @@ def test_toy_study_reports_every_run(toy):
     assert "## Adaptive pondering" in md and "**Verdict.**" in md
     assert (out / "adaptive.png").stat().st_size > 1000
     assert (out / "adaptive.md").read_text().strip() in md
+    assert "halting − random [95 % interval]" in md
+    # the report and a README block rebuild from adaptive.json alone
+    again = out / "rerender_adaptive"
+    again.mkdir()
+    (again / "adaptive.json").write_text((out / "adaptive.json").read_text())
+    adaptive_report.render(str(again))
+    assert (again / "adaptive.md").read_text() == (out / "adaptive.md").read_text()
+    readme = again / "README.md"
+    readme.write_text("<!-- adaptive-table adaptive.json -->\n<!-- /adaptive-table -->\n")
+    assert adaptive_report.main(["--readme", str(readme)]) == 0
+    block = readme.read_text()
+    assert "| palbert_frozen | 1 |" in block and "toy scale: a pipeline check" in block
+    assert adaptive_report.main(["--readme", str(readme), "--check"]) == 0
     summary = res["summary"]
     assert summary["plain"]["valid_loss"]["n"] == 2  # two seeds in the toy config
     assert all(math.isfinite(v) for _, v in _numbers(summary))
@@ -163,6 +191,8 @@ def test_rerun_skips_finished_runs_and_rewrites_the_report(toy):
     assert f"runs: {n} planned, {n} already done, 0 to run" in stdout
     assert "start " not in stdout
     assert "adaptive: training 2 runs" in stdout and "retraining" not in stdout
+    stage = json.loads((out / "adaptive.json").read_text())["stage"]
+    assert stage["trained"] == [] and stage["train_wall_s"] <= stage["wall_s"]
     assert (out / "results.md").stat().st_mtime > before
     assert seconds < 120
 
@@ -241,8 +271,8 @@ def test_pause_ft_corpus_task_summary_and_equal_flops_steps():
     assert cell["scores"]["0"]["std"] == pytest.approx(0.2)  # sample std over the seeds
     assert cell["scores"]["2"] == {"mean": None, "std": None, "n": 0}
     args = ["--max-steps", "120", "--eval-every", "60", "--lr", "1e-3"]
-    assert _scale_steps(args, 4) == ["--max-steps", "480", "--eval-every", "240", "--lr", "1e-3"]
-    assert _scale_steps(["--epochs", "3"], 2) == ["--epochs", "6"]
+    assert scale_steps(args, 4) == ["--max-steps", "480", "--eval-every", "240", "--lr", "1e-3"]
+    assert scale_steps(["--epochs", "3"], 2) == ["--epochs", "6"]
 
 
 def test_paired_bootstrap_interval():
@@ -259,6 +289,8 @@ def test_paired_bootstrap_interval():
     # pairing: b = a shifted by one everywhere has no spread at all
     a = [float(i % 3) for i in range(60)]
     assert paired_bootstrap([x + 1 for x in a], a, 1000, 3, 0.9)["lo"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="non-empty"):  # no rows: no interval at all
+        paired_bootstrap([], [], 1000, 0, 0.95)
 
 
 def test_pause_ft_section_spliced_into_results_md():

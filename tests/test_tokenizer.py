@@ -110,7 +110,7 @@ def test_sentencepiece_learns_from_long_documents(tmp_path, capsys):
     long documents still becomes one piece. Unusable lines are reported with file:line."""
     import json
 
-    from ponder_pt.tokenizer import _sentence_chunks, train_tokenizer
+    from ponder_pt.tokenizer import sentence_chunks, train_tokenizer
 
     filler = " ".join(f"w{i % 50}" for i in range(1200))  # ~6 KB, one line
     docs = [f"{filler}\nzyxquvat zyxquvat zyxquvat {filler}\nend" for _ in range(40)]
@@ -120,7 +120,7 @@ def test_sentencepiece_learns_from_long_documents(tmp_path, capsys):
             fh.write(json.dumps({"text": d}) + "\n")
         fh.write("{not json\n")
         fh.write(json.dumps({"body": "x"}) + "\n")
-    chunks = list(_sentence_chunks(docs[:1], 4192))
+    chunks = list(sentence_chunks(docs[:1], 4192))
     assert "".join(chunks) == docs[0] and max(len(c.encode()) for c in chunks) <= 4192
     model = train_tokenizer([str(path)], 300, str(tmp_path / "sp"), kind="sentencepiece")
     err = capsys.readouterr().err
@@ -132,9 +132,9 @@ def test_sentencepiece_learns_from_long_documents(tmp_path, capsys):
 
 
 def test_sentence_chunks_cut_long_lines_at_spaces_and_inside_words():
-    from ponder_pt.tokenizer import _sentence_chunks
+    from ponder_pt.tokenizer import sentence_chunks
 
     text = "é" * 3000 + " " + "ab " * 2000
-    chunks = list(_sentence_chunks([text], 1000))
+    chunks = list(sentence_chunks([text], 1000))
     assert "".join(chunks) == text
     assert all(len(c.encode()) <= 1000 for c in chunks)

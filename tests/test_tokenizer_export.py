@@ -10,7 +10,7 @@ from _model_helpers import single_process  # noqa: F401
 from ponder_pt.export.to_hf import save_tokenizer
 from ponder_pt.export.tokenizer_export import (ALLOW_ENV, CHECK_FILE, PROBE_TEXTS,
                                                TokenizerMismatchError, training_samples)
-from ponder_pt.tokenizer import _text_lines, load_tokenizer
+from ponder_pt.tokenizer import load_tokenizer, text_lines
 
 
 def _export(tok_path, out, **kw):
@@ -30,7 +30,7 @@ def _train_sp(corpus, out_dir, **settings):
 
     os.makedirs(out_dir, exist_ok=True)
     prefix = os.path.join(out_dir, "user")
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(_text_lines([corpus])),
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text_lines([corpus])),
                                    model_prefix=prefix, vocab_size=600, hard_vocab_limit=False,
                                    minloglevel=2, num_threads=1, **settings)
     return prefix + ".model"

@@ -3,7 +3,8 @@
 
 TP=1 runs in this process; TP=2 (with and without sequence parallelism) runs in 2 gloo
 processes spawned from this file (`python tests/test_vocab_chunk.py --out FILE`); the pipeline
-path is checked layer by layer and through a PP=2 DeepSpeed training run.
+path is checked layer by layer (at TP=2 too, against PonderLM) and through a PP=2 DeepSpeed
+training run.
 Shapes: V = 384 rows (192 per rank at TP=2) in chunks of 80, so the last chunk is partial;
 targets span both ranks' shards; some targets are masked (loss_mask) or -100 (ignored).
 """
@@ -110,8 +111,8 @@ def test_tp1_matches_unchunked(single_process):  # noqa: F811
 def test_chunk_larger_than_vocab_is_one_chunk(single_process):  # noqa: F811
     from ponder_pt.models import vocab_chunk
 
-    assert vocab_chunk._chunks(V, 10 * V) == [(0, V)]
-    assert vocab_chunk._chunks(V, CHUNK)[-1] == (320, V)
+    assert vocab_chunk.row_chunks(V, 10 * V) == [(0, V)]
+    assert vocab_chunk.row_chunks(V, CHUNK)[-1] == (320, V)
     ref, got = _run(CASES["neox_ponder2"], 0), _run(CASES["neox_ponder2"], 10 * V)
     assert abs(got["loss"] - ref["loss"]) <= TOL * abs(ref["loss"])
 
@@ -131,30 +132,37 @@ def test_inference_still_returns_logits(single_process):  # noqa: F811
     assert (out[0] - out[1]).abs().max().item() <= TOL * out[0].abs().max().item()
 
 
-def test_pipeline_chain_matches_unchunked(single_process):  # noqa: F811
-    """The unrolled pipeline layers (feedback and head stages + pipeline_loss), run in order
-    without DeepSpeed: chunked == unchunked, tied and untied."""
-    from ponder_pt.models.pipeline import (BlockLayer, SharedParams, _embed_fn, _feedback_fn,
-                                           _head_fn, pipeline_loss)
+def _pipeline_chain(cfg, ponder):
+    """The unrolled pipeline layers (embedding, blocks, feedback and head stages) run in order
+    without DeepSpeed, what PP = 2 cuts into stages. Returns (loss, full gradients under
+    PonderLM's parameter names)."""
+    from ponder_pt.models.parallel import gather_tensor, partition_spec
+    from ponder_pt.models.pipeline import (BlockLayer, SharedParams, embed_layer,
+                                           feedback_layer, head_layer, pipeline_loss)
 
     ids, labels, mask = _inputs()
+    shared = SharedParams(cfg, ponder, 7, torch.float32)
+    blocks = [BlockLayer(cfg, i, 7, torch.float32) for i in range(cfg.num_layers)]
+    xe = embed_layer(shared, ids)
+    for k in range(ponder.steps + 1):
+        for block in blocks:
+            xe = block(xe)
+        xe = (feedback_layer if k < ponder.steps else head_layer)(shared, xe)
+    loss = pipeline_loss(xe, (labels, mask))
+    loss.backward()
+    named = [*shared.named_parameters()]
+    for i, block in enumerate(blocks):  # block i's weights are PonderLM's layers.i
+        named += [(f"layers.{i}.{n[len('block.'):]}", p) for n, p in block.named_parameters()]
+    return loss.item(), {n: gather_tensor(p.grad, partition_spec(p)) for n, p in named}
+
+
+def test_pipeline_chain_matches_unchunked(single_process):  # noqa: F811
+    """The pipeline chain: chunked == unchunked, tied and untied."""
     for tied, ponder in ((False, PonderConfig(steps=2)), (True, PonderConfig(steps=1)),
                          (False, PonderConfig(steps=1, top_k=5))):
-        res = []
-        for chunk in (0, CHUNK):
-            cfg = tiny_model_config(vocab_size=V, vocab_chunk=chunk, tie_embeddings=tied)
-
-            shared = SharedParams(cfg, ponder, 7, torch.float32)
-            blocks = [BlockLayer(cfg, i, 7, torch.float32) for i in range(cfg.num_layers)]
-            xe = _embed_fn(shared, ids)
-            for k in range(ponder.steps + 1):
-                for block in blocks:
-                    xe = block(xe)
-                xe = (_feedback_fn if k < ponder.steps else _head_fn)(shared, xe)
-            loss = pipeline_loss(xe, (labels, mask))
-            loss.backward()
-            named = [*shared.named_parameters(), *blocks[0].named_parameters(prefix="b0")]
-            res.append((loss.item(), {n: p.grad.clone() for n, p in named}))
+        res = [_pipeline_chain(tiny_model_config(vocab_size=V, vocab_chunk=chunk,
+                                                 tie_embeddings=tied), ponder)
+               for chunk in (0, CHUNK)]
         (l0, g0), (l1, g1) = res
         assert abs(l1 - l0) <= TOL * abs(l0)
         for n, g in g0.items():
@@ -192,23 +200,57 @@ def test_pp2_chunked_training_matches_unchunked(prepared, bpe_dir, tmp_path):
 
 
 def test_tp2_matches_unchunked(tmp_path):
+    """TP = 2: chunked == unchunked for every case; and the pipeline chain's loss and
+    gradients equal PonderLM's (tied and untied, chunked and not), the head's backward
+    summing dh over the vocabulary shards in both."""
     out = tmp_path / "report.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--out", str(out)],
                           capture_output=True, text=True, timeout=420, env=env)
     assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
     report = json.loads(out.read_text())
-    assert sorted(report) == sorted(CASES)
-    for name, r in report.items():
+    assert sorted(report["cases"]) == sorted(CASES)
+    for name, r in report["cases"].items():
         assert r["local_vocab"] == V // 2 and r["sp"] == CASES[name][3], (name, r)
         _check(r, feedback_chunked="top5" not in name)
+    assert sorted(report["pipeline"]) == sorted(PIPELINE_TP2)
+    for name, r in report["pipeline"].items():
+        assert r["loss_rel"] <= TOL and r["grad_rel"] <= TOL, (name, r)
+        assert r["params"] > 10 and r["min_grad_norm"] > 0, (name, r)
+
+
+# name -> (model overrides, ponder overrides): the pipeline chain against PonderLM at TP = 2
+PIPELINE_TP2 = {
+    "tied_ponder1": ({"tie_embeddings": True}, {"steps": 1}),
+    "tied_ponder1_chunk": ({"tie_embeddings": True, "vocab_chunk": CHUNK}, {"steps": 1}),
+    "untied_ponder2_top5": ({}, {"steps": 2, "top_k": 5}),
+}
+
+
+def _pipeline_vs_model(mover, pover) -> dict:
+    from ponder_pt.models import PonderLM
+    from ponder_pt.models.parallel import gather_tensor, partition_spec
+
+    cfg, ponder = tiny_model_config(vocab_size=V, **mover), PonderConfig(**pover)
+    model = PonderLM(cfg, ponder, seed=7).train()
+    ids, labels, mask = _inputs()
+    want = model(ids, labels=labels, loss_mask=mask)
+    want.backward()
+    ref = {n: gather_tensor(p.grad, partition_spec(p)) for n, p in model.named_parameters()}
+    loss, grads = _pipeline_chain(cfg, ponder)
+    return {"loss_rel": abs(loss - want.item()) / abs(want.item()), "params": len(grads),
+            "grad_rel": max(((g - ref[n]).abs().max() / ref[n].abs().max().clamp(min=1e-30))
+                            .item() for n, g in grads.items()),
+            "min_grad_norm": min(g.norm().item() for g in grads.values())}
 
 
 def _tp2_report() -> dict:
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(tensor_model_parallel_size=2)
-    report = {name: _compare(spec) for name, spec in CASES.items()}
+    report = {"cases": {name: _compare(spec) for name, spec in CASES.items()},
+              "pipeline": {name: _pipeline_vs_model(*spec)
+                           for name, spec in PIPELINE_TP2.items()}}
     ps.destroy_model_parallel()
     return report
 

@@ -1,11 +1,12 @@
-"""Running `ponder-pt train` in subprocesses for the training tests."""
+"""Running `ponder-pt train` for the training tests (from the preloaded zygote, tests/zygote.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
+
+from zygote import ponder
 
 # a tiny PonderPythia with pause tokens; vocab fixed so TP=1 and TP=2 pad alike
 TINY = [
@@ -28,8 +29,8 @@ def train_cmd(run_dir, prefix, tokenizer, extra=(), nproc=1):
 def run_train(run_dir, prefix, tokenizer, extra=(), nproc=1, timeout=600, check=True):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run(train_cmd(run_dir, prefix, tokenizer, extra, nproc), env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    cmd = train_cmd(run_dir, prefix, tokenizer, extra, nproc)
+    proc = ponder(cmd[3:], env=env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Check the import structure of ponder_pt, experiments/ and benchmarks/ (stdlib only, < 1 s).
+"""Check the import structure of ponder_pt, experiments/, benchmarks/ and tests/ (stdlib only, < 1 s).
 
     python3 tools/check_layers.py [--root DIR]
 
@@ -8,7 +8,10 @@ Fails (exit 1), naming file:line, the import and why, when
   function (a same-layer import is fine);
 * a module imports, or reads through an imported module, a name starting with `_` (dunder
   names excepted) from another module: a private name is its module's own business;
-* modules import each other in a circle (every import counts, also those inside functions).
+* modules import each other in a circle (every import counts, also those inside functions);
+* a test module (tests/, recursively) imports, or reads through an imported module, a private
+  name of ponder_pt, experiments/ or benchmarks/: tests use what users can. The tests' own
+  helpers (tests/_model_helpers.py, ...) are test modules, theirs to share.
 
 LAYERS lists ponder_pt's packages and modules from the bottom up; a module belongs to the
 entry with the longest matching dotted prefix. experiments/ and benchmarks/ sit above all of
@@ -38,6 +41,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("studies", ("experiments", "benchmarks")),
 )
 TREES = ("ponder_pt", "experiments", "benchmarks")
+TESTS = "tests"  # checked for our private names only: not a layer, not a package
 
 
 def layer_of(module: str) -> Optional[tuple[int, str]]:
@@ -166,7 +170,7 @@ def check(root: str) -> list[str]:
         with open(path, encoding="utf-8") as fh:
             syntax = ast.parse(fh.read(), filename=path)
         own = layer_of(module)
-        for imp, node in imports_of(tree, module, syntax):
+        for imp, _ in imports_of(tree, module, syntax):
             where = f"{rel}:{imp.line}: {imp.text}" + (" (inside a function)"
                                                          if imp.in_function else "")
             if imp.target != module:
@@ -175,22 +179,56 @@ def check(root: str) -> list[str]:
             if own and theirs and theirs[0] > own[0]:
                 problems.append(f"{where}: {module} (layer '{own[1]}') imports {imp.target} "
                                 f"(layer '{theirs[1]}', higher)")
-            for name in imp.names:
-                if is_private(name) and imp.target != module:
-                    problems.append(f"{where}: imports the private name {name} of "
-                                    f"{imp.target}")
-            if isinstance(node, ast.Import):
-                for alias in node.names:
-                    hidden = [p for p in alias.name.split(".") if is_private(p)]
-                    if hidden and imp.target != module:
-                        problems.append(f"{where}: imports the private module {alias.name}")
-        aliases = _module_aliases(tree, module, syntax)
-        for node in ast.walk(syntax):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                    and node.value.id in aliases and is_private(node.attr)):
-                problems.append(f"{rel}:{node.lineno}: {node.value.id}.{node.attr}: uses the "
-                                f"private name {node.attr} of {aliases[node.value.id]}")
+        problems.extend(_private_uses(tree, module, syntax, rel))
     problems.extend(_cycles(tree, edges, root))
+    problems.extend(check_tests(root, tree))
+    return problems
+
+
+def _private_uses(tree: Tree, module: str, syntax: ast.Module, rel: str,
+                  only: Optional[tuple] = None) -> list[str]:
+    """Problems for the private names `module` imports from, or reads through an imported
+    module of, our other modules (those under `only` when given)."""
+    problems = []
+    ours = (lambda target: only is None
+            or any(target == top or target.startswith(top + ".") for top in only))
+    for imp, node in imports_of(tree, module, syntax):
+        if imp.target == module or not ours(imp.target):
+            continue
+        where = f"{rel}:{imp.line}: {imp.text}" + (" (inside a function)"
+                                                     if imp.in_function else "")
+        for name in imp.names:
+            if is_private(name):
+                problems.append(f"{where}: imports the private name {name} of {imp.target}")
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if [p for p in alias.name.split(".") if is_private(p)]:
+                    problems.append(f"{where}: imports the private module {alias.name}")
+    aliases = _module_aliases(tree, module, syntax)
+    for node in ast.walk(syntax):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in aliases and is_private(node.attr)
+                and ours(aliases[node.value.id])):
+            problems.append(f"{rel}:{node.lineno}: {node.value.id}.{node.attr}: uses the "
+                            f"private name {node.attr} of {aliases[node.value.id]}")
+    return problems
+
+
+def check_tests(root: str, tree: Optional[Tree] = None) -> list[str]:
+    """tests/: no test module uses a private name of ponder_pt, experiments/ or benchmarks/."""
+    tree = tree or Tree(root)
+    problems: list[str] = []
+    for dirpath, dirs, files in os.walk(os.path.join(root, TESTS)):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__pycache__")))
+        for f in sorted(files):
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, f)
+            rel = os.path.relpath(path, root)
+            with open(path, encoding="utf-8") as fh:
+                syntax = ast.parse(fh.read(), filename=path)
+            module = ".".join(rel[:-3].split(os.sep))  # not one of ours: absolute imports only
+            problems.extend(_private_uses(tree, module, syntax, rel, only=TREES))
     return problems
 
 

@@ -8,8 +8,9 @@ that a controller (slurmctld) listens on. Nothing is added to the machine's own 
 namespace or its /etc: traffic only ever flows between namespaces this module made, and
 `down` deletes them all (their links and bridge go with them).
 
-The byte counters of the switch's ports show what crossed each link, and `shape` gives the
-links a bandwidth and a latency with `tc` (tbf + netem), for benchmarks.
+The byte counters of the switch's ports show what crossed each link, `shape` gives the links a
+bandwidth and a latency with `tc` (tbf + netem), for benchmarks, and `cut` takes a node's link
+down without a word to its peers (a node lost as a power cut loses it).
 
   python3 tools/netns_cluster.py up --name demo --nodes 2
   python3 tools/netns_cluster.py exec --name demo --nodes 2 --node 1 -- hostname
@@ -179,6 +180,26 @@ class SimCluster:
         """Every process on node `node` SIGKILLed at once, as when a machine dies."""
         self._kill_all(self.netns(node), 10)
 
+    def cut(self, node: int) -> None:
+        """Node `node`'s link down at the switch (its bridge port): from then on nothing it
+        sends arrives and nothing reaches it, silently, as when a machine loses power or its
+        cable; processes killed on it afterwards send no FIN or RST to anyone. `restore`
+        undoes it (and `down` deletes the link with the rest)."""
+        _ip("-n", self.switch, "link", "set", self.port(node), "down")
+
+    def restore(self, node: int) -> None:
+        """Node `node`'s link up again after `cut`."""
+        _ip("-n", self.switch, "link", "set", self.port(node), "up")
+
+    @contextlib.contextmanager
+    def cut_off(self, node: int):
+        """`cut` for the block's duration: the link comes back however the block ends."""
+        self.cut(node)
+        try:
+            yield
+        finally:
+            self.restore(node)
+
     # ----------------------------------------------------------------- ssh between nodes
     @property
     def ssh_dir(self) -> str:
@@ -228,14 +249,29 @@ class SimCluster:
     # ----------------------------------------------------------------- traffic
     def link_bytes(self) -> dict[int, dict[str, int]]:
         """{node: {"rx": bytes the node received, "tx": bytes it sent}} over its link, from
-        the switch port's counters (the port receives what the node sends)."""
-        proc = subprocess.run(["ip", "-n", self.switch, "-s", "-j", "link", "show"],
-                              capture_output=True, text=True, timeout=30)
-        links = {link["ifname"]: link["stats64"] for link in json.loads(proc.stdout or "[]")
-                 if "stats64" in link}
-        return {i: {"tx": links[self.port(i)]["rx"]["bytes"],
-                    "rx": links[self.port(i)]["tx"]["bytes"]}
-                for i in range(1, self.nodes + 1) if self.port(i) in links}
+        the switch port's counters (the port receives what the node sends), for every node.
+        NetnsUnavailable naming the command when they cannot be read: `ip` fails, its output
+        does not parse, or a node's port or counters are missing."""
+        cmd = ["ip", "-n", self.switch, "-s", "-j", "link", "show"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        where = f"`{' '.join(cmd)}`"
+        if proc.returncode != 0:
+            raise NetnsUnavailable(f"{where} exited {proc.returncode}: "
+                                   f"{proc.stderr.strip() or proc.stdout.strip()}")
+        try:
+            links = {link["ifname"]: link for link in json.loads(proc.stdout)}
+            out = {}
+            for i in range(1, self.nodes + 1):
+                if self.port(i) not in links:
+                    raise KeyError(f"no port {self.port(i)} (node {i}'s link) among "
+                                   f"{sorted(links)}")
+                stats = links[self.port(i)]["stats64"]
+                out[i] = {"tx": int(stats["rx"]["bytes"]), "rx": int(stats["tx"]["bytes"])}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise NetnsUnavailable(f"{where}: cannot read the links' byte counters "
+                                   f"({type(exc).__name__}: {exc}); output: "
+                                   f"{proc.stdout[:500]!r}") from None
+        return out
 
     def shape(self, mbit: float | None, delay_ms: float = 0.0) -> None:
         """Every link limited to `mbit` Mbit/s each way (a token bucket, tbf) and, where the

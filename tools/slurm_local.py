@@ -41,6 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from netns_cluster import SWITCH_ADDR, NetnsUnavailable, SimCluster  # noqa: E402
 
 DEFAULT_DIR = "/tmp/ponder-slurm"
+# seconds a silent node counts as alive (clusters use 300): SLURM ends a job on a lost node
+# only then, up to a ping interval (a third of it) later
+SLURMD_TIMEOUT = 30
 # openssh-server and pdsh: DeepSpeed's own launcher between simulated nodes
 PACKAGES = ("slurm-wlm", "munge", "openssh-server", "pdsh")
 PARTITION = "debug"
@@ -236,9 +239,7 @@ class LocalSlurm:
             "KillWait=5",
             "InactiveLimit=0",
             "SlurmctldTimeout=30",
-            # how long a silent node counts as alive: a job on a lost node ends only then
-            # (clusters use 300)
-            "SlurmdTimeout=30",
+            f"SlurmdTimeout={SLURMD_TIMEOUT}",
             "MessageTimeout=20",
         ]
         if self.sim is None:

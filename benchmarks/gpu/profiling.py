@@ -151,7 +151,7 @@ def _gpu_work(events, DeviceType) -> list:
 
 def _launchers(events, DeviceType) -> list:
     """Per correlation id, the CPU event whose `kernels` list is read: the widest of those
-    carrying the id (the op itself; see `_device_rows` for the others)."""
+    carrying the id (the op itself; see `device_rows` for the others)."""
     owner = {}
     for fe in events:
         if fe.device_type == DeviceType.CPU and fe.kernels:
@@ -160,7 +160,7 @@ def _launchers(events, DeviceType) -> list:
     return list(owner.values())
 
 
-def _device_rows(events, on_gpu: bool) -> list:
+def device_rows(events, on_gpu: bool) -> list:
     """(name, category, calls, microseconds) of the CUDA kernels / memcpys (GPU), or of the
     aten ops' self CPU time (CPU: profiler annotations and autograd wrappers are overhead)."""
     from torch.autograd import DeviceType
@@ -210,7 +210,7 @@ def _device_rows(events, on_gpu: bool) -> list:
 
 def top_ops(events, on_gpu: bool, steps: int) -> list:
     """The aten ops that cost the most, per (op, input shapes): on a GPU the device time of the
-    kernels each launched (one launching op per correlation id, as in `_device_rows`), on the
+    kernels each launched (one launching op per correlation id, as in `device_rows`), on the
     CPU their self time. Shapes need the profiler's record_shapes. Kernel names alone cannot
     say which add or copy is the expensive one; the shapes do."""
     from torch.autograd import DeviceType
@@ -255,7 +255,7 @@ def profile_steps(tp: Throughput, impl: str, model, opt, K: int, mb: int) -> tup
         wall = (time.perf_counter() - t) / PROFILED_STEPS
     events = prof.events()
     on_gpu = dev == "cuda"
-    return _device_rows(events, on_gpu), wall, top_ops(events, on_gpu, PROFILED_STEPS)
+    return device_rows(events, on_gpu), wall, top_ops(events, on_gpu, PROFILED_STEPS)
 
 
 class _SameBatch(Throughput):

@@ -9,10 +9,11 @@ from .schema import (CheckpointConfig, Config, DataConfig, LogConfig, ModelConfi
                      PauseConfig, PonderConfig, TrainConfig, parse_blend)
 from .tree import config_to_dict, config_to_yaml, parse_override
 from .validate import check, problems
+from .vocab import fill_vocab
 
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LogConfig", "MODEL_PRESETS",
     "ModelConfig", "ParallelConfig", "PauseConfig", "PonderConfig", "RUN_PRESETS", "TrainConfig",
-    "check", "config_to_dict", "config_to_yaml", "load_config", "load_run_config", "parse_blend",
+    "check", "config_to_dict", "config_to_yaml", "fill_vocab", "load_config", "load_run_config", "parse_blend",
     "parse_override", "problems", "write_run_config",
 ]

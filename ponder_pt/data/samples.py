@@ -157,16 +157,15 @@ def build_datasets(train: Sequence[tuple[str, float]], *, seq_len: int, seed: in
 
 
 def datasets_for_config(cfg, tokenizer, num_samples, is_built_on_rank=lambda: True):
-    """build_datasets() from a `Config` and a loaded `Tokenizer`."""
-    from ..config import parse_blend
+    """build_datasets() from a `Config` and a loaded `Tokenizer` (a config not yet resolved
+    gets its vocabulary fields here, `config.fill_vocab`)."""
+    from ..config import fill_vocab, parse_blend
 
-    layout = tokenizer.layout(cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp,
-                              need_pause=cfg.pause.rate > 0)
-    pause_id = cfg.pause.token_id if cfg.pause.token_id is not None else layout.pause_id
+    fill_vocab(cfg, tokenizer)
     d = cfg.data
     return build_datasets(
         parse_blend(d.train, "data.train"), valid=parse_blend(d.valid, "data.valid"),
         test=parse_blend(d.test, "data.test"), split=d.split, seq_len=d.seq_len,
         seed=cfg.train.seed, num_samples=num_samples, eod_id=tokenizer.eod_id,
-        vocab_size=tokenizer.vocab_size, pause_id=pause_id, pause_rate=cfg.pause.rate,
+        vocab_size=tokenizer.vocab_size, pause_id=cfg.pause.token_id, pause_rate=cfg.pause.rate,
         eod_mask_loss=d.eod_mask_loss, cache_dir=d.cache_dir, is_built_on_rank=is_built_on_rank)

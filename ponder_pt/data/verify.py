@@ -293,6 +293,7 @@ def dry_run_lines(cfg, default_vocab: int, default_name: str = "GPT-NeoX-20B pad
     """The data section of `train --dry-run`: one warning per data.train / data.tokenizer
     that is unset or absent (and per absent valid/test prefix), the vocabulary the estimates
     used, and, where both exist, train's check of the data against the tokenizer as warnings."""
+    from ..config import fill_vocab
     from ..tokenizer import load_tokenizer
 
     d, vocab = cfg.data, cfg.model.vocab_size
@@ -327,8 +328,7 @@ def dry_run_lines(cfg, default_vocab: int, default_name: str = "GPT-NeoX-20B pad
         lines.append(f"vocabulary: {vocab} {source}, {why}")
     else:
         multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tp
-        padded = tok.layout(cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp,
-                            need_pause=cfg.pause.rate > 0).padded_vocab_size
+        padded = fill_vocab(cfg, tok).padded_vocab_size  # resolved already: nothing changes
         lines.append(f"vocabulary: {vocab} = data.tokenizer's {tok.vocab_size} tokens padded to a "
                      f"multiple of {multiple} ({tok.path})" if vocab == padded else
                      f"vocabulary: {vocab} (model.vocab_size; data.tokenizer {tok.path} has "

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from .. import halting_math as hm
 from .heads import ExitModel
 
 
@@ -34,7 +35,10 @@ class ExitRule:
 
 
 class QExit(ExitRule):
-    """PALBERT: exit at the first layer whose CDF Σ_{j<=i} p_j exceeds q."""
+    """PALBERT: exit at the first layer whose CDF Σ_{j<=i} p_j exceeds q (strictly, as
+    DESIGN.md defines it for early exit; adaptive pondering's Q-exit exits when the CDF
+    reaches q). The step is `halting_math.q_exit_step`, shared with adaptive pondering,
+    on a float64 survival."""
 
     needs_lambdas = True
     final_only = False
@@ -43,18 +47,15 @@ class QExit(ExitRule):
         self.q = q
 
     def reset(self, sample_ids):
-        self.cdf = torch.zeros(len(sample_ids), dtype=torch.float64)
         self.survive = torch.ones(len(sample_ids), dtype=torch.float64)
 
     def step(self, i, logits, lam):
-        lam = lam.double().cpu()
-        self.cdf = self.cdf + lam * self.survive
-        self.survive = self.survive * (1 - lam)
-        return (self.cdf > self.q).to(logits.device)
+        self.survive, reached = hm.q_exit_step(self.survive, lam.double().cpu(), self.q,
+                                               strict=True)
+        return reached.to(logits.device)
 
     def select(self, keep):
-        keep = keep.cpu()
-        self.cdf, self.survive = self.cdf[keep], self.survive[keep]
+        self.survive = self.survive[keep.cpu()]
 
 
 class SampledExit(ExitRule):

@@ -9,24 +9,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import halting_math as hm
+
 
 def exit_distribution(lambdas: torch.Tensor) -> torch.Tensor:
-    """p_i = λ_i ∏_{j<i} (1 - λ_j), with λ_N := 1 so that p sums to one over the N layers
-    (the mass left after layer N-1 exits at the last layer, as in PonderNet)."""
-    lam = lambdas.clone()
-    lam[:, -1] = 1.0
-    survive = torch.cumprod(1 - lam, dim=1)
-    before = torch.cat([torch.ones_like(survive[:, :1]), survive[:, :-1]], dim=1)
-    return lam * before
+    """p_i = λ_i ∏_{j<i} (1 - λ_j) [B, N], with λ_N := 1 (the column given for layer N is not
+    used) so that p sums to one over the N layers: the mass left after layer N-1 exits at the
+    last layer, as in PonderNet. `halting_math.exit_distribution`, shared with adaptive
+    pondering."""
+    return hm.exit_distribution(lambdas[:, :-1], dim=1)
 
 
 def geometric_prior(num_layers: int, prior_lambda: float) -> torch.Tensor:
     """Truncated Geometric(λ_p) over N layers; the tail mass goes to the last layer (as in
-    PALBERT's code), so the prior is a proper distribution like p."""
-    k = torch.arange(num_layers, dtype=torch.float64)
-    prior = prior_lambda * (1 - prior_lambda) ** k
-    prior[-1] = 1 - prior[:-1].sum()
-    return prior.float()
+    PALBERT's code), so the prior is a proper distribution like p. Adaptive pondering
+    renormalises its prior instead, as DESIGN.md defines it there (`halting_math`)."""
+    return hm.truncated_geometric(prior_lambda, num_layers, tail="last")
 
 
 def truncate(p: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,11 +6,12 @@ Layout under `checkpoint.dir` (`ponder_pt.weights.files`):
                                      lists each file with its size: the "complete" marker
     latest                    the newest complete tag, replaced atomically (DeepSpeed format)
 
-A directory without a valid ponder_meta.json (a save cut short) is never loaded, and a tag whose
-files are missing or truncated is skipped for the previous one: both are provably broken. A
-complete tag that fails to load or to convert (an I/O error, memory, a bug) stops the run with
-the error, since the cause may pass and falling back would discard the steps since the previous
-tag; `checkpoint.fallback_to_older=true` takes the previous tag instead.
+A directory without ponder_meta.json (a save cut short) is never loaded, and a tag whose
+listed files are missing or truncated is skipped for the previous one: both are provably broken.
+A tag that cannot be checked (its ponder_meta.json unreadable, or listing no files) or that
+fails to load or to convert (an I/O error, memory, a bug) stops the run with the error, since
+the cause may pass and falling back would discard the steps since the previous tag;
+`checkpoint.fallback_to_older=true` takes the previous tag instead.
 
 ponder_meta.json records the layout (TP, PP, DP, ZeRO stage). Resuming at the same layout is
 DeepSpeed's exact load. Resuming at another one (fewer or more GPUs, another TP or PP size)
@@ -132,12 +133,14 @@ class CheckpointManager:
         return tag
 
     def _prune(self) -> None:
-        complete = [t for t in list_tags(self.dir) if verify(self.dir, t) is None]
+        reasons = {t: verify(self.dir, t) for t in list_tags(self.dir)}
+        complete = [t for t, reason in reasons.items() if reason is None]
         for tag in complete[self.keep_last:]:
             shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
         newest = complete[0] if complete else None
-        for tag in list_tags(self.dir):  # unfinished saves older than the newest good one
-            if newest and tag < newest and tag not in complete:
+        for tag, reason in reasons.items():  # unfinished saves older than the newest good one
+            # (not a tag that could not be checked: it may be intact once the error passes)
+            if newest and tag < newest and reason is not None and reason.kind == "incomplete":
                 shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
         if newest:  # another run's checkpoint converted for resuming: no longer needed
             shutil.rmtree(os.path.join(self.dir, reshard.CONVERTED), ignore_errors=True)
@@ -185,8 +188,15 @@ class CheckpointManager:
         """(src, tag, universal dir) of the newest intact tag, converted, when it was saved at
         another layout; None when it needs no conversion or there is none."""
         for tag in list_tags(src):
-            if verify(src, tag) is not None:
-                continue  # resume() reports it
+            problem = verify(src, tag)
+            if problem is not None and problem.kind == "unchecked":
+                reason = f"checkpoint {os.path.join(src, tag)}: {problem}"
+                if not self.fallback_to_older:
+                    raise CheckpointLoadError(f"{reason}; {FALLBACK_HINT}")
+                self.log(f"{reason}; checkpoint.fallback_to_older: trying the previous one")
+                continue
+            if problem is not None:
+                continue  # provably broken: resume() reports it
             where = os.path.join(src, tag, META)
             saved = self.saved_layout(read_meta(src, tag), where)
             if not self._needs_conversion(saved):
@@ -240,10 +250,26 @@ class CheckpointManager:
         failures = []
         for tag in list_tags(src):
             reason = verify(src, tag)
-            if reason is not None:
+            if reason is not None and reason.kind != "unchecked":  # provably broken
                 self.log(f"checkpoint {tag}: skipped, {reason}")
-                if not reason.startswith("incomplete"):
+                if reason.kind != "incomplete":
                     failures.append(f"{tag}: {reason}")
+                continue
+            # every rank must have checked the tag before any loads it (the load's collectives)
+            checked = reason is None
+            if all_ok is not None:
+                checked = all_ok(checked)
+            if not checked:
+                why = reason or "another rank could not check it (its log says why)"
+                if reason is not None and self.world_size > 1:
+                    print(f"rank {self.rank}: checkpoint {os.path.join(src, tag)}: {reason}",
+                          flush=True)
+                if not self.fallback_to_older:
+                    raise CheckpointLoadError(f"checkpoint {os.path.join(src, tag)}: {why}; "
+                                              f"{FALLBACK_HINT}")
+                self.log(f"checkpoint {tag}: cannot be checked; checkpoint.fallback_to_older: "
+                         "trying the previous one")
+                failures.append(f"{tag}: {why}")
                 continue
             meta = read_meta(src, tag)
             other_model = False  # the weights do not fit this model (not a damaged file)

@@ -128,7 +128,8 @@ def init(tp: int, pp: int, timeout: float = 600.0) -> World:
         device=device)
 
 
-_PLACES: list = []  # rank -> (host name, its address), from describe_world
+_PLACES: list = []  # rank -> (host name, its address[, (tp, pp, dp) ranks]), from describe_world
+_MAX_HOST_LINES = 32  # larger worlds list their first and last hosts' ranks only
 
 
 def _address(host: str) -> str:
@@ -140,43 +141,100 @@ def _address(host: str) -> str:
         return "?"
 
 
+def _grid_ranks() -> Optional[tuple]:
+    """This rank's (tp, pp, dp) ranks once parallel_state has laid them out, else None."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return None
+    return (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+            ps.get_data_parallel_rank())
+
+
+def _host_lines(places: list) -> list[str]:
+    """One line per host: its address and its ranks with their (tp, pp, dp) ranks, so the log
+    shows which TP group or pipeline stage each node holds."""
+    by_host: dict = {}
+    for rank, (host, addr, grid) in enumerate(places):
+        by_host.setdefault((host, addr), []).append(f"{rank} (tp {grid[0]} pp {grid[1]} "
+                                                    f"dp {grid[2]})")
+    lines = [f"  {host} ({addr}): rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)}"
+             for (host, addr), ranks in by_host.items()]
+    if len(lines) > _MAX_HOST_LINES:
+        lines = [*lines[:4], f"  ... {len(lines) - 6} hosts more", *lines[-2:]]
+    return lines
+
+
 def describe_world(places: Optional[list] = None) -> str:
     """Where the ranks run and met: the (host, address) of every rank, `places` or gathered
-    from the ranks (a collective), and the rendezvous address they resolved; one line for the
-    run's log. Also what `explain_comm_error` needs to name a lost peer."""
+    from the ranks (a collective, which also gathers each rank's TP / PP / DP ranks), and the
+    rendezvous address they resolved; for the run's log, a line for the world and, when the
+    grid ranks are known, one per host naming its ranks. Also what `explain_comm_error` needs
+    to name a lost peer."""
     import socket
 
     if places is None:
         host = socket.gethostname()
         places = [None] * dist.get_world_size()
-        dist.all_gather_object(places, (host, _address(host)))
+        dist.all_gather_object(places, (host, _address(host), _grid_ranks()))
     _PLACES[:] = places
-    hosts = [h for h, _ in places]
+    hosts = [p[0] for p in places]
     names = list(dict.fromkeys(hosts))  # in rank order
     addr = os.environ.get("MASTER_ADDR", "")
     resolved = _address(addr)
     shown = ", ".join(names if len(names) <= 8 else [*names[:4], "...", *names[-2:]])
-    return (f"{len(hosts)} ranks on {len(names)} host{'s' if len(names) > 1 else ''} ({shown}); "
+    line = (f"{len(hosts)} ranks on {len(names)} host{'s' if len(names) > 1 else ''} ({shown}); "
             f"rendezvous {addr}:{os.environ.get('MASTER_PORT', '')}"
             + (f" = {resolved}" if resolved != addr else ""))
+    if all(len(p) > 2 and p[2] is not None for p in places):
+        line = "\n".join([line, *_host_lines(places)])
+    return line
 
 
 class PeerLost(RuntimeError):
     """A collective failed because a peer rank died, hung or became unreachable."""
 
 
+def _unreachable(hosts: dict, wait: float) -> list[str]:
+    """The hosts of `hosts` ({name: address}) that no TCP connection attempt reaches within
+    `wait` seconds. A host that is up and linked answers one at once, accepting it or refusing
+    it (the port needs no listener), so silence means its node or its link is down, which a
+    hung process cannot tell apart from in a collective's timeout."""
+    import errno
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    def silent(addr: str) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(wait)
+            try:
+                code = sock.connect_ex((addr, 9))  # discard: nothing needs to listen there
+            except (socket.timeout, OSError):
+                return True
+        return code in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
+                        errno.EAGAIN, errno.EINPROGRESS)
+
+    if not hosts:
+        return []
+    with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
+        quiet = list(pool.map(silent, hosts.values()))
+    return [host for host, q in zip(hosts, quiet) if q]
+
+
 def explain_comm_error(exc: BaseException, timeout: float) -> Optional[str]:
     """What a failed collective means, naming the peer's ranks and host where the transport's
     message gives its address (a closed or reset connection: the process or its node died),
-    or dist.timeout where the peer never answered (hung, stopped, or a link gone silent).
-    None for an error that is not about a peer."""
+    or dist.timeout where the peer never answered (hung, stopped, or a link gone silent). On a
+    timeout inside a running world, the other hosts are probed (`_unreachable`) and the ones
+    that do not answer on the network are named with their ranks. None for an error that is
+    not about a peer."""
     text = str(exc)
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     lost = re.search(r"(closed by peer|reset by peer|Connection refused|Broken pipe|"
                      r"Connection timed out|No route to host)", text, re.I)
     if lost:
         ips = list(dict.fromkeys(re.findall(r"\[?(\d{1,3}(?:\.\d{1,3}){3})\]?:\d+", text)))
-        ranks = [r for r, (_, ip) in enumerate(_PLACES) if ip in ips]
+        ranks = [r for r, p in enumerate(_PLACES) if p[1] in ips]
         if ranks:
             hosts = sorted({_PLACES[r][0] for r in ranks})
             return (f"lost contact with rank{'s' if len(ranks) > 1 else ''} "
@@ -184,9 +242,25 @@ def explain_comm_error(exc: BaseException, timeout: float) -> Optional[str]:
                     f"that process or its node is gone ({first})")
         return f"lost contact with a peer rank ({first})"
     if re.search(r"timed out|timeout", text, re.I) and not isinstance(exc, TimeoutError):
-        hosts = ", ".join(dict.fromkeys(h for h, _ in _PLACES)) or "?"
-        return (f"a peer rank did not answer within dist.timeout={timeout:g} s: one of the "
-                f"ranks on {hosts} is hung, stopped or cut off ({first})")
+        hosts = ", ".join(dict.fromkeys(p[0] for p in _PLACES)) or "?"
+        waited = f"a peer rank did not answer within dist.timeout={timeout:g} s"
+        if not (_PLACES and dist.is_initialized()):  # no world of ours to probe
+            return f"{waited}: one of the ranks on {hosts} is hung, stopped or cut off ({first})"
+        mine = _PLACES[dist.get_rank()][0]
+        others = {p[0]: p[1] for p in _PLACES if p[0] != mine and p[1] != "?"}
+        wait = min(5.0, max(1.0, timeout / 10))
+        gone = _unreachable(others, wait)
+        if not gone:
+            return (f"{waited}: one of the ranks on {hosts} is hung or stopped (every other "
+                    f"host answers on the network) ({first})")
+        named = []
+        for host in gone:
+            ranks = [str(r) for r, p in enumerate(_PLACES) if p[0] == host]
+            named.append(f"{host} ({others[host]}; rank{'s' if len(ranks) > 1 else ''} "
+                         f"{', '.join(ranks)})")
+        return (f"{waited}, and {'; '.join(named)} {'is' if len(named) == 1 else 'are'} "
+                f"unreachable from {mine} (no answer on the network within {wait:g} s): that "
+                f"node or its link is down ({first})")
     return None
 
 

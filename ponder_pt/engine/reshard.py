@@ -271,7 +271,10 @@ def read_meta(udir: str) -> dict:
         return json.load(fh)
 
 
-def _full(udir: str, name: str, state: str) -> torch.Tensor:
+def read_full(udir: str, name: str, state: str) -> torch.Tensor:
+    """The full (unsharded) `state` tensor (fp32 weights, or an optimizer moment of STATES)
+    of parameter `name` in the converted checkpoint `udir`; refuses a parameter the
+    checkpoint never had, and a missing file."""
     path = os.path.join(udir, "zero", name, f"{state}.pt")
     if not os.path.isdir(os.path.dirname(path)):  # the checkpoint never had this parameter
         raise ValueError(f"{name}: the model has this parameter, the checkpoint converted in "
@@ -302,7 +305,7 @@ def load_weights(module: torch.nn.Module, udir: str) -> set:
     loaded = set()
     with torch.no_grad():
         for name, p in module.named_parameters():
-            t = _local(p, _full(udir, full_name(name), "fp32"), name)
+            t = _local(p, read_full(udir, full_name(name), "fp32"), name)
             p.copy_(t.to(device=p.device, dtype=p.dtype))
             loaded.add(full_name(name))
     return loaded
@@ -375,10 +378,10 @@ def load_optimizer(engine, udir: str) -> dict:
                 continue
             fname = full_name(name)
             if zero_flat:
-                safe_set_full_fp32_param(p, _local(p, _full(udir, fname, "fp32"), name)
+                safe_set_full_fp32_param(p, _local(p, read_full(udir, fname, "fp32"), name)
                                          .to(p.device, torch.float32))
             for key in ("exp_avg", "exp_avg_sq"):
-                value = _local(p, _full(udir, fname, key), name).to(p.device, torch.float32)
+                value = _local(p, read_full(udir, fname, key), name).to(p.device, torch.float32)
                 if zero_flat:
                     safe_set_full_optimizer_state(p, value, key)
                 else:  # no ZeRO, fp32: a torch optimizer over the model's own parameters

@@ -26,7 +26,7 @@ import os
 import shutil
 from typing import Optional, Sequence
 
-from ..config import Config, load_config, write_run_config
+from ..config import Config, fill_vocab, load_config, write_run_config
 from ..tokenizer import load_tokenizer, pad_vocab_size
 from ..weights.files import file_sizes, tag_for, write_meta
 from ..weights.hf_config import model_config_from_hf, read_hf_config
@@ -76,10 +76,8 @@ def hf_to_checkpoint(hf_dir: str, out: str, overrides: Sequence[str] = (), tp: i
     if tok_dir:
         cfg.data.tokenizer = os.path.abspath(tok_dir)
         tok = load_tokenizer(tok_dir)
-        if cfg.pause.rate > 0 or cfg.pause.token_id is not None:
-            if cfg.pause.token_id is None:
-                cfg.pause.token_id = tok.layout(cfg.model.make_vocab_size_divisible_by, tp,
-                                                need_pause=True).pause_id
+        fill_vocab(cfg, tok)  # pause.token_id with pauses on; the rows are HF's (above)
+        if cfg.pause.token_id is not None:
             rows = max(rows, pad_vocab_size(cfg.pause.token_id + 1,
                                             cfg.model.make_vocab_size_divisible_by, tp))
     cfg.model.vocab_size = rows

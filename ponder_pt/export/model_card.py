@@ -8,7 +8,8 @@ directory of the Hub cache: `.../models--ORG--NAME/snapshots/REV`; the Hub accep
 ids there, so a plain local directory is named in the text instead), and after
 `ponder-pt eval --write-card` the `model-index` of the results.
 
-Text: the architecture and K (and its feedback), the pause token and the M the model appends
+Text: the architecture and K (and its feedback; for adaptive pondering, the halting head that
+decides each token's passes, its mode and q), the pause token and the M the model appends
 or was fine-tuned with, the training steps and tokens and the data prefixes, the tokenizer
 check of the export, the ponder-pt version, how to load it, and the evaluation results, which
 `update_results` rewrites in place between the EVAL_BEGIN / EVAL_END markers.
@@ -73,10 +74,26 @@ def _model_lines(cfg: Config) -> list[str]:
                     else "the final hidden state (the looped baseline)")
         lines.append(f"- Pondering: K = {p.steps} extra passes, each feeding back {feedback}"
                      + (f", top-{p.top_k} probabilities" if p.top_k else "")
-                     + f"; K + 1 = {p.steps + 1} transformer passes per token")
+                     + (f"; up to K + 1 = {p.steps + 1} transformer passes per token"
+                        if p.adaptive else
+                        f"; K + 1 = {p.steps + 1} transformer passes per token"))
+        if p.adaptive:
+            lines.append(f"- {_halting_text(p.halting, p.steps)}")
     else:
         lines.append("- Pondering: none (K = 0), one transformer pass per token")
     return lines
+
+
+def _halting_text(h, steps: int) -> str:
+    """How an adaptive model (`ponder.halting`) decides a token's passes."""
+    head = {"pondernet": "from each pass's final hidden state (PonderNet)",
+            "palbert": "from each pass's final hidden state and the previous pass's halting "
+                       "probability (PALBERT's Lambda layer)"}.get(h.mode, f"(`{h.mode}`)")
+    return (f"Adaptive pondering: a halting head (`{h.mode}`) decides each token's passes "
+            f"{head}; the token exits at the first pass whose cumulative exit probability "
+            f"reaches q = {h.q:g} (`ponder.halting.q`; `--halt-q` of `ponder-pt generate` / "
+            f"`eval`, or `halt_q=` of `generate()`, overrides it; q = 1 runs all {steps + 1} "
+            "passes). Later passes read an exited token's frozen keys and values")
 
 
 def _pause_lines(cfg: Config, pause_id: Optional[int], finetune: Optional[dict]) -> list[str]:
@@ -188,7 +205,11 @@ def write_card(out: str, cfg: Config, pause_id: Optional[int], transformers_rang
                          base_model=hub_model_id(base) if base else None)
     body = [f"# {name}", "",
             f"A {ARCH_NAMES.get(cfg.model.arch, cfg.model.arch)} language model "
-            + (f"with K = {cfg.ponder.steps} continuous-space pondering steps "
+            + (f"with up to K = {cfg.ponder.steps} continuous-space pondering steps, as many "
+               f"as a halting head (`{cfg.ponder.halting.mode}`, q = {cfg.ponder.halting.q:g}) "
+               "decides for each token, "
+               if cfg.ponder.adaptive else
+               f"with K = {cfg.ponder.steps} continuous-space pondering steps "
                if cfg.ponder.steps else "")
             + f"trained with [ponder-pt](https://pypi.org/project/ponder-pt/) {__version__}.",
             "",
@@ -220,7 +241,9 @@ def _eval_results(res: dict, pauses: Optional[int], limit) -> list:
     for task, metrics in sorted((res.get("results") or {}).items()):
         conf = configs.get(task) or {}
         settings = {"num_fewshot": (res.get("n-shot") or {}).get(task, conf.get("num_fewshot")),
-                    "pauses": pauses, "limit": limit}
+                    "pauses": pauses, "limit": limit,
+                    # adaptive pondering: the q scored at and the passes it took
+                    "halt_q": res.get("halt_q"), "mean_passes": res.get("mean_passes")}
         for key, value in metrics.items():
             metric, comma, filt = key.partition(",")
             # metrics are "name,filter"; "sample_len" and the like are counts, not metrics
@@ -240,16 +263,23 @@ def _eval_results(res: dict, pauses: Optional[int], limit) -> list:
 
 
 def _results_table(results: list) -> str:
-    rows = ["| task | metric | value | split | few-shot | pauses M | limit |",
-            "|---|---|---|---|---|---|---|"]
+    # an adaptive model's scores depend on the halting threshold: its q and passes per token
+    adaptive = any("halt_q" in (r.dataset_args or {}) for r in results)
+    rows = ["| task | metric | value | split | few-shot | pauses M | limit |"
+            + (" halting q | passes per token |" if adaptive else ""),
+            "|---|---|---|---|---|---|---|" + ("---|---|" if adaptive else "")]
     for r in results:
         args = r.dataset_args or {}
         metric = r.metric_type + (f" ({r.metric_config})" if r.metric_config else "")
         value = (f"{r.metric_value:.4g}" if isinstance(r.metric_value, (int, float))
                  else r.metric_value)  # a value edited by hand stays as written
+        passes = args.get("mean_passes", "-")
         rows.append(f"| {r.dataset_name} | {metric} | {value} | "
                     f"{r.dataset_split or '-'} | {args.get('num_fewshot', '-')} | "
-                    f"{args.get('pauses', '-')} | {args.get('limit', '-')} |")
+                    f"{args.get('pauses', '-')} | {args.get('limit', '-')} |"
+                    + (f" {args.get('halt_q', '-')} | "
+                       f"{f'{passes:.3f}' if isinstance(passes, float) else passes} |"
+                       if adaptive else ""))
     return "\n".join(rows)
 
 

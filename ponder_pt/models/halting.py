@@ -6,9 +6,12 @@ lambda_k = sigmoid(w . h_k + b) (`pondernet`), or sigmoid(w . [h_k ; lambda_{k-1
 p_k = lambda_k prod_{j<k} (1 - lambda_j), and the per-token loss
 sum_k p_k CE(z_k, y) + beta KL(p || truncated geometric prior).
 
-Q-exit at inference: a token exits at the first pass whose cumulative p reaches q. Later passes
-read an exited token's keys and values of its exit pass (`FrozenPass`, CALM's state
-propagation), so decoding can skip those passes for it.
+Q-exit at inference: a token exits at the first pass whose cumulative p reaches q
+(`halting_math.q_exit_step`: the forward's exits, which its metrics count; the exported
+remote code repeats that arithmetic). Later
+passes read an exited token's keys and values of its exit pass (`FrozenPass`, CALM's state
+propagation), so decoding can skip those passes for it. The exit distribution and the prior
+are `halting_math`'s, shared with early exit.
 
 Everything here works on tensors laid out [s, b] (the model's sequence-first layout).
 """
@@ -20,6 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import halting_math as hm
 from . import parallel as par
 
 MODES = ("pondernet", "palbert")
@@ -56,19 +60,14 @@ class HaltingHead(nn.Module):
         return torch.sigmoid(self.proj(x).squeeze(-1).float())
 
 
-def exit_distribution(lambdas: list) -> torch.Tensor:
-    """p [K+1, s, b] from lambda_0..lambda_{K-1} ([s, b] each; lambda_K = 1 is implied)."""
-    lam = torch.stack(list(lambdas) + [torch.ones_like(lambdas[0])])
-    survive = torch.cumprod(1.0 - lam, dim=0)
-    before = torch.cat([torch.ones_like(survive[:1]), survive[:-1]])
-    return lam * before
-
-
-def geometric_prior(lambda_p: float, steps: int, device=None) -> torch.Tensor:
-    """Geometric(lambda_p) over passes 0..K, truncated and renormalised: [K+1]."""
-    k = torch.arange(steps + 1, dtype=torch.float32, device=device)
-    prior = lambda_p * (1.0 - lambda_p) ** k
-    return prior / prior.sum()
+def objective(ce: torch.Tensor, lambdas: torch.Tensor, mask: torch.Tensor,
+              hcfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense halting objective (DESIGN.md) and the exit distribution it weighs with.
+    ce [K+1, s, b] per pass; lambdas [K, s, b] of passes 0..K-1; mask [s, b] (float);
+    hcfg: `ponder.halting` (beta, prior). Returns (loss, p [K+1, s, b])."""
+    p = hm.exit_distribution(lambdas, dim=0)
+    prior = hm.truncated_geometric(hcfg.prior, p.shape[0], "renormalise", device=p.device)
+    return halting_loss(ce, p, mask, hcfg.beta, prior), p
 
 
 def halting_loss(ce: torch.Tensor, p: torch.Tensor, mask: torch.Tensor, beta: float,
@@ -81,25 +80,14 @@ def halting_loss(ce: torch.Tensor, p: torch.Tensor, mask: torch.Tensor, beta: fl
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def q_exit(p: torch.Tensor, q: float) -> torch.Tensor:
-    """Exit pass [s, b] (long): the first k with sum_{j<=k} p_j >= q, else K. q >= 1 gives K
-    for every token (cumulative sums may round a hair under 1)."""
-    last = p.shape[0] - 1
-    if q >= 1.0:
-        return torch.full(p.shape[1:], last, dtype=torch.long, device=p.device)
-    reached = torch.cumsum(p, dim=0) >= q
-    reached[last] = True
-    return reached.float().argmax(dim=0)
-
-
-def stats(p: torch.Tensor, mask: torch.Tensor, q: float) -> dict:
+def stats(p: torch.Tensor, mask: torch.Tensor, exits: torch.Tensor) -> dict:
     """Detached summaries over the loss tokens: expected passes sum_k (k+1) p_k, and the
-    histogram of Q-exit passes at q (fractions per pass)."""
+    histogram (fractions per pass) of `exits` [s, b], the exit passes the forward took (by
+    `halting_math.q_exit_step`, or imposed), so the reported exits are the ones that ran."""
     with torch.no_grad():
         w = mask / mask.sum().clamp(min=1.0)
         passes = torch.arange(1, p.shape[0] + 1, dtype=p.dtype, device=p.device).view(-1, 1, 1)
         expected = ((p * passes).sum(0) * w).sum()
-        exits = q_exit(p, q)
         hist = torch.stack([((exits == k).float() * w).sum() for k in range(p.shape[0])])
     return {"expected_passes": expected, "exit_hist": hist}
 

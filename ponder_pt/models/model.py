@@ -31,31 +31,32 @@ has no halting module and runs exactly as without it.
 final-norm hidden state over chunks of vocabulary rows (`vocab_chunk.py`), so no [tokens, V]
 tensor is kept for backward; top-k feedback (`ponder.top_k` > 0) and calls without labels
 (logits for inference) keep the unchunked path.
+
+Everything of a pass outside the blocks -- the scaled input embedding, the pass input, the
+head, the feedback, the per-pass cross-entropy, the halting lambda -- is `PonderPass`'s
+(`ponder_pass.py`), written once for this model and the pipeline's stages (`pipeline.py`).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
-from megatron.core.tensor_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config.schema import ModelConfig, PonderConfig
-from . import parallel as par
-from .cross_entropy import cross_entropy_bf16
+from .. import halting_math as hm
 from . import halting as halt
-from . import vocab_chunk as vchunk
-from .layers import (Block, KVCache, LearnedPositions, RMSNorm, Rotary, StaticKVCache,
-                     make_norm)
-from .linear import ColumnLinear
+from . import parallel as par
+from . import ponder_pass as pp
+from .layers import Block, KVCache, RMSNorm, Rotary, StaticKVCache
+from .ponder_pass import PonderPass
 
 ARCHS = ("gpt_neox", "llama", "gpt2")
 
 
-class PonderLM(nn.Module):
+class PonderLM(PonderPass, nn.Module):
     """GPT-NeoX / LLaMA / GPT-2 decoder with optional continuous-space pondering.
 
     Args:
@@ -84,32 +85,14 @@ class PonderLM(nn.Module):
         self.ponder_cfg = ponder or PonderConfig(steps=0)
         self.sequence_parallel = bool(sequence_parallel) and par.tp_size() > 1
         mp = par.megatron_config(params_dtype)
-
-        base_std = cfg.init_method_std or par.small_init_std(cfg.hidden_size)
-        out_std = (cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers) if cfg.init_method_std
-                   else par.wang_init_std(cfg.hidden_size, cfg.num_layers))
-
-        def inits(name: str, output: bool = False):
-            return par.seeded_normal(out_std if output else base_std, seed, name)
-
-        self.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size,
-                                            init_method=inits("embed"), config=mp)
+        inits = pp.init_methods(cfg, seed)
         # GPT-2: learned positions (replicated over TP), added at the start of every pass
-        self.pos_embed = (LearnedPositions(cfg, inits("pos_embed"), self.sequence_parallel,
-                                           params_dtype) if cfg.arch == "gpt2" else None)
+        self.build_input_layers(cfg, inits, mp, params_dtype)
         self.layers = nn.ModuleList(
             Block(cfg, mp, inits, self.sequence_parallel, i) for i in range(cfg.num_layers))
-        self.final_norm = make_norm(cfg, self.sequence_parallel)
-        self.output = ColumnLinear(
-            cfg.hidden_size, cfg.vocab_size, config=mp, init_method=inits("output"), bias=False,
-            gather_output=False, skip_weight_param_allocation=cfg.tie_embeddings,
-            disable_grad_reduce=self.sequence_parallel)
+        # adaptive pondering's halting head: no module at all when off
+        self.build_output_layers(cfg, self.ponder_cfg, inits, mp, seed, params_dtype)
         self.rotary = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rotary_base)
-        hcfg = self.ponder_cfg.halting
-        # adaptive pondering: no module at all when off, so state dicts stay as they were
-        self.halting = (halt.HaltingHead(cfg.hidden_size, hcfg.mode, seed,
-                                         self.sequence_parallel, params_dtype)
-                        if self.ponder_cfg.adaptive else None)
         self.halting_stats: Optional[dict] = None  # of the last forward with labels
         self.set_activation_checkpointing(cfg.activation_checkpointing)
         for module in self.modules():  # megatron layers are already in params_dtype
@@ -151,32 +134,19 @@ class PonderLM(nn.Module):
         for block in self.layers:
             block.compile()
 
-    # ------------------------------------------------------------------ pieces
-
-    @property
-    def embed_scale(self) -> float:
-        return math.sqrt(self.cfg.hidden_size) if self.ponder_cfg.scale_embeds else 1.0
-
-    def output_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.cfg.tie_embeddings else self.output.weight
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[b, s] ids (any id < padded vocab) -> [s, b, h] (replicated, unscaled)."""
-        return self.embed(input_ids.t().contiguous())
+    # ------------------------------------------------------------------ one pass
 
     def transformer(self, embeds: torch.Tensor, position_ids: torch.Tensor,
-                    cache: Optional[KVCache] = None, hidden: bool = False,
-                    rope: Optional[tuple] = None,
+                    cache: Optional[KVCache] = None, rope: Optional[tuple] = None,
                     frozen: Optional[halt.FrozenPass] = None) -> torch.Tensor:
-        """One full pass: [s, b, h] (this rank's sequence shard under SP) -> logits
-        [s, b, V/tp] for the whole sequence. With `cache`, the pass continues after the
-        cached positions and appends to the cache. hidden=True returns the final-norm hidden
-        state instead of the logits: [s, b, h], full hidden on every TP rank, and this rank's
-        sequence shard [s/tp, b, h] under SP (the layout of the embedding stream e).
-        rope: `self.rotary(position_ids, dtype)` when the caller already has it (the K+1
-        passes of one forward share it). frozen: adaptive pondering's frozen keys/values."""
+        """The blocks of one pass on e [s, b, h] (this rank's sequence shard under SP) ->
+        the final-norm hidden state, laid out like e: the full hidden on every TP rank, this
+        rank's shard under SP (`head` makes logits of it). With `cache`, the pass continues
+        after the cached positions and appends to the cache. rope: `self.rotary(position_ids,
+        dtype)` when the caller already has it (the K+1 passes of one forward share it).
+        frozen: adaptive pondering's frozen keys/values."""
         cos, sin = self.rotary(position_ids, embeds.dtype) if rope is None else rope
-        x = embeds if self.pos_embed is None else self.pos_embed(embeds, position_ids)
+        x = self.pass_input(embeds, position_ids)
         full = (self.checkpointing == "full" and self.training and torch.is_grad_enabled()
                 and cache is None)
         for block in self.layers:
@@ -188,62 +158,7 @@ class PonderLM(nn.Module):
                 x = block(x, cos, sin, cache, frozen)
             else:
                 x = block(x, cos, sin, cache)
-        x = self.final_norm(x)
-        return x if hidden else self.head(x)
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden [s(/tp under SP), b, h] -> logits [s, b, V/tp]."""
-        if self.sequence_parallel:
-            hidden = par.gather_seq(hidden)
-        logits, _ = self.output(hidden,
-                                weight=self.embed.weight if self.cfg.tie_embeddings else None)
-        return logits
-
-    @property
-    def feeds_back_hidden(self) -> bool:
-        """True for the looped baseline (`ponder.feedback="hidden"`)."""
-        return self.ponder_cfg.feedback == "hidden"
-
-    @property
-    def vocab_chunk(self) -> int:
-        """Vocabulary rows per chunk of the loss and the full-softmax feedback; 0 = off."""
-        return self.cfg.vocab_chunk
-
-    @property
-    def chunked_feedback(self) -> bool:
-        """Pondering feedback from the hidden state by the chunked soft embedding. Top-k
-        feedback stays unchunked: its global threshold needs every logit of a token at once."""
-        return (self.vocab_chunk > 0 and not self.feeds_back_hidden
-                and self.ponder_cfg.top_k == 0)
-
-    @property
-    def pass_returns_hidden(self) -> bool:
-        """Whether a pondering pass hands `ponder_step` the final-norm hidden state (looped
-        baseline, chunked feedback) rather than the logits."""
-        return self.feeds_back_hidden or self.chunked_feedback
-
-    def ponder_step(self, e: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The next pass's input embedding from pass k's output `out`.
-
-        feedback "embedding" (PonderingLM): `out` is the logits z [s, b, V/tp];
-        e_k = e_{k-1} + s * softmax(z) . W_in (vocab-parallel, logits never gathered). With
-        `vocab_chunk` (and no top-k) `out` is the final-norm hidden state instead and the same
-        sum is computed chunk by chunk without the logits.
-        feedback "hidden" (looped baseline): `out` is h_k, the final-norm hidden state of pass
-        k [s(/tp under SP), b, h], i.e. the vector the output head would multiply by W_out; we
-        feed back that post-norm vector (not the pre-norm residual stream, whose scale grows
-        with depth) without any scaling: e_k = e_{k-1} + h_k. Under TP h_k is the full hidden
-        on every rank; under SP it is this rank's sequence shard, like e.
-        """
-        if self.feeds_back_hidden:
-            return e + out.to(e.dtype)
-        if self.chunked_feedback:
-            mix = vchunk.soft_embedding(out, self.output_weight(), self.embed.weight,
-                                        self.vocab_chunk, self.sequence_parallel)
-            return e + self.embed_scale * mix
-        probs = par.vocab_parallel_softmax(out, self.ponder_cfg.top_k)
-        mix = par.soft_embedding(probs, self.embed.weight, self.sequence_parallel)
-        return e + self.embed_scale * mix
+        return self.final_norm(x)
 
     # ------------------------------------------------------------------ forward
 
@@ -285,11 +200,8 @@ class PonderLM(nn.Module):
             e = inputs_embeds.transpose(0, 1).contiguous()
             b, s = inputs_embeds.shape[:2]
         else:
-            e = self.embed_tokens(input_ids)
+            e = self.embed_input(input_ids, K)
             b, s = input_ids.shape
-            if K > 0:
-                scale = self.embed_scale * (K if self.ponder_cfg.scale_initial_by_steps else 1)
-                e = e * scale
         past = 0
         if caches is not None:
             if len(caches) != K + 1 or self.sequence_parallel:
@@ -323,12 +235,11 @@ class PonderLM(nn.Module):
     def _fixed(self, e, position_ids, rope, per_pass, labels, loss_mask, K, gather_logits):
         """Fixed-K pondering: K passes feeding back, the loss or logits of the last one."""
         for k in range(K):
-            e = self.ponder_step(e, self.transformer(e, position_ids, per_pass[k],
-                                                     hidden=self.pass_returns_hidden, rope=rope))
+            e = self.feed_back(e, self.transformer(e, position_ids, per_pass[k], rope=rope))
+        hidden = self.transformer(e, position_ids, per_pass[K], rope=rope)
         if labels is not None and self.vocab_chunk:
-            hidden = self.transformer(e, position_ids, per_pass[K], hidden=True, rope=rope)
             return self.chunked_loss(hidden, labels, loss_mask)
-        logits = self.transformer(e, position_ids, per_pass[K], rope=rope)
+        logits = self.head(hidden)
         for cache in per_pass:
             if cache is not None:
                 cache.advance(position_ids.shape[1])
@@ -346,10 +257,11 @@ class PonderLM(nn.Module):
         of each token's exit pass (eval mode with labels), or the exit passes' logits
         [s, b, V/tp] (no labels).
 
-        Exits are decided right after each pass from the running survival prod(1 - lambda_j)
-        (detached), identically in a whole-sequence call and in incremental decoding. Once
-        every token of a cached call has exited, the remaining passes are skipped: their
-        caches take the previous pass's keys/values of this chunk, which are the frozen ones.
+        Exits are decided right after each pass by `halting_math.q_exit_step` from the
+        running survival prod(1 - lambda_j) (detached), identically in a whole-sequence call
+        and in incremental decoding; `halting_stats` counts these very exits. Once every
+        token of a cached call has exited, the remaining passes are skipped: their caches
+        take the previous pass's keys/values of this chunk, which are the frozen ones.
         """
         hcfg, K = self.ponder_cfg.halting, self.ponder_cfg.steps
         objective = labels is not None and self.training
@@ -367,45 +279,39 @@ class PonderLM(nn.Module):
                 for j in range(k, K + 1):  # the frozen rows are the previous pass's
                     per_pass[j].copy_new_from(per_pass[j - 1], n)
                 break
-            hidden = self.transformer(e, position_ids, per_pass[k], hidden=True, rope=rope,
-                                      frozen=frozen)
-            logits = None
-            if labels is None or not self.vocab_chunk or (k < K and not self.pass_returns_hidden):
-                logits = self.head(hidden)
+            hidden = self.transformer(e, position_ids, per_pass[k], rope=rope, frozen=frozen)
+            logits = (self.head(hidden) if self.needs_logits(last=k == K, labels=labels is not None)
+                      else None)
             if labels is not None:
-                ces.append(self._per_token_ce(hidden, logits, target, keep_logits=k < K))
+                ces.append(self.pass_ce(hidden, logits, target, keep_logits=k < K))
             else:
                 outs.append(logits)
             if k == K:
                 break
-            lam = self.halting(hidden, previous)
+            lam = self.halting_lambda(hidden, previous)
             previous = lam
             lam = par.gather_seq_replicated(lam) if self.sequence_parallel else lam
             lambdas.append(lam)
-            survive = (1.0 - lam.detach()) * (1.0 if survive is None else survive)
+            survive, now = hm.q_exit_step(survive, lam.detach(), q)
             if exit_at is not None:  # imposed exits [s, b]
                 now = exit_at <= k
-            elif q < 1.0:
-                now = survive <= 1.0 - q
-            else:
-                now = torch.zeros_like(survive, dtype=torch.bool)
             exiting = now & (exits == K)
             exits = torch.where(exiting, k, exits)
             if frozen is not None:
                 frozen = frozen.next(exiting.t())
-            e = self.ponder_step(e, hidden if self.pass_returns_hidden else logits)
+            e = self.feed_back(e, hidden, logits)
         for cache in per_pass:
             if cache is not None:
                 cache.advance(n)
+        if labels is not None:
+            lambdas = torch.stack(lambdas)
         if objective:
-            p = halt.exit_distribution(lambdas)
-            prior = halt.geometric_prior(hcfg.prior, K, device=p.device)
-            self.halting_stats = halt.stats(p, mask, q)
-            loss = halt.halting_loss(torch.stack(ces), p, mask, hcfg.beta, prior)
+            loss, p = halt.objective(torch.stack(ces), lambdas, mask, hcfg)
+            self.halting_stats = halt.stats(p, mask, exits)
             return loss, exits
         if labels is not None:
-            p = halt.exit_distribution(lambdas)
-            self.halting_stats = halt.stats(p, mask, q)
+            p = hm.exit_distribution(lambdas, dim=0)
+            self.halting_stats = halt.stats(p, mask, exits)
             picked = torch.stack(ces).gather(0, exits.unsqueeze(0)).squeeze(0)
             return (picked * mask).sum() / mask.sum().clamp(min=1.0), exits
         return self._pick_pass(outs, exits), exits
@@ -418,13 +324,6 @@ class PonderLM(nn.Module):
         for k, z in enumerate(outs[1:], start=1):
             picked = torch.where((exits == k).unsqueeze(-1), z, picked)
         return picked
-
-    def _per_token_ce(self, hidden, logits, target, keep_logits: bool) -> torch.Tensor:
-        """CE [s, b] of one pass (vocab-chunked from the hidden state with vocab_chunk)."""
-        if self.vocab_chunk:
-            return vchunk.cross_entropy(hidden, self.output_weight(), target, self.vocab_chunk,
-                                        self.sequence_parallel)
-        return self.per_token_loss(logits, target, keep_input=keep_logits)
 
     def new_caches(self, ponder_steps: Optional[int] = None, capacity: int = 0,
                    batch: int = 1) -> list:
@@ -443,58 +342,19 @@ class PonderLM(nn.Module):
         return [StaticKVCache(n, batch, kv, self.cfg.head_dim, capacity, w.dtype, w.device)
                 for _ in range(K + 1)]
 
-    @staticmethod
-    def loss(logits: torch.Tensor, labels: torch.Tensor,
-             loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mean vocab-parallel CE over loss_mask. logits [s, b, V/tp], labels/mask [b, s].
-
-        Negative labels (HF's -100) are ignored as if masked.
-        """
-        target, mask = PonderLM.targets(labels, loss_mask)
-        per_token = PonderLM.per_token_loss(logits, target)
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-
-    @staticmethod
-    def per_token_loss(logits: torch.Tensor, target: torch.Tensor,
-                       keep_input: bool = False) -> torch.Tensor:
-        """Vocab-parallel CE [s, b] of logits [s, b, V/tp] against target [s, b].
-        keep_input: the logits are used afterwards (adaptive pondering's feedback)."""
-        if par.tp_size() == 1 and logits.dtype == torch.bfloat16:
-            # a third of megatron's traffic, 2 B per logit kept instead of 4 (cross_entropy.py)
-            return cross_entropy_bf16(logits, target)
-        # megatron's CE overwrites its fp32 input in place (the logits are not needed
-        # afterwards) and writes its gradient into the saved softmax; F.cross_entropy
-        # would allocate two more fp32 [tokens, V] buffers at the backward peak
-        z = logits.float()
-        return vocab_parallel_cross_entropy(z.clone() if keep_input and z is logits else z,
-                                            target)
+    # the losses are ponder_pass's, which the pipeline's stages use too
+    loss = staticmethod(pp.loss)
+    per_token_loss = staticmethod(pp.per_token_loss)
+    targets = staticmethod(pp.targets)
 
     def chunked_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
                      loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`loss` computed from the final-norm hidden state [s(/tp under SP), b, h] over
         chunks of `vocab_chunk` vocabulary rows, without the [s, b, V/tp] logits."""
-        return chunked_loss(hidden, self.output_weight(), labels, loss_mask, self.vocab_chunk,
-                            self.sequence_parallel)
-
-    @staticmethod
-    def targets(labels: torch.Tensor, loss_mask: Optional[torch.Tensor]):
-        """[b, s] labels / mask -> [s, b] targets (masked ones set to 0) and float mask."""
-        target = labels.t().contiguous()
-        mask = (target >= 0).float()
-        if loss_mask is not None:
-            mask = mask * loss_mask.t().float()
-        return target.masked_fill(mask == 0, 0), mask
+        return pp.chunked_loss(hidden, self.output_weight(), labels, loss_mask,
+                               self.vocab_chunk, self.sequence_parallel)
 
     def num_parameters(self) -> int:
         """Local (this rank's) parameter count."""
         return sum(p.numel() for p in self.parameters())
 
-
-def chunked_loss(hidden: torch.Tensor, output_weight: torch.Tensor, labels: torch.Tensor,
-                 loss_mask: Optional[torch.Tensor], chunk: int,
-                 sequence_parallel: bool = False) -> torch.Tensor:
-    """Mean CE over loss_mask of the logits hidden · output_weightᵀ, vocab-chunked (also the
-    pipeline's loss). hidden [s(/tp under SP), b, h]; labels / loss_mask [b, s]."""
-    target, mask = PonderLM.targets(labels, loss_mask)
-    per_token = vchunk.cross_entropy(hidden, output_weight, target, chunk, sequence_parallel)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)

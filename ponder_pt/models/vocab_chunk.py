@@ -34,9 +34,10 @@ from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
 from . import parallel as par
 
 
-def _chunks(rows: int, chunk: int):
-    """(start, end) row ranges of `chunk` rows; the last one may be partial. A chunk at least
-    as large as the shard is one chunk (the config key is clamped, not rejected)."""
+def row_chunks(rows: int, chunk: int) -> list[tuple[int, int]]:
+    """(start, end) ranges of `chunk` vocabulary rows covering `rows` (a shard), in which the
+    functions below visit it; the last one may be partial. A chunk at least as large as the
+    shard is one chunk (`model.vocab_chunk` is clamped, not rejected)."""
     chunk = max(1, min(chunk, rows))
     return [(i, min(i + chunk, rows)) for i in range(0, rows, chunk)]
 
@@ -80,7 +81,7 @@ class _SoftEmbedding(torch.autograd.Function):
         m = h.new_full((n, 1), float("-inf"), dtype=torch.float32)
         s = h.new_zeros((n, 1), dtype=torch.float32)
         acc = h.new_zeros((n, w_in.shape[1]), dtype=torch.float32)
-        for a, b in _chunks(w_out.shape[0], chunk):
+        for a, b in row_chunks(w_out.shape[0], chunk):
             m, alpha, p, s = _online_step(_logits(h, w_out, a, b), m, s)
             acc = acc * alpha + torch.matmul(p.to(w_in.dtype), w_in[a:b]).float()
         gmax, rescale = _global_max(m, group)
@@ -103,7 +104,7 @@ class _SoftEmbedding(torch.autograd.Function):
             dist.all_reduce(gm, group=ctx.group)
         dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         dw_out, dw_in = torch.zeros_like(w_out), torch.zeros_like(w_in)
-        for a, b in _chunks(w_out.shape[0], ctx.chunk):
+        for a, b in row_chunks(w_out.shape[0], ctx.chunk):
             p = _logits(h, w_out, a, b).sub_(lse).exp_()
             dz = torch.matmul(g, w_in[a:b].t()).float().sub_(gm).mul_(p)
             dh += torch.matmul(dz.to(w_out.dtype), w_out[a:b]).float()
@@ -123,7 +124,7 @@ class _CrossEntropy(torch.autograd.Function):
         s = h.new_zeros((n, 1), dtype=torch.float32)
         picked = h.new_zeros((n, 1), dtype=torch.float32)
         local = (target - start).unsqueeze(-1)  # target row in this shard, if it is here
-        for a, b in _chunks(w.shape[0], chunk):
+        for a, b in row_chunks(w.shape[0], chunk):
             z = _logits(h, w, a, b)
             here = (local >= a) & (local < b)
             picked += torch.where(here, z.gather(-1, (local - a).clamp(0, b - a - 1)), 0.0)
@@ -143,7 +144,7 @@ class _CrossEntropy(torch.autograd.Function):
         g = g.float().unsqueeze(-1)
         dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         dw = torch.zeros_like(w)
-        for a, b in _chunks(w.shape[0], ctx.chunk):
+        for a, b in row_chunks(w.shape[0], ctx.chunk):
             dz = _logits(h, w, a, b).sub_(lse).exp_()  # softmax(z) of this chunk
             here = (local >= a) & (local < b)
             dz.scatter_add_(-1, (local - a).clamp(0, b - a - 1), -here.float()).mul_(g)

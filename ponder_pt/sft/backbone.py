@@ -27,13 +27,12 @@ def is_hf_dir(path: str) -> bool:
     return os.path.exists(os.path.join(path, "config.json"))
 
 
-def pause_id_for(tok, recorded: Optional[int], pauses: int, divisible_by: int = 128
-                 ) -> Optional[int]:
+def pause_id_for(tok, recorded: Optional[int], pauses: int) -> Optional[int]:
     """The <pause> id sft uses: the recorded one, else (M > 0) the tokenizer's reserved row."""
     if recorded is not None:
         return int(recorded)
     if pauses > 0:
-        return tok.layout(divisible_by, 1, need_pause=True).pause_id
+        return tok.pause_row
     return None
 
 
@@ -46,13 +45,12 @@ def backbone_meta(path: str, pauses: int) -> dict:
             raw = json.load(fh)
         tok = load_tokenizer(path)
         recorded, max_len = raw.get("pause_token_id"), raw.get("max_position_embeddings", 2048)
-        steps, divisible = int(raw.get("ponder_steps", 0) or 0), 128
+        steps = int(raw.get("ponder_steps", 0) or 0)
     else:
         cfg = load_run_config(path)
         tok = load_tokenizer(cfg.data.tokenizer)
         recorded, max_len, steps = cfg.pause.token_id, cfg.model.max_seq_len, cfg.ponder.steps
-        divisible = cfg.model.make_vocab_size_divisible_by
-    return {"tokenizer": tok, "pause_id": pause_id_for(tok, recorded, pauses, divisible),
+    return {"tokenizer": tok, "pause_id": pause_id_for(tok, recorded, pauses),
             "max_seq_len": int(max_len), "ponder_steps": steps}
 
 
@@ -84,7 +82,7 @@ def load_backbone(ckpt_dir: str, pauses: int, unsafe_unpickle: bool = False):
         raise ValueError(f"{ckpt_dir}: its run config names no data.tokenizer")
     tok = load_tokenizer(cfg.data.tokenizer)
     divisible = cfg.model.make_vocab_size_divisible_by
-    pause_id = pause_id_for(tok, cfg.pause.token_id, pauses, divisible)
+    pause_id = pause_id_for(tok, cfg.pause.token_id, pauses)
     if pause_id is not None and pause_id >= cfg.model.vocab_size:
         cfg.model.vocab_size = pad_vocab_size(pause_id + 1, divisible, 1)
         tied = cfg.model.tie_embeddings

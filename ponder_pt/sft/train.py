@@ -40,7 +40,7 @@ def _pauses(args) -> int:
     return m
 
 
-def _report(task, train, valid, out_dir: str, max_length: int) -> dict:
+def report_prepared(task, train, valid, out_dir: str, max_length: int) -> dict:
     """Print (stderr) and file the rejected rows and the truncation count; returns counts."""
     from ..engine.finetune_loop import report_rejects
 
@@ -116,7 +116,7 @@ def train(args) -> dict:
                          f"{cfg.model.max_seq_len}")
     train_set = prepare_split(task.train, tok, pause_id, m, max_length)
     valid_set = prepare_split(task.validation, tok, pause_id, m, max_length)
-    counts = _report(task, train_set, valid_set, args.out, max_length) if main else {}
+    counts = report_prepared(task, train_set, valid_set, args.out, max_length) if main else {}
     if not len(train_set) or not len(valid_set):
         raise ValueError("no training or validation example fits --max-length "
                          f"{max_length}; raise it")

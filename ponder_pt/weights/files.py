@@ -70,28 +70,57 @@ def list_tags(ckpt_dir: str) -> list[str]:
     return sorted((t for t in os.listdir(ckpt_dir) if _TAG.match(t)), reverse=True)
 
 
-def verify(ckpt_dir: str, tag: str) -> Optional[str]:
-    """None when `tag` is complete and intact, else the reason it is not."""
+class Unverified(str):
+    """`verify`'s reason why a tag is not known to be intact, with its `kind`:
+
+    - "incomplete": no ponder_meta.json, a save that did not finish (never a checkpoint:
+      skipped, and no failure);
+    - "damaged": a file the meta lists is missing or has another size (provably broken:
+      skipped for an older tag, and reported);
+    - "unchecked": the meta cannot be read (an I/O or permission error), is no JSON object,
+      or lists no files. The tag may be intact and the cause may pass, so this is a load
+      failure: a resume stops on it unless checkpoint.fallback_to_older."""
+
+    def __new__(cls, reason: str, kind: str):
+        self = super().__new__(cls, reason)
+        self.kind = kind
+        return self
+
+
+def verify(ckpt_dir: str, tag: str) -> Optional[Unverified]:
+    """None when `tag` is complete and intact, else the reason it is not (`Unverified`)."""
     root = os.path.join(ckpt_dir, tag)
     try:
-        with open(os.path.join(root, META), encoding="utf-8") as fh:
-            meta = json.load(fh)
+        meta = read_meta(ckpt_dir, tag)
     except FileNotFoundError:
-        return "incomplete (no ponder_meta.json: the save did not finish)"
-    except (json.JSONDecodeError, OSError) as exc:
-        return f"unreadable ponder_meta.json ({exc})"
-    for rel, size in meta.get("files", {}).items():
+        return Unverified("incomplete (no ponder_meta.json: the save did not finish)",
+                          "incomplete")
+    except (OSError, ValueError) as exc:
+        return Unverified(f"cannot read its {META} ({type(exc).__name__}: {exc})",
+                          "unchecked")
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        return Unverified(f"its {META} lists no files: the tag cannot be checked",
+                          "unchecked")
+    for rel, size in files.items():
         path = os.path.join(root, rel)
         if not os.path.exists(path):
-            return f"missing file {rel}"
+            return Unverified(f"missing file {rel}", "damaged")
         if os.path.getsize(path) != size:
-            return f"truncated or altered file {rel} ({os.path.getsize(path)} != {size} bytes)"
+            return Unverified(f"truncated or altered file {rel} ({os.path.getsize(path)} != "
+                              f"{size} bytes)", "damaged")
     return None
 
 
 def read_meta(ckpt_dir: str, tag: str) -> dict:
-    with open(os.path.join(ckpt_dir, tag, META), encoding="utf-8") as fh:
-        return json.load(fh)
+    """`tag`'s ponder_meta.json: FileNotFoundError when there is none, another OSError when
+    it cannot be read, ValueError when it is no JSON object."""
+    path = os.path.join(ckpt_dir, tag, META)
+    with open(path, encoding="utf-8") as fh:
+        meta = json.load(fh)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, not an object")
+    return meta
 
 
 def resolve_tag(ckpt_dir: str, tag: Optional[str] = None) -> str:
