@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process, for fairness
 
-from cpu_record import add_record_arg, environment, write_record  # noqa: E402
+from cpu_record import add_record_arg, draft, environment, write_record  # noqa: E402
 from ponder_pt.data.corpus import stdlib_docstrings  # noqa: E402
 from ponder_pt.data.prepare import prepare  # noqa: E402
 from ponder_pt.data.samples import build_datasets  # noqa: E402
@@ -61,6 +60,24 @@ def loader_rate(prefix: str, cache: str, seq_len: int, samples: int, rate: float
     return samples / (time.perf_counter() - start)
 
 
+def render_table(doc: dict) -> str:
+    """The table of a record (cpu_record.draft / the saved json) from its measurements."""
+    args, m, mach = doc["args"], doc["measurements"], doc["machine"]
+    rows = list(m["tokenization_tokens_per_s"].items())
+    plain = rows[0][1]
+    loader = list(m["loader_samples_per_s"].items())
+    no_pause = loader[0][1]
+    lines = [f"machine: {mach['processor'] or mach['arch']}, {mach['cpus']} cores; "
+             f"corpus {args['mb']:g} MB, {m['documents']} documents, BPE vocab 8192", "",
+             "| tokenization | tokens/s | vs plain loop |", "|---|---:|---:|"]
+    lines += [f"| {name} | {value:,.0f} | {value / plain:.2f}x |" for name, value in rows]
+    lines += ["", f"| loader (seq_len {args['seq_len']}) | samples/s | tokens/s | vs no pauses |",
+              "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {value:,.0f} | {value * args['seq_len']:,.0f} | "
+              f"{value / no_pause:.2f}x |" for name, value in loader]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=8.0, help="corpus size in MB of text")
@@ -84,20 +101,11 @@ def main() -> None:
         no_pause = loader_rate(prefix, os.path.join(tmp, "c0"), args.seq_len, args.samples, 0.0)
         paused = loader_rate(prefix, os.path.join(tmp, "c1"), args.seq_len, args.samples, 0.1)
 
-    lines = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-             f"corpus {args.mb:g} MB, {docs} documents, BPE vocab 8192", "",
-             "| tokenization | tokens/s | vs plain loop |", "|---|---:|---:|"]
-    lines += [f"| {name} | {value:,.0f} | {value / plain:.2f}x |" for name, value in rows]
-    loader = (("no pauses", no_pause), ("pause.rate 0.1", paused))
-    lines += ["", f"| loader (seq_len {args.seq_len}) | samples/s | tokens/s | vs no pauses |",
-              "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {value:,.0f} | {value * args.seq_len:,.0f} | {value / no_pause:.2f}x |"
-              for name, value in loader]
-    print("\n".join(lines))
-    write_record(args.record, "bench_data.py", args,
-                 {"documents": docs, "tokenization_tokens_per_s": dict(rows),
-                  "loader_samples_per_s": dict(loader)}, "\n".join(lines), started)
-
+    measured = {"documents": docs, "tokenization_tokens_per_s": dict(rows),
+                "loader_samples_per_s": {"no pauses": no_pause, "pause.rate 0.1": paused}}
+    table = render_table(draft(args, measured))
+    print(table)
+    write_record(args.record, "bench_data.py", args, measured, table, started)
 
 if __name__ == "__main__":
     main()

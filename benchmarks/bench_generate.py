@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 import warnings
@@ -44,7 +43,7 @@ sys.path.insert(0, REPO)
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-from cpu_record import add_record_arg, default_path, environment, write_record  # noqa: E402
+from cpu_record import add_record_arg, default_path, draft, environment, write_record  # noqa: E402
 
 
 def build(args):
@@ -90,8 +89,8 @@ def adaptive_decode(model, prompt, n, q):
     return out, passes
 
 
-def adaptive_table(model, prompt, args) -> tuple[list, list]:
-    """ms/token at each q and at q = 1, min of two interleaved rounds."""
+def adaptive_table(model, prompt, args) -> list:
+    """ms/token at each q and at q = 1, min of two interleaved rounds: the measurements."""
     n, K, qs = args.lengths[0], args.steps, [1.0] + list(args.halt_q)
     for q in qs:
         adaptive_decode(model, prompt, 8, q)  # warm-up
@@ -101,18 +100,26 @@ def adaptive_table(model, prompt, args) -> tuple[list, list]:
             (out, used), t = timed(adaptive_decode, model, prompt, n, q)
             best[q] = min(best.get(q, float("inf")), t / n)
             passes[q] = sum(used) / len(used)
-    lines = [f"| q | mean passes | ms/token | vs fixed K={K} | (mean passes) / {K + 1} "
-             "| within 15 % |", "|---:|---:|---:|---:|---:|:---:|"]
     measured = []
     for q in qs:
         ratio, want = best[q] / best[1.0], passes[q] / (K + 1)
-        ok = abs(ratio - want) <= 0.15 * want
-        lines.append(f"| {q:g}{' (fixed K)' if q >= 1 else ''} | {passes[q]:.2f} | "
-                     f"{1e3 * best[q]:.2f} | {ratio:.2f} | {want:.2f} | "
-                     f"{'yes' if ok else 'NO'} |")
         measured.append({"q": q, "mean_passes": passes[q], "s_per_token": best[q],
-                         "ratio_to_fixed": ratio, "passes_ratio": want, "within_15pct": ok})
-    return lines, measured
+                         "ratio_to_fixed": ratio, "passes_ratio": want,
+                         "within_15pct": abs(ratio - want) <= 0.15 * want})
+    return measured
+
+
+def _adaptive_rows(rows: list, K: int) -> list:
+    lines = [f"| q | mean passes | ms/token | vs fixed K={K} | (mean passes) / {K + 1} "
+             "| within 15 % |", "|---:|---:|---:|---:|---:|:---:|"]
+    fixed = next(r["s_per_token"] for r in rows if r["q"] >= 1)
+    for r in rows:
+        ratio, want = r["s_per_token"] / fixed, r["mean_passes"] / (K + 1)
+        ok = abs(ratio - want) <= 0.15 * want
+        lines.append(f"| {r['q']:g}{' (fixed K)' if r['q'] >= 1 else ''} | "
+                     f"{r['mean_passes']:.2f} | {1e3 * r['s_per_token']:.2f} | {ratio:.2f} | "
+                     f"{want:.2f} | {'yes' if ok else 'NO'} |")
+    return lines
 
 
 def cached(model, prompt, n):
@@ -158,9 +165,9 @@ def decoder(model, prompt, n, K, mode):
     return out
 
 
-def decoders_table(model, prompt, args) -> tuple[list, list]:
-    """ms/token per decoder for K = 0 and K, min of two interleaved rounds: (table lines,
-    measurements)."""
+def decoders_table(model, prompt, args) -> list:
+    """ms/token per decoder for K = 0 and K, min of two interleaved rounds: the
+    measurements."""
     ways = {"megatron linear, grown caches": lambda K, n: grown(model, prompt, n, K)}
     modes = ["eager", "static"] + (["graph"] if args.device.startswith("cuda") else [])
     for mode in modes:
@@ -177,16 +184,42 @@ def decoders_table(model, prompt, args) -> tuple[list, list]:
                 tokens.setdefault(K, out)
                 assert out == tokens[K] or args.device != "cpu", (name, K)
     K = args.steps
+    return [{"decoder": name, "K0_s_per_token": best[name, 0],
+             f"K{K}_s_per_token": best[name, K]} for name in ways]
+
+
+def _decoder_rows(rows: list, K: int) -> list:
     lines = [f"| decoder | K=0 ms/token | K={K} ms/token | K={K} / ({K + 1} x K=0) "
              f"| vs first row, K={K} |", "|---|---:|---:|---:|---:|"]
-    first = best[next(iter(ways)), K]
-    for name in ways:
-        a, b = best[name, 0], best[name, K]
-        lines.append(f"| {name} | {1e3 * a:.2f} | {1e3 * b:.2f} | {b / ((K + 1) * a):.2f} "
+    first = rows[0][f"K{K}_s_per_token"]
+    for r in rows:
+        a, b = r["K0_s_per_token"], r[f"K{K}_s_per_token"]
+        lines.append(f"| {r['decoder']} | {1e3 * a:.2f} | {1e3 * b:.2f} | {b / ((K + 1) * a):.2f} "
                      f"| {first / b:.2f}x |")
-    return lines, [{"decoder": name, "K0_s_per_token": best[name, 0],
-                    f"K{K}_s_per_token": best[name, K]} for name in ways]
+    return lines
 
+
+def render_table(doc: dict) -> str:
+    """The table of a record (cpu_record.draft / the saved json) from its measurements."""
+    a, mach, rows = doc["args"], doc["machine"], doc["measurements"]
+    head = (f"machine: {mach['arch']}, {mach['cpus']} cores, torch threads "
+            f"{a['threads']}, device {a['device']}; GPT-NeoX {a['layers']} layers x hidden "
+            f"{a['hidden']}, vocab {a['vocab']}")
+    if a.get("adaptive") or a.get("decoders"):
+        what = f"K={a['steps']} with a palbert halting head, " if a.get("adaptive") else ""
+        lines = [f"{head}, {what}prompt {a['prompt']}, {a['lengths'][0]} new tokens, greedy, "
+                 "batch 1", ""]
+        lines += (_adaptive_rows if a.get("adaptive") else _decoder_rows)(rows, a["steps"])
+        return "\n".join(lines)
+    lines = [f"{head}, K={a['steps']} (K+1={a['steps'] + 1} passes), prompt {a['prompt']} "
+             f"tokens, greedy, batch 1", "",
+             "| new tokens | K+1 caches ms/token | recompute prefix ms/token | speed-up "
+             "| same tokens |", "|---:|---:|---:|---:|:---:|"]
+    for r in rows:
+        n, ta, tb = r["new_tokens"], r["cached_s"], r["recompute_s"]
+        lines.append(f"| {n} | {1e3 * ta / n:.2f} | {1e3 * tb / n:.2f} | {tb / ta:.1f}x | "
+                     f"{'yes' if r['same_tokens'] else 'NO'} |")
+    return "\n".join(lines)
 
 def timed(fn, *a):
     if torch.cuda.is_available():
@@ -227,38 +260,24 @@ def main(argv=None):
     model = build_adaptive(args) if args.adaptive else build(args)
     prompt = torch.randint(0, args.vocab, (1, args.prompt),
                            generator=torch.Generator().manual_seed(0)).to(args.device)
-    head = (f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads "
-            f"{args.threads}, device {args.device}; GPT-NeoX {args.layers} layers x hidden "
-            f"{args.hidden}, vocab {args.vocab}")
     if args.adaptive or args.decoders:
-        what = f"K={args.steps} with a palbert halting head, " if args.adaptive else ""
-        lines = [f"{head}, {what}prompt {args.prompt}, {args.lengths[0]} new tokens, greedy, "
-                 "batch 1", ""]
-        table, measured = (adaptive_table if args.adaptive else decoders_table)(model, prompt,
-                                                                                args)
-        lines += table
-        print("\n".join(lines))
-        write_record(args.record, "bench_generate.py", args, measured, "\n".join(lines),
-                     started)
+        measured = (adaptive_table if args.adaptive else decoders_table)(model, prompt, args)
+        table = render_table(draft(args, measured))
+        print(table)
+        write_record(args.record, "bench_generate.py", args, measured, table, started)
         return
     cached(model, prompt, 4)  # warm-up
     recompute(model, prompt, 4)
-    lines = [f"{head}, K={args.steps} (K+1={args.steps + 1} passes), prompt {args.prompt} "
-             f"tokens, greedy, batch 1", "",
-             "| new tokens | K+1 caches ms/token | recompute prefix ms/token | speed-up "
-             "| same tokens |", "|---:|---:|---:|---:|:---:|"]
-    print("\n".join(lines))
+    print(render_table(draft(args, [])))
     measured = []
     for n in args.lengths:
         a, ta = timed(cached, model, prompt, n)
         b, tb = timed(recompute, model, prompt, n)
-        lines.append(f"| {n} | {1e3 * ta / n:.2f} | {1e3 * tb / n:.2f} | {tb / ta:.1f}x | "
-                     f"{'yes' if a == b else 'NO'} |")
-        print(lines[-1], flush=True)
         measured.append({"new_tokens": n, "cached_s": ta, "recompute_s": tb,
                          "same_tokens": a == b})
-    write_record(args.record, "bench_generate.py", args, measured, "\n".join(lines), started)
-
+        print(render_table(draft(args, measured)).splitlines()[-1], flush=True)
+    write_record(args.record, "bench_generate.py", args, measured,
+                 render_table(draft(args, measured)), started)
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 import warnings
@@ -21,7 +20,7 @@ sys.path.insert(0, REPO)
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-from cpu_record import add_record_arg, environment, write_record  # noqa: E402
+from cpu_record import add_record_arg, draft, environment, write_record  # noqa: E402
 
 
 def set_plain_linears(model, plain: bool) -> None:
@@ -31,6 +30,22 @@ def set_plain_linears(model, plain: bool) -> None:
     for m in model.modules():
         if isinstance(m, (ColumnLinear, RowLinear)):
             m.plain = plain
+
+
+def render_table(doc: dict) -> str:
+    """The table of a record (cpu_record.draft / the saved json) from its measurements."""
+    a, mach = doc["args"], doc["machine"]
+    threads = (doc.get("context") or {}).get("torch_threads", "not recorded")
+    lines = [f"machine: {mach['arch']}, {mach['cpus']} cores, torch threads "
+             f"{threads}, device {a['device']}, {a['dtype']}; GPT-NeoX {a['layers']} "
+             f"layers x hidden {a['hidden']}, vocab {a['vocab']}, batch {a['batch']} x seq "
+             f"{a['seq']}; forward + backward", "",
+             "| K | megatron linear step (ms) | F.linear step (ms) | F.linear / megatron |",
+             "|---:|---:|---:|---:|"]
+    lines += [f"| {r['K']} | {1e3 * r['megatron_step_s']:.1f} | {1e3 * r['f_linear_step_s']:.1f} "
+              f"| {r['f_linear_step_s'] / r['megatron_step_s']:.3f} |"
+              for r in doc["measurements"]]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -62,12 +77,8 @@ def main(argv=None) -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    lines = [f"machine: {platform.machine()}, {os.cpu_count()} cores, torch threads "
-             f"{torch.get_num_threads()}, device {dev}, {args.dtype}; GPT-NeoX {args.layers} "
-             f"layers x hidden {args.hidden}, vocab {args.vocab}, batch {args.batch} x seq "
-             f"{args.seq}; forward + backward", "",
-             "| K | megatron linear step (ms) | F.linear step (ms) | F.linear / megatron |",
-             "|---:|---:|---:|---:|"]
+    context = {"torch_threads": torch.get_num_threads()}
+    lines = render_table(draft(args, [], context)).splitlines()
     print("\n".join(lines))
     measured = []
     for K in args.ponder:
@@ -84,11 +95,10 @@ def main(argv=None) -> None:
                     sync()
                     if i:
                         best[plain] = min(best.get(plain, float("inf")), time.perf_counter() - t)
-        lines.append(f"| {K} | {1e3 * best[False]:.1f} | {1e3 * best[True]:.1f} | "
-                     f"{best[True] / best[False]:.3f} |")
-        print(lines[-1], flush=True)
         measured.append({"K": K, "megatron_step_s": best[False], "f_linear_step_s": best[True]})
-    write_record(args.record, "bench_linear.py", args, measured, "\n".join(lines), started)
+        print(render_table(draft(args, measured, context)).splitlines()[-1], flush=True)
+    write_record(args.record, "bench_linear.py", args, measured,
+                 render_table(draft(args, measured, context)), started, context)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 warnings.filterwarnings("ignore")
 
-from cpu_record import add_record_arg, environment, write_record  # noqa: E402
+from cpu_record import add_record_arg, draft, environment, write_record  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -215,7 +215,6 @@ def main(argv=None):
         return
     argv = list(sys.argv[1:] if argv is None else argv)
     started = environment()
-    load0 = os.getloadavg()[0]
     best = {}
     for _ in range(args.repeats):
         for ckpt, K, chunk in itertools.product(args.ckpt.split(","),
@@ -235,16 +234,24 @@ def main(argv=None):
             if (K, ckpt, chunk) not in best or row["step_s"] < best[K, ckpt, chunk]["step_s"]:
                 best[K, ckpt, chunk] = row
     rows = list(best.values())
-    cfg = model_config(args)
-    text = (f"shape: {cfg.arch} L={cfg.num_layers} h={cfg.hidden_size} heads={cfg.num_heads} "
-            f"V={cfg.vocab_size} seq={args.seq} batch={args.batch} ({rows[0]['params_m']:.1f}M "
-            f"params), {args.device} {args.dtype}, {args.threads} threads, top_k={args.top_k}, "
-            f"{args.stat} of {args.iters} steps x {args.repeats} sweeps after {args.warmup} "
-            f"warm-up; 1-min load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at "
-            f"end\n\n{table(rows, args)}")
+    text = render_table(draft(args, rows, started=started))
     print("\n" + text)
     write_record(args.record, "bench_ponder.py", args, rows, text, started)
 
+
+def render_table(doc: dict) -> str:
+    """The table of a record (cpu_record.draft / the saved json) from its measurements; the
+    load averages are the record's (at the start, and when it was written)."""
+    args, rows = argparse.Namespace(**doc["args"]), doc["measurements"]
+    cfg = model_config(args)
+    load0 = (doc.get("load_average_at_start") or [None])[0]
+    load1 = (doc["machine"].get("load_average_1_5_15") or [None])[0]
+    start, end = ("?" if x is None else f"{x:.1f}" for x in (load0, load1))
+    return (f"shape: {cfg.arch} L={cfg.num_layers} h={cfg.hidden_size} heads={cfg.num_heads} "
+            f"V={cfg.vocab_size} seq={args.seq} batch={args.batch} ({rows[0]['params_m']:.1f}M "
+            f"params), {args.device} {args.dtype}, {args.threads} threads, top_k={args.top_k}, "
+            f"{args.stat} of {args.iters} steps x {args.repeats} sweeps after {args.warmup} "
+            f"warm-up; 1-min load average {start} at start, {end} at end\n\n{table(rows, args)}")
 
 if __name__ == "__main__":
     main()

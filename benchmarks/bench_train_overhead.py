@@ -29,7 +29,7 @@ import statistics
 import tempfile
 import time
 
-from cpu_record import add_record_arg, default_path, environment, write_record
+from cpu_record import add_record_arg, default_path, draft, environment, write_record
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -136,27 +136,36 @@ def main() -> None:
             init_single_process()
             t_plain = plain_loop(cfg, args.steps)
             rows.append((k, t_plain, t_ours))
-    lines = [f"CPU, {os.cpu_count()} cores, fp32; model {args.layers} layers x {args.hidden} "
-             f"hidden, seq {args.seq_len}, global batch 8 (2 x micro 4), activation "
-             f"checkpointing {args.checkpointing}; torch {torch.__version__}", ""]
     if args.compile:
-        lines += ["| pondering K | eager step (s) | compiled step (s) | compiled / eager | "
-                  "compiled first step (s) |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {k} | {eager:.3f} | {comp:.3f} | {comp / eager:.2f} | {first:.1f} |"
-                  for k, eager, comp, first in rows]
         measured = [{"ponder": k, "eager_s": e, "compiled_s": c, "compiled_first_step_s": f}
                     for k, e, c, f in rows]
     else:
+        measured = [{"ponder": k, "plain_s": p, "ponder_pt_s": o} for k, p, o in rows]
+    table = render_table(draft(args, measured))
+    print(table)
+    print(json.dumps(measured))
+    write_record(args.record, "bench_train_overhead.py", args, measured, table, started)
+
+
+def render_table(doc: dict) -> str:
+    """The table of a record (cpu_record.draft / the saved json) from its measurements."""
+    args, rows = doc["args"], doc["measurements"]
+    lines = [f"CPU, {doc['machine']['cpus']} cores, fp32; model {args['layers']} layers x "
+             f"{args['hidden']} hidden, seq {args['seq_len']}, global batch 8 (2 x micro 4), "
+             f"activation checkpointing {args['checkpointing']}; torch "
+             f"{doc['versions']['torch']}", ""]
+    if args["compile"]:
+        lines += ["| pondering K | eager step (s) | compiled step (s) | compiled / eager | "
+                  "compiled first step (s) |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['ponder']} | {r['eager_s']:.3f} | {r['compiled_s']:.3f} | "
+                  f"{r['compiled_s'] / r['eager_s']:.2f} | {r['compiled_first_step_s']:.1f} |"
+                  for r in rows]
+    else:
         lines += ["| pondering K | plain PyTorch step (s) | ponder-pt step (s) | ratio |",
                   "|---|---:|---:|---:|"]
-        lines += [f"| {k} | {plain:.3f} | {our:.3f} | {our / plain:.2f} |"
-                  for k, plain, our in rows]
-        measured = [{"ponder": k, "plain_s": p, "ponder_pt_s": o} for k, p, o in rows]
-    print("\n".join(lines))
-    print(json.dumps(measured))
-    write_record(args.record, "bench_train_overhead.py", args, measured, "\n".join(lines),
-                 started)
-
+        lines += [f"| {r['ponder']} | {r['plain_s']:.3f} | {r['ponder_pt_s']:.3f} | "
+                  f"{r['ponder_pt_s'] / r['plain_s']:.2f} |" for r in rows]
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

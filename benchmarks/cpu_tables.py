@@ -10,15 +10,18 @@ A block is marked in the README as
     ...written here...
     <!-- /cpu-table -->
 
-and holds what the script printed (`table` of the json cpu_record.py writes), under a line with
-the file, the date, the load average and the torch version of the run. A `.txt` file (the
-stdout of a script that predates `--record`, e.g. an old commit's) is shown as it is.
+and holds the table that the script's own `render_table(record)` makes from the recorded
+measurements (the function it prints with; the `table` string saved beside them is not read),
+under a line with the file, the date, the load average, the torch version and the source of
+the run (its commit, and whether the tree had uncommitted changes). A `.txt` file (the stdout
+of a script that predates `--record`, e.g. an old commit's) is shown as it is.
 tests/test_cpu_tables.py runs the check, so no hand-edited number stays in a marked table.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -31,6 +34,26 @@ BLOCK = re.compile(r"(<!-- cpu-table (\S+) -->\n)(.*?)(<!-- /cpu-table -->)", re
 
 def _load(raw: str) -> str:
     return ", ".join(f"{x:g}" for x in raw) if raw else "?"
+
+
+def source_line(doc: dict) -> str:
+    src = doc.get("source") or {}
+    commit = (src.get("commit") or "?")[:7]
+    if src.get("dirty"):
+        return (f"commit {commit} with uncommitted changes to {len(src['changed_files'])} "
+                f"file(s), diff sha256 {(src.get('diff_sha256') or '?')[:12]}")
+    if "dirty" not in src and src.get("modified_files"):  # records from before the diff hash
+        return f"commit {commit} with {src['modified_files']} modified file(s), diff not recorded"
+    return f"commit {commit}"
+
+
+def render_table(doc: dict) -> str:
+    """The script's table of a record, made from its measurements by the script itself."""
+    name = os.path.splitext(os.path.basename(doc["script"]))[0]
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    module = importlib.import_module(name)
+    return module.render_table(doc)
 
 
 def render(rel: str, root: str = HERE) -> str:
@@ -50,8 +73,8 @@ def render(rel: str, root: str = HERE) -> str:
     head = (f"Raw output: [{rel}]({rel}) ({doc['date'][:10]}, `{doc['script']}"
             f"{' ' + ' '.join(doc['argv']) if doc.get('argv') else ''}`, torch {torch}; "
             f"1-minute load average {_load(start[:1] if start else None)} at the start, "
-            f"{_load(end[:1] if end else None)} at the end).")
-    return f"{head}\n\n{doc['table'].strip()}\n"
+            f"{_load(end[:1] if end else None)} at the end; {source_line(doc)}).")
+    return f"{head}\n\n{render_table(doc).strip()}\n"
 
 
 def rewrite(text: str, root: str = HERE) -> str:

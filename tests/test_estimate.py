@@ -275,14 +275,29 @@ def test_comm_model_places_tp_inside_nodes_and_pp_across():
 
     tp_in_node = C.estimate(_comm_cfg(tp=2), 4, 2)
     assert "TP" not in tp_in_node.by_kind and tp_in_node.by_kind["DP"] > 0
-    tp_across = C.estimate(_comm_cfg(tp=2), 4, 1)  # one rank per node: TP crosses too
-    assert tp_across.by_kind["TP"] > 0
-    pp = C.estimate(_comm_cfg(pp=2, K=3), 4, 2)  # stage 0 on node 0, stage 1 on node 1
-    act = 1 * 128 * 512 * 4
+    act = 1 * 128 * 512 * 4  # one [seq, micro-batch, hidden] fp32 tensor
+    # one rank per node, TP = 2, DP = 2 (ga = 4): per micro-batch and pass 4 all-reduces per
+    # block (6 blocks), the embedding's forward one and the output layer's backward one; a
+    # 2-rank ring all-reduce sends the whole tensor each way
+    tp_across = C.estimate(_comm_cfg(tp=2), 4, 1)
+    assert tp_across.by_kind["TP"] == pytest.approx(2 * 2 * 4 * (4 * 6 + 2) * act)
+    # K = 3 adds 3 passes of blocks, 3 heads' backward and 3 fed-back p . W_in forward
+    tp_k3 = C.estimate(_comm_cfg(tp=2, K=3), 4, 1)
+    assert tp_k3.by_kind["TP"] == pytest.approx(2 * 2 * 4 * (4 * 6 * 4 + 1 + 4 + 3) * act)
+
+    # PP = 2 with stage 0 on node 0, stage 1 on node 1, 2 DP pipelines, ga = 4
     ga = 8 // (1 * 2)
-    # per micro-batch and pass activations forward and gradients back, plus the fed-back
-    # embedding of the K extra passes, for each of the 2 DP replicas' pipelines
-    assert pp.by_kind["PP"] == pytest.approx(2 * (2 * 4 * ga + 2 * 3 * ga) * act)
+    params = param_count(_comm_cfg().model, 50304)["total"] * 4
+    pp0 = C.estimate(_comm_cfg(pp=2), 4, 2)
+    # K = 0: blocks 0-2 | 3-5; the embedding (stage 0) and the head (stage 1) are one tied
+    # layer whose gradients both stages all-reduce: W_in, W_out and the final norm
+    shared = (2 * 50304 * 512 + 2 * 512) * 4
+    assert pp0.by_kind["PP"] == pytest.approx(2 * (2 * ga * 2 * act + 2 * shared))
+    # K = 3: the unrolled chain puts passes 1-2 on stage 0 and 3-4 on stage 1, so every
+    # block and the shared layer are on both stages: all the gradients are all-reduced once,
+    # and the activations still cross the one boundary once per micro-batch
+    pp = C.estimate(_comm_cfg(pp=2, K=3), 4, 2)
+    assert pp.by_kind["PP"] == pytest.approx(2 * (2 * ga * 2 * act + 2 * params))
     assert "DP" not in pp.by_kind  # both DP groups stay inside a node
 
 
@@ -307,7 +322,8 @@ def test_dry_run_prints_the_interconnect_term(capsys, monkeypatch):
         assert main(["train", "--config", "ponderpythia-1b", "--dry-run",
                      "--interconnect", fabric, "--ranks-per-node", "8"]) == 0
         out = capsys.readouterr().out
-        eff = int(out.split("scaling efficiency at 4 nodes: ")[1].split(" %")[0])
+        eff = int(out.split("scaling efficiency at 4 nodes: at least ")[1].split(" %")[0])
         assert lo <= eff <= hi, (fabric, eff)
         assert f"on {fabric} (8 ranks per node)" in out
-        assert "time to train with communication" in out
+        assert "time to train with communication: at most" in out
+        assert "an upper bound where the link reaches its rate" in out

@@ -9,6 +9,8 @@ the step number (a global quantity, so the DP size may change between runs).
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 from typing import Iterator
 
 import torch
@@ -41,9 +43,26 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return (self.end_step - self.start_step) * (global_batch // dp // micro_batch)
 
 
+def _kill_workers_left() -> None:
+    """At exit, multiprocessing stops its daemonic children with SIGTERM and then joins them:
+    workers that ignore SIGTERM (and are still running because their iterator was not freed,
+    e.g. held by a traceback) would make the rank wait forever. Registered after
+    multiprocessing's own exit handler, this runs first and kills them."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+_KILL_AT_EXIT: list = []
+
+
 def loader(dataset, sampler: StepBatchSampler, num_workers: int) -> torch.utils.data.DataLoader:
     """Workers ignore stop signals: Ctrl-C or a SIGTERM to the process group reaches them too,
-    and the rank, which decides when to stop, still needs their batches to finish the step."""
+    and the rank, which decides when to stop, still needs their batches to finish the step.
+    Any still running when the rank exits are killed (`_kill_workers_left`)."""
+    if num_workers and not _KILL_AT_EXIT:
+        atexit.register(_kill_workers_left)
+        _KILL_AT_EXIT.append(True)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available(),
                                        persistent_workers=False,

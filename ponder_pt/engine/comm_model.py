@@ -13,22 +13,35 @@ memory) is taken as free.
 
 Per optimizer step, with P parameters per model-parallel rank of `grad_bytes` each, `ga`
 micro-batches and K pondering passes:
-- DP, ZeRO-0: one all-reduce of the gradients (2(N-1)/N * P). ZeRO-1: DeepSpeed all-reduces
-  the gradients too, then all-gathers the updated parameter partitions (3(N-1)/N * P in all;
-  benchmarks/bench_multinode.py measured 605.4 MiB per step at N = 4 against the 604.5 MiB
-  this predicts).
+- DP, ZeRO-0: one all-reduce of the gradients (2(N-1)/N * P). ZeRO-1: DeepSpeed reduces the
+  gradients (stage_1_and_2.py's average_tensor: each partition reduced to its owner, taken
+  as an all-reduce's bytes), then every rank all-gathers the updated partitions
+  (`all_gather_dp_groups` at the end of its `step`): 3(N-1)/N * P in all.
   ZeRO-2: the same reduction for every micro-batch ((2 ga + 1)(N-1)/N * P). ZeRO-3: per
   micro-batch the parameters gathered for each pass's forward and backward and the gradients
   reduce-scattered ((2(K+1) + 1) ga (N-1)/N * P), counting only parameters above DeepSpeed's
   persistence threshold (smaller ones stay whole on every rank).
-- TP: per layer, pass and micro-batch two all-reduces of the activations forward and two
-  backward (sequence parallelism moves the same bytes as reduce-scatter + all-gather).
-- PP: per stage boundary, pass and micro-batch the activations forward and their gradient
-  back, plus, for pondering, the fed-back embedding from the last stage to the first.
+- TP: per block, pass and micro-batch two all-reduces of the activations forward (the
+  row-parallel outputs) and two backward (the column-parallel inputs' gradients); per
+  micro-batch one more forward for megatron's vocab-parallel embedding, one backward per
+  head (the output layer's input gradient) and one forward per fed-back p . W_in (its
+  vocabulary shards summed). Sequence parallelism moves the same bytes as reduce-scatter +
+  all-gather (the embedding's and p . W_in's reduction become a reduce-scatter: half). The
+  vocab-parallel cross-entropy's reductions ([tokens] floats) are left out.
+- PP (models/pipeline.py, DeepSpeed's pipeline engine): the passes are unrolled along one
+  chain of stages, so per stage boundary and micro-batch the two activation tensors (x, e)
+  go forward and their gradients back; and once per step DeepSpeed all-reduces the
+  gradients of every tied layer held by several stages (the shared embedding / head layer,
+  which the first and the last stage both hold, and each block that passes run on
+  different stages).
 
 Time: each node's link carries its bytes at `gbps` (full duplex, so the busier direction
-counts), plus `latency_us` per sequential ring step. No overlap with compute is assumed, so
-the estimate is an upper bound where DeepSpeed overlaps the gradient reduction.
+counts), plus `latency_us` per sequential ring step. Nothing is overlapped with compute
+(ponder-pt's DeepSpeed config sets overlap_comm off) and traffic inside a node is taken as
+free, so where the link reaches its rate this is an upper bound on the time communication
+adds to a step: part of that traffic already took time inside one node, and the other
+ranks' compute goes on while one waits. benchmarks/bench_multinode.py measures both the
+bytes and that extra time per layout on shaped links (benchmarks/README.md, Multi-node).
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config.schema import Config
+from .estimate import block_params, pipeline_stages, shared_params
 from .flops import param_count
 
 # name -> (Gbit/s per node, one-way latency in microseconds)
@@ -60,6 +74,7 @@ class Collective:
     nbytes: float     # bytes each rank sends along its ring per call
     steps: int        # sequential ring steps per call
     calls: float      # calls per optimizer step
+    p2p: bool = False  # a send between two ranks, `calls` split over both directions
 
 
 @dataclass
@@ -119,23 +134,47 @@ def collectives(cfg: Config, world_size: int) -> list[Collective]:
                 out += [Collective("DP", kind, group, nb, st, calls)
                         for kind, nb, st, calls in spec]
     if tp > 1:
-        layers = m.num_layers / pp
-        calls = 4 * layers * passes * ga
-        for p in range(pp):
+        stages = pipeline_stages(m.num_layers, cfg.ponder.steps, pp)
+        for p, layers in enumerate(stages):
+            blocks = sum(kind == "block" for kind, _ in layers)
+            # per micro-batch: 4 per block (see the docstring); megatron's embedding
+            # all-reduces its output (a reduce-scatter under SP: half); every head's
+            # column-parallel output layer all-reduces its input's gradient; every feedback's
+            # p . W_in sums the vocabulary shards (parallel.soft_embedding; SP: half)
+            half = 0.5 if par.sequence_parallel else 1.0
+            n = (4 * blocks + sum(kind in ("feedback", "head") for kind, _ in layers)
+                 + half * sum(kind in ("embed", "feedback") for kind, _ in layers))
             for d in range(dp):
                 group = [rank_of(t, d, p, tp, dp) for t in range(tp)]
                 out.append(Collective("TP", "all-reduce of the activations", group,
-                                      2 * (tp - 1) / tp * act, 2 * (tp - 1), calls))
+                                      2 * (tp - 1) / tp * act, 2 * (tp - 1), n * ga))
     if pp > 1:
+        # models/pipeline.py unrolls the passes along one chain, so a micro-batch crosses
+        # each stage boundary once, with two tensors (x, e), and their gradients come back
+        # (DeepSpeed's PipelineEngine sends every tensor of the tuple)
+        stages = pipeline_stages(m.num_layers, cfg.ponder.steps, pp)
+        tied = {"shared": ([s for s, layers in enumerate(stages)
+                            if any(kind != "block" for kind, _ in layers)],
+                           shared_params(m, m.vocab_size, tp))}
+        for i in range(m.num_layers):
+            tied[f"block{i}"] = ([s for s, layers in enumerate(stages) if ("block", i) in layers],
+                                 block_params(m, tp))
         for d in range(dp):
             for t in range(tp):
                 chain = [rank_of(t, d, p, tp, dp) for p in range(pp)]
                 for a, c in zip(chain, chain[1:]):  # activations forward, gradients back
-                    out.append(Collective("PP", "activations between stages", [a, c], act, 1,
-                                          2 * passes * ga))
-                if passes > 1:  # the fed-back embedding: last stage to the first, and back
-                    out.append(Collective("PP", "fed-back embedding", [chain[-1], chain[0]],
-                                          act, 1, 2 * (passes - 1) * ga))
+                    out.append(Collective("PP", "activations (x, e) between stages", [a, c],
+                                          2 * act, 1, 2 * ga, p2p=True))
+                # a TiedLayerSpec held by several stages (the shared embedding / head, and a
+                # block that several passes run on different stages): DeepSpeed all-reduces
+                # its gradients among them once per step (PipelineEngine's reduce_tied_grads)
+                for holders, n in tied.values():
+                    if len(holders) > 1:
+                        out.append(Collective(
+                            "PP", "all-reduce of tied weights' gradients between stages",
+                            [chain[s] for s in holders],
+                            2 * (len(holders) - 1) / len(holders) * n * b,
+                            2 * (len(holders) - 1), 1))
     return out
 
 
@@ -156,7 +195,7 @@ def estimate(cfg: Config, world_size: int, ranks_per_node: int) -> CommEstimate:
     est = CommEstimate(nodes=max(1, -(-world_size // ranks_per_node)))
     for c in collectives(cfg, world_size):
         group = c.group
-        if len(group) == 2 and c.what == "PP":
+        if c.p2p:
             edges = [(group[0], group[1]), (group[1], group[0])]  # each way (half the calls)
             per_edge_calls = c.calls / 2
         else:
@@ -191,8 +230,8 @@ def parse_interconnect(value: str | None) -> tuple[float, float, str]:
 
 def format_comm(est: CommEstimate, compute_s: float, gbps: float, latency_us: float,
                 fabric: str) -> list[str]:
-    """The dry-run's lines: bytes per step by kind, the time they take, and the scaling
-    efficiency compute / (compute + communication) per step."""
+    """The dry-run's lines: bytes per step by kind, the most time they add, and the least
+    scaling efficiency, compute / (compute + communication) per step."""
     if est.nodes <= 1:
         return ["# interconnect", "one node: no traffic between nodes"]
     comm = est.seconds(gbps, latency_us)
@@ -201,7 +240,9 @@ def format_comm(est: CommEstimate, compute_s: float, gbps: float, latency_us: fl
     return ["# interconnect (estimate; engine/comm_model.py)",
             f"between nodes per step: {kinds or 'nothing'}; busiest node sends "
             f"{est.max_node_bytes / 2**20:,.1f} MiB",
-            f"on {fabric} per node: {comm * 1e3:,.1f} ms per step for communication next to "
-            f"{compute_s * 1e3:,.1f} ms of compute (no overlap assumed)",
-            f"scaling efficiency at {est.nodes} nodes: {100 * eff:.0f} % "
+            f"on {fabric} per node: at most {comm * 1e3:,.1f} ms per step added by "
+            f"communication, next to {compute_s * 1e3:,.1f} ms of compute (the link's time "
+            "for these bytes with nothing overlapped: an upper bound where the link reaches "
+            "its rate; benchmarks/README.md, Multi-node)",
+            f"scaling efficiency at {est.nodes} nodes: at least {100 * eff:.0f} % "
             f"(compute / (compute + communication))"]

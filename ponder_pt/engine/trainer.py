@@ -339,6 +339,7 @@ class Trainer:
                 if done % cfg.checkpoint.interval == 0 or done == tr.iters:
                     self._save(done, extra)
         finally:
+            del batches  # its workers stop now, not at exit (they ignore SIGTERM)
             preempt.restore()
             metrics.close()
         if world.is_main and exit_code == 0:
