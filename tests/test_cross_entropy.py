@@ -79,7 +79,7 @@ def test_model_loss_takes_it_for_bf16_at_tp1(monkeypatch):
 
     calls = []
     real = ce.cross_entropy_bf16
-    monkeypatch.setattr("ponder_pt.models.model.cross_entropy_bf16",
+    monkeypatch.setattr("ponder_pt.models.ponder_pass.cross_entropy_bf16",
                         lambda *a: calls.append(1) or real(*a))
     z, t, _ = _logits(s=16, b=2, V=300)
     labels = t.t().contiguous()

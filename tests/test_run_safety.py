@@ -49,7 +49,9 @@ def _steps(run_dir) -> list[int]:
 
 def _stop(cmd, cwd, run_dir_of, sig, at_step=4, again_after=None):
     """Start `cmd` in a process group of its own, send `sig` to the whole group once the run
-    logged `at_step` (and again `again_after` seconds later); its output and exit code."""
+    logged `at_step` (and again `again_after` seconds later, the ranks held meanwhile: a save
+    slower than the user's patience, whatever the machine's speed); its output and exit
+    code."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300
@@ -61,6 +63,14 @@ def _stop(cmd, cwd, run_dir_of, sig, at_step=4, again_after=None):
     assert proc.poll() is None, f"the run ended early ({proc.returncode}):\n{proc.stdout.read()}"
     os.killpg(proc.pid, sig)
     if again_after is not None:
+        import psutil
+
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "ponder_pt.train" in " ".join(child.cmdline()):
+                    child.suspend()
+            except psutil.NoSuchProcess:
+                pass
         time.sleep(again_after)
         os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=300)

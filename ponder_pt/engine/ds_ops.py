@@ -17,12 +17,16 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Optional
 
 from .ds_config import adam_op
 from .preemption import SIGNALS, signals_held
 
 ATTEMPTS = 3
+# a stop signal sent to the process may be taken by another thread (only this one blocks it),
+# whose handler then runs here a moment later: a failed build waits this long for it
+SIGNAL_WAIT_S = 1.0
 
 
 @contextlib.contextmanager
@@ -77,6 +81,18 @@ def use_locked_ninja() -> Optional[str]:
     return folder
 
 
+def _signalled_since(seen: list, before: int, wait: float = SIGNAL_WAIT_S) -> bool:
+    """A stop signal came since `seen` held `before` entries (recorded, or pending for this
+    thread), waiting up to `wait` seconds for one another thread took."""
+    deadline = time.monotonic() + wait
+    while True:
+        if len(seen) > before or set(signal.sigpending()) & set(SIGNALS):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 def build_op(name: str, attempts: int = ATTEMPTS):
     """Load DeepSpeed's op builder `name` (e.g. "ShareMemCommBuilder", "CPUAdamBuilder") for
     this accelerator, compiling it if needed; None where the accelerator has no such op."""
@@ -95,8 +111,7 @@ def build_op(name: str, attempts: int = ATTEMPTS):
                     build_in_fresh_process(name)
                 return builder.load()
             except (RuntimeError, subprocess.CalledProcessError):
-                signalled = len(seen) > before or set(signal.sigpending()) & set(SIGNALS)
-                if attempt == attempts or not signalled:
+                if attempt == attempts or not _signalled_since(seen, before):
                     raise
                 print(f"a preemption signal came while DeepSpeed's {builder.NAME} op was "
                       f"being built: building it again ({attempt + 1}/{attempts}); the run "
