@@ -26,6 +26,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -346,7 +347,7 @@ def _server_path(env: dict) -> str:
                            + _read(path + ".log")[-3000:])
     if not _SERVERS:
         atexit.register(_stop_servers)
-    _SERVERS[key] = {"proc": proc, "path": path}
+    _SERVERS[key] = {"proc": proc, "path": path, "root": root}
     return path
 
 
@@ -360,6 +361,7 @@ def _stop_servers() -> None:
             server["proc"].wait(timeout=10)
         except subprocess.TimeoutExpired:
             server["proc"].kill()
+        shutil.rmtree(server["root"], ignore_errors=True)
 
 
 def _kill_tree(pid: int) -> None:
