@@ -86,6 +86,15 @@ def _run_rank(module: str, args: list, env: dict) -> None:
         _exit(code or 0)
 
 
+def _signal_all(pids, sig: int) -> None:
+    """Send `sig` to each of `pids` that is still there (one may exit meanwhile)."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def _launch(nproc: int, module: str, args: list, log_dir: str, env: dict) -> int:
     """torchrun --standalone's part: N ranks, the others stopped when one fails, 1 if any
     failed."""
@@ -112,11 +121,7 @@ def _launch(nproc: int, module: str, args: list, log_dir: str, env: dict) -> int
         code = _exit_code(status)
         if code != 0 and not failed:
             failed.append((rank, code))
-            for other in ranks:  # torchrun stops the group when a worker fails
-                try:
-                    os.kill(other, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            _signal_all(ranks, signal.SIGTERM)  # torchrun stops the group when one fails
             deadline = time.monotonic() + STOP_GRACE_S
             while ranks and time.monotonic() < deadline:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -124,11 +129,7 @@ def _launch(nproc: int, module: str, args: list, log_dir: str, env: dict) -> int
                     ranks.pop(pid, None)
                 else:
                     time.sleep(0.05)
-            for other in ranks:
-                try:
-                    os.kill(other, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _signal_all(ranks, signal.SIGKILL)
     if failed:
         rank, code = failed[0]
         print(f"zygote launcher: rank {rank} exited with {code}; the other ranks were stopped",
@@ -312,7 +313,7 @@ def serve(path: str) -> None:
             if conn is not None:
                 try:
                     conn.sendall((json.dumps({"code": _exit_code(status)}) + "\n").encode())
-                except OSError:
+                except OSError:  # the client gave up (its timeout) and closed the socket
                     pass
                 conn.close()
 
