@@ -25,9 +25,15 @@ passes (`--halt-spread`).
 
     .venv/bin/python benchmarks/bench_generate.py --adaptive --layers 6 --hidden 512 --heads 8 --vocab 50304 --lengths 64
 
+`--thoughts M` times a latent-thoughts model (M thoughts per token: M+1 one-slot passes per
+token through one cache (M+1)x as long) against the plain model and pondering with K = M
+(also M+1 passes per token, over K+1 caches), side by side on the same shape.
+
+    .venv/bin/python benchmarks/bench_generate.py --thoughts 1 --layers 6 --hidden 512 --heads 8 --vocab 50304 --lengths 64
+
 Each run writes its measurements, the machine, versions and arguments to a json (`--record`;
 default benchmarks/results/cpu/bench_generate.json, with --decoders
-bench_generate_decoders.json).
+bench_generate_decoders.json, with --thoughts bench_generate_thoughts.json).
 """
 
 from __future__ import annotations
@@ -55,6 +61,46 @@ def build(args):
                       num_heads=args.heads, max_seq_len=args.prompt + max(args.lengths) + 8,
                       vocab_size=args.vocab)
     return PonderLM(cfg, PonderConfig(steps=args.steps), seed=0).to(args.device).eval()
+
+
+def build_thoughts(args, thoughts: int = 0, steps: int = 0):
+    """The `build` shape with latent thoughts or pondering (the same weights for every
+    variant: one seed)."""
+    from ponder_pt.config.schema import ModelConfig, PonderConfig, ThoughtsConfig
+    from ponder_pt.models import PonderLM, init_single_process
+
+    init_single_process()
+    cfg = ModelConfig(arch="gpt_neox", num_layers=args.layers, hidden_size=args.hidden,
+                      num_heads=args.heads, max_seq_len=args.prompt + max(args.lengths) + 8,
+                      vocab_size=args.vocab)
+    return PonderLM(cfg, PonderConfig(steps=steps), thoughts=ThoughtsConfig(count=thoughts),
+                    seed=0).to(args.device).eval()
+
+
+def thoughts_table(args, prompt) -> list:
+    """ms/token of plain, latent thoughts (M) and pondering (K = M), min of two interleaved
+    rounds: the measurements."""
+    M, n = args.thoughts, args.lengths[0]
+    models = {"plain": build_thoughts(args), f"latent thoughts M={M}": build_thoughts(args, M),
+              f"pondering K={M}": build_thoughts(args, steps=M)}
+    for model in models.values():
+        decoder(model, prompt, 8, None, "eager")  # warm-up
+    best = {}
+    for _ in range(2):
+        for name, model in models.items():
+            _, t = timed(decoder, model, prompt, n, None, "eager")
+            best[name] = min(best.get(name, float("inf")), t / n)
+    return [{"model": name, "s_per_token": t, "passes": 1 if name == "plain" else M + 1}
+            for name, t in best.items()]
+
+
+def _thought_rows(rows: list) -> list:
+    lines = ["| model | passes per token | ms/token | vs plain |", "|---|---:|---:|---:|"]
+    plain = next(r["s_per_token"] for r in rows if r["model"] == "plain")
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['passes']} | {1e3 * r['s_per_token']:.2f} | "
+                     f"{r['s_per_token'] / plain:.2f}x |")
+    return lines
 
 
 def build_adaptive(args):
@@ -205,6 +251,9 @@ def render_table(doc: dict) -> str:
     head = (f"machine: {mach['arch']}, {mach['cpus']} cores, torch threads "
             f"{a['threads']}, device {a['device']}; GPT-NeoX {a['layers']} layers x hidden "
             f"{a['hidden']}, vocab {a['vocab']}")
+    if a.get("thoughts"):
+        return "\n".join([f"{head}, prompt {a['prompt']}, {a['lengths'][0]} new tokens, greedy, "
+                          "batch 1, eager decoder", "", *_thought_rows(rows)])
     if a.get("adaptive") or a.get("decoders"):
         what = f"K={a['steps']} with a palbert halting head, " if a.get("adaptive") else ""
         lines = [f"{head}, {what}prompt {a['prompt']}, {a['lengths'][0]} new tokens, greedy, "
@@ -249,14 +298,26 @@ def main(argv=None):
     p.add_argument("--halt-q", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--halt-spread", type=float, default=4.0,
                    help="std of the random halting head's logit (tokens spread over passes)")
+    p.add_argument("--thoughts", type=int, default=0,
+                   help="time a latent-thoughts model with M thoughts against plain and K = M")
     add_record_arg(p, "bench_generate")
     args = p.parse_args(argv)
     if args.decoders and args.record == default_path("bench_generate"):
         args.record = default_path("bench_generate_decoders")
     if args.adaptive and args.record == default_path("bench_generate"):
         args.record = default_path("bench_generate_adaptive")
+    if args.thoughts and args.record == default_path("bench_generate"):
+        args.record = default_path("bench_generate_thoughts")
     started = environment()
     torch.set_num_threads(args.threads)
+    if args.thoughts:
+        prompt = torch.randint(0, args.vocab, (1, args.prompt),
+                               generator=torch.Generator().manual_seed(0)).to(args.device)
+        measured = thoughts_table(args, prompt)
+        table = render_table(draft(args, measured))
+        print(table)
+        write_record(args.record, "bench_generate.py", args, measured, table, started)
+        return
     model = build_adaptive(args) if args.adaptive else build(args)
     prompt = torch.randint(0, args.vocab, (1, args.prompt),
                            generator=torch.Generator().manual_seed(0)).to(args.device)

@@ -105,13 +105,12 @@ def dry_run_report(cfg: Config, world_size: int, launch: str,
     from ponder_pt.engine import comm_model
     from ponder_pt.engine.estimate import (format_duration, format_estimate, memory_estimate,
                                            time_estimate)
-    from ponder_pt.engine.flops import flops_per_token, param_count
+    from ponder_pt.engine.flops import param_count, run_flops_per_token
 
     m, tr, par = cfg.model, cfg.train, cfg.parallel
     dp = world_size // (par.tp * par.pp)
     params = param_count(m, m.vocab_size)
-    fpt = flops_per_token(m, m.vocab_size, cfg.data.seq_len, cfg.ponder.steps,
-                          cfg.ponder.feedback)
+    fpt = run_flops_per_token(cfg)
     tokens = tr.iters * tr.global_batch * cfg.data.seq_len
     lines = [
         "# resolved config",
@@ -125,11 +124,14 @@ def dry_run_report(cfg: Config, world_size: int, launch: str,
         f"{par.sequence_parallel}",
         "# model",
         f"parameters: {params['total']:,} total, {params['non_embedding']:,} non-embedding",
-        f"flops_per_token: {fpt:.4g} (training, {cfg.ponder.steps + 1} pass"
-        f"{'es' if cfg.ponder.steps else ''})",
+        f"flops_per_token: {fpt:.4g} (training, " + (
+            f"latent thoughts: {cfg.thoughts.count} per token, Jacobi iterations from "
+            f"{cfg.thoughts.train_iters})" if cfg.thoughts.count else
+            f"{cfg.ponder.steps + 1} pass{'es' if cfg.ponder.steps else ''})"),
         f"total: {tokens:,} tokens, {fpt * tokens:.3g} FLOPs",
     ]
     lines += adaptive_decode_lines(cfg, fpt)
+    lines += thoughts_lines(cfg, fpt)
     tim = time_estimate(cfg, world_size, mfu_from)
     lines += format_estimate(memory_estimate(cfg, world_size), tim)
     rpn = ranks_per_node(world_size, per_node)
@@ -139,7 +141,8 @@ def dry_run_report(cfg: Config, world_size: int, launch: str,
                                     f"{fabric} ({rpn} ranks per node)")
     if comm.nodes > 1:
         total = tim["seconds"] + tr.iters * comm.seconds(gbps, latency)
-        lines.append(f"time to train with communication: at most {format_duration(total)} "
+        bound = "about" if par.pp > 1 else "at most"  # pipeline stalls: comm_model.format_comm
+        lines.append(f"time to train with communication: {bound} {format_duration(total)} "
                      f"({tim['gpus'] * total / 3600:,.0f} GPU-hours)")
     from ponder_pt.data.verify import dry_run_lines  # unset/absent data and tokenizer
 
@@ -169,6 +172,32 @@ def adaptive_decode_lines(cfg: Config, train_fpt: float) -> list[str]:
         flops = decode_flops_per_token(m, m.vocab_size, ctx, passes, cfg.ponder.feedback)
         lines.append(f"  {passes:.1f} passes: {flops:.4g} ({flops / full:.0%} of fixed K)")
     return lines
+
+
+def thoughts_lines(cfg: Config, train_fpt: float) -> list[str]:
+    """Dry-run lines of latent thoughts: training's passes, decoding's slots, the KV cache."""
+    from ponder_pt.engine.flops import (decode_flops_per_token, flops_per_token,
+                                        thought_pass_slots)
+
+    t, m, ctx = cfg.thoughts, cfg.model, cfg.data.seq_len
+    if not t.count:
+        return []
+    plain = flops_per_token(m, m.vocab_size, ctx)
+    decode = decode_flops_per_token(m, m.vocab_size, ctx, 1, thoughts=t.count)
+    plain_decode = decode_flops_per_token(m, m.vocab_size, ctx, 1)
+    kv = 2 * m.num_layers * m.kv_heads * m.head_dim * (4 if cfg.train.precision == "fp32" else 2)
+    return ["# latent thoughts",
+            f"training: M = {t.count} thought(s) per token; per step n Jacobi iterations drawn "
+            f"from {t.train_iters}; passes over "
+            + ", ".join(f"n = {n}: {thought_pass_slots(t.count, n)} slots per token"
+                        for n in t.train_iters)
+            + f"; {train_fpt / plain:.1f}x a plain model's training FLOPs/token",
+            f"decoding: {t.count + 1} one-slot passes per token over {t.count + 1}x as many "
+            f"cached slots: {decode:.4g} FLOPs/token at context {ctx} ({decode / plain_decode:.1f}x "
+            f"plain); prefill {t.prefill}"
+            + (f" ({t.jacobi_iters} Jacobi iterations)" if t.prefill == "jacobi" else
+               " (slot after slot)"),
+            f"KV cache: {(t.count + 1) * kv:,} B per token and sequence ({t.count + 1}x plain)"]
 
 
 def _interconnect(value: str) -> str:

@@ -4,7 +4,10 @@ script follows the same template. Rerun after editing the table; the scripts are
 
 Recipe (Pythia): 1024 x 2048 = 2M-token batches, 143k steps = 300B tokens, cosine to 0.1 lr.
 Layouts assume 8-GPU nodes with 80 GB each. Pondering (K=3) costs 4 passes per step, so those
-runs get twice the nodes and full activation checkpointing from 1B up.
+runs get twice the nodes and full activation checkpointing from 1B up. Latent thoughts (M=1,
+n from {2,3,4}: about 9x a plain step's FLOPs on average, 11x at n=4) get four times the nodes,
+half the micro-batch and full checkpointing; only the 1.4B script is written (PonderLM-2's
+headline size).
 """
 
 import os
@@ -24,7 +27,9 @@ METHODS = {
     "pythia": "plain Pythia",
     "ponderpythia": "PonderPythia: pondering in continuous space, K=3",
     "pausepythia": "Pythia pretrained with pause tokens (rate 0.1)",
+    "thoughtpythia": "PonderLM-2-Pythia: one latent thought per token, Jacobi iterations 2-4",
 }
+SIZES = {"thoughtpythia": ("1.4b",)}  # methods written for some sizes only
 
 TEMPLATE = r'''#!/bin/bash
 # {title}, {size}: {tokens} on {nodes} node(s) x 8 GPUs (tp {tp}, pp {pp}, ZeRO-{zero}).
@@ -57,12 +62,17 @@ source "${{SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/slurm/pretrain.sh" "$@"
 def main() -> None:
     for method, title in METHODS.items():
         for size, (nodes, tp, pp, zero, micro, hours) in LAYOUT.items():
+            if size not in SIZES.get(method, LAYOUT):
+                continue
             name = f"pretrain_{method}_{size}"
             extra = ""
             if method == "ponderpythia":
                 nodes *= 2
                 if size in ("1b", "1.4b", "2.8b"):
                     extra = "--set model.activation_checkpointing=full"
+            if method == "thoughtpythia":
+                nodes, micro = nodes * 4, max(1, micro // 2)
+                extra = "--set model.activation_checkpointing=full"
             with open(os.path.join(HERE, f"{name}.sh"), "w") as fh:
                 fh.write(TEMPLATE.format(title=title, size=size, name=name, nodes=nodes, tp=tp,
                                          pp=pp, zero=zero, micro=micro, hours=hours, extra=extra,

@@ -140,6 +140,12 @@ TP_CASES = {
     "neox_halt_frozen2_sp_chunk_ckpt": (
         "gpt_neox", {"vocab_chunk": 24, "activation_checkpointing": "full"},
         {"steps": 2, "halting": "palbert", "train_exits": "frozen"}, True),
+    # latent thoughts (each rank's sequence shard holds whole positions, all their slots)
+    "neox_thoughts1_sp": ("gpt_neox", {}, {"thoughts": 1}, True),
+    "llama_thoughts2_sp_chunk_ckpt": ("llama", {"vocab_chunk": 24,
+                                                "activation_checkpointing": "full"},
+                                      {"thoughts": 2}, True),
+    "neox_tied_thoughts1": ("gpt_neox", {"tie_embeddings": True}, {"thoughts": 1}, False),
     # negative control: SP without the norm-grad all-reduce must NOT match TP=1
     "neox_plain_sp_manual_no_allreduce": ("gpt_neox", {}, {}, True),
 }
@@ -158,7 +164,13 @@ def _run_case(name, spec):
 
         pover["halting"] = HaltingConfig(mode=pover["halting"], q=0.5,
                                          train_exits=pover.pop("train_exits", "dense"))
-    model = PonderLM(cfg, PonderConfig(**pover), sequence_parallel=sp, sp_grad_sync=sync, seed=7)
+    thoughts = None
+    if "thoughts" in pover:  # Jacobi iterations fixed at 2 (the draw is the trainer's)
+        from ponder_pt.config.schema import ThoughtsConfig
+
+        thoughts = ThoughtsConfig(count=pover.pop("thoughts"), train_iters=[2])
+    model = PonderLM(cfg, PonderConfig(**pover), sequence_parallel=sp, sp_grad_sync=sync, seed=7,
+                     thoughts=thoughts)
     if model.halting is not None:  # spread lambda out: tokens exit at different passes
         with torch.no_grad():
             w = model.halting.proj.weight

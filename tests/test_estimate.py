@@ -327,3 +327,10 @@ def test_dry_run_prints_the_interconnect_term(capsys, monkeypatch):
         assert f"on {fabric} (8 ranks per node)" in out
         assert "time to train with communication: at most" in out
         assert "an upper bound where the link reaches its rate" in out
+    # pipeline stages across nodes also stall on each other: no bound, an estimate
+    assert main(["train", "--config", "ponderpythia-1b", "--dry-run", "--interconnect", "eth-10",
+                 "--ranks-per-node", "8", "--set", "parallel.pp=2"]) == 0
+    out = capsys.readouterr().out
+    assert "per node: about " in out and "their stalls waiting for each other" in out
+    assert "scaling efficiency at 4 nodes: about " in out
+    assert "time to train with communication: about" in out

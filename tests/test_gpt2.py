@@ -36,6 +36,8 @@ GPT2_TP_CASES = {
     "gpt2_ponder1_ckpt_sel_chunk": ("gpt2", {"activation_checkpointing": "selective",
                                              "vocab_chunk": 24}, {"steps": 1}, True),
     "gpt2_looped1_sp": ("gpt2", {}, {"steps": 1, "feedback": "hidden"}, True),
+    # latent thoughts: the learned positions of the interleaved slots, per SP shard
+    "gpt2_thoughts1_sp": ("gpt2", {}, {"thoughts": 1}, True),
 }
 
 

@@ -111,6 +111,9 @@ for _name, (_l, _h, _a, _lr) in _PYTHIA_SHAPES.items():
                                                 ponder={"steps": 3})
     RUN_PRESETS[f"pausepythia-{_size}"] = dict(_base, name=f"pausepythia-{_size}",
                                                pause={"rate": 0.1})
+    # PonderLM-2's Pythia runs: one latent thought per token, n drawn from {2, 3, 4}
+    RUN_PRESETS[f"thoughtpythia-{_size}"] = dict(_base, name=f"thoughtpythia-{_size}",
+                                                 thoughts={"count": 1, "train_iters": [2, 3, 4]})
 for _name, (_l, _h, _a, _lr) in _GPT2_SHAPES.items():
     _size = _name.split("-", 1)[1]
     # nanoGPT's GPT-2 recipe: 0.5M-token batches (512 x 1024), 600k iters (~300B tokens),

@@ -104,6 +104,30 @@ class PonderConfig:
 
 
 @dataclass
+class ThoughtsConfig:
+    """Latent thoughts (PonderLM-2, DESIGN.md): after every token x_t the model writes `count`
+    thoughts z_t^1..z_t^M, each the final-norm hidden state of the slot before, in the
+    interleaved layout [x_t, z_t^1..z_t^M] (every slot at position t); the next token is
+    predicted from the last thought. Training runs Jacobi iterations over all thoughts at
+    once; decoding computes them exactly, one slot after another."""
+    count: int = 0
+    """M thoughts per token; 0 = off (the plain model)."""
+    jacobi_iters: int = 3
+    """n Jacobi iterations for evaluation (the validation loss) and `prefill: jacobi`."""
+    train_iters: list[int] = field(default_factory=lambda: [2, 3])
+    """n per training step, drawn from this list with a generator seeded by train.seed and
+    the step: the same n on every rank, and again after a resume."""
+    prefill: str = "exact"
+    """How cached inference computes a prompt's thoughts: exact (one slot after another, as
+    decoding does: what the model defines) | jacobi (n = jacobi_iters parallel iterations, as
+    in training: faster, approximate beyond the first ~n positions)."""
+    scale_embeds: bool = True
+    """Multiply token embeddings by sqrt(2.5 * hidden), the reference code's scale: with
+    small_init (std sqrt(2 / (5 * hidden)), model.init_method_std unset) token inputs have unit
+    RMS, like the final-norm thoughts beside them."""
+
+
+@dataclass
 class PauseConfig:
     rate: float = 0.0
     """Fraction of a sample's L positions turned into <pause>; 0 = off."""
@@ -254,6 +278,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     ponder: PonderConfig = field(default_factory=PonderConfig)
     pause: PauseConfig = field(default_factory=PauseConfig)
+    thoughts: ThoughtsConfig = field(default_factory=ThoughtsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

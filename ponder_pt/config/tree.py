@@ -130,6 +130,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif origin is list and typing.get_args(tp) == (int,):  # e.g. [2, 3] or "2,3"
+        items = value if isinstance(value, list) else (
+            value.replace(",", " ").split() if isinstance(value, str) else [value])
+        return [_coerce(key, item, int) for item in items]
     elif tp is list or origin is list:
         if isinstance(value, list):
             return [str(v) for v in value]

@@ -20,6 +20,7 @@ LR_DECAYS = ("cosine", "linear", "constant")
 PONDER_FEEDBACKS = ("embedding", "hidden")
 HALTING_MODES = ("off", "pondernet", "palbert")
 TRAIN_EXITS = ("dense", "frozen")
+THOUGHT_PREFILLS = ("exact", "jacobi")
 
 
 def _divisors_hint(n: int) -> str:
@@ -148,6 +149,7 @@ def problems(cfg: Config, world_size: Optional[int] = None,
         out.append(f"ponder.top_k={p.top_k} has no effect with ponder.feedback=hidden (no "
                    "softmax is fed back); set ponder.top_k=0")
     out.extend(halting_problems(cfg))
+    out.extend(thoughts_problems(cfg))
     if not 0.0 <= cfg.pause.rate < 1.0:
         out.append(f"pause.rate: must be in [0, 1) (0 = off), got {cfg.pause.rate}")
     if cfg.pause.inference_pauses < 0:
@@ -234,6 +236,38 @@ def halting_problems(cfg: Config) -> list[str]:
                    f"parallelism (parallel.pp={cfg.parallel.pp}): later passes would need every "
                    "layer's keys/values of the earlier ones on other stages. Use "
                    "train_exits=dense with PP, or parallel.tp and ZeRO (parallel.pp=1)")
+    return out
+
+
+def thoughts_problems(cfg: Config) -> list[str]:
+    """`thoughts.*` (latent thoughts) against the rest of the run."""
+    t = cfg.thoughts
+    out = []
+    if t.count < 0:
+        out.append(f"thoughts.count: must be >= 0 (0 = off), got {t.count}")
+    if t.jacobi_iters < 0:
+        out.append(f"thoughts.jacobi_iters: must be >= 0, got {t.jacobi_iters}")
+    if not t.train_iters or min(t.train_iters) < 0:
+        out.append(f"thoughts.train_iters: a non-empty list of Jacobi iteration counts >= 0 "
+                   f"(one is drawn per step), got {t.train_iters}")
+    if t.prefill not in THOUGHT_PREFILLS:
+        out.append(f"thoughts.prefill: {t.prefill!r} is not one of {THOUGHT_PREFILLS}")
+    if t.count <= 0:
+        return out
+    if cfg.ponder.steps > 0:
+        out.append(f"thoughts.count={t.count} with ponder.steps={cfg.ponder.steps}: latent "
+                   "thoughts and pondering passes are two ways to spend compute per token and "
+                   "do not compose here; set ponder.steps=0 (and ponder.halting.mode=off) or "
+                   "thoughts.count=0")
+    if cfg.pause.rate > 0:
+        out.append(f"thoughts.count={t.count} with pause.rate={cfg.pause.rate}: a <pause> in "
+                   "the data would get thoughts of its own and shift the positions the thoughts "
+                   "share; set pause.rate=0 or thoughts.count=0")
+    if cfg.parallel.pp > 1:
+        out.append(f"thoughts.count={t.count} is not supported with pipeline parallelism "
+                   f"(parallel.pp={cfg.parallel.pp}): the number of Jacobi passes is drawn per "
+                   "step, and DeepSpeed's pipeline engine fixes its chain of layers when it is "
+                   "built. Use parallel.tp (with sequence_parallel) and ZeRO, parallel.pp=1")
     return out
 
 

@@ -35,7 +35,8 @@ import os
 from typing import Iterator, Optional
 
 from ..config.schema import Config, ModelConfig
-from .flops import PEAK_TFLOPS, flops_per_token, param_count, peak_tflops
+from .flops import (PEAK_TFLOPS, param_count, peak_tflops, run_flops_per_token,
+                    thought_pass_slots)
 
 GiB = 2**30
 DEFAULT_MFU = 0.40
@@ -153,6 +154,11 @@ def memory_estimate(cfg: Config, world_size: int) -> dict:
     tokens = tr.micro_batch * cfg.data.seq_len
     grad_accum = max(1, tr.global_batch // (tr.micro_batch * dp))
     per_block = block_activation_bytes(m, m.activation_checkpointing, a, tp, sp)
+    # latent thoughts: every pass's blocks keep activations for all its slots (the most
+    # Jacobi iterations drawn); pondering's passes are the chain of pipeline_stages
+    thoughts = cfg.thoughts
+    slots = (sum(thought_pass_slots(thoughts.count, max(thoughts.train_iters)))
+             if thoughts.count else 1)
 
     best = None
     for s, layers in enumerate(pipeline_stages(m.num_layers, K, pp)):
@@ -163,7 +169,7 @@ def memory_estimate(cfg: Config, world_size: int) -> dict:
         act = 0.0
         for kind, _ in layers:
             if kind == "block":
-                act += per_block
+                act += per_block * slots
             elif kind in ("feedback", "head"):
                 act += vocab_layer_bytes(m, vocab, a, tp, sp, kind == "head",
                                          cfg.ponder.feedback, cfg.ponder.top_k,
@@ -182,7 +188,9 @@ def memory_estimate(cfg: Config, world_size: int) -> dict:
     def split(stage: int) -> str:  # the ZeRO stage from which a state is split over DP
         return f" / dp {dp} (ZeRO-{stage}+)" if zero >= stage and dp > 1 else ""
 
-    acc = (f"{m.activation_checkpointing} checkpointing, {K + 1} pass{'es' if K else ''}, "
+    passes = (f"latent thoughts: {slots} slots per token over the passes" if thoughts.count
+              else f"{K + 1} pass{'es' if K else ''}")
+    acc = (f"{m.activation_checkpointing} checkpointing, {passes}, "
            f"micro-batch {tr.micro_batch} x seq {cfg.data.seq_len}, vocab_chunk {m.vocab_chunk}"
            + (f", sequence parallel / tp {tp}" if sp else "")
            + (f", x {best['in_flight']} micro-batches in flight" if pp > 1 else ""))
@@ -341,8 +349,7 @@ def pick_mfu(cfg: Config, files: list[str], gpu: str) -> Optional[dict]:
 
 def time_estimate(cfg: Config, world_size: int, mfu_from: Optional[str] = None) -> dict:
     tr = cfg.train
-    fpt = flops_per_token(cfg.model, cfg.model.vocab_size, cfg.data.seq_len, cfg.ponder.steps,
-                          cfg.ponder.feedback)
+    fpt = run_flops_per_token(cfg)
     tokens = tr.iters * tr.global_batch * cfg.data.seq_len
     peak, peak_src, gpu = device_peak(cfg)
     if mfu_from:

@@ -7,6 +7,8 @@ forward, full attention score matrix, no recomputation): MFU, not HFU.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from ..config.schema import ModelConfig
 
 # dense bf16/fp16 peak TFLOPs per device, for MFU when log.peak_tflops is not set
@@ -40,13 +42,28 @@ def param_count(m: ModelConfig, vocab_size: int) -> dict:
             "non_embedding": total - embed - head}
 
 
+def thought_pass_slots(count: int, iters: int) -> list[int]:
+    """Slots per token of each pass of a latent-thoughts training forward: the M growing
+    passes (1, 2, .., M), then n Jacobi iterations and the final pass (M + 1 each)."""
+    return [k + 1 for k in range(count)] + [count + 1] * (iters + 1)
+
+
 def flops_per_token(m: ModelConfig, vocab_size: int, seq_len: int, ponder_steps: int = 0,
-                    feedback: str = "embedding") -> float:
+                    feedback: str = "embedding", thoughts: int = 0,
+                    thought_iters: Sequence[int] = (0,)) -> float:
     """Training (forward + backward) FLOPs per token, counting all K+1 pondering passes and
     the K soft-embedding products p . W_in. With feedback "hidden" (the looped baseline) the
     K extra passes feed back the final-norm hidden state: no output head and no p . W_in on
-    them."""
+    them. Latent thoughts (`thoughts` = M > 0): the passes of `thought_pass_slots`, averaged
+    over the Jacobi iterations drawn (`thought_iters`); a pass over s slots per token runs
+    the blocks s times per token and attends over s x seq_len slots; the head runs on the
+    last slots only (M = 1, n = 3 costs about 9x a plain forward)."""
     h = m.hidden_size
+    if thoughts:
+        weights, attention = 2 * m.num_layers * _block_weights(m), 4 * m.num_layers * seq_len * h
+        forward = sum(sum(s * weights + s * s * attention for s in thought_pass_slots(thoughts, n))
+                      for n in thought_iters) / len(thought_iters)
+        return 3.0 * (forward + 2 * h * vocab_size)
     blocks = (2 * m.num_layers * _block_weights(m)  # weight matmuls
               + 4 * m.num_layers * seq_len * h)  # QK^T and attention x V
     head = 2 * h * vocab_size  # output head
@@ -57,14 +74,25 @@ def flops_per_token(m: ModelConfig, vocab_size: int, seq_len: int, ponder_steps:
     return 3.0 * forward
 
 
+def run_flops_per_token(cfg) -> float:
+    """`flops_per_token` of a run `Config`: its pondering or latent thoughts."""
+    m = cfg.model
+    return flops_per_token(m, m.vocab_size, cfg.data.seq_len, cfg.ponder.steps,
+                           cfg.ponder.feedback, cfg.thoughts.count, cfg.thoughts.train_iters)
+
+
 def decode_flops_per_token(m: ModelConfig, vocab_size: int, context: int, passes: float,
-                           feedback: str = "embedding") -> float:
+                           feedback: str = "embedding", thoughts: int = 0) -> float:
     """Forward FLOPs of decoding one token that runs `passes` of the K+1 passes (adaptive
     pondering's mean; K+1 for fixed K) over `context` cached positions: every pass runs the
     blocks (attention over the context) and the output head (the feedback and the halting
     decision need each pass's logits), and all passes but the last add p . W_in (none for
-    the looped baseline, whose head runs on the last pass only)."""
+    the looped baseline, whose head runs on the last pass only). Latent thoughts (M > 0,
+    `passes` ignored): M + 1 one-slot passes over (M + 1) x context cached slots, the head on
+    the last."""
     h = m.hidden_size
+    if thoughts:
+        context, passes, feedback = context * (thoughts + 1), thoughts + 1, "hidden"
     blocks = 2 * m.num_layers * _block_weights(m) + 4 * m.num_layers * context * h
     head = 2 * h * vocab_size
     if feedback == "hidden":

@@ -21,7 +21,7 @@ from .batches import StepBatchSampler, loader
 from .checkpoint import CheckpointLoadError, CheckpointManager
 from .ds_config import build_ds_config
 from .ds_ops import build_adam_op
-from .flops import flops_per_token, peak_tflops
+from .flops import peak_tflops, run_flops_per_token
 from .metrics import MetricsLogger
 from .preemption import (EXIT_INTERRUPTED, EXIT_REQUEUE, PreemptionFlag, announce_requeue,
                          marker_path, signal_name, write_marker)
@@ -85,9 +85,7 @@ class Trainer:
             cfg, tokenizer, (tr.iters * tr.global_batch, valid_samples, 0))
         if self.valid_ds is None and tr.eval_iters:
             self.log("note: no validation split (data.split / data.valid); validation is off")
-        vocab = cfg.model.vocab_size
-        self.flops_per_token = flops_per_token(cfg.model, vocab, cfg.data.seq_len, cfg.ponder.steps,
-                                               cfg.ponder.feedback)
+        self.flops_per_token = run_flops_per_token(cfg)
         peak = cfg.log.peak_tflops
         if peak is None and torch.cuda.is_available():
             peak = peak_tflops(torch.cuda.get_device_name())
@@ -286,6 +284,9 @@ class Trainer:
             for step in range(start_step, tr.iters):
                 t0 = time.perf_counter()
                 lr = lr_at(step, tr)
+                begin = getattr(self.engine.module, "begin_step", None)
+                # latent thoughts draw the step's Jacobi iterations (None without them)
+                thought_iters = None if begin is None else begin(step)
                 loss = self._train_step(batches)
                 gnorm = self.engine.get_global_grad_norm()  # None where DeepSpeed has none
                 gnorm = None if gnorm is None else float(gnorm)
@@ -303,6 +304,8 @@ class Trainer:
                           "step_time": dt, "tokens_per_s": tok_s, "tflops_per_gpu": tflops,
                           "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
                           "skipped_steps": skipped, **self._halting_record()}
+                if thought_iters is not None:
+                    record["thought_iters"] = thought_iters
                 if self.on_cuda:  # this rank's allocator peak so far (the dry run estimates it)
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 metrics.log(done, record)

@@ -61,6 +61,9 @@ def hf_to_checkpoint(hf_dir: str, out: str, overrides: Sequence[str] = (), tp: i
         if (extra.get("ponder_halting") or "off") != "off":  # adaptive pondering
             defaults += [f"ponder.halting.mode={extra['ponder_halting']}",
                          f"ponder.halting.q={extra.get('ponder_halt_q', 0.5)}"]
+    if extra.get("thought_count"):  # latent thoughts
+        defaults += [f"thoughts.count={extra['thought_count']}",
+                     f"thoughts.scale_embeds={extra.get('thought_scale_embeds', True)}"]
     if extra.get("pause_token_id") is not None:
         defaults += [f"pause.token_id={extra['pause_token_id']}",
                      f"pause.inference_pauses={extra.get('default_pauses', 10)}"]

@@ -57,6 +57,8 @@ def tags_of(cfg: Config, pause_id: Optional[int]) -> list[str]:
     tags = ["ponder-pt"]
     if cfg.ponder.steps > 0:
         tags.append("pondering")
+    if cfg.thoughts.count:
+        tags.append("latent-thoughts")
     if pause_id is not None:
         tags.append("pause-tokens")
     return tags
@@ -79,6 +81,15 @@ def _model_lines(cfg: Config) -> list[str]:
                         f"; K + 1 = {p.steps + 1} transformer passes per token"))
         if p.adaptive:
             lines.append(f"- {_halting_text(p.halting, p.steps)}")
+    elif cfg.thoughts.count:
+        t = cfg.thoughts
+        lines.append(f"- Latent thoughts (PonderLM-2): after every token the model writes "
+                     f"M = {t.count} thought{'s' if t.count > 1 else ''}, each the final hidden "
+                     f"state of the slot before, at the token's position; the next token is "
+                     f"predicted from the last. Trained with Jacobi iterations drawn from "
+                     f"{t.train_iters} per step; this export computes the thoughts exactly, "
+                     f"M + 1 = {t.count + 1} one-slot forwards per token through a KV cache "
+                     f"{t.count + 1}x as long")
     else:
         lines.append("- Pondering: none (K = 0), one transformer pass per token")
     return lines
@@ -157,9 +168,10 @@ def _tokenizer_lines(check: Optional[dict]) -> list[str]:
 
 def _usage(cfg: Config, name: str, pause_id: Optional[int], transformers_range: str
            ) -> list[str]:
-    if cfg.ponder.steps > 0:
+    if cfg.ponder.steps > 0 or cfg.thoughts.count:
+        kind = "A latent-thoughts model" if cfg.thoughts.count else "A pondering model"
         lines = [
-            f"A pondering model (`model_type: ponder_{cfg.model.arch}`). With ponder-pt "
+            f"{kind} (`model_type: ponder_{cfg.model.arch}`). With ponder-pt "
             "installed, its classes are registered with transformers and no code from this "
             "directory runs:", "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -210,7 +222,9 @@ def write_card(out: str, cfg: Config, pause_id: Optional[int], transformers_rang
                "decides for each token, "
                if cfg.ponder.adaptive else
                f"with K = {cfg.ponder.steps} continuous-space pondering steps "
-               if cfg.ponder.steps else "")
+               if cfg.ponder.steps else
+               f"with M = {cfg.thoughts.count} latent thought(s) per token "
+               if cfg.thoughts.count else "")
             + f"trained with [ponder-pt](https://pypi.org/project/ponder-pt/) {__version__}.",
             "",
             "## Model", "", *_model_lines(cfg), *_pause_lines(cfg, pause_id, finetune), "",
@@ -220,7 +234,7 @@ def write_card(out: str, cfg: Config, pause_id: Optional[int], transformers_rang
             "## Evaluation", "", EVAL_BEGIN, NO_RESULTS, EVAL_END, "",
             "## Software", "", f"- ponder-pt {__version__}",
             (f"- transformers{transformers_range} (the versions this export's code is tested "
-             "with; it refuses to load under others)" if cfg.ponder.steps
+             "with; it refuses to load under others)" if cfg.ponder.steps or cfg.thoughts.count
              else "- transformers: the stock classes of the model type"), ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
     path = os.path.join(out, CARD)

@@ -57,7 +57,7 @@ def build_hf_config(cfg: Config, tokenizer=None):
     if tokenizer is not None:
         extra.update(bos_token_id=tokenizer.eod_id, eos_token_id=tokenizer.eod_id,
                      pad_token_id=tokenizer.pad_id)
-    if cfg.ponder.steps == 0:
+    if cfg.ponder.steps == 0 and not cfg.thoughts.count:
         for k, v in extra.items():
             setattr(base, k, v)
         base.architectures = [STOCK_CLASSES[cfg.model.arch]]
@@ -76,6 +76,9 @@ def build_hf_config(cfg: Config, tokenizer=None):
                ponder_transformers=TESTED_TRANSFORMERS)
     if cfg.ponder.halting.mode != "off":  # adaptive only: fixed-K exports stay as they were
         raw.update(ponder_halting=cfg.ponder.halting.mode, ponder_halt_q=cfg.ponder.halting.q)
+    if cfg.thoughts.count:  # latent thoughts only, likewise
+        raw.update(thought_count=cfg.thoughts.count,
+                   thought_scale_embeds=cfg.thoughts.scale_embeds)
     hf = cls(**raw)
     model_cls = cls.__name__.replace("Config", "ForCausalLM")
     hf.architectures = [model_cls]
@@ -119,7 +122,7 @@ def export_full(cfg: Config, full: dict, out: str, tokenizer_path: Optional[str]
         tensors[name] = t.detach().to(torch.float32).contiguous().clone()
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     hf_cfg.save_pretrained(out)
-    if cfg.ponder.steps > 0:
+    if cfg.ponder.steps > 0 or cfg.thoughts.count:
         for name in REMOTE_FILES:
             shutil.copy(os.path.join(TEMPLATES, name), os.path.join(out, name))
     gen = GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
@@ -133,7 +136,8 @@ def export_full(cfg: Config, full: dict, out: str, tokenizer_path: Optional[str]
         check = save_tokenizer(tokenizer_path, out, pause_fields(cfg).get("pause_token_id"),
                                samples=training_samples(cfg, tok))
     with open(os.path.join(out, "ponder_pt_export.json"), "w", encoding="utf-8") as fh:
-        json.dump({"ponder_steps": cfg.ponder.steps, "arch": cfg.model.arch,
+        json.dump({"ponder_steps": cfg.ponder.steps, "thought_count": cfg.thoughts.count,
+                   "arch": cfg.model.arch,
                    "padded_vocab_size": cfg.model.vocab_size, **pause_fields(cfg)}, fh, indent=1)
     write_card(out, cfg, pause_fields(cfg).get("pause_token_id"), TESTED_TRANSFORMERS, check,
                **(card or {}))

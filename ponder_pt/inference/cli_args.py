@@ -15,6 +15,11 @@ UNSAFE_HELP = ("read a training checkpoint with full unpickling (runs any code i
                "by default only tensors and DeepSpeed's checkpoint types load")
 
 
+PREFILL_HELP = ("latent-thoughts models: how a prompt's thoughts are computed: exact (slot "
+                "after slot, as decoding does) or jacobi (thoughts.jacobi_iters parallel "
+                "iterations, as in training; native checkpoints only). Default: the model's "
+                "thoughts.prefill")
+
 MODEL_HELP = ("a run directory (`ponder-pt train --out DIR`), a training checkpoint.dir (with "
               "run_config.yaml) or an HF directory")
 
@@ -64,6 +69,8 @@ def add_generate_args(p) -> None:
                    help='print {"token_ids": [...], "text": ...} of the new tokens (adaptive '
                         'pondering models add "passes": the passes each new token took)')
     p.add_argument("--halt-q", type=float, default=None, help=HALT_Q_HELP)
+    p.add_argument("--thought-prefill", choices=("exact", "jacobi"), default=None,
+                   help=PREFILL_HELP)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--unsafe-unpickle", action="store_true", help=UNSAFE_HELP)
 
@@ -75,6 +82,8 @@ def add_eval_args(p) -> None:
                    help="M <pause> tokens after each prompt (default: the model's recorded M, "
                         "e.g. from `sft --pauses M`)")
     p.add_argument("--halt-q", type=float, default=None, help=HALT_Q_HELP)
+    p.add_argument("--thought-prefill", choices=("exact", "jacobi"), default=None,
+                   help=PREFILL_HELP)
     p.add_argument("--include-path", metavar="DIR",
                    help="directory of extra lm-eval task YAMLs (offline tasks: a YAML whose "
                         "dataset_path is `json` with local data_files needs no network)")

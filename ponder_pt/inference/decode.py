@@ -48,7 +48,7 @@ def replay_mismatch(got: torch.Tensor, want: torch.Tensor) -> Optional[float]:
 
 class Decoder:
     """prefill(prompts) -> last logits [b, V] (float32, rows >= vocab_rows at -inf), then
-    step(tokens) -> the next logits (valid until the following step); `capacity` columns in
+    step(tokens) -> the next logits (valid until the following step); `capacity` positions in
     all: the longest prompt plus the new tokens (GPT-2: at most its learned positions; going
     past either is a ValueError). `prefill_one` / `step_one` are the batch-1 forms ([V]).
 
@@ -80,6 +80,13 @@ class Decoder:
             warnings.warn("adaptive pondering decodes eagerly: the passes skipped per token "
                           "depend on the token, which one CUDA graph cannot replay",
                           RuntimeWarning, stacklevel=2)
+        self.slots = getattr(model, "slots", 1)  # latent thoughts: M+1 columns per token
+        if self.slots > 1 and mode != "eager":
+            if mode == "graph":
+                warnings.warn("latent thoughts decode eagerly: a token's M+1 slots are "
+                              "one-slot passes at successive columns, not the one-column step "
+                              "a CUDA graph replays", RuntimeWarning, stacklevel=2)
+            mode = "eager"
         self.mode = mode
         # GPT-2 cannot go past its position table, whatever the caller asks
         self.capped = model.pos_embed is not None and capacity > model.cfg.max_seq_len
@@ -88,7 +95,8 @@ class Decoder:
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.replays = 0
         self.graph_status = ("not captured yet" if mode == "graph" else
-                             "off: adaptive pondering decodes eagerly" if self.adaptive else "off")
+                             "off: adaptive pondering decodes eagerly" if self.adaptive else
+                             "off: latent thoughts decode eagerly" if self.slots > 1 else "off")
         self._next = torch.zeros(batch, dtype=torch.long, device=self.device)  # next positions
         if mode != "eager":  # what the fixed-shape step reads
             self._tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
@@ -97,8 +105,8 @@ class Decoder:
 
     @property
     def length(self) -> int:
-        """Columns filled (the longest prompt plus the tokens stepped so far)."""
-        return self.caches[0].length
+        """Positions filled (the longest prompt plus the tokens stepped so far)."""
+        return self.caches[0].length // self.slots
 
     def _last(self, logits: torch.Tensor) -> torch.Tensor:
         z = logits[:, -1].float()
@@ -138,7 +146,7 @@ class Decoder:
         ids, valid = ids.to(self.device), valid.to(self.device)
         if not bool(valid.all()):
             for cache in self.caches:
-                cache.set_valid(valid)
+                cache.set_valid(valid.repeat_interleave(self.slots, dim=1))
         positions = (valid.cumsum(1) - 1).clamp(min=0)
         self._next = valid.sum(1)
         with varying_shapes(self.device):  # every prompt width is a new attention shape

@@ -202,11 +202,12 @@ def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,
              num_fewshot: Optional[int] = None, device: str = "auto", progress: bool = True,
              seed: int = 1234, trust_remote_code: bool = False,
              unsafe_unpickle: bool = False, batch_size: int = 16,
-             halt_q: Optional[float] = None) -> dict:
+             halt_q: Optional[float] = None, thought_prefill: Optional[str] = None) -> dict:
     """lm_eval.simple_evaluate on our wrapper; returns its results dict. device: "auto"
     (cuda when available, else cpu), "cpu", "cuda" or "cuda:N". halt_q: adaptive pondering's
     Q-exit threshold (None: the model's own); adaptive models add "mean_passes" (passes per
-    scored token) to the results dict."""
+    scored token) to the results dict. thought_prefill: latent-thoughts models' "exact" or
+    "jacobi" prompt thoughts (None: the model's own)."""
     import lm_eval
 
     if not os.path.exists(model_dir):
@@ -216,6 +217,7 @@ def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,
     model = load_model(model_dir, device=device, trust_remote_code=trust_remote_code,
                        unsafe_unpickle=unsafe_unpickle)
     model.set_halt_q(halt_q)
+    model.set_thought_prefill(thought_prefill)
     lm = PonderEvalLM(model, pauses, progress=progress, batch_size=batch_size)
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                   task_manager=tm, log_samples=False, random_seed=seed,
@@ -241,7 +243,7 @@ def cmd_eval(args) -> int:
                    args.device, progress=not args.quiet,
                    trust_remote_code=args.trust_remote_code,
                    unsafe_unpickle=args.unsafe_unpickle, batch_size=args.batch_size,
-                   halt_q=args.halt_q)
+                   halt_q=args.halt_q, thought_prefill=args.thought_prefill)
     results = res.get("results", {}) if res else {}
     adaptive = {key: res[key] for key in ("mean_passes", "halt_q") if res and key in res}
     if args.json:

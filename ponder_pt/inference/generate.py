@@ -73,6 +73,7 @@ def cmd_generate(args) -> int:
     lm = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code,
                     unsafe_unpickle=args.unsafe_unpickle)
     lm.set_halt_q(args.halt_q)
+    lm.set_thought_prefill(args.thought_prefill)
     if prompts is not None:
         results = generate_many(lm, prompts, args.max_new_tokens, args.greedy, args.pauses,
                                 args.temperature, args.top_k, args.seed, args.batch_size)

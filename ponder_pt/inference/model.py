@@ -152,6 +152,24 @@ class InferenceModel(abc.ABC):
                              "halting head")
         self.halt_q = q
 
+    thoughts: int = 0
+    """Latent thoughts per token (M; 0 = none)."""
+
+    def set_thought_prefill(self, mode: Optional[str]) -> None:
+        """How prompts' thoughts are computed: "exact" or "jacobi" (None: the model's own);
+        refused for a model without latent thoughts."""
+        if mode is None:
+            return
+        if not self.thoughts:
+            raise ValueError("--thought-prefill needs a latent-thoughts model (trained with "
+                             "thoughts.count > 0); this one has none")
+        self._set_prefill(mode)
+
+    def _set_prefill(self, mode: str) -> None:
+        if mode != "exact":
+            raise ValueError(f"--thought-prefill {mode}: an HF export computes thoughts "
+                             "exactly only; Jacobi prefill runs on the native checkpoint")
+
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
         """Implemented by NativeModel and HFModel."""
@@ -212,9 +230,15 @@ class PonderLMModel(InferenceModel):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([i for i in ids if i < self.vocab_rows])
 
+    def _set_prefill(self, mode: str) -> None:
+        self.model.thoughts_cfg.prefill = mode
+
     @torch.no_grad()
     @varying_shape_method
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.thoughts:  # through a cache: the prompt's thoughts as thoughts.prefill says
+            return self.model(ids.to(self.device), caches=self.model.new_caches(),
+                              gather_logits=True).float()
         if not self.adaptive:
             return self.model(ids.to(self.device), gather_logits=True).float()
         logits, exits = self.model(ids.to(self.device), gather_logits=True, halt_q=self.halt_q,
@@ -260,7 +284,7 @@ class NativeModel(PonderLMModel):
         cfg, full, self.tag = read_checkpoint(ckpt_dir, tag, unsafe_unpickle=unsafe_unpickle)
         cfg.parallel.tp, cfg.model.activation_checkpointing = 1, "none"
         self.cfg, self.device = cfg, torch.device(resolve_device(device))
-        self.model = PonderLM(cfg.model, cfg.ponder).eval()
+        self.model = PonderLM(cfg.model, cfg.ponder, thoughts=cfg.thoughts).eval()
         _check_native_weights(self.model, full, ckpt_dir, self.tag)
         self.model.load_state_dict(full, strict=False)  # strict but for _extra_state
         self.model.to(self.device)
@@ -271,6 +295,7 @@ class NativeModel(PonderLMModel):
         self.max_len, self.ponder_steps = cfg.model.max_seq_len, cfg.ponder.steps
         self.adaptive = self.model.halting is not None
         self.halt_q = cfg.ponder.halting.q if self.adaptive else None
+        self.thoughts = cfg.thoughts.count
 
 
 
@@ -342,6 +367,7 @@ class HFModel(InferenceModel):
         self.adaptive = (self.ponder_steps > 0
                          and (getattr(c, "ponder_halting", None) or "off") != "off")
         self.halt_q = float(c.ponder_halt_q) if self.adaptive else None
+        self.thoughts = int(getattr(c, "thought_count", 0) or 0)
 
     def _halt_kwargs(self) -> dict:
         return {"halt_q": self.halt_q} if self.adaptive else {}

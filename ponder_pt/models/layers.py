@@ -256,6 +256,18 @@ class KVCache:
     def advance(self, n: int) -> None:
         """The length follows the stored tensors; nothing to do."""
 
+    def snapshot(self) -> list:
+        """What `restore` needs to undo the appends made after it (latent thoughts' trial
+        passes): the per-layer tensors, which appending replaces and never modifies."""
+        return list(self.layers)
+
+    def restore(self, saved: list) -> None:
+        self.layers = saved
+
+    def position_valid(self, n: int, slots: int) -> None:
+        """No padding mask in a growing cache (see `StaticKVCache.position_valid`)."""
+        return None
+
     def copy_new_from(self, other: "KVCache", n: int) -> None:
         """Append, in every layer, the last n columns `other` got this step: a skipped pass
         takes the previous pass's keys/values (adaptive pondering's frozen rows)."""
@@ -332,6 +344,21 @@ class StaticKVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def snapshot(self) -> tuple:
+        """What `restore` needs to undo passes made after it: the length (columns written
+        beyond it are free again) and the padding mask."""
+        return self.length, self.valid
+
+    def restore(self, saved: tuple) -> None:
+        self.length, self.valid = saved
+
+    def position_valid(self, n: int, slots: int) -> torch.Tensor | None:
+        """The padding mask [b, n] of the next n positions of `slots` columns each (latent
+        thoughts), read from the first column of each; None without padding."""
+        if self.valid is None:
+            return None
+        return self.valid[:, self.length:self.length + n * slots:slots]
 
     def copy_new_from(self, other: "StaticKVCache", n: int) -> None:
         """Copy, in every layer, the n columns `other` is filling this step (before

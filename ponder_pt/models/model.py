@@ -27,6 +27,14 @@ every pass gives each token's exit probabilities; training adds the per-pass los
 inference exits tokens early under the frozen keys/values rule (`_adaptive`). Off, the model
 has no halting module and runs exactly as without it.
 
+Latent thoughts (`thoughts.count` M > 0, DESIGN.md; `thoughts.py`): after every token M
+thought slots, each fed the final-norm hidden state of the slot before; one KV cache holds
+M+1 slots per token. A call without caches runs training's Jacobi iterations (n drawn per
+step from `thoughts.train_iters` in training with labels, `thoughts.jacobi_iters` otherwise);
+a cached call computes the thoughts exactly, slot after slot (`thoughts.prefill: exact`), or
+by Jacobi before one appending pass (`prefill: jacobi`). Token embeddings are scaled by
+sqrt(2.5 d) with `thoughts.scale_embeds`.
+
 `model.vocab_chunk` > 0 computes the full-softmax feedback and the training loss from the
 final-norm hidden state over chunks of vocabulary rows (`vocab_chunk.py`), so no [tokens, V]
 tensor is kept for backward; top-k feedback (`ponder.top_k` > 0) and calls without labels
@@ -39,17 +47,19 @@ head, the feedback, the per-pass cross-entropy, the halting lambda -- is `Ponder
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config.schema import ModelConfig, PonderConfig
+from ..config.schema import ModelConfig, PonderConfig, ThoughtsConfig
 from .. import halting_math as hm
 from . import halting as halt
 from . import parallel as par
 from . import ponder_pass as pp
+from . import thoughts as th
 from .layers import Block, KVCache, RMSNorm, Rotary, StaticKVCache
 from .ponder_pass import PonderPass
 
@@ -71,11 +81,14 @@ class PonderLM(PonderPass, nn.Module):
             loop calls `allreduce_sequence_parallel_grads(model)` after backward.
         seed: init seed; weights are identical for any TP degree.
         params_dtype: parameter dtype (init always draws in fp32 first).
+        thoughts: latent thoughts; None or count=0 = none. `seed` also seeds the draw of
+            each training step's Jacobi iterations (`begin_step`).
     """
 
     def __init__(self, cfg: ModelConfig, ponder: Optional[PonderConfig] = None, *,
                  sequence_parallel: bool = False, sp_grad_sync: str = "hooks", seed: int = 1234,
-                 params_dtype: torch.dtype = torch.float32):
+                 params_dtype: torch.dtype = torch.float32,
+                 thoughts: Optional[ThoughtsConfig] = None):
         super().__init__()
         if cfg.arch not in ARCHS:
             raise ValueError(f"model.arch must be one of {ARCHS}, got {cfg.arch!r}")
@@ -83,6 +96,11 @@ class PonderLM(PonderPass, nn.Module):
             raise ValueError("model.vocab_size (padded) must be set before building the model")
         self.cfg = cfg
         self.ponder_cfg = ponder or PonderConfig(steps=0)
+        self.thoughts_cfg = thoughts or ThoughtsConfig(count=0)
+        if self.thoughts_cfg.count and self.ponder_cfg.steps:
+            raise ValueError("latent thoughts (thoughts.count) and pondering (ponder.steps) "
+                             "do not compose; set one of them to 0")
+        self.seed, self.thought_step = seed, 0
         self.sequence_parallel = bool(sequence_parallel) and par.tp_size() > 1
         mp = par.megatron_config(params_dtype)
         inits = pp.init_methods(cfg, seed)
@@ -134,6 +152,19 @@ class PonderLM(PonderPass, nn.Module):
         for block in self.layers:
             block.compile()
 
+    @property
+    def slots(self) -> int:
+        """KV-cache columns per token: M+1 with latent thoughts, else 1."""
+        return self.thoughts_cfg.count + 1
+
+    def begin_step(self, step: int) -> Optional[int]:
+        """The training loop's optimizer step about to run: latent thoughts draw its Jacobi
+        iterations n from it (the same on every rank and after a resume); returns n (None
+        without latent thoughts)."""
+        self.thought_step = int(step)
+        tc = self.thoughts_cfg
+        return th.draw_iters(tc.train_iters, self.seed, step) if tc.count else None
+
     # ------------------------------------------------------------------ one pass
 
     def transformer(self, embeds: torch.Tensor, position_ids: torch.Tensor,
@@ -172,7 +203,8 @@ class PonderLM(PonderPass, nn.Module):
                 caches: Optional[list] = None,
                 halt_q: Optional[float] = None,
                 return_exits: bool = False,
-                exit_at: Optional[torch.Tensor] = None):
+                exit_at: Optional[torch.Tensor] = None,
+                thought_iters: Optional[int] = None):
         """Run K pondering passes and the final pass.
 
         input_ids [b, s], or inputs_embeds [b, s, h] taken as e_0 as is (no scaling).
@@ -194,7 +226,15 @@ class PonderLM(PonderPass, nn.Module):
         (logits or loss, exit pass [b, s]). exit_at [b, s] (long, 0..K) imposes the exit passes
         instead of Q-exit (evaluation only: e.g. random exits at a given mean number of passes,
         the baseline a halting head must beat).
+
+        Latent thoughts (`thoughts.count` > 0): one cache (M+1 columns per token); without
+        caches the Jacobi forward of training, with caches the exact slot-by-slot computation
+        (`thoughts.prefill: jacobi`: Jacobi, then one appending pass). thought_iters
+        overrides the Jacobi iterations n (with caches: Jacobi with this n instead of exact).
         """
+        if self.thoughts_cfg.count:
+            return self._thoughts(input_ids, position_ids, labels, loss_mask, inputs_embeds,
+                                  gather_logits, caches, thought_iters)
         K = self.ponder_cfg.steps if ponder_steps is None else ponder_steps
         if inputs_embeds is not None:
             e = inputs_embeds.transpose(0, 1).contiguous()
@@ -237,17 +277,64 @@ class PonderLM(PonderPass, nn.Module):
         for k in range(K):
             e = self.feed_back(e, self.transformer(e, position_ids, per_pass[k], rope=rope))
         hidden = self.transformer(e, position_ids, per_pass[K], rope=rope)
-        if labels is not None and self.vocab_chunk:
-            return self.chunked_loss(hidden, labels, loss_mask)
-        logits = self.head(hidden)
         for cache in per_pass:
             if cache is not None:
                 cache.advance(position_ids.shape[1])
+        return self._output(hidden, labels, loss_mask, gather_logits)
 
+    def _output(self, hidden, labels, loss_mask, gather_logits):
+        """The loss (labels given) or the logits [b, s, V(/tp)] of final-norm hidden states."""
+        if labels is not None and self.vocab_chunk:
+            return self.chunked_loss(hidden, labels, loss_mask)
+        logits = self.head(hidden)
         if labels is None:
             logits = logits.transpose(0, 1)
             return par.gather_vocab(logits) if gather_logits else logits
         return self.loss(logits, labels, loss_mask)
+
+    def _thoughts(self, input_ids, position_ids, labels, loss_mask, inputs_embeds,
+                  gather_logits, caches, iters):
+        """Latent thoughts (`thoughts.py`): the loss or logits of each token's last slot."""
+        tc = self.thoughts_cfg
+        if inputs_embeds is not None:
+            e = inputs_embeds.transpose(0, 1).contiguous()
+        else:
+            e = self.embed(input_ids.t().contiguous())
+            e = e * math.sqrt(2.5 * self.cfg.hidden_size) if tc.scale_embeds else e
+        s, b = e.shape[:2]
+        past = 0
+        if caches is not None:
+            if len(caches) != 1 or self.sequence_parallel:
+                raise ValueError("latent thoughts decode with one cache (M+1 columns per "
+                                 "token) and no sequence parallelism")
+            past = caches[0].length // self.slots
+        if position_ids is None:
+            position_ids = torch.arange(past, past + s, device=e.device).unsqueeze(0).expand(b, s)
+        if self.sequence_parallel:
+            e = par.split_seq(e)
+
+        def rotary(positions):
+            return self.rotary(positions, e.dtype)
+
+        if caches is None:
+            if iters is None:
+                iters = (th.draw_iters(tc.train_iters, self.seed, self.thought_step)
+                         if self.training and labels is not None else tc.jacobi_iters)
+            hidden = th.jacobi(self.transformer, e, position_ids, tc.count, iters, rotary)
+        else:
+            cache = caches[0]
+
+            def cached_pass(x, positions, rope=None):
+                return self.transformer(x, positions, cache, rope=rope)
+
+            if iters is None and tc.prefill == "jacobi" and s > 1:
+                iters = tc.jacobi_iters
+            if iters is None:
+                hidden = th.sequential(cached_pass, e, position_ids, tc.count, rotary, cache)
+            else:
+                hidden = th.cached_jacobi(cached_pass, e, position_ids, tc.count, iters, rotary,
+                                          cache)
+        return self._output(hidden, labels, loss_mask, gather_logits)
 
     def _adaptive(self, e, position_ids, rope, per_pass, labels, loss_mask, q: float,
                   cached: bool, exit_at: Optional[torch.Tensor] = None):
@@ -329,8 +416,11 @@ class PonderLM(PonderPass, nn.Module):
                    batch: int = 1) -> list:
         """Empty KV caches for incremental decoding, one per pass (K+1): growing ones
         (`KVCache`), or with `capacity` > 0 preallocated ones of that many positions for
-        `batch` rows (`StaticKVCache`, in the parameters' dtype and device)."""
+        `batch` rows (`StaticKVCache`, in the parameters' dtype and device). Latent thoughts:
+        one cache, M+1 columns per position."""
         K = self.ponder_cfg.steps if ponder_steps is None else ponder_steps
+        if self.thoughts_cfg.count:
+            K = 0
         n = self.cfg.num_layers
         if capacity <= 0:
             return [KVCache(n) for _ in range(K + 1)]
@@ -339,8 +429,8 @@ class PonderLM(PonderPass, nn.Module):
                              f"learned positions (model.max_seq_len)")
         w = self.embed.weight
         kv = self.cfg.kv_heads // par.tp_size()
-        return [StaticKVCache(n, batch, kv, self.cfg.head_dim, capacity, w.dtype, w.device)
-                for _ in range(K + 1)]
+        return [StaticKVCache(n, batch, kv, self.cfg.head_dim, capacity * self.slots, w.dtype,
+                              w.device) for _ in range(K + 1)]
 
     # the losses are ponder_pass's, which the pipeline's stages use too
     loss = staticmethod(pp.loss)

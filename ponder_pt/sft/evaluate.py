@@ -36,6 +36,7 @@ class LiveModel(PonderLMModel):
             self.vocab_rows = pause_id  # a <pause> the tokenizer itself holds: never emit it
         self.max_len = model.cfg.max_seq_len
         self.ponder_steps = model.ponder_cfg.steps
+        self.thoughts = model.thoughts_cfg.count
 
     @property
     def device(self):

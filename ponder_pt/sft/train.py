@@ -139,7 +139,7 @@ def train(args) -> dict:
     cfg.parallel.zero_stage = args.zero_stage
     cfg.log.dir, cfg.log.wandb, cfg.log.tensorboard = args.out, False, False
 
-    model = PonderLM(cfg.model, cfg.ponder, seed=args.seed)
+    model = PonderLM(cfg.model, cfg.ponder, seed=args.seed, thoughts=cfg.thoughts)
     load_full_state_dict(model, full, source=args.model)
     del full
     engine, _, _, _ = deepspeed.initialize(
@@ -152,11 +152,13 @@ def train(args) -> dict:
     valid_items = [it for it in valid_set.items if not args.max_eval
                    or it["index"] < args.max_eval]
     best_dir = os.path.join(args.out, "best")
-    tokens = 0
+    tokens, steps = 0, 0
 
     def train_step(batch) -> dict:
-        nonlocal tokens
+        nonlocal tokens, steps
         engine.train()
+        engine.module.begin_step(steps)  # latent thoughts: this step's Jacobi iterations
+        steps += 1
         ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
         n_local = (labels >= 0).sum().float()
         n_global = D.dp_mean(n_local, world) * world.dp

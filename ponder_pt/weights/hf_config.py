@@ -24,7 +24,7 @@ from typing import Optional
 PONDER_KEYS = ("ponder_steps", "ponder_scale_embeds", "ponder_scale_initial_by_steps",
                "ponder_top_k", "ponder_feedback", "ponder_halting", "ponder_halt_q",
                "pause_token_id", "default_pauses",
-               "ponder_transformers", "auto_map")
+               "ponder_transformers", "thought_count", "thought_scale_embeds", "auto_map")
 
 
 class HFConfigError(ValueError):
@@ -41,11 +41,13 @@ def _is_number(value) -> bool:
 
 def ponder_field_problem(key: str, value) -> Optional[str]:
     """What is wrong with a pondering field of config.json, or None (null = the default)."""
-    if key in ("ponder_steps", "ponder_top_k", "default_pauses"):
+    if key in ("ponder_steps", "ponder_top_k", "default_pauses", "thought_count"):
         if value is None or (_is_int(value) and value >= 0):
             return None
         return f"{key} must be an integer >= 0, got {value!r}"
-    if key in ("ponder_scale_embeds", "ponder_scale_initial_by_steps"):
+    if key == "thought_scale_embeds" and value is None:  # absent (no latent thoughts)
+        return None
+    if key in ("ponder_scale_embeds", "ponder_scale_initial_by_steps", "thought_scale_embeds"):
         return None if isinstance(value, bool) else f"{key} must be true or false, got {value!r}"
     if key in ("ponder_feedback", "ponder_halting"):
         allowed = (("embedding", "hidden") if key == "ponder_feedback"

@@ -87,11 +87,13 @@ def ponder_field_problem(key: str, value) -> str | None:
     """What is wrong with config.json's pondering field `key` = `value`, or None. None stands
     for the default where the model reads `value or default` (steps, top-k, pauses, feedback,
     halting)."""
-    if key in ("ponder_steps", "ponder_top_k", "default_pauses"):
+    if key in ("ponder_steps", "ponder_top_k", "default_pauses", "thought_count"):
         if value is None or (_is_int(value) and value >= 0):
             return None
         return f"{key} must be an integer >= 0, got {value!r}"
-    if key in ("ponder_scale_embeds", "ponder_scale_initial_by_steps"):
+    if key == "thought_scale_embeds" and value is None:  # absent (no latent thoughts)
+        return None
+    if key in ("ponder_scale_embeds", "ponder_scale_initial_by_steps", "thought_scale_embeds"):
         return None if isinstance(value, bool) else f"{key} must be true or false, got {value!r}"
     if key in ("ponder_feedback", "ponder_halting"):
         allowed = (("embedding", "hidden") if key == "ponder_feedback"
@@ -123,7 +125,8 @@ def ponder_field_problem(key: str, value) -> str | None:
 
 PONDER_FIELDS = ("ponder_steps", "ponder_scale_embeds", "ponder_scale_initial_by_steps",
                  "ponder_top_k", "ponder_feedback", "ponder_halting", "ponder_halt_q",
-                 "pause_token_id", "default_pauses", "ponder_transformers")
+                 "pause_token_id", "default_pauses", "ponder_transformers", "thought_count",
+                 "thought_scale_embeds")
 
 
 @dataclasses.dataclass(repr=False, eq=False, kw_only=True)
@@ -142,8 +145,9 @@ class PonderFields:
     ponder_transformers: str | None = None
 
     def __post_init__(self, **kwargs):
-        # ponder_halting / ponder_halt_q are no fields (fixed-K exports' config.json must not
-        # gain them): they arrive in kwargs and become attributes here
+        # ponder_halting / ponder_halt_q and the latent thoughts' thought_count /
+        # thought_scale_embeds are no fields (other exports' config.json must not gain
+        # them): they arrive in kwargs and become attributes here
         super().__post_init__(**kwargs)
         for key in PONDER_FIELDS:
             problem = ponder_field_problem(key, getattr(self, key, None))

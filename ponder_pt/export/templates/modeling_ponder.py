@@ -28,6 +28,15 @@ the token's passes are skipped and its cache columns in later passes are copies.
 run one at a time (a prompt of n tokens costs n one-token steps), which is what makes the
 frozen keys/values exact without touching the backbone's attention.
 
+Latent thoughts (config.thought_count M > 0, ponder_steps 0; PonderLM-2): after every token
+the model writes M thoughts, each the backbone's last hidden state (final-norm) at the slot
+before, in the interleaved layout [x_t, z_t^1..z_t^M], every slot at the token's position id;
+the logits of a token are those of its last slot. Token embeddings are scaled by
+sqrt(2.5 * hidden) (thought_scale_embeds). This class computes the thoughts exactly: per
+position, M+1 one-slot forwards through one cache that holds M+1 columns per token (a prompt
+of n tokens costs n (M+1) one-slot steps). generate()'s token-level attention mask is widened
+to the slots, and position ids come from it (left padding) when none are given.
+
 Cache naming differs across the supported transformers: up to 5.23 generate() hands the cache
 to forward as `past_key_values` and reads it back from `output.past_key_values`; from 5.24 both
 are called `cache` (the old name still works with a deprecation warning). forward accepts
@@ -294,6 +303,20 @@ class _PonderMixin:
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
         past = cache if cache is not None else past_key_values
+        if int(getattr(self.config, "thought_count", 0) or 0) > 0:
+            use_cache = self.config.use_cache if use_cache is None else use_cache
+            main = past if past is not None else DynamicCache()
+            logits = self._thoughts(input_ids, inputs_embeds, attention_mask, position_ids,
+                                    main, kwargs)
+            keep = (slice(-logits_to_keep, None) if isinstance(logits_to_keep, int)
+                    else logits_to_keep)
+            logits = logits[:, keep, :]
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels,
+                                          vocab_size=self.config.vocab_size)
+            return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                          **{_OUT_CACHE: main if use_cache else None})
         steps, scale, first, top_k = self._ponder_settings()
         feedback = self._feedback()
         w_in = self.get_input_embeddings().weight
@@ -396,6 +419,50 @@ class _PonderMixin:
             outs.append(picked)
             all_exits.append(exits)
         self.halt_exits = torch.stack(all_exits, dim=1)
+        return torch.cat(outs, dim=1)
+
+
+    def _thoughts(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, kwargs):
+        """Latent thoughts, exactly (see the module docstring): logits [b, n, V] of each
+        token's last slot, continuing after the slots `cache` holds."""
+        count = int(self.config.thought_count)
+        slots = count + 1
+        if inputs_embeds is None:
+            e = self.get_input_embeddings()(input_ids)
+            if getattr(self.config, "thought_scale_embeds", True):
+                e = e * math.sqrt(2.5 * self.config.hidden_size)
+        else:
+            e = inputs_embeds
+        b, n = e.shape[:2]
+        columns = cache.get_seq_length()
+        if columns % slots:
+            raise ValueError(f"this cache holds {columns} columns, not {slots} per token: it "
+                             "was not produced by this latent-thoughts model")
+        past = columns // slots
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: each row counts its own tokens
+                counted = attention_mask.long().cumsum(-1) - 1
+                position_ids = counted.clamp(min=0)[:, -n:]
+            else:
+                position_ids = torch.arange(past, past + n, device=e.device).expand(b, n)
+        mask = (None if attention_mask is None
+                else attention_mask.repeat_interleave(slots, dim=1))  # token -> slot columns
+        backbone = self._backbone()
+        cache_arg = _cache_arg(type(backbone))
+        kwargs = {k: v for k, v in kwargs.items()  # set per slot below
+                  if k not in ("cache_position", "return_dict", "use_cache")}
+        head, outs = self.get_output_embeddings(), []
+        for t in range(n):
+            x = e[:, t:t + 1]
+            for _ in range(slots):
+                col = cache.get_seq_length()
+                out = backbone(inputs_embeds=x,
+                               attention_mask=None if mask is None else mask[:, :col + 1],
+                               position_ids=position_ids[:, t:t + 1], use_cache=True,
+                               cache_position=torch.tensor([col], device=e.device),
+                               return_dict=True, **{cache_arg: cache}, **kwargs)
+                x = out.last_hidden_state
+            outs.append(head(x))
         return torch.cat(outs, dim=1)
 
 
