@@ -43,7 +43,7 @@ def load_model(ckpt_dir: str, tag: str, device: str):
     init_single_process()
     cfg, full, tag = read_checkpoint(ckpt_dir, tag)
     cfg.parallel.tp, cfg.model.activation_checkpointing = 1, "none"
-    model = PonderLM(cfg.model, cfg.ponder).eval()
+    model = PonderLM(cfg.model, cfg.ponder, thoughts=cfg.thoughts, pause=cfg.pause).eval()
     missing, unexpected = model.load_state_dict(full, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -51,11 +51,20 @@ def load_model(ckpt_dir: str, tag: str, device: str):
     return cfg, model.to(device)
 
 
+def model_logits(model, ids, exact: bool = True):
+    """Full-vocabulary logits [b, s, V]. A latent-thoughts model computes its thoughts
+    exactly through a cache (what it does at inference), or with exact=False by training's
+    Jacobi iterations (`thoughts.jacobi_iters`)."""
+    if exact and model.thoughts_cfg.count:
+        return model(ids, caches=model.new_caches(), gather_logits=True)
+    return model(ids, gather_logits=True)
+
+
 @torch.no_grad()
 def window_loss(model, windows: np.ndarray, batch: int, device: str, pause_id=None,
-                pause_rate: float = 0.0) -> dict:
+                pause_rate: float = 0.0, exact: bool = True) -> dict:
     """Token-weighted next-token loss over `windows` [N, L+1]; with pause_rate > 0, pauses are
-    inserted by the training code and pause targets excluded."""
+    inserted by the training code and pause targets excluded (exact: `model_logits`)."""
     from ponder_pt.data.pause import make_sample
 
     total, count = 0.0, 0
@@ -66,7 +75,7 @@ def window_loss(model, windows: np.ndarray, batch: int, device: str, pause_id=No
         tokens = torch.from_numpy(np.stack([r["tokens"] for r in rows])).to(device)
         labels = torch.from_numpy(np.stack([r["labels"] for r in rows])).to(device)
         mask = torch.from_numpy(np.stack([r["loss_mask"] for r in rows])).to(device)
-        logits = model(tokens, gather_logits=True).float()
+        logits = model_logits(model, tokens, exact).float()
         per = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
         total += float((per.double() * mask.flatten().double()).sum())
         count += int(mask.sum())
@@ -87,7 +96,7 @@ def next_token_task(model, task: np.ndarray, prompt_len: int, pauses: int, pause
         inputs = [append_pauses(row[:prompt_len].tolist(), pauses, pause_id)
                   + row[prompt_len:-1].tolist() for row in part]
         ids = torch.tensor(inputs, device=device)
-        logits = model(ids, gather_logits=True).float()
+        logits = model_logits(model, ids).float()
         at = prompt_len + pauses - 1  # the last pause (or prompt token) predicts target 0
         z = logits[:, at:at + T]
         target = torch.from_numpy(part[:, prompt_len:]).to(device)
@@ -104,7 +113,7 @@ def next_token_task(model, task: np.ndarray, prompt_len: int, pauses: int, pause
 def evaluate_run(run_dir: str, data_dir: str, curve_windows: int, pause_counts: list[int],
                  batch: int, device: str, keep_checkpoints: bool, log=print) -> dict:
     from ponder_pt.weights.files import list_tags
-    from ponder_pt.engine.flops import flops_per_token, param_count
+    from ponder_pt.engine.flops import param_count, run_flops_per_token
 
     with open(os.path.join(data_dir, "data.json"), encoding="utf-8") as fh:
         meta = json.load(fh)
@@ -120,8 +129,7 @@ def evaluate_run(run_dir: str, data_dir: str, curve_windows: int, pause_counts: 
         cfg, model = load_model(ckpt, tag, device)
         step = int(tag.split("_")[-1])
         tokens = step * cfg.train.global_batch * cfg.data.seq_len
-        fpt = flops_per_token(cfg.model, cfg.model.vocab_size, cfg.data.seq_len,
-                              cfg.ponder.steps, cfg.ponder.feedback)
+        fpt = run_flops_per_token(cfg)
         last = i == len(tags) - 1
         subset = windows if last or curve_windows <= 0 else windows[:curve_windows]
         ev = window_loss(model, subset, batch, device)
@@ -133,8 +141,13 @@ def evaluate_run(run_dir: str, data_dir: str, curve_windows: int, pause_counts: 
         out["final"] = {"tag": tag, "step": step, "tokens": tokens, "flops": tokens * fpt,
                         "flops_per_token": fpt, "valid_loss": ev["loss"], "valid_ppl": ev["ppl"],
                         "valid_tokens": ev["tokens"]}
+        if cfg.thoughts.count:  # training's approximation on the same windows: the gap
+            jac = window_loss(model, windows, batch, device, exact=False)
+            out["final"].update(valid_loss_jacobi=jac["loss"],
+                                jacobi_iters=cfg.thoughts.jacobi_iters)
         out["params"] = param_count(cfg.model, cfg.model.vocab_size)
         out["config"] = {"ponder_steps": cfg.ponder.steps, "feedback": cfg.ponder.feedback,
+                         "thoughts": cfg.thoughts.count, "pause_every": cfg.pause.every_token,
                          "pause_rate": cfg.pause.rate, "seed": cfg.train.seed,
                          "iters": cfg.train.iters, "seq_len": cfg.data.seq_len,
                          "global_batch": cfg.train.global_batch}

@@ -19,6 +19,9 @@ CLAIMS = {
     "pause": "Pause tokens (Goyal et al. 2023): a 1B model pause-pretrained and fine-tuned "
              "with M=10 pauses gains on downstream tasks; a pause-pretrained model evaluated "
              "with 0 pauses does worse than with pauses (and can fall below the plain model).",
+    "thoughts": "Latent thoughts (PonderLM-2, LUMIA-Group): PonderLM-2-Pythia-1.4B, trained "
+                "on 300B Pile tokens with one thought per token, beats Pythia-2.8B, and beats "
+                "PonderLM, looped and pause baselines at equal tokens.",
 }
 
 
@@ -42,6 +45,8 @@ def summarize(runs: dict) -> dict:
             "kind": first["kind"], "mult": first["mult"],
             "ponder_steps": first["config"]["ponder_steps"],
             "feedback": first["config"]["feedback"], "pause_rate": first["config"]["pause_rate"],
+            "thoughts": first["config"].get("thoughts", 0),
+            "pause_every": first["config"].get("pause_every", 0),
             "runs": [e["name"] for e in evs], "seeds": [e["seed"] for e in evs],
             "tokens": first["final"]["tokens"], "flops": first["final"]["flops"],
             "flops_per_token": first["final"]["flops_per_token"],
@@ -52,6 +57,10 @@ def summarize(runs: dict) -> dict:
             "task0_acc": _stats([e["task"]["0"]["acc"] for e in evs]),
             "train_wall_s": _stats([e["train_wall_s"] for e in evs]),
         }
+        if "valid_loss_jacobi" in first["final"]:  # latent thoughts: training's approximation
+            out[group]["valid_loss_jacobi"] = _stats([e["final"]["valid_loss_jacobi"]
+                                                      for e in evs])
+            out[group]["jacobi_iters"] = first["final"]["jacobi_iters"]
     return out
 
 
@@ -78,6 +87,10 @@ def _label(group: str, g: dict) -> str:
         return f"looped K={g['ponder_steps']}"
     if g["kind"] == "pause":
         return f"pause rate {g['pause_rate']}"
+    if g["kind"] == "thoughts":
+        return f"latent thoughts M={g['thoughts']}"
+    if g["kind"] == "pause_every":
+        return f"{g['pause_every']} pause(s) after every token"
     return f"plain, {g['mult']}x tokens"
 
 
@@ -122,6 +135,32 @@ def claims(summary: dict, runs: dict) -> list[str]:
             lines.append(f"- **Pondering vs looped (hidden-state feedback), K={k}**: ppl "
                          f"{p['valid_ppl']['mean']:.2f} vs {g['valid_ppl']['mean']:.2f} — {win} "
                          f"is better (the paper's ablation favours pondering).")
+    for g in summary.values():
+        if g["kind"] != "thoughts":
+            continue
+        m, loss = g["thoughts"], g["valid_loss"]["mean"]
+        cost = g["flops_per_token"] / plain["flops_per_token"] if plain else 0.0
+        line = (f"- **Latent thoughts M={m} (PonderLM-2), equal tokens**: ppl "
+                f"{g['valid_ppl']['mean']:.2f} at {cost:.1f}x plain's training FLOPs/token"
+                if plain else
+                f"- **Latent thoughts M={m}**: ppl {g['valid_ppl']['mean']:.2f}")
+        if plain:
+            line += (f" — {'better' if loss < plain['valid_loss']['mean'] else 'not better'} "
+                     f"than plain ({plain['valid_ppl']['mean']:.2f})")
+        p = summary.get(f"ponder_k{m}")
+        if p:
+            line += (f"; pondering K={m} (the same passes at decoding) "
+                     f"{p['valid_ppl']['mean']:.2f}")
+        q = summary.get(f"pause_every_m{m}")
+        if q:
+            line += (f"; {m} pause(s) after every token (the same slots, no thought) "
+                     f"{q['valid_ppl']['mean']:.2f}")
+        lines.append(line + ".")
+        if "valid_loss_jacobi" in g:
+            jac = g["valid_loss_jacobi"]["mean"]
+            lines.append(f"- **Exact thoughts vs training's Jacobi (n={g['jacobi_iters']})**: "
+                         f"validation loss {loss:.4f} exact, {jac:.4f} Jacobi ({jac - loss:+.4f})"
+                         f" on the same windows.")
     pause = next((e for e in runs.values() if e["kind"] == "pause"), None)
     plain_run = runs.get("plain")
     if pause:
@@ -253,7 +292,7 @@ def markdown(study, summary: dict, runs: dict) -> str:
              f" pause-task: {data['n_task']} held-out prompts of {data['prompt_len']} tokens, "
              f"{data['target_len']} target tokens each", ""]
     eq = [g for g in summary if summary[g]["mult"] == 1]
-    order = {"plain": 0, "ponder": 1, "looped": 2, "pause": 3}
+    order = {"plain": 0, "ponder": 1, "looped": 2, "thoughts": 3, "pause_every": 4, "pause": 5}
     eq.sort(key=lambda g: (order.get(summary[g]["kind"], 9), summary[g]["ponder_steps"]))
     lines += ["## Equal tokens", "",
               "| run | K | feedback | seeds | tokens | training FLOPs | FLOPs vs plain | "

@@ -10,7 +10,8 @@ token count (`ponder-pt train`), then is evaluated with the same code on the sam
 windows (experiments/evaluate.py):
 
 * plain (ponder.steps=0, no pauses); pondering K = 1, 2, 3 (PonderingLM); the looped baseline
-  (ponder.feedback=hidden, PonderingLM's ablation); pause pretraining (pause.rate=0.1,
+  (ponder.feedback=hidden, PonderingLM's ablation); latent thoughts M = 1 (PonderLM-2,
+  scored exactly and with training's Jacobi iterations); pause pretraining (pause.rate=0.1,
   Goyal et al.), scored with 0, 2 and 10 appended pauses on a held-out next-token task;
 * equal FLOPs: plain trained on (K+1)x the tokens, for every K;
 * extra seeds for `runs.seeded` (plain and K=3): mean ± spread.
@@ -107,6 +108,14 @@ def plan_runs(sc: dict) -> list[dict]:
     for k in r.get("looped_steps", []):
         groups.append({"group": f"looped_k{k}", "kind": "looped", "ponder_steps": int(k),
                        "mult": 1, "feedback": "hidden"})
+    for m in r.get("thoughts", []):  # latent thoughts (PonderLM-2); its keys only, so the
+        # other runs' specs (and finished runs) stay as they were
+        groups.append({"group": f"thoughts_m{m}", "kind": "thoughts", "ponder_steps": 0,
+                       "mult": 1, "thoughts": int(m), "extra": [f"thoughts.count={int(m)}"]})
+    for m in r.get("pause_every_token", []):  # PonderLM-2's pause baseline
+        groups.append({"group": f"pause_every_m{m}", "kind": "pause_every", "ponder_steps": 0,
+                       "mult": 1, "pause_every": int(m),
+                       "extra": ["pause.mode=every_token", f"pause.per_token={int(m)}"]})
     if float(r.get("pause_rate", 0) or 0) > 0:
         groups.append({"group": "pause", "kind": "pause", "ponder_steps": 0, "mult": 1,
                        "pause_rate": float(r["pause_rate"])})
@@ -128,12 +137,14 @@ def plan_runs(sc: dict) -> list[dict]:
 def relative_cost(sc: dict, run: dict, vocab: int) -> float:
     """Training FLOPs of a run (for scheduling and the ETA)."""
     from ponder_pt.config import load_config
-    from ponder_pt.engine.flops import flops_per_token
+    from ponder_pt.engine.flops import run_flops_per_token
 
-    cfg = load_config(sc["train"]["config"], [*sc["train"]["overrides"],
-                                              *sc.get("train_sets", [])], validate=False)
-    fpt = flops_per_token(cfg.model, vocab, cfg.data.seq_len, run["ponder_steps"],
-                          run["feedback"])
+    cfg = load_config(sc["train"]["config"], [
+        *sc["train"]["overrides"], *sc.get("train_sets", []),
+        f"ponder.steps={run['ponder_steps']}", f"ponder.feedback={run['feedback']}",
+        *run.get("extra", [])], validate=False)
+    cfg.model.vocab_size = vocab
+    fpt = run_flops_per_token(cfg)
     return fpt * run["iters"] * cfg.train.global_batch * cfg.data.seq_len
 
 

@@ -108,6 +108,28 @@ print(json.dumps(results))
 """
 
 
+# per job {"path", "prompts", "native", "n_new" (default 8)}: greedy generate() of the
+# left-padded prompts with the export's own code (trust_remote_code, ponder_pt not importable)
+# against the native model's tokens
+STOCK_GENERATE_PADDED = r"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+same = []
+for job in json.loads(sys.argv[1]):
+    m = AutoModelForCausalLM.from_pretrained(job["path"], trust_remote_code=True,
+                                             dtype=torch.float32).eval()
+    m.generation_config.eos_token_id = None
+    rows = job["prompts"]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in rows])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
+    out = m.generate(ids, attention_mask=mask, do_sample=False,
+                     max_new_tokens=job.get("n_new", 8), pad_token_id=0)
+    same.append(out[:, width:].tolist() == job["native"])
+print(json.dumps({"same": same}))
+"""
+
+
 def stock_check(jobs: list[dict]) -> list[dict]:
     import transformers
 

@@ -146,6 +146,7 @@ TP_CASES = {
                                                 "activation_checkpointing": "full"},
                                       {"thoughts": 2}, True),
     "neox_tied_thoughts1": ("gpt_neox", {"tie_embeddings": True}, {"thoughts": 1}, False),
+    "llama_pause_every2_sp": ("llama", {}, {"pause_every": 2}, True),  # PonderLM-2's pauses
     # negative control: SP without the norm-grad all-reduce must NOT match TP=1
     "neox_plain_sp_manual_no_allreduce": ("gpt_neox", {}, {}, True),
 }
@@ -169,8 +170,14 @@ def _run_case(name, spec):
         from ponder_pt.config.schema import ThoughtsConfig
 
         thoughts = ThoughtsConfig(count=pover.pop("thoughts"), train_iters=[2])
+    pause = None
+    if "pause_every" in pover:
+        from ponder_pt.config.schema import PauseConfig
+
+        pause = PauseConfig(mode="every_token", per_token=pover.pop("pause_every"),
+                            token_id=VOCAB - 1)
     model = PonderLM(cfg, PonderConfig(**pover), sequence_parallel=sp, sp_grad_sync=sync, seed=7,
-                     thoughts=thoughts)
+                     thoughts=thoughts, pause=pause)
     if model.halting is not None:  # spread lambda out: tokens exit at different passes
         with torch.no_grad():
             w = model.halting.proj.weight

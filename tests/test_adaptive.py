@@ -250,7 +250,7 @@ def test_hf_export_generates_like_the_native_model(tmp_path):
     from ponder_pt.export.native import read_checkpoint
     from ponder_pt.export.to_hf import export_full
     from ponder_pt.models import full_state_dict
-    from _export_helpers import run_stock
+    from _export_helpers import STOCK_GENERATE_PADDED, run_stock
 
     prompts = [[5, 9, 11, 3], [7, 8], [20, 21, 22, 23, 24, 25]]
     jobs = []
@@ -287,7 +287,7 @@ def test_hf_export_generates_like_the_native_model(tmp_path):
         assert back.ponder.halting.mode == model.ponder_cfg.halting.mode
         _, full, _ = read_checkpoint(str(tmp_path / f"{arch}_ckpt"))
         assert torch.equal(full["halting.proj.weight"], model.halting.proj.weight)
-    stock = run_stock(STOCK_ADAPTIVE, json.dumps(jobs))
+    stock = run_stock(STOCK_GENERATE_PADDED, json.dumps(jobs))
     assert stock["same"] == [True] * len(jobs)
 
 
@@ -308,25 +308,6 @@ def check_adaptive_card(out: str, K: int, mode: str) -> None:
     assert "| task | metric | value | split | few-shot | pauses M | limit | halting q | " \
            "passes per token |" in text, text
     assert "| tiny | acc | 0.25 | - | - | - | - | 0.3 | 1.750 |" in text, text
-
-
-# the export's own code (trust_remote_code), ponder_pt not importable
-STOCK_ADAPTIVE = r"""
-import json, sys, torch
-from transformers import AutoModelForCausalLM
-same = []
-for job in json.loads(sys.argv[1]):
-    m = AutoModelForCausalLM.from_pretrained(job["path"], trust_remote_code=True,
-                                             dtype=torch.float32).eval()
-    m.generation_config.eos_token_id = None
-    rows = job["prompts"]
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in rows])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
-    out = m.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=8, pad_token_id=0)
-    same.append(out[:, width:].tolist() == job["native"])
-print(json.dumps({"same": same}))
-"""
 
 
 def test_dry_run_shows_training_and_decode_flops(capsys):

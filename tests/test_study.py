@@ -54,7 +54,8 @@ def test_toy_study_reports_every_run(toy):
     res = json.loads((out / "results.json").read_text())
     assert sorted(res["runs"]) == sorted(planned)
     assert {r["kind"] for r in res["runs"].values()} == {"plain", "ponder", "looped", "pause",
-                                                         "plain_long"}
+                                                         "plain_long", "thoughts",
+                                                         "pause_every"}
     for name, ev in res["runs"].items():
         numbers = dict(_numbers(ev))
         assert numbers and all(math.isfinite(v) for v in numbers.values()), name
@@ -69,10 +70,18 @@ def test_toy_study_reports_every_run(toy):
     assert r["ponder_k3"]["final"]["flops"] > r["looped_k3"]["final"]["flops"] > \
         r["plain"]["final"]["flops"]
     assert r["plain_x2"]["final"]["flops"] == pytest.approx(2 * r["plain"]["final"]["flops"])
+    # latent thoughts: more FLOPs than pondering K=3, scored exactly and with Jacobi
+    th = r["thoughts_m1"]["final"]
+    assert th["flops"] > r["ponder_k3"]["final"]["flops"]
+    assert math.isfinite(th["valid_loss_jacobi"]) and th["valid_loss_jacobi"] != th["valid_loss"]
+    every = r["pause_every_m1"]  # one pass over twice the slots: more than plain's FLOPs
+    assert every["config"]["pause_every"] == 1 and "pause_valid" not in every
+    assert every["final"]["flops"] > 2 * r["plain"]["final"]["flops"]
     assert "nan" not in (out / "results.json").read_text().lower()
     md = (out / "results.md").read_text()
     for name in planned:
         assert f"| {name} |" in md, name
+    assert "- **Exact thoughts vs training's Jacobi (n=3)**: validation loss" in md
     for section in ("## Equal tokens", "## Equal training FLOPs", "## Pause tokens",
                     "## The papers' claims", "## Early exit", "## Pause fine-tuning"):
         assert section in md
@@ -203,7 +212,8 @@ def test_config_layers_and_overrides():
     assert toy["eval"]["device"] == "cpu"  # inherited from cpu.yaml (base: cpu)
     runs = {r["name"]: r for r in plan_runs(toy)}
     assert {"plain", "plain.s2", "plain.s3", "ponder_k1", "ponder_k3", "ponder_k3.s2",
-            "looped_k3", "pause", "plain_x2", "plain_x4"} <= set(runs)
+            "looped_k3", "thoughts_m1", "pause_every_m1", "pause", "plain_x2",
+            "plain_x4"} <= set(runs)
     assert runs["plain_x4"]["iters"] == 24 and runs["looped_k3"]["feedback"] == "hidden"
     assert runs["pause"]["pause_rate"] == 0.1
     with pytest.raises(SystemExit, match="existing dotted.key"):

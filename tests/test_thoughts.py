@@ -15,7 +15,7 @@ import torch
 from _model_helpers import (batch, masked_ce, random_hf_model, single_process,  # noqa: F401
                             tiny_model_config)
 
-from ponder_pt.config.schema import ThoughtsConfig
+from ponder_pt.config.schema import PauseConfig, ThoughtsConfig
 from ponder_pt.inference.decode import Decoder
 from ponder_pt.inference.model import generate_cached_batch
 from ponder_pt.models import PonderLM, load_hf_state_dict
@@ -25,10 +25,17 @@ pytestmark = pytest.mark.usefixtures("single_process")
 ARCHS = ["gpt_neox", "llama", "gpt2"]
 
 
-def _models(arch: str, count: int, seed: int = 0, **thoughts):
+PAUSE_ID = 127  # the tiny vocabulary's last row
+
+
+def _models(arch: str, count: int, seed: int = 0, pauses: int = 0, **thoughts):
+    """(random HF model, our model with its weights): latent thoughts (count) or every-token
+    pauses (pauses)."""
     cfg = tiny_model_config(arch)
     hf = random_hf_model(cfg, seed=seed)
-    model = PonderLM(cfg, thoughts=ThoughtsConfig(count=count, **thoughts)).eval()
+    pause = (PauseConfig(mode="every_token", per_token=pauses, token_id=PAUSE_ID) if pauses
+             else None)
+    model = PonderLM(cfg, thoughts=ThoughtsConfig(count=count, **thoughts), pause=pause).eval()
     load_hf_state_dict(model, hf.state_dict())
     return hf, model
 
@@ -201,6 +208,39 @@ def test_decoder_logits_and_capacity():
             dec.step([1])
 
 
+def reference_every_token_pauses(hf, ids, pauses):
+    """Logits [b, L, V]: one forward over [x_t, <pause> x M] per token, each slot at the
+    token's position, read at the last pause."""
+    w = hf.get_input_embeddings().weight
+    b, L = ids.shape
+    slots = pauses + 1
+    seq = w[PAUSE_ID].expand(b, L * slots, -1).clone()
+    seq[:, 0::slots] = w[ids]
+    pos = torch.arange(L).repeat_interleave(slots).unsqueeze(0).expand(b, -1)
+    return hf.lm_head(_hidden(hf, seq, pos)[:, slots - 1::slots])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_token_pauses_match_reference(arch):
+    """PonderLM-2's pause baseline: the forward, its loss, and a prefill plus one-token steps
+    through a cache equal the reference; a padded batch decodes each row as alone."""
+    hf, model = _models(arch, count=0, seed=15, pauses=2)
+    ids, labels, mask = batch(b=2, s=6, seed=16)
+    with torch.no_grad():
+        ref = reference_every_token_pauses(hf, ids, 2)
+        assert (model(ids, gather_logits=True) - ref).abs().max() <= 1e-5
+        loss = model(ids, labels=labels, loss_mask=mask)
+        assert abs(loss.item() - masked_ce(ref, labels, mask).item()) <= 1e-5
+        caches = model.new_caches(capacity=6, batch=2)
+        steps = [model(ids[:, :4], caches=caches, gather_logits=True)]
+        steps += [model(ids[:, t:t + 1], caches=caches, gather_logits=True) for t in (4, 5)]
+        assert caches[0].length == 18 and (torch.cat(steps, 1) - ref).abs().max() <= 1e-5
+    prompts = [[5, 9, 11, 3], [7, 8]]
+    together = generate_cached_batch(model, prompts, 4, vocab_rows=120)
+    assert together == [generate_cached_batch(model, [p], 4, vocab_rows=120)[0]
+                        for p in prompts]
+
+
 def test_count_zero_is_the_plain_model():
     cfg = tiny_model_config("gpt_neox")
     plain = PonderLM(cfg).eval()
@@ -230,36 +270,18 @@ def test_training_draws_iters_per_step():
     assert set(losses.values()) == set(by_n.values())
 
 
-# the export's own code (trust_remote_code), ponder_pt not importable
-STOCK_THOUGHTS = r"""
-import json, sys, torch
-from transformers import AutoModelForCausalLM
-same = []
-for job in json.loads(sys.argv[1]):
-    m = AutoModelForCausalLM.from_pretrained(job["path"], trust_remote_code=True,
-                                             dtype=torch.float32).eval()
-    m.generation_config.eos_token_id = None
-    rows = job["prompts"]
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in rows])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
-    out = m.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=6, pad_token_id=0)
-    same.append(out[:, width:].tolist() == job["native"])
-print(json.dumps({"same": same}))
-"""
-
-
 @pytest.mark.hf_compat  # CI runs it again at the oldest declared transformers
 def test_hf_export_equals_the_native_model(tmp_path):
-    """A latent-thoughts model exported to HF (ponder-pt's registered classes, and the
-    export's own remote code in a process without ponder-pt): logits equal the native exact
-    computation, generate() on a left-padded batch gives the native tokens, the card says
-    what the model is, and convert from-hf brings the thoughts back."""
+    """Latent-thoughts models and an every-token-pause model exported to HF (ponder-pt's
+    registered classes, and the export's own remote code in a process without ponder-pt):
+    logits equal the native exact computation, generate() on a left-padded batch gives the
+    native tokens, the card says what the model is, and convert from-hf brings the slots
+    back."""
     import json
 
     from transformers import AutoModelForCausalLM
 
-    from _export_helpers import run_stock
+    from _export_helpers import STOCK_GENERATE_PADDED, run_stock
     from ponder_pt.config import load_config
     from ponder_pt.export.from_hf import hf_to_checkpoint
     from ponder_pt.export.hf_auto import from_pretrained
@@ -268,15 +290,21 @@ def test_hf_export_equals_the_native_model(tmp_path):
 
     prompts = [[5, 9, 11, 3], [7, 8], [20, 21, 22, 23, 24]]
     jobs = []
-    for arch, count in (("gpt_neox", 1), ("llama", 2), ("gpt2", 1)):
-        _, model = _models(arch, count=count, seed=13)
-        cfg = load_config(None, [f"thoughts.count={count}"], validate=False)
+    for arch, count, pauses in (("gpt_neox", 1, 0), ("llama", 2, 0), ("gpt2", 1, 0),
+                                ("llama", 0, 2)):
+        _, model = _models(arch, count=count, seed=13, pauses=pauses)
+        cfg = load_config(None, [f"thoughts.count={count}"] + (
+            ["pause.mode=every_token", f"pause.per_token={pauses}",
+             f"pause.token_id={PAUSE_ID}"] if pauses else []), validate=False)
         cfg.model = model.cfg
-        out = str(tmp_path / arch)
+        out = str(tmp_path / f"{arch}_{count}_{pauses}")
         export_full(cfg, full_state_dict(model), out, progress=False)
         card = open(f"{out}/README.md", encoding="utf-8").read()
-        assert f"with M = {count} latent thought(s) per token" in card
-        assert "computes the thoughts exactly" in card
+        if pauses:
+            assert f"puts M = {pauses} `<pause>` slots after every token" in card
+        else:
+            assert f"with M = {count} latent thought(s) per token" in card
+            assert "computes the thoughts exactly" in card
         hf = from_pretrained(AutoModelForCausalLM, out, False, dtype=torch.float32).eval()
         hf.generation_config.eos_token_id = None
         ids, _, _ = batch(b=2, s=7, seed=14)
@@ -291,8 +319,10 @@ def test_hf_export_equals_the_native_model(tmp_path):
         new = hf.generate(pad, attention_mask=mask, do_sample=False, max_new_tokens=6,
                           pad_token_id=0)[:, width:].tolist()
         assert new == native, arch
-        jobs.append({"path": out, "prompts": prompts, "native": native})
-        back = hf_to_checkpoint(out, str(tmp_path / f"{arch}_ckpt"), progress=False)
+        jobs.append({"path": out, "prompts": prompts, "native": native, "n_new": 6})
+        back = hf_to_checkpoint(out, str(tmp_path / f"{arch}_{count}_{pauses}_ckpt"),
+                                progress=False)
         assert back.thoughts.count == count and back.ponder.steps == 0
-    stock = run_stock(STOCK_THOUGHTS, json.dumps(jobs))
+        assert back.pause.every_token == pauses
+    stock = run_stock(STOCK_GENERATE_PADDED, json.dumps(jobs))
     assert stock["same"] == [True] * len(jobs)

@@ -73,13 +73,16 @@ def test_resume_draws_the_same_iters(thought_run, prepared, bpe_dir, tmp_path):
 
 def test_bad_combinations_are_refused_before_any_process(prepared, bpe_dir, tmp_path):
     proc = run_train(str(tmp_path), prepared, bpe_dir,
-                     ["thoughts.count=1", "ponder.steps=2", "pause.rate=0.1", "parallel.pp=2"],
-                     nproc=2, check=False)
+                     ["thoughts.count=1", "ponder.steps=2", "pause.rate=0.1", "parallel.pp=2",
+                      "pause.mode=every_token"], nproc=2, check=False)
     assert proc.returncode != 0
     err = proc.stderr
     for needle in ("thoughts.count=1 with ponder.steps=2",
                    "thoughts.count=1 with pause.rate=0.1",
-                   "not supported with pipeline parallelism"):
+                   "thoughts.count=1 is not supported with pipeline parallelism",
+                   "pause.mode=every_token with pause.rate=0.1",
+                   "pause.mode=every_token with thoughts.count=1",
+                   "pause.mode=every_token is not supported with pipeline parallelism"):
         assert needle in err, err[-3000:]
     assert "training steps" not in proc.stdout
 
@@ -92,3 +95,36 @@ def test_dry_run_counts_the_passes():
     assert "# latent thoughts" in text
     assert "n = 3: [1, 2, 2, 2, 2] slots per token" in text
     assert "2 one-slot passes per token" in text and "(2x plain)" in text
+
+
+def test_gap_report_scores_jacobi_and_exact_on_the_same_windows(thought_run):
+    """experiments/thought_gap.py on the trained run: Jacobi with as many iterations as
+    positions is the exact loss; none differs from it; every asked row is reported."""
+    from experiments.thought_gap import gap, table
+
+    res = gap(str(thought_run / "ckpt"), [0, 32], windows=4, batch=2)
+    rows = {(r["mode"], r["iters"]): r["loss"] for r in res["rows"]}
+    assert set(rows) == {("jacobi", 0), ("jacobi", 32), ("exact", None)}
+    assert rows["jacobi", 32] == pytest.approx(rows["exact", None], abs=1e-5)
+    assert abs(rows["jacobi", 0] - rows["exact", None]) > 1e-4
+    assert res["tokens"] > 0 and "| Jacobi, n = 0 |" in table(res)
+
+
+def test_every_token_pauses_train_and_load(prepared, bpe_dir, tmp_path):
+    """`pause.mode=every_token`: the trainer gives the model the tokenizer's <pause> row, the
+    data stays free of pauses, and the checkpoint loads for generation with nothing appended
+    to prompts."""
+    from ponder_pt.inference.generate import generate_text
+    from ponder_pt.inference.model import load_model
+
+    run_train(str(tmp_path), prepared, bpe_dir,
+              ["ponder.steps=0", "pause.rate=0", "pause.mode=every_token", "pause.per_token=1",
+               f"checkpoint.dir={tmp_path}/ckpt"])
+    train, _ = metrics(str(tmp_path))
+    assert sorted(train) == [1, 2, 3, 4] and train[4] < train[1]
+    lm = load_model(str(tmp_path / "ckpt"), device="cpu")
+    assert lm.model.pause_slots == 1 and lm.model.pause_id == lm.pause_id
+    assert lm.default_pauses == 0
+    out = generate_text(lm, "the", max_new_tokens=3, greedy=True)
+    assert out["pauses"] == 0 and len(out["token_ids"]) == 3
+    assert all(t < lm.vocab_rows for t in out["token_ids"])

@@ -300,6 +300,35 @@ class GenBench:
         del model
         return res
 
+    def e_thoughts(self):
+        """Latent thoughts: the same weights with M = 1 thought per token (2 one-slot passes
+        per token through one cache twice as long), decoded eagerly (no CUDA graph for
+        thought slots) over the first GEN_EAGER_TOKENS tokens; ms/token against the plain
+        model's graph-replayed and the eager fixed-K runs."""
+        import torch
+
+        from ponder_pt.config.schema import ThoughtsConfig
+        from ponder_pt.inference.model import generate_cached
+        from ponder_pt.models import PonderLM
+
+        n = min(GEN_EAGER_TOKENS, self.n_new)
+        model = PonderLM(self.cfg, thoughts=ThoughtsConfig(count=1),
+                         params_dtype=torch.bfloat16, seed=0)
+        model.load_state_dict(self.model.state_dict())  # thoughts add no weights
+        model = model.to(self.dev).eval()
+        generate_cached(model, self.prompt, 8)  # warm-up
+        sync(self.dev)
+        t0 = time.perf_counter()
+        generate_cached(model, self.prompt, n)
+        sync(self.dev)
+        total = time.perf_counter() - t0
+        res = {"n_tokens": n, "total_s": total, "ms_per_token": 1e3 * total / n, "slots": 2}
+        for key, name in (("K0", "plain_graph"), (f"K{GEN_K}_eager", f"k{GEN_K}_eager")):
+            if self.res.get(key):
+                res[f"ratio_to_{name}"] = res["ms_per_token"] / self.res[key]["ms_per_token"]
+        del model
+        return res
+
     def e_recompute(self, n, extend=False):
         import torch
 
@@ -406,6 +435,8 @@ class GenBench:
             (f"{sh} adaptive K={GEN_K} (random palbert head, q=0.5), eager, first "
              f"{min(GEN_EAGER_TOKENS, n)} tokens", "adaptive", self.e_adaptive,
              lambda: self.est(f"K{GEN_K}_eager", 1.0)),
+            (f"{sh} latent thoughts M=1, eager, first {min(GEN_EAGER_TOKENS, n)} tokens",
+             "thoughts", self.e_thoughts, lambda: self.est(f"K{GEN_K}_eager", 0.6)),
             (f"{sh} recompute prefix (reference), K={GEN_K}, {self.n_rec} new tokens",
              "recompute", lambda: self.e_recompute(self.n_rec),
              lambda: self.est("K3", self.n_rec / n)),
@@ -419,7 +450,7 @@ class GenBench:
             if case == "recompute_full" and (self.rec_state is None
                                              or max(self.rec_state[1]) >= n):
                 continue
-            if case in ("recompute", "hf_generate", "adaptive") and not self.baselines:
+            if case in ("recompute", "hf_generate", "adaptive", "thoughts") and not self.baselines:
                 self.skip(name, self.fields(case), "baselines run at the first shape only")
                 continue
             if case == "ratio" and not ("K0" in self.res and f"K{GEN_K}" in self.res):

@@ -129,12 +129,24 @@ class ThoughtsConfig:
 
 @dataclass
 class PauseConfig:
+    mode: str = "random"
+    """random: `rate` of each sample's positions become <pause> in the data (Goyal et al.) |
+    every_token: `per_token` <pause> slots after every token, each at the token's position,
+    the next token predicted from the last (PonderLM-2's pause baseline; the data holds no
+    pauses, `rate` stays 0)."""
+    per_token: int = 1
+    """M <pause> slots after every token (mode every_token)."""
     rate: float = 0.0
     """Fraction of a sample's L positions turned into <pause>; 0 = off."""
     token_id: Optional[int] = None
     """None = the tokenizer's reserved row (first unused padded row)."""
     inference_pauses: int = 10
-    """M pauses appended to prompts at inference (recorded in exports)."""
+    """M pauses appended to prompts at inference (recorded in exports; mode random)."""
+
+    @property
+    def every_token(self) -> int:
+        """<pause> slots after every token: `per_token` in mode every_token, else 0."""
+        return self.per_token if self.mode == "every_token" else 0
 
 
 @dataclass

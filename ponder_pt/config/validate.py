@@ -21,6 +21,7 @@ PONDER_FEEDBACKS = ("embedding", "hidden")
 HALTING_MODES = ("off", "pondernet", "palbert")
 TRAIN_EXITS = ("dense", "frozen")
 THOUGHT_PREFILLS = ("exact", "jacobi")
+PAUSE_MODES = ("random", "every_token")
 
 
 def _divisors_hint(n: int) -> str:
@@ -152,6 +153,7 @@ def problems(cfg: Config, world_size: Optional[int] = None,
     out.extend(thoughts_problems(cfg))
     if not 0.0 <= cfg.pause.rate < 1.0:
         out.append(f"pause.rate: must be in [0, 1) (0 = off), got {cfg.pause.rate}")
+    out.extend(every_token_problems(cfg))
     if cfg.pause.inference_pauses < 0:
         out.append("pause.inference_pauses: must be >= 0")
     vocab = vocab_size if vocab_size is not None else m.vocab_size
@@ -236,6 +238,33 @@ def halting_problems(cfg: Config) -> list[str]:
                    f"parallelism (parallel.pp={cfg.parallel.pp}): later passes would need every "
                    "layer's keys/values of the earlier ones on other stages. Use "
                    "train_exits=dense with PP, or parallel.tp and ZeRO (parallel.pp=1)")
+    return out
+
+
+def every_token_problems(cfg: Config) -> list[str]:
+    """`pause.mode` / `pause.per_token` against the rest of the run."""
+    pz = cfg.pause
+    if pz.mode not in PAUSE_MODES:
+        return [f"pause.mode: {pz.mode!r} is not one of {PAUSE_MODES}"]
+    if pz.mode != "every_token":
+        return []
+    out = []
+    if pz.per_token < 1:
+        out.append(f"pause.per_token: must be >= 1 with pause.mode=every_token, got "
+                   f"{pz.per_token}")
+    if pz.rate > 0:
+        out.append(f"pause.mode=every_token with pause.rate={pz.rate}: every-token pauses are "
+                   "slots of the model, not tokens of the data; set pause.rate=0")
+    if cfg.ponder.steps > 0:
+        out.append(f"pause.mode=every_token with ponder.steps={cfg.ponder.steps}: the two do "
+                   "not compose here; set ponder.steps=0 or pause.mode=random")
+    if cfg.thoughts.count > 0:
+        out.append(f"pause.mode=every_token with thoughts.count={cfg.thoughts.count}: both "
+                   "add slots after every token; choose one")
+    if cfg.parallel.pp > 1:
+        out.append(f"pause.mode=every_token is not supported with pipeline parallelism "
+                   f"(parallel.pp={cfg.parallel.pp}): the pipeline's stages carry one slot per "
+                   "token. Use parallel.tp and ZeRO, parallel.pp=1")
     return out
 
 

@@ -60,10 +60,8 @@ def flops_per_token(m: ModelConfig, vocab_size: int, seq_len: int, ponder_steps:
     last slots only (M = 1, n = 3 costs about 9x a plain forward)."""
     h = m.hidden_size
     if thoughts:
-        weights, attention = 2 * m.num_layers * _block_weights(m), 4 * m.num_layers * seq_len * h
-        forward = sum(sum(s * weights + s * s * attention for s in thought_pass_slots(thoughts, n))
-                      for n in thought_iters) / len(thought_iters)
-        return 3.0 * (forward + 2 * h * vocab_size)
+        return sum(slot_flops_per_token(m, vocab_size, seq_len, thought_pass_slots(thoughts, n))
+                   for n in thought_iters) / len(thought_iters)
     blocks = (2 * m.num_layers * _block_weights(m)  # weight matmuls
               + 4 * m.num_layers * seq_len * h)  # QK^T and attention x V
     head = 2 * h * vocab_size  # output head
@@ -74,9 +72,24 @@ def flops_per_token(m: ModelConfig, vocab_size: int, seq_len: int, ponder_steps:
     return 3.0 * forward
 
 
+def slot_flops_per_token(m: ModelConfig, vocab_size: int, seq_len: int,
+                         pass_slots: Sequence[int]) -> float:
+    """Training FLOPs per token of passes over several slots per token (`pass_slots`: slots
+    per token of each pass): a pass over s slots runs the blocks s times per token and
+    attends over s x seq_len slots; the head runs once per token, on its last slot."""
+    weights = 2 * m.num_layers * _block_weights(m)
+    attention = 4 * m.num_layers * seq_len * m.hidden_size
+    forward = sum(s * weights + s * s * attention for s in pass_slots)
+    return 3.0 * (forward + 2 * m.hidden_size * vocab_size)
+
+
 def run_flops_per_token(cfg) -> float:
-    """`flops_per_token` of a run `Config`: its pondering or latent thoughts."""
+    """`flops_per_token` of a run `Config`: its pondering, latent thoughts or every-token
+    pauses (one pass over M+1 slots per token)."""
     m = cfg.model
+    if cfg.pause.every_token:
+        return slot_flops_per_token(m, m.vocab_size, cfg.data.seq_len,
+                                    [cfg.pause.every_token + 1])
     return flops_per_token(m, m.vocab_size, cfg.data.seq_len, cfg.ponder.steps,
                            cfg.ponder.feedback, cfg.thoughts.count, cfg.thoughts.train_iters)
 

@@ -67,6 +67,8 @@ def hf_to_checkpoint(hf_dir: str, out: str, overrides: Sequence[str] = (), tp: i
     if extra.get("pause_token_id") is not None:
         defaults += [f"pause.token_id={extra['pause_token_id']}",
                      f"pause.inference_pauses={extra.get('default_pauses', 10)}"]
+    if extra.get("pause_every_token"):  # PonderLM-2's pause baseline
+        defaults += ["pause.mode=every_token", f"pause.per_token={extra['pause_every_token']}"]
     cfg = load_config(None, [*defaults, *overrides, f"parallel.tp={tp}", f"parallel.pp={pp}"],
                       validate=False)
     cfg.model = model_config_from_hf(hf_cfg, base=cfg.model)

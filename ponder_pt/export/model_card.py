@@ -112,6 +112,12 @@ def _pause_lines(cfg: Config, pause_id: Optional[int], finetune: Optional[dict])
         return ["- Pause tokens: none"]
     m = int(cfg.pause.inference_pauses)
     lines = [f"- Pause token: `<pause>` = id {pause_id}"]
+    if cfg.pause.every_token:
+        k = cfg.pause.every_token
+        return lines + [f"- Every-token pauses (PonderLM-2's pause baseline): the model itself "
+                        f"puts M = {k} `<pause>` slot{'s' if k > 1 else ''} after every token, "
+                        f"at the token's position, and predicts the next token from the last "
+                        "one; nothing is appended to prompts"]
     if cfg.pause.rate > 0:
         lines.append(f"- Pretrained with pause tokens: {cfg.pause.rate:g} of each sample's "
                      "positions")

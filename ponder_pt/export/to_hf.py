@@ -43,7 +43,11 @@ STOCK_CLASSES = {"gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM",
 
 
 def pause_fields(cfg: Config) -> dict:
-    """pause_token_id / default_pauses for a pause-trained run, else {}."""
+    """pause_token_id / default_pauses for a pause-trained run (every-token pauses: none to
+    append, `pause_every_token` slots inside the model), else {}."""
+    if cfg.pause.every_token:
+        return {"pause_token_id": cfg.pause.token_id, "default_pauses": 0,
+                "pause_every_token": int(cfg.pause.every_token)}
     if cfg.pause.rate > 0 or cfg.pause.token_id is not None:
         return {"pause_token_id": cfg.pause.token_id,
                 "default_pauses": int(cfg.pause.inference_pauses)}
@@ -57,7 +61,7 @@ def build_hf_config(cfg: Config, tokenizer=None):
     if tokenizer is not None:
         extra.update(bos_token_id=tokenizer.eod_id, eos_token_id=tokenizer.eod_id,
                      pad_token_id=tokenizer.pad_id)
-    if cfg.ponder.steps == 0 and not cfg.thoughts.count:
+    if cfg.ponder.steps == 0 and not cfg.thoughts.count and not cfg.pause.every_token:
         for k, v in extra.items():
             setattr(base, k, v)
         base.architectures = [STOCK_CLASSES[cfg.model.arch]]
@@ -122,7 +126,7 @@ def export_full(cfg: Config, full: dict, out: str, tokenizer_path: Optional[str]
         tensors[name] = t.detach().to(torch.float32).contiguous().clone()
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     hf_cfg.save_pretrained(out)
-    if cfg.ponder.steps > 0 or cfg.thoughts.count:
+    if cfg.ponder.steps > 0 or cfg.thoughts.count or cfg.pause.every_token:
         for name in REMOTE_FILES:
             shutil.copy(os.path.join(TEMPLATES, name), os.path.join(out, name))
     gen = GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,

@@ -284,7 +284,8 @@ class NativeModel(PonderLMModel):
         cfg, full, self.tag = read_checkpoint(ckpt_dir, tag, unsafe_unpickle=unsafe_unpickle)
         cfg.parallel.tp, cfg.model.activation_checkpointing = 1, "none"
         self.cfg, self.device = cfg, torch.device(resolve_device(device))
-        self.model = PonderLM(cfg.model, cfg.ponder, thoughts=cfg.thoughts).eval()
+        self.model = PonderLM(cfg.model, cfg.ponder, thoughts=cfg.thoughts,
+                              pause=cfg.pause).eval()
         _check_native_weights(self.model, full, ckpt_dir, self.tag)
         self.model.load_state_dict(full, strict=False)  # strict but for _extra_state
         self.model.to(self.device)

@@ -11,11 +11,12 @@ from .parallel import (allreduce_sequence_parallel_grads, gather_full, gather_vo
 
 
 def build_model(cfg, **kwargs) -> PonderLM:
-    """PonderLM from a full run `Config` (model + ponder + thoughts +
+    """PonderLM from a full run `Config` (model + ponder + thoughts + pause +
     parallel.sequence_parallel + seed)."""
     kwargs.setdefault("sequence_parallel", cfg.parallel.sequence_parallel)
     kwargs.setdefault("seed", cfg.train.seed)
     kwargs.setdefault("thoughts", cfg.thoughts)
+    kwargs.setdefault("pause", cfg.pause)
     return PonderLM(cfg.model, cfg.ponder, **kwargs)
 
 

@@ -35,6 +35,10 @@ a cached call computes the thoughts exactly, slot after slot (`thoughts.prefill:
 by Jacobi before one appending pass (`prefill: jacobi`). Token embeddings are scaled by
 sqrt(2.5 d) with `thoughts.scale_embeds`.
 
+Every-token pauses (`pause.mode: every_token`, PonderLM-2's pause baseline) use the same
+layout with M <pause> slots after every token; their inputs are known, so one pass computes
+them, cached or not.
+
 `model.vocab_chunk` > 0 computes the full-softmax feedback and the training loss from the
 final-norm hidden state over chunks of vocabulary rows (`vocab_chunk.py`), so no [tokens, V]
 tensor is kept for backward; top-k feedback (`ponder.top_k` > 0) and calls without labels
@@ -54,7 +58,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config.schema import ModelConfig, PonderConfig, ThoughtsConfig
+from ..config.schema import ModelConfig, PauseConfig, PonderConfig, ThoughtsConfig
 from .. import halting_math as hm
 from . import halting as halt
 from . import parallel as par
@@ -83,12 +87,15 @@ class PonderLM(PonderPass, nn.Module):
         params_dtype: parameter dtype (init always draws in fp32 first).
         thoughts: latent thoughts; None or count=0 = none. `seed` also seeds the draw of
             each training step's Jacobi iterations (`begin_step`).
+        pause: with mode every_token, `per_token` <pause> slots (id `token_id`) after every
+            token; other modes change nothing here (their pauses are in the data).
     """
 
     def __init__(self, cfg: ModelConfig, ponder: Optional[PonderConfig] = None, *,
                  sequence_parallel: bool = False, sp_grad_sync: str = "hooks", seed: int = 1234,
                  params_dtype: torch.dtype = torch.float32,
-                 thoughts: Optional[ThoughtsConfig] = None):
+                 thoughts: Optional[ThoughtsConfig] = None,
+                 pause: Optional[PauseConfig] = None):
         super().__init__()
         if cfg.arch not in ARCHS:
             raise ValueError(f"model.arch must be one of {ARCHS}, got {cfg.arch!r}")
@@ -101,6 +108,12 @@ class PonderLM(PonderPass, nn.Module):
             raise ValueError("latent thoughts (thoughts.count) and pondering (ponder.steps) "
                              "do not compose; set one of them to 0")
         self.seed, self.thought_step = seed, 0
+        self.pause_slots = pause.every_token if pause is not None else 0
+        self.pause_id = pause.token_id if self.pause_slots else None
+        if self.pause_slots and (self.pause_id is None or self.ponder_cfg.steps
+                                 or self.thoughts_cfg.count):
+            raise ValueError("every-token pauses need pause.token_id and no pondering or "
+                             "latent thoughts")
         self.sequence_parallel = bool(sequence_parallel) and par.tp_size() > 1
         mp = par.megatron_config(params_dtype)
         inits = pp.init_methods(cfg, seed)
@@ -154,8 +167,9 @@ class PonderLM(PonderPass, nn.Module):
 
     @property
     def slots(self) -> int:
-        """KV-cache columns per token: M+1 with latent thoughts, else 1."""
-        return self.thoughts_cfg.count + 1
+        """KV-cache columns per token: M+1 with latent thoughts or M every-token pauses,
+        else 1."""
+        return self.thoughts_cfg.count + self.pause_slots + 1
 
     def begin_step(self, step: int) -> Optional[int]:
         """The training loop's optimizer step about to run: latent thoughts draw its Jacobi
@@ -232,8 +246,8 @@ class PonderLM(PonderPass, nn.Module):
         (`thoughts.prefill: jacobi`: Jacobi, then one appending pass). thought_iters
         overrides the Jacobi iterations n (with caches: Jacobi with this n instead of exact).
         """
-        if self.thoughts_cfg.count:
-            return self._thoughts(input_ids, position_ids, labels, loss_mask, inputs_embeds,
+        if self.slots > 1:
+            return self._slotted(input_ids, position_ids, labels, loss_mask, inputs_embeds,
                                   gather_logits, caches, thought_iters)
         K = self.ponder_cfg.steps if ponder_steps is None else ponder_steps
         if inputs_embeds is not None:
@@ -292,31 +306,45 @@ class PonderLM(PonderPass, nn.Module):
             return par.gather_vocab(logits) if gather_logits else logits
         return self.loss(logits, labels, loss_mask)
 
-    def _thoughts(self, input_ids, position_ids, labels, loss_mask, inputs_embeds,
+    def _slotted(self, input_ids, position_ids, labels, loss_mask, inputs_embeds,
                   gather_logits, caches, iters):
-        """Latent thoughts (`thoughts.py`): the loss or logits of each token's last slot."""
+        """Latent thoughts (`thoughts.py`) or every-token pauses: the loss or logits of each
+        token's last slot."""
         tc = self.thoughts_cfg
         if inputs_embeds is not None:
             e = inputs_embeds.transpose(0, 1).contiguous()
         else:
             e = self.embed(input_ids.t().contiguous())
-            e = e * math.sqrt(2.5 * self.cfg.hidden_size) if tc.scale_embeds else e
+            e = e * math.sqrt(2.5 * self.cfg.hidden_size) if tc.count and tc.scale_embeds else e
         s, b = e.shape[:2]
         past = 0
         if caches is not None:
             if len(caches) != 1 or self.sequence_parallel:
-                raise ValueError("latent thoughts decode with one cache (M+1 columns per "
-                                 "token) and no sequence parallelism")
+                raise ValueError("latent thoughts and every-token pauses decode with one "
+                                 "cache (M+1 columns per token) and no sequence parallelism")
             past = caches[0].length // self.slots
         if position_ids is None:
             position_ids = torch.arange(past, past + s, device=e.device).unsqueeze(0).expand(b, s)
+        pause = None
+        if self.pause_slots:  # over the whole sequence, so that under SP the split's backward
+            # brings every shard's gradient of the <pause> row to every rank, as for e
+            pause = self.embed(torch.full((1, b), self.pause_id, dtype=torch.long,
+                                          device=e.device)).expand_as(e)
         if self.sequence_parallel:
             e = par.split_seq(e)
+            pause = None if pause is None else par.split_seq(pause)
 
         def rotary(positions):
             return self.rotary(positions, e.dtype)
 
-        if caches is None:
+        if self.pause_slots:  # every slot's input is known: one pass, exact, cached or not
+            cache = None if caches is None else caches[0]
+            x = th.interleave(e, [pause] * self.pause_slots)
+            hidden = self.transformer(x, th.slot_positions(position_ids, self.slots), cache)
+            if cache is not None:
+                cache.advance(x.shape[0])
+            hidden = th.per_position(hidden, self.slots)[:, -1]
+        elif caches is None:
             if iters is None:
                 iters = (th.draw_iters(tc.train_iters, self.seed, self.thought_step)
                          if self.training and labels is not None else tc.jacobi_iters)
@@ -416,10 +444,10 @@ class PonderLM(PonderPass, nn.Module):
                    batch: int = 1) -> list:
         """Empty KV caches for incremental decoding, one per pass (K+1): growing ones
         (`KVCache`), or with `capacity` > 0 preallocated ones of that many positions for
-        `batch` rows (`StaticKVCache`, in the parameters' dtype and device). Latent thoughts:
-        one cache, M+1 columns per position."""
+        `batch` rows (`StaticKVCache`, in the parameters' dtype and device). Latent thoughts
+        and every-token pauses: one cache, M+1 columns per position."""
         K = self.ponder_cfg.steps if ponder_steps is None else ponder_steps
-        if self.thoughts_cfg.count:
+        if self.slots > 1:
             K = 0
         n = self.cfg.num_layers
         if capacity <= 0:

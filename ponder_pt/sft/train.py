@@ -139,7 +139,8 @@ def train(args) -> dict:
     cfg.parallel.zero_stage = args.zero_stage
     cfg.log.dir, cfg.log.wandb, cfg.log.tensorboard = args.out, False, False
 
-    model = PonderLM(cfg.model, cfg.ponder, seed=args.seed, thoughts=cfg.thoughts)
+    model = PonderLM(cfg.model, cfg.ponder, seed=args.seed, thoughts=cfg.thoughts,
+                     pause=cfg.pause)
     load_full_state_dict(model, full, source=args.model)
     del full
     engine, _, _, _ = deepspeed.initialize(

@@ -24,7 +24,8 @@ from typing import Optional
 PONDER_KEYS = ("ponder_steps", "ponder_scale_embeds", "ponder_scale_initial_by_steps",
                "ponder_top_k", "ponder_feedback", "ponder_halting", "ponder_halt_q",
                "pause_token_id", "default_pauses",
-               "ponder_transformers", "thought_count", "thought_scale_embeds", "auto_map")
+               "ponder_transformers", "thought_count", "thought_scale_embeds",
+               "pause_every_token", "auto_map")
 
 
 class HFConfigError(ValueError):
@@ -41,7 +42,8 @@ def _is_number(value) -> bool:
 
 def ponder_field_problem(key: str, value) -> Optional[str]:
     """What is wrong with a pondering field of config.json, or None (null = the default)."""
-    if key in ("ponder_steps", "ponder_top_k", "default_pauses", "thought_count"):
+    if key in ("ponder_steps", "ponder_top_k", "default_pauses", "thought_count",
+               "pause_every_token"):
         if value is None or (_is_int(value) and value >= 0):
             return None
         return f"{key} must be an integer >= 0, got {value!r}"

@@ -87,7 +87,8 @@ def ponder_field_problem(key: str, value) -> str | None:
     """What is wrong with config.json's pondering field `key` = `value`, or None. None stands
     for the default where the model reads `value or default` (steps, top-k, pauses, feedback,
     halting)."""
-    if key in ("ponder_steps", "ponder_top_k", "default_pauses", "thought_count"):
+    if key in ("ponder_steps", "ponder_top_k", "default_pauses", "thought_count",
+               "pause_every_token"):
         if value is None or (_is_int(value) and value >= 0):
             return None
         return f"{key} must be an integer >= 0, got {value!r}"
@@ -126,7 +127,7 @@ def ponder_field_problem(key: str, value) -> str | None:
 PONDER_FIELDS = ("ponder_steps", "ponder_scale_embeds", "ponder_scale_initial_by_steps",
                  "ponder_top_k", "ponder_feedback", "ponder_halting", "ponder_halt_q",
                  "pause_token_id", "default_pauses", "ponder_transformers", "thought_count",
-                 "thought_scale_embeds")
+                 "thought_scale_embeds", "pause_every_token")
 
 
 @dataclasses.dataclass(repr=False, eq=False, kw_only=True)
@@ -145,9 +146,9 @@ class PonderFields:
     ponder_transformers: str | None = None
 
     def __post_init__(self, **kwargs):
-        # ponder_halting / ponder_halt_q and the latent thoughts' thought_count /
-        # thought_scale_embeds are no fields (other exports' config.json must not gain
-        # them): they arrive in kwargs and become attributes here
+        # ponder_halting / ponder_halt_q, the latent thoughts' thought_count /
+        # thought_scale_embeds and pause_every_token are no fields (other exports'
+        # config.json must not gain them): they arrive in kwargs and become attributes here
         super().__post_init__(**kwargs)
         for key in PONDER_FIELDS:
             problem = ponder_field_problem(key, getattr(self, key, None))

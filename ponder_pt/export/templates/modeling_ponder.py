@@ -37,6 +37,10 @@ position, M+1 one-slot forwards through one cache that holds M+1 columns per tok
 of n tokens costs n (M+1) one-slot steps). generate()'s token-level attention mask is widened
 to the slots, and position ids come from it (left padding) when none are given.
 
+Every-token pauses (config.pause_every_token M > 0; PonderLM-2's pause baseline): the same
+layout with M `<pause>` slots (pause_token_id's embedding) after every token, unscaled; their
+inputs are known, so a call runs all its slots in one forward.
+
 Cache naming differs across the supported transformers: up to 5.23 generate() hands the cache
 to forward as `past_key_values` and reads it back from `output.past_key_values`; from 5.24 both
 are called `cache` (the old name still works with a deprecation warning). forward accepts
@@ -303,20 +307,12 @@ class _PonderMixin:
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
         past = cache if cache is not None else past_key_values
-        if int(getattr(self.config, "thought_count", 0) or 0) > 0:
+        if sum(self._slots()) > 0:  # latent thoughts or every-token pauses
             use_cache = self.config.use_cache if use_cache is None else use_cache
             main = past if past is not None else DynamicCache()
             logits = self._thoughts(input_ids, inputs_embeds, attention_mask, position_ids,
                                     main, kwargs)
-            keep = (slice(-logits_to_keep, None) if isinstance(logits_to_keep, int)
-                    else logits_to_keep)
-            logits = logits[:, keep, :]
-            loss = None
-            if labels is not None:
-                loss = self.loss_function(logits=logits, labels=labels,
-                                          vocab_size=self.config.vocab_size)
-            return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                          **{_OUT_CACHE: main if use_cache else None})
+            return self._output(logits, labels, logits_to_keep, main if use_cache else None)
         steps, scale, first, top_k = self._ponder_settings()
         feedback = self._feedback()
         w_in = self.get_input_embeddings().weight
@@ -336,15 +332,7 @@ class _PonderMixin:
         cache_arg = _cache_arg(type(backbone))
         if adaptive:
             logits = self._adaptive(e, attention_mask, position_ids, caches, q, kwargs)
-            keep = (slice(-logits_to_keep, None) if isinstance(logits_to_keep, int)
-                    else logits_to_keep)
-            logits = logits[:, keep, :]
-            loss = None
-            if labels is not None:
-                loss = self.loss_function(logits=logits, labels=labels,
-                                          vocab_size=self.config.vocab_size)
-            return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                          **{_OUT_CACHE: main if use_cache else None})
+            return self._output(logits, labels, logits_to_keep, main if use_cache else None)
         for k in range(steps + 1):
             out = backbone(inputs_embeds=e, attention_mask=attention_mask,
                            position_ids=position_ids, use_cache=use_cache, return_dict=True,
@@ -364,6 +352,17 @@ class _PonderMixin:
         return CausalLMOutputWithPast(loss=loss, logits=logits,
                                       **{_OUT_CACHE: main if use_cache else None})
 
+
+    def _output(self, logits, labels, logits_to_keep, cache):
+        """The output of logits [b, n, V] computed position by position: the kept ones, the
+        loss against labels, the cache."""
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = logits[:, keep, :]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels,
+                                      vocab_size=self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUT_CACHE: cache})
 
     def _adaptive(self, e, attention_mask, position_ids, caches, q, kwargs):
         """Adaptive pondering over positions one at a time (see the module docstring):
@@ -422,14 +421,19 @@ class _PonderMixin:
         return torch.cat(outs, dim=1)
 
 
+    def _slots(self):
+        """(latent thoughts M, every-token pauses M) of the config; at most one is > 0."""
+        return (int(getattr(self.config, "thought_count", 0) or 0),
+                int(getattr(self.config, "pause_every_token", 0) or 0))
+
     def _thoughts(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, kwargs):
-        """Latent thoughts, exactly (see the module docstring): logits [b, n, V] of each
-        token's last slot, continuing after the slots `cache` holds."""
-        count = int(self.config.thought_count)
-        slots = count + 1
+        """Latent thoughts, exactly, or every-token pauses (see the module docstring): logits
+        [b, n, V] of each token's last slot, continuing after the slots `cache` holds."""
+        count, pauses = self._slots()
+        slots = count + pauses + 1
         if inputs_embeds is None:
             e = self.get_input_embeddings()(input_ids)
-            if getattr(self.config, "thought_scale_embeds", True):
+            if count and getattr(self.config, "thought_scale_embeds", True):
                 e = e * math.sqrt(2.5 * self.config.hidden_size)
         else:
             e = inputs_embeds
@@ -452,6 +456,18 @@ class _PonderMixin:
         kwargs = {k: v for k, v in kwargs.items()  # set per slot below
                   if k not in ("cache_position", "return_dict", "use_cache")}
         head, outs = self.get_output_embeddings(), []
+        if pauses:  # every slot's input is known: one forward over all of them
+            ids = torch.full((b, 1), self.config.pause_token_id, device=e.device)
+            pause = self.get_input_embeddings()(ids).to(e.dtype)
+            x = torch.stack([e] + [pause.expand_as(e)] * pauses, dim=2).flatten(1, 2)
+            out = backbone(inputs_embeds=x,
+                           attention_mask=None if mask is None else mask[:, :columns + n * slots],
+                           position_ids=position_ids.repeat_interleave(slots, dim=1),
+                           use_cache=True, return_dict=True,
+                           cache_position=torch.arange(columns, columns + n * slots,
+                                                       device=e.device),
+                           **{cache_arg: cache}, **kwargs)
+            return head(out.last_hidden_state[:, slots - 1::slots])
         for t in range(n):
             x = e[:, t:t + 1]
             for _ in range(slots):
