@@ -74,9 +74,9 @@ def test_toy_study_reports_every_run(toy):
     th = r["thoughts_m1"]["final"]
     assert th["flops"] > r["ponder_k3"]["final"]["flops"]
     assert math.isfinite(th["valid_loss_jacobi"]) and th["valid_loss_jacobi"] != th["valid_loss"]
-    every = r["pause_every_m1"]  # one pass over twice the slots: more than plain's FLOPs
+    every = r["pause_every_m1"]  # one pass over twice the slots (the head once per token)
     assert every["config"]["pause_every"] == 1 and "pause_valid" not in every
-    assert every["final"]["flops"] > 2 * r["plain"]["final"]["flops"]
+    assert every["final"]["flops"] > 1.5 * r["plain"]["final"]["flops"]
     assert "nan" not in (out / "results.json").read_text().lower()
     md = (out / "results.md").read_text()
     for name in planned:

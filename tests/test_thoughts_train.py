@@ -128,3 +128,26 @@ def test_every_token_pauses_train_and_load(prepared, bpe_dir, tmp_path):
     out = generate_text(lm, "the", max_new_tokens=3, greedy=True)
     assert out["pauses"] == 0 and len(out["token_ids"]) == 3
     assert all(t < lm.vocab_rows for t in out["token_ids"])
+
+
+def test_generate_cli_prefill_modes(thought_run, tmp_path):
+    """`generate --thought-prefill exact|jacobi` on the trained run: both give tokens (the
+    prompt's thoughts differ only by training's approximation); a model without thoughts
+    refuses the option, naming it."""
+    import json
+
+    outs = {}
+    for mode in ("exact", "jacobi"):
+        proc = ponder(["generate", "--model", str(thought_run / "ckpt"), "--prompt", "the cat",
+                       "--greedy", "--max-new-tokens", "4", "--json", "--thought-prefill", mode])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])["token_ids"]
+        assert len(outs[mode]) == 4
+    plain = tmp_path / "plain"
+    shutil.copytree(thought_run / "ckpt", plain)
+    cfg = (plain / "run_config.yaml").read_text().replace("count: 1", "count: 0")
+    (plain / "run_config.yaml").write_text(cfg)
+    proc = ponder(["generate", "--model", str(plain), "--prompt", "the", "--thought-prefill",
+                   "jacobi"])
+    assert proc.returncode != 0
+    assert "--thought-prefill needs a latent-thoughts model" in proc.stderr

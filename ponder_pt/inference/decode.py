@@ -80,12 +80,13 @@ class Decoder:
             warnings.warn("adaptive pondering decodes eagerly: the passes skipped per token "
                           "depend on the token, which one CUDA graph cannot replay",
                           RuntimeWarning, stacklevel=2)
-        self.slots = getattr(model, "slots", 1)  # latent thoughts: M+1 columns per token
+        # latent thoughts and every-token pauses: M+1 columns per token
+        self.slots = getattr(model, "slots", 1)
         if self.slots > 1 and mode != "eager":
             if mode == "graph":
-                warnings.warn("latent thoughts decode eagerly: a token's M+1 slots are "
-                              "one-slot passes at successive columns, not the one-column step "
-                              "a CUDA graph replays", RuntimeWarning, stacklevel=2)
+                warnings.warn("latent thoughts and every-token pauses decode eagerly: a "
+                              "token's M+1 slots fill M+1 columns, not the one-column step a "
+                              "CUDA graph replays", RuntimeWarning, stacklevel=2)
             mode = "eager"
         self.mode = mode
         # GPT-2 cannot go past its position table, whatever the caller asks
@@ -96,7 +97,8 @@ class Decoder:
         self.replays = 0
         self.graph_status = ("not captured yet" if mode == "graph" else
                              "off: adaptive pondering decodes eagerly" if self.adaptive else
-                             "off: latent thoughts decode eagerly" if self.slots > 1 else "off")
+                             "off: M+1 slots per token decode eagerly" if self.slots > 1
+                             else "off")
         self._next = torch.zeros(batch, dtype=torch.long, device=self.device)  # next positions
         if mode != "eager":  # what the fixed-shape step reads
             self._tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
