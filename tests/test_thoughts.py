@@ -283,6 +283,7 @@ def test_hf_export_equals_the_native_model(tmp_path):
 
     from _export_helpers import STOCK_GENERATE_PADDED, run_stock
     from ponder_pt.config import load_config
+    from ponder_pt.early_exit.backbones import wrap_backbone
     from ponder_pt.export.from_hf import hf_to_checkpoint
     from ponder_pt.export.hf_auto import from_pretrained
     from ponder_pt.export.to_hf import export_full
@@ -320,6 +321,8 @@ def test_hf_export_equals_the_native_model(tmp_path):
                           pad_token_id=0)[:, width:].tolist()
         assert new == native, arch
         jobs.append({"path": out, "prompts": prompts, "native": native, "n_new": 6})
+        with pytest.raises(ValueError, match="slots after every token .* `ponder-pt sft`"):
+            wrap_backbone(hf)  # early-exit fine-tuning refuses, naming what to use
         back = hf_to_checkpoint(out, str(tmp_path / f"{arch}_{count}_{pauses}_ckpt"),
                                 progress=False)
         assert back.thoughts.count == count and back.ponder.steps == 0

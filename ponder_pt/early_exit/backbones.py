@@ -268,6 +268,14 @@ class DecoderBackbone(LayerwiseBackbone):
 
     def __init__(self, model, kind: str):
         super().__init__(model, kind)
+        slotted = {key: int(getattr(self.config, key, 0) or 0)
+                   for key in ("thought_count", "pause_every_token")}
+        if any(slotted.values()):
+            raise ValueError(
+                f"early exit over the layers of a model with slots after every token "
+                f"({', '.join(f'{k}={v}' for k, v in slotted.items() if v)}) is not supported: "
+                "each layer's hidden states belong to M+1 slots per token, and the exit "
+                "heads read one per token. Fine-tune it with `ponder-pt sft` instead")
         self.ponder_steps = int(getattr(self.config, "ponder_steps", 0) or 0)
         if self.ponder_steps and self.lm_head is None:
             raise ValueError("a pondering decoder needs its LM head: wrap the *ForCausalLM "

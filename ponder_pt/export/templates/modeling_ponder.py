@@ -310,8 +310,8 @@ class _PonderMixin:
         if sum(self._slots()) > 0:  # latent thoughts or every-token pauses
             use_cache = self.config.use_cache if use_cache is None else use_cache
             main = past if past is not None else DynamicCache()
-            logits = self._thoughts(input_ids, inputs_embeds, attention_mask, position_ids,
-                                    main, kwargs)
+            logits = self._slotted(input_ids, inputs_embeds, attention_mask, position_ids,
+                                   main, kwargs)
             return self._output(logits, labels, logits_to_keep, main if use_cache else None)
         steps, scale, first, top_k = self._ponder_settings()
         feedback = self._feedback()
@@ -426,7 +426,7 @@ class _PonderMixin:
         return (int(getattr(self.config, "thought_count", 0) or 0),
                 int(getattr(self.config, "pause_every_token", 0) or 0))
 
-    def _thoughts(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, kwargs):
+    def _slotted(self, input_ids, inputs_embeds, attention_mask, position_ids, cache, kwargs):
         """Latent thoughts, exactly, or every-token pauses (see the module docstring): logits
         [b, n, V] of each token's last slot, continuing after the slots `cache` holds."""
         count, pauses = self._slots()
@@ -441,7 +441,7 @@ class _PonderMixin:
         columns = cache.get_seq_length()
         if columns % slots:
             raise ValueError(f"this cache holds {columns} columns, not {slots} per token: it "
-                             "was not produced by this latent-thoughts model")
+                             "was not produced by this model")
         past = columns // slots
         if position_ids is None:
             if attention_mask is not None:  # left padding: each row counts its own tokens
