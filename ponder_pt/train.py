@@ -127,6 +127,8 @@ def dry_run_report(cfg: Config, world_size: int, launch: str,
         f"flops_per_token: {fpt:.4g} (training, " + (
             f"latent thoughts: {cfg.thoughts.count} per token, Jacobi iterations from "
             f"{cfg.thoughts.train_iters})" if cfg.thoughts.count else
+            f"1 pass over {cfg.pause.every_token + 1} slots per token: every-token pauses)"
+            if cfg.pause.every_token else
             f"{cfg.ponder.steps + 1} pass{'es' if cfg.ponder.steps else ''})"),
         f"total: {tokens:,} tokens, {fpt * tokens:.3g} FLOPs",
     ]

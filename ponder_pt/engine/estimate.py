@@ -155,10 +155,11 @@ def memory_estimate(cfg: Config, world_size: int) -> dict:
     grad_accum = max(1, tr.global_batch // (tr.micro_batch * dp))
     per_block = block_activation_bytes(m, m.activation_checkpointing, a, tp, sp)
     # latent thoughts: every pass's blocks keep activations for all its slots (the most
-    # Jacobi iterations drawn); pondering's passes are the chain of pipeline_stages
+    # Jacobi iterations drawn); every-token pauses: one pass over M+1 slots; pondering's
+    # passes are the chain of pipeline_stages
     thoughts = cfg.thoughts
     slots = (sum(thought_pass_slots(thoughts.count, max(thoughts.train_iters)))
-             if thoughts.count else 1)
+             if thoughts.count else cfg.pause.every_token + 1)
 
     best = None
     for s, layers in enumerate(pipeline_stages(m.num_layers, K, pp)):
@@ -189,6 +190,7 @@ def memory_estimate(cfg: Config, world_size: int) -> dict:
         return f" / dp {dp} (ZeRO-{stage}+)" if zero >= stage and dp > 1 else ""
 
     passes = (f"latent thoughts: {slots} slots per token over the passes" if thoughts.count
+              else f"{slots} slots per token (every-token pauses)" if slots > 1
               else f"{K + 1} pass{'es' if K else ''}")
     acc = (f"{m.activation_checkpointing} checkpointing, {passes}, "
            f"micro-batch {tr.micro_batch} x seq {cfg.data.seq_len}, vocab_chunk {m.vocab_chunk}"
