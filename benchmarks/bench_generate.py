@@ -52,29 +52,28 @@ import torch  # noqa: E402
 from cpu_record import add_record_arg, default_path, draft, environment, write_record  # noqa: E402
 
 
-def build(args):
-    from ponder_pt.config.schema import ModelConfig, PonderConfig
-    from ponder_pt.models import PonderLM, init_single_process
+def model_config(args):
+    """The benchmarked shape (GPT-NeoX), room for the prompt and the longest generation."""
+    from ponder_pt.config.schema import ModelConfig
 
-    init_single_process()
-    cfg = ModelConfig(arch="gpt_neox", num_layers=args.layers, hidden_size=args.hidden,
-                      num_heads=args.heads, max_seq_len=args.prompt + max(args.lengths) + 8,
-                      vocab_size=args.vocab)
-    return PonderLM(cfg, PonderConfig(steps=args.steps), seed=0).to(args.device).eval()
+    return ModelConfig(arch="gpt_neox", num_layers=args.layers, hidden_size=args.hidden,
+                       num_heads=args.heads, max_seq_len=args.prompt + max(args.lengths) + 8,
+                       vocab_size=args.vocab)
+
+
+def build(args):
+    return build_thoughts(args, steps=args.steps)
 
 
 def build_thoughts(args, thoughts: int = 0, steps: int = 0):
     """The `build` shape with latent thoughts or pondering (the same weights for every
     variant: one seed)."""
-    from ponder_pt.config.schema import ModelConfig, PonderConfig, ThoughtsConfig
+    from ponder_pt.config.schema import PonderConfig, ThoughtsConfig
     from ponder_pt.models import PonderLM, init_single_process
 
     init_single_process()
-    cfg = ModelConfig(arch="gpt_neox", num_layers=args.layers, hidden_size=args.hidden,
-                      num_heads=args.heads, max_seq_len=args.prompt + max(args.lengths) + 8,
-                      vocab_size=args.vocab)
-    return PonderLM(cfg, PonderConfig(steps=steps), thoughts=ThoughtsConfig(count=thoughts),
-                    seed=0).to(args.device).eval()
+    return PonderLM(model_config(args), PonderConfig(steps=steps),
+                    thoughts=ThoughtsConfig(count=thoughts), seed=0).to(args.device).eval()
 
 
 def thoughts_table(args, prompt) -> list:
@@ -105,14 +104,11 @@ def _thought_rows(rows: list) -> list:
 
 def build_adaptive(args):
     """The `build` shape with a palbert halting head spread by --halt-spread."""
-    from ponder_pt.config.schema import HaltingConfig, ModelConfig, PonderConfig
+    from ponder_pt.config.schema import HaltingConfig, PonderConfig
     from ponder_pt.models import PonderLM, init_single_process
 
     init_single_process()
-    cfg = ModelConfig(arch="gpt_neox", num_layers=args.layers, hidden_size=args.hidden,
-                      num_heads=args.heads, max_seq_len=args.prompt + max(args.lengths) + 8,
-                      vocab_size=args.vocab)
-    model = PonderLM(cfg, PonderConfig(steps=args.steps, halting=HaltingConfig(mode="palbert")),
+    model = PonderLM(model_config(args), PonderConfig(steps=args.steps, halting=HaltingConfig(mode="palbert")),
                      seed=0)
     with torch.no_grad():
         w = model.halting.proj.weight

@@ -69,7 +69,7 @@ def _stop(cmd, cwd, run_dir_of, sig, at_step=4, again_after=None):
             try:
                 if "ponder_pt.train" in " ".join(child.cmdline()):
                     child.suspend()
-            except psutil.NoSuchProcess:
+            except psutil.NoSuchProcess:  # it exited meanwhile: nothing left to suspend
                 pass
         time.sleep(again_after)
         os.killpg(proc.pid, sig)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -53,10 +53,11 @@ def draw_iters(choices: Sequence[int], seed: int, step: int) -> int:
 
 
 def jacobi(pass_fn: Callable, e: torch.Tensor, position_ids: torch.Tensor, count: int,
-           iters: int, rotary: Callable) -> torch.Tensor:
+           iters: int, rotary: Callable, final_fn: Optional[Callable] = None) -> torch.Tensor:
     """M growing passes, `iters` Jacobi iterations, and the final pass (gradients through
     all): the last slots' hidden states [L, b, h]. rotary(position_ids) -> the rope of the
-    full layout, computed once for the M+1-slot passes."""
+    full layout, computed once for the M+1-slot passes. final_fn: the final pass, when it
+    differs from the others (default pass_fn)."""
     thoughts: list = []
     for k in range(count):  # pass k over [x, z^1..z^k] sets z^{k+1}
         h = pass_fn(interleave(e, thoughts), slot_positions(position_ids, k + 1))
@@ -66,7 +67,7 @@ def jacobi(pass_fn: Callable, e: torch.Tensor, position_ids: torch.Tensor, count
     for _ in range(iters):  # every thought at once from the previous iteration's
         h = pass_fn(interleave(e, thoughts), positions, rope=rope)
         thoughts = list(per_position(h, count + 1)[:, :count].unbind(1))
-    h = pass_fn(interleave(e, thoughts), positions, rope=rope)
+    h = (final_fn or pass_fn)(interleave(e, thoughts), positions, rope=rope)
     return per_position(h, count + 1)[:, count]
 
 
@@ -116,16 +117,10 @@ def cached_jacobi(pass_fn: Callable, e: torch.Tensor, position_ids: torch.Tensor
         with trial(cache):
             return pass_fn(x, positions, rope=rope)
 
-    thoughts: list = []
-    for k in range(count):
-        h = trial_pass(interleave(e, thoughts), slot_positions(position_ids, k + 1))
-        thoughts.append(per_position(h, k + 1)[:, k])
-    positions = slot_positions(position_ids, count + 1)
-    rope = rotary(positions)
-    for _ in range(iters):
-        h = trial_pass(interleave(e, thoughts), positions, rope)
-        thoughts = list(per_position(h, count + 1)[:, :count].unbind(1))
-    relay(count + 1)
-    h = pass_fn(interleave(e, thoughts), positions, rope=rope)
-    cache.advance(n * (count + 1))
-    return per_position(h, count + 1)[:, count]
+    def final_pass(x, positions, rope=None):
+        relay(count + 1)
+        h = pass_fn(x, positions, rope=rope)
+        cache.advance(n * (count + 1))
+        return h
+
+    return jacobi(trial_pass, e, position_ids, count, iters, rotary, final_pass)
