@@ -31,9 +31,14 @@ token through one cache (M+1)x as long) against the plain model and pondering wi
 
     .venv/bin/python benchmarks/bench_generate.py --thoughts 1 --layers 6 --hidden 512 --heads 8 --vocab 50304 --lengths 64
 
+`--speculative` times speculative decoding over the passes on trained checkpoints
+(`--checkpoint NAME=DIR`, `--plain DIR`, prompts from `--corpus`) against their ordinary
+fixed-K decoding: see benchmarks/speculative_bench.py.
+
 Each run writes its measurements, the machine, versions and arguments to a json (`--record`;
 default benchmarks/results/cpu/bench_generate.json, with --decoders
-bench_generate_decoders.json, with --thoughts bench_generate_thoughts.json).
+bench_generate_decoders.json, with --thoughts bench_generate_thoughts.json, with --speculative
+bench_generate_speculative.json).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 from cpu_record import add_record_arg, default_path, draft, environment, write_record  # noqa: E402
+from speculative_bench import speculative_rows, speculative_table  # noqa: E402
 
 
 def model_config(args):
@@ -247,6 +253,12 @@ def render_table(doc: dict) -> str:
     head = (f"machine: {mach['arch']}, {mach['cpus']} cores, torch threads "
             f"{a['threads']}, device {a['device']}; GPT-NeoX {a['layers']} layers x hidden "
             f"{a['hidden']}, vocab {a['vocab']}")
+    if a.get("speculative"):
+        d = ", ".join(f"{n}={path}" for n, path in a["checkpoint"])
+        return "\n".join([f"machine: {mach['arch']}, {mach['cpus']} cores, torch threads "
+                          f"{a['threads']}, device cpu; checkpoints {d}; {a['prompts']} prompts "
+                          f"of {a['prompt']} tokens, {a['lengths'][0]} new tokens each, greedy, "
+                          "batch 1, eager decoder", "", *speculative_rows(rows)])
     if a.get("thoughts"):
         return "\n".join([f"{head}, prompt {a['prompt']}, {a['lengths'][0]} new tokens, greedy, "
                           "batch 1, eager decoder", "", *_thought_rows(rows)])
@@ -296,8 +308,24 @@ def main(argv=None):
                    help="std of the random halting head's logit (tokens spread over passes)")
     p.add_argument("--thoughts", type=int, default=0,
                    help="time a latent-thoughts model with M thoughts against plain and K = M")
+    p.add_argument("--speculative", action="store_true",
+                   help="time speculative decoding on trained --checkpoint runs")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
+                   type=lambda text: tuple(text.split("=", 1)),
+                   help="--speculative: a pondering run directory or checkpoint.dir")
+    p.add_argument("--plain", metavar="DIR", help="--speculative: a plain (K=0) run to compare")
+    p.add_argument("--corpus", metavar="JSONL", help="--speculative: prompts' documents")
+    p.add_argument("--prompts", type=int, default=4, help="--speculative: prompts decoded")
+    p.add_argument("--draft-tokens", type=int, nargs="+", default=[1, 2, 3, 4],
+                   help="--speculative: the n to time (every d in 1..K is timed)")
+    p.add_argument("--loss-docs", type=int, default=64,
+                   help="--speculative: held-out documents for each model's loss")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="--speculative: interleaved rounds (the least time is kept)")
     add_record_arg(p, "bench_generate")
     args = p.parse_args(argv)
+    if args.speculative and args.record == default_path("bench_generate"):
+        args.record = default_path("bench_generate_speculative")
     if args.decoders and args.record == default_path("bench_generate"):
         args.record = default_path("bench_generate_decoders")
     if args.adaptive and args.record == default_path("bench_generate"):
@@ -306,6 +334,14 @@ def main(argv=None):
         args.record = default_path("bench_generate_thoughts")
     started = environment()
     torch.set_num_threads(args.threads)
+    if args.speculative:
+        if not args.checkpoint or not args.corpus:
+            p.error("--speculative needs --checkpoint NAME=DIR (one or more) and --corpus")
+        measured = speculative_table(args)
+        table = render_table(draft(args, measured))
+        print(table)
+        write_record(args.record, "bench_generate.py", args, measured, table, started)
+        return
     if args.thoughts:
         prompt = torch.randint(0, args.vocab, (1, args.prompt),
                                generator=torch.Generator().manual_seed(0)).to(args.device)

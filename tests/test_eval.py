@@ -112,7 +112,8 @@ def test_eval_cli_local_tasks_with_pauses(trained, tmp_path):  # noqa: F811
     """lm-eval's scores through `ponder-pt eval` equal the ones computed here from the model's
     own logits: tasks whose answers are set from them (the best choice in two rows, the worst
     in the third: acc 2/3; the model's own greedy text in two rows: exact match 2/3), and the
-    word perplexity from the summed log-probabilities."""
+    word perplexity from the summed log-probabilities. The generations are decoded
+    speculatively (`--speculative 1:2`), which must not change their greedy text."""
     import math
     import re
 
@@ -135,10 +136,13 @@ def test_eval_cli_local_tasks_with_pauses(trained, tmp_path):  # noqa: F811
     proc = ponder(["eval", "--model", trained["ponder"],
                    "--tasks", "tiny_mc,tiny_ppl", "tiny_gen", "--include-path",
                    str(tmp_path), "--limit", str(LIMIT), "--pauses", str(PAUSES),
-                   "--output", out, "--json", "--device", "cpu"],
+                   "--output", out, "--json", "--device", "cpu", "--speculative", "1:2"],
                   timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = printed["results"]
+    # the generations were decoded speculatively: the same greedy text, and the counts
+    assert printed["speculative"]["verify_steps"] > 0
     assert set(results) == {"tiny_mc", "tiny_ppl", "tiny_gen"}
     assert results["tiny_mc"]["acc,none"] == pytest.approx(2 / 3)
     words = sum(len(re.split(r"\s+", r["q"])) for r in ROWS[:LIMIT])

@@ -166,3 +166,44 @@ def test_generate_prompts_file(trained, tmp_path):  # noqa: F811
                    trained["ponder"], "--prompts-file", str(bad)],
                   timeout=120)
     assert proc.returncode == 2 and 'bad.jsonl:2: expected {"prompt": "..."}' in proc.stderr
+
+
+def test_generate_speculative(trained, tmp_path):  # noqa: F811
+    """`--speculative d:n` on the K=2 checkpoint: the greedy tokens of ordinary decoding for
+    one prompt (`--json` adds the acceptance counts) and for a prompts file decoded as one
+    left-padded batch (the counts on stderr); the Python API too; d beyond K and an HF
+    export are refused with what to do."""
+    from ponder_pt.inference import NativeModel, generate_text
+    from ponder_pt.inference.generate import generate_many
+
+    prompts = ["The file is", "Return", "import os and the number of lines in"]
+    lm = NativeModel(trained["ponder"])
+    one = [generate_text(lm, p, 8, greedy=True) for p in prompts]
+    out = json.loads(_cli("generate", "--model", trained["ponder"], "--prompt", prompts[2],
+                          "--max-new-tokens", "8", "--greedy", "--json", "--speculative", "1:3"))
+    assert out["token_ids"] == one[2]["token_ids"]
+    spec = out["speculative"]
+    assert spec["verify_steps"] > 0 and 0 <= spec["accepted"] <= spec["drafted"]
+    assert spec["tokens_per_verify"] == pytest.approx(
+        (len(one[2]["token_ids"]) - 1) / spec["verify_steps"])
+
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("\n".join(prompts) + "\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = ponder(["generate", "--model", trained["ponder"], "--prompts-file", str(txt),
+                   "--greedy", "--max-new-tokens", "8", "--speculative", "2:2", "--out",
+                   str(tmp_path / "out.jsonl")], timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["token_ids"] for r in rows] == [o["token_ids"] for o in one]
+    assert "speculative decoding:" in proc.stderr and "tokens per verify step" in proc.stderr
+
+    lm.set_speculative("1:2")
+    assert generate_many(lm, prompts, 8, greedy=True, batch_size=3) == one
+    assert lm.speculative_stats.verify_steps > 0
+    with pytest.raises(ValueError, match=r"d must be in 1\.\.2"):
+        lm.set_speculative("3:1")
+    from ponder_pt.inference.model import HFModel
+
+    with pytest.raises(ValueError, match="runs on native checkpoints"):
+        HFModel.__new__(HFModel).set_speculative("1:2")  # before any loading: no directory

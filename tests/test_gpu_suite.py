@@ -264,7 +264,8 @@ def test_gpu_suite_smoke(tmp_path):
         assert speed[case]["status"] == "ok", (case, speed[case])
     assert speed["k3_cached"]["n_tokens"] == speed["k0_cached"]["n_tokens"] == 32
     assert speed["k3_cached"]["ms_per_token"] > 0 and speed["ratio"]["ratio"] > 0
-    for case in ("recompute", "hf_generate", "adaptive", "thoughts"):  # ok, or skipped late
+    # ok, or skipped late
+    for case in ("recompute", "hf_generate", "adaptive", "thoughts", "speculative"):
         assert speed[case]["status"] in ("ok", "skipped"), (case, speed[case])
     if speed["adaptive"]["status"] == "ok":  # adaptive decoding: passes per token measured
         assert 1.0 <= speed["adaptive"]["mean_passes"] <= 4.0
@@ -272,6 +273,10 @@ def test_gpu_suite_smoke(tmp_path):
     if speed["thoughts"]["status"] == "ok":  # latent thoughts: 2 slots per token, timed
         assert speed["thoughts"]["slots"] == 2 and speed["thoughts"]["ms_per_token"] > 0
         assert speed["thoughts"]["ratio_to_plain_graph"] > 0
+    if speed["speculative"]["status"] == "ok":  # the tokens of eager fixed-K decoding
+        assert speed["speculative"]["same_tokens"] is True
+        assert 0.0 <= speed["speculative"]["acceptance_rate"] <= 1.0
+        assert speed["speculative"]["tokens_per_verify"] >= 1.0
     if speed["recompute"]["status"] == "ok":  # fp math on CPU: same greedy tokens
         assert speed["recompute"]["n_tokens"] == 16
     thr = {(e["impl"], e["K"], e["ckpt"], e["chunked"]): e for e in res["throughput"]}

@@ -300,6 +300,32 @@ class GenBench:
         del model
         return res
 
+    def e_speculative(self):
+        """Speculative decoding over the passes (d = 1 drafting n = 3 tokens per verify step),
+        eager, over the first GEN_EAGER_TOKENS tokens: ms/token against the eager fixed-K run
+        (the same tokens, checked), with the acceptance rate. The weights are random, so the
+        acceptance says what this model drafts, not what a trained one would."""
+        from ponder_pt.inference.model import generate_cached
+        from ponder_pt.inference.speculative import (SpeculativeStats,
+                                                     generate_speculative_batch)
+
+        n = min(GEN_EAGER_TOKENS, self.n_new)
+        ordinary = generate_cached(self.model, self.prompt, n, cuda_graph=False)
+        generate_speculative_batch(self.model, [self.prompt], 8, 1, 3)  # warm-up
+        stats = SpeculativeStats()
+        sync(self.dev)
+        t0 = time.perf_counter()
+        out = generate_speculative_batch(self.model, [self.prompt], n, 1, 3, stats=stats)[0]
+        sync(self.dev)
+        total = time.perf_counter() - t0
+        res = {"n_tokens": n, "total_s": total, "ms_per_token": 1e3 * total / n,
+               "draft_passes": 1, "draft_tokens": 3, "same_tokens": out == ordinary,
+               **stats.as_dict()}
+        if self.res.get(f"K{GEN_K}_eager"):
+            res["ratio_to_k3_eager"] = res["ms_per_token"] / self.res[f"K{GEN_K}_eager"][
+                "ms_per_token"]
+        return res
+
     def e_thoughts(self):
         """Latent thoughts: the same weights with M = 1 thought per token (2 one-slot passes
         per token through one cache twice as long), decoded eagerly (no CUDA graph for
@@ -437,6 +463,9 @@ class GenBench:
              lambda: self.est(f"K{GEN_K}_eager", 1.0)),
             (f"{sh} latent thoughts M=1, eager, first {min(GEN_EAGER_TOKENS, n)} tokens",
              "thoughts", self.e_thoughts, lambda: self.est(f"K{GEN_K}_eager", 0.6)),
+            (f"{sh} speculative K={GEN_K}, draft d=1 n=3 (random weights), eager, first "
+             f"{min(GEN_EAGER_TOKENS, n)} tokens", "speculative", self.e_speculative,
+             lambda: self.est(f"K{GEN_K}_eager", 1.5)),
             (f"{sh} recompute prefix (reference), K={GEN_K}, {self.n_rec} new tokens",
              "recompute", lambda: self.e_recompute(self.n_rec),
              lambda: self.est("K3", self.n_rec / n)),
@@ -450,7 +479,8 @@ class GenBench:
             if case == "recompute_full" and (self.rec_state is None
                                              or max(self.rec_state[1]) >= n):
                 continue
-            if case in ("recompute", "hf_generate", "adaptive", "thoughts") and not self.baselines:
+            if (case in ("recompute", "hf_generate", "adaptive", "thoughts", "speculative")
+                    and not self.baselines):
                 self.skip(name, self.fields(case), "baselines run at the first shape only")
                 continue
             if case == "ratio" and not ("K0" in self.res and f"K{GEN_K}" in self.res):

@@ -96,6 +96,12 @@ class PonderConfig:
     final-norm hidden state of pass k, the vector the output head would multiply)."""
     halting: HaltingConfig = field(default_factory=HaltingConfig)
     """Adaptive pondering: each token learns how many of the K+1 passes it needs."""
+    draft_loss: float = 0.0
+    """Weight of an auxiliary cross-entropy on the logits of pass d-1 (d = draft_passes), the
+    draft of speculative decoding (`generate --speculative d:n`); 0 = off. Plain pondering
+    uses those logits only as feedback, so they draft poorly without it."""
+    draft_passes: int = 1
+    """d: the passes whose last logits the draft loss trains (1..steps)."""
 
     @property
     def adaptive(self) -> bool:

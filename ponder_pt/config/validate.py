@@ -150,6 +150,7 @@ def problems(cfg: Config, world_size: Optional[int] = None,
         out.append(f"ponder.top_k={p.top_k} has no effect with ponder.feedback=hidden (no "
                    "softmax is fed back); set ponder.top_k=0")
     out.extend(halting_problems(cfg))
+    out.extend(draft_loss_problems(cfg))
     out.extend(thoughts_problems(cfg))
     if not 0.0 <= cfg.pause.rate < 1.0:
         out.append(f"pause.rate: must be in [0, 1) (0 = off), got {cfg.pause.rate}")
@@ -238,6 +239,29 @@ def halting_problems(cfg: Config) -> list[str]:
                    f"parallelism (parallel.pp={cfg.parallel.pp}): later passes would need every "
                    "layer's keys/values of the earlier ones on other stages. Use "
                    "train_exits=dense with PP, or parallel.tp and ZeRO (parallel.pp=1)")
+    return out
+
+
+def draft_loss_problems(cfg: Config) -> list[str]:
+    """`ponder.draft_loss` / `ponder.draft_passes` (the draft of speculative decoding)."""
+    p = cfg.ponder
+    if p.draft_loss < 0:
+        return [f"ponder.draft_loss={p.draft_loss}: must be >= 0 (0 = off)"]
+    if p.draft_loss == 0:
+        return []
+    out = []
+    if not 1 <= p.draft_passes <= p.steps:
+        out.append(f"ponder.draft_passes={p.draft_passes}: the draft runs passes 0..d-1 of the "
+                   f"K+1, so d must be in 1..ponder.steps (= {p.steps})")
+    if p.adaptive:
+        out.append("ponder.draft_loss with ponder.halting.mode="
+                   f"{p.halting.mode}: adaptive pondering already trains every pass's logits "
+                   "(dense exits); set ponder.draft_loss=0")
+    if cfg.parallel.pp > 1:
+        out.append(f"ponder.draft_loss is not supported with pipeline parallelism "
+                   f"(parallel.pp={cfg.parallel.pp}): the pipeline's chain carries no "
+                   "per-pass loss outside adaptive pondering. Use parallel.tp and ZeRO "
+                   "(parallel.pp=1), or ponder.draft_loss=0")
     return out
 
 

@@ -56,6 +56,7 @@ class Trainer:
 
         self.cfg, self.tok, self.world = cfg, tokenizer, world
         self.halting_rows: list = []  # adaptive pondering's stats, kept per micro-batch
+        self.draft_rows: list = []  # the draft loss's CE, kept per micro-batch
         self.log = log if world.is_main else (lambda *a, **k: None)
         tr = cfg.train
         self.ga = tr.global_batch // (tr.micro_batch * world.dp)
@@ -155,12 +156,27 @@ class Trainer:
         return self._dp_mean(torch.stack(losses).mean())
 
     def _keep_halting_stats(self) -> None:
-        """Adaptive pondering: the last forward's expected passes and exit histogram."""
-        stats = getattr(self.engine.module, "halting_stats", None)
+        """Adaptive pondering: the last forward's expected passes and exit histogram; the
+        draft loss (`ponder.draft_loss`): the last training forward's draft CE."""
+        module = self.engine.module
+        stats = getattr(module, "halting_stats", None)
         if stats is not None:
             self.halting_rows.append(torch.cat([stats["expected_passes"].view(1),
                                                 stats["exit_hist"]]))
-            self.engine.module.halting_stats = None
+            module.halting_stats = None
+        draft = getattr(module, "draft_stats", None)
+        if draft is not None:
+            self.draft_rows.append(draft.float())
+            module.draft_stats = None
+
+    def _draft_record(self) -> dict:
+        """draft_ce: the mean over micro-batches and data-parallel ranks of pass d-1's CE,
+        the draft of speculative decoding (`ponder.draft_loss`)."""
+        if not self.draft_rows:
+            return {}
+        value = torch.stack(self.draft_rows).mean()
+        self.draft_rows = []
+        return {"draft_ce": self._dp_mean(value)}
 
     def _halting_record(self) -> dict:
         """Mean over micro-batches and data-parallel ranks of the kept halting stats:
@@ -303,7 +319,8 @@ class Trainer:
                 record = {"loss": loss, "lr": lr, "grad_norm": gnorm, "tokens": done * tokens_per_step,
                           "step_time": dt, "tokens_per_s": tok_s, "tflops_per_gpu": tflops,
                           "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
-                          "skipped_steps": skipped, **self._halting_record()}
+                          "skipped_steps": skipped, **self._halting_record(),
+                          **self._draft_record()}
                 if thought_iters is not None:
                     record["thought_iters"] = thought_iters
                 if self.on_cuda:  # this rank's allocator peak so far (the dry run estimates it)

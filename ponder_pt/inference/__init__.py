@@ -3,7 +3,8 @@ at inference, and the lm-evaluation-harness wrapper (`ponder_pt.inference.evalua
 
 Public names (imported lazily, so `ponder-pt --help` stays light): `load_model`,
 `NativeModel`, `HFModel`, `InferenceModel`, `generate_text`, `append_pauses`,
-`resolve_pauses`, `resolve_device` (`--device auto`), `generate_cached`.
+`resolve_pauses`, `resolve_device` (`--device auto`), `generate_cached`, and speculative
+decoding over the passes: `generate_speculative_batch`, `SpeculativeStats`.
 """
 
 import importlib
@@ -11,7 +12,8 @@ import importlib
 _WHERE = {"load_model": "model", "NativeModel": "model", "HFModel": "model",
           "InferenceModel": "model", "generate_text": "generate", "append_pauses": "pauses",
           "resolve_pauses": "pauses",
-          "resolve_device": "device", "generate_cached": "model"}
+          "resolve_device": "device", "generate_cached": "model",
+          "generate_speculative_batch": "speculative", "SpeculativeStats": "speculative"}
 
 __all__ = sorted(_WHERE)
 

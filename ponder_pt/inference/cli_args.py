@@ -20,6 +20,11 @@ PREFILL_HELP = ("latent-thoughts models: how a prompt's thoughts are computed: e
                 "iterations, as in training; native checkpoints only). Default: the model's "
                 "thoughts.prefill")
 
+SPECULATIVE_HELP = ("pondering models (native checkpoints): decode speculatively, the first d "
+                    "passes drafting n tokens that the remaining passes verify in one step; "
+                    "the same tokens as ordinary greedy decoding, and sampling from the same "
+                    "distribution, e.g. 1:3. Adaptive models draft at --halt-q 1 only")
+
 MODEL_HELP = ("a run directory (`ponder-pt train --out DIR`), a training checkpoint.dir (with "
               "run_config.yaml) or an HF directory")
 
@@ -67,8 +72,11 @@ def add_generate_args(p) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true",
                    help='print {"token_ids": [...], "text": ...} of the new tokens (adaptive '
-                        'pondering models add "passes": the passes each new token took)')
+                        'pondering models add "passes": the passes each new token took; '
+                        '--speculative adds "speculative": the acceptance rate and tokens per '
+                        'verify step)')
     p.add_argument("--halt-q", type=float, default=None, help=HALT_Q_HELP)
+    p.add_argument("--speculative", metavar="D:N", default=None, help=SPECULATIVE_HELP)
     p.add_argument("--thought-prefill", choices=("exact", "jacobi"), default=None,
                    help=PREFILL_HELP)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
@@ -84,6 +92,9 @@ def add_eval_args(p) -> None:
     p.add_argument("--halt-q", type=float, default=None, help=HALT_Q_HELP)
     p.add_argument("--thought-prefill", choices=("exact", "jacobi"), default=None,
                    help=PREFILL_HELP)
+    p.add_argument("--speculative", metavar="D:N", default=None,
+                   help=SPECULATIVE_HELP + " (generate_until tasks; the results add the "
+                                           "acceptance rate)")
     p.add_argument("--include-path", metavar="DIR",
                    help="directory of extra lm-eval task YAMLs (offline tasks: a YAML whose "
                         "dataset_path is `json` with local data_files needs no network)")

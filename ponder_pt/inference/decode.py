@@ -52,6 +52,8 @@ class Decoder:
     all: the longest prompt plus the new tokens (GPT-2: at most its learned positions; going
     past either is a ValueError). `prefill_one` / `step_one` are the batch-1 forms ([V]).
 
+    spare: cache columns beyond the positions (`speculative.SpeculativeDecoder`'s drafts).
+
     mode: "eager" (each step runs the model on the filled columns), "static" (the fixed-shape
     step on device buffers that a graph captures, run eagerly: any device; for checking and
     debugging the graph's arithmetic apart from the capture), "graph" (that step replayed from
@@ -62,7 +64,7 @@ class Decoder:
 
     def __init__(self, model, capacity: int, ponder_steps: Optional[int] = None,
                  vocab_rows: Optional[int] = None, mode: Optional[str] = None, batch: int = 1,
-                 halt_q: Optional[float] = None):
+                 halt_q: Optional[float] = None, spare: int = 0):
         self.model, self.K, self.vocab_rows, self.batch = model, ponder_steps, vocab_rows, batch
         self.device = next(model.parameters()).device
         on_cuda = self.device.type == "cuda"
@@ -92,7 +94,8 @@ class Decoder:
         # GPT-2 cannot go past its position table, whatever the caller asks
         self.capped = model.pos_embed is not None and capacity > model.cfg.max_seq_len
         self.capacity = model.cfg.max_seq_len if self.capped else capacity
-        self.caches = model.new_caches(ponder_steps, capacity=self.capacity, batch=batch)
+        self.caches = model.new_caches(ponder_steps, capacity=self.capacity, batch=batch,
+                                       spare=spare)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.replays = 0
         self.graph_status = ("not captured yet" if mode == "graph" else
@@ -110,11 +113,15 @@ class Decoder:
         """Positions filled (the longest prompt plus the tokens stepped so far)."""
         return self.caches[0].length // self.slots
 
-    def _last(self, logits: torch.Tensor) -> torch.Tensor:
-        z = logits[:, -1].float()
+    def masked(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [..., V] as float32 with the rows >= vocab_rows at -inf (never emitted)."""
+        z = logits.float()
         if self.vocab_rows is not None:
-            z[:, self.vocab_rows:] = float("-inf")
+            z[..., self.vocab_rows:] = float("-inf")
         return z
+
+    def _last(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.masked(logits[:, -1])
 
     def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         if not self.adaptive:  # (a halting model asked for q = 1: every pass)
@@ -126,11 +133,14 @@ class Decoder:
         return self._last(logits)
 
     def _room(self, n: int) -> None:
-        if self.length + n > self.capacity:
+        self.check_positions(self.length + n)
+
+    def check_positions(self, end: int) -> None:
+        """A ValueError naming the limit when positions 0..end-1 do not fit."""
+        if end > self.capacity:
             what = ("GPT-2's learned positions (model.max_seq_len)" if self.capped
                     else "the KV caches")
-            raise ValueError(f"position {self.length + n - 1} is beyond {what}: "
-                             f"{self.capacity} positions")
+            raise ValueError(f"position {end - 1} is beyond {what}: {self.capacity} positions")
 
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:

@@ -33,6 +33,7 @@ from ..data.hub import HubUnavailable, hub_error_line, hub_unreachable
 from ..export.hf_auto import refuse_remote_code
 from .model import InferenceModel, load_model
 from .pauses import append_pauses, resolve_pauses
+from .speculative import describe_stats
 
 OFFLINE_HINT = ("--include-path DIR with a task YAML that reads local files (dataset_path: json, "
                 "dataset_kwargs: {data_files: ...}), or run once where the Hub is reachable so "
@@ -202,12 +203,14 @@ def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,
              num_fewshot: Optional[int] = None, device: str = "auto", progress: bool = True,
              seed: int = 1234, trust_remote_code: bool = False,
              unsafe_unpickle: bool = False, batch_size: int = 16,
-             halt_q: Optional[float] = None, thought_prefill: Optional[str] = None) -> dict:
+             halt_q: Optional[float] = None, thought_prefill: Optional[str] = None,
+             speculative: Optional[str] = None) -> dict:
     """lm_eval.simple_evaluate on our wrapper; returns its results dict. device: "auto"
     (cuda when available, else cpu), "cpu", "cuda" or "cuda:N". halt_q: adaptive pondering's
     Q-exit threshold (None: the model's own); adaptive models add "mean_passes" (passes per
     scored token) to the results dict. thought_prefill: latent-thoughts models' "exact" or
-    "jacobi" prompt thoughts (None: the model's own)."""
+    "jacobi" prompt thoughts (None: the model's own). speculative: "d:n" generations decoded
+    speculatively (`inference.speculative`), adding "speculative" (the acceptance counts)."""
     import lm_eval
 
     if not os.path.exists(model_dir):
@@ -218,6 +221,7 @@ def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,
                        unsafe_unpickle=unsafe_unpickle)
     model.set_halt_q(halt_q)
     model.set_thought_prefill(thought_prefill)
+    model.set_speculative(speculative)
     lm = PonderEvalLM(model, pauses, progress=progress, batch_size=batch_size)
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                   task_manager=tm, log_samples=False, random_seed=seed,
@@ -228,6 +232,8 @@ def run_eval(model_dir: str, tasks: list[str], pauses: Optional[int] = None,
         if model.adaptive and model.passes_seen:
             res["mean_passes"] = model.passes_seen[0] / max(1, model.passes_seen[1])
             res["halt_q"] = model.halt_q
+        if model.speculative_stats is not None:
+            res["speculative"] = model.speculative_stats.as_dict()
     return res
 
 
@@ -243,17 +249,21 @@ def cmd_eval(args) -> int:
                    args.device, progress=not args.quiet,
                    trust_remote_code=args.trust_remote_code,
                    unsafe_unpickle=args.unsafe_unpickle, batch_size=args.batch_size,
-                   halt_q=args.halt_q, thought_prefill=args.thought_prefill)
+                   halt_q=args.halt_q, thought_prefill=args.thought_prefill,
+                   speculative=args.speculative)
     results = res.get("results", {}) if res else {}
-    adaptive = {key: res[key] for key in ("mean_passes", "halt_q") if res and key in res}
+    extra = {key: res[key] for key in ("mean_passes", "halt_q", "speculative")
+             if res and key in res}
     if args.json:
-        print(json.dumps({"results": results, **adaptive}, default=str))
+        print(json.dumps({"results": results, **extra}, default=str))
     else:
         from lm_eval.utils import make_table
 
         print(make_table(res))
-        if adaptive:
-            print(f"adaptive pondering: {adaptive['mean_passes']:.3f} passes per token")
+        if "mean_passes" in extra:
+            print(f"adaptive pondering: {extra['mean_passes']:.3f} passes per token")
+        if "speculative" in extra:
+            print(f"speculative decoding: {describe_stats(extra['speculative'])}")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
             json.dump({"results": results, "config": res.get("config")}, fh, indent=1,

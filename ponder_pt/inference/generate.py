@@ -9,6 +9,7 @@ from typing import Optional
 
 from .model import InferenceModel, load_model
 from .pauses import append_pauses, resolve_pauses
+from .speculative import describe_stats
 
 
 def generate_text(lm: InferenceModel, prompt: str, max_new_tokens: int = 32,
@@ -74,6 +75,7 @@ def cmd_generate(args) -> int:
                     unsafe_unpickle=args.unsafe_unpickle)
     lm.set_halt_q(args.halt_q)
     lm.set_thought_prefill(args.thought_prefill)
+    lm.set_speculative(args.speculative)
     if prompts is not None:
         results = generate_many(lm, prompts, args.max_new_tokens, args.greedy, args.pauses,
                                 args.temperature, args.top_k, args.seed, args.batch_size)
@@ -85,12 +87,18 @@ def cmd_generate(args) -> int:
         finally:
             if args.output:
                 out.close()
+        if lm.speculative_stats is not None:
+            print(f"speculative decoding: {describe_stats(lm.speculative_stats.as_dict())}",
+                  file=sys.stderr)
         return 0
     res = generate_text(lm, args.prompt, args.max_new_tokens, args.greedy, args.pauses,
                         args.temperature, args.top_k, args.seed)
     if args.json:
         keys = ("token_ids", "text", "passes") if "passes" in res else ("token_ids", "text")
-        print(json.dumps({key: res[key] for key in keys}))
+        out = {key: res[key] for key in keys}
+        if lm.speculative_stats is not None:
+            out["speculative"] = lm.speculative_stats.as_dict()
+        print(json.dumps(out))
     else:
         print(args.prompt + res["text"])
     return 0

@@ -21,18 +21,9 @@ from ..config.validate import halt_q_problem
 from ..sdpa_backends import varying_shape_method
 from .decode import Decoder
 from .device import resolve_device
-
-
-def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int,
-          gen: Optional[torch.Generator]) -> int:
-    """Next token from last-position logits [V] (already masked)."""
-    if greedy:
-        return int(logits.argmax())
-    z = logits.float() / max(temperature, 1e-6)
-    if top_k > 0:
-        vals, idx = z.topk(min(top_k, z.shape[-1]))
-        return int(idx[torch.multinomial(torch.softmax(vals, -1), 1, generator=gen)])
-    return int(torch.multinomial(torch.softmax(z, -1), 1, generator=gen))
+from .sampling import pick_token
+from .speculative import (SpeculativeStats, generate_speculative_batch, parse_speculative,
+                          speculative_problem)
 
 
 def _decode_mode(cuda_graph: Optional[bool]) -> Optional[str]:
@@ -101,7 +92,7 @@ def generate_cached_batch(model, prompts: Sequence[Sequence[int]], max_new_token
             picked = z.argmax(-1).tolist()
         else:  # an ended row draws nothing, as it would not alone
             picked = [outs[row][-1] if done[row] else
-                      _pick(z[row], False, temperature, top_k, gens[row])
+                      pick_token(z[row], False, temperature, top_k, gens[row])
                       for row in range(len(prompts))]
         for row, tok in enumerate(picked):
             if not done[row]:
@@ -154,6 +145,28 @@ class InferenceModel(abc.ABC):
 
     thoughts: int = 0
     """Latent thoughts per token (M; 0 = none)."""
+    speculative: Optional[tuple] = None
+    """(d, n) of speculative decoding over the passes (`set_speculative`), else None."""
+    speculative_stats: Optional[SpeculativeStats] = None
+    """Acceptance counts summed over the generations since `set_speculative`."""
+
+    def set_speculative(self, spec, name: str = "--speculative") -> None:
+        """Generate with the first d passes drafting n tokens per verify step: spec "d:n" or
+        (d, n) (None: ordinary decoding). Refused where the model cannot
+        (`speculative_problem`), and for HF directories."""
+        if spec is None:
+            return
+        d, n = parse_speculative(spec) if isinstance(spec, str) else spec
+        self._check_speculative(d, n, name)
+        self.speculative, self.speculative_stats = (d, n), SpeculativeStats()
+
+    def _check_speculative(self, d: int, n: int, name: str) -> None:
+        raise ValueError(
+            f"{name}: speculative decoding runs on native checkpoints. An HF export decodes "
+            "through transformers' generate(), whose assisted decoding runs the draft as a "
+            "second model with its own cache: the draft's passes would run again in the "
+            "verifier, where ours keeps their keys/values. Point --model at the training "
+            "checkpoint")
 
     def set_thought_prefill(self, mode: Optional[str]) -> None:
         """How prompts' thoughts are computed: "exact" or "jacobi" (None: the model's own);
@@ -247,12 +260,22 @@ class PonderLMModel(InferenceModel):
         self.passes_seen = [seen[0] + int(exits.sum()) + exits.numel(), seen[1] + exits.numel()]
         return logits.float()
 
+    def _check_speculative(self, d: int, n: int, name: str) -> None:
+        problem = speculative_problem(self.model, d, n, halt_q=self.halt_q)
+        if problem:
+            raise ValueError(problem.replace("--speculative", name))
+
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def generate(self, prompt, max_new_tokens, greedy=True, temperature=1.0, top_k=0, seed=0,
                  stop_at_eos=True):
         self.last_passes = []
+        if self.speculative is not None:  # every token takes the K+1 passes
+            sampling = None if greedy else (temperature, top_k, [seed])
+            new = self._generate_rows([prompt], max_new_tokens, stop_at_eos, sampling)[0]
+            self.last_passes = [self.ponder_steps + 1] * len(new)
+            return new
         return generate_cached(self.model, prompt, max_new_tokens, vocab_rows=self.vocab_rows,
                                eos_id=self.eos_id if stop_at_eos else None, greedy=greedy,
                                temperature=temperature, top_k=top_k,
@@ -261,6 +284,13 @@ class PonderLMModel(InferenceModel):
 
     def _generate_rows(self, prompts, max_new_tokens, stop_at_eos, sampling=None):
         temperature, top_k, seeds = sampling or (1.0, 0, None)
+        if self.speculative is not None:
+            return generate_speculative_batch(
+                self.model, prompts, max_new_tokens, *self.speculative,
+                vocab_rows=self.vocab_rows, eos_id=self.eos_id if stop_at_eos else None,
+                greedy=sampling is None, temperature=temperature, top_k=top_k,
+                halt_q=self.halt_q, stats=self.speculative_stats,
+                generators=None if seeds is None else [self._generator(s) for s in seeds])
         return generate_cached_batch(
             self.model, prompts, max_new_tokens, vocab_rows=self.vocab_rows,
             eos_id=self.eos_id if stop_at_eos else None, greedy=sampling is None,

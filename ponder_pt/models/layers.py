@@ -360,6 +360,40 @@ class StaticKVCache:
             return None
         return self.valid[:, self.length:self.length + n * slots:slots]
 
+    def hide(self, start: int, hidden: torch.Tensor) -> None:
+        """Mark columns start..start+n-1 where hidden [b, n] is True as never to be attended
+        again, like padding (speculative decoding: a row's rejected drafts, when another row
+        of the batch kept more columns)."""
+        if self.valid is None:
+            self.valid = torch.ones(hidden.shape[0], self.capacity, dtype=torch.bool,
+                                    device=hidden.device)
+        self.valid[:, start:start + hidden.shape[1]] &= ~hidden
+
+    def compact(self) -> None:
+        """Squeeze out the hidden columns of [0, length): each row's visible columns move, in
+        order, to the right end of a left-padded block as wide as the row with the most;
+        `length` becomes that width. Keys hold their rotary positions, so nothing else
+        changes."""
+        if self.valid is None:
+            return
+        valid = self.valid[:, :self.length]
+        counts = valid.sum(1)
+        width = int(counts.max())
+        # per row: its visible columns, right-aligned; padding slots point at column 0
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :width]
+        pad = width - counts
+        slot = torch.arange(width, device=valid.device)[None, :]
+        keep = slot >= pad[:, None]
+        index = torch.where(keep, order.gather(1, (slot - pad[:, None]).clamp(min=0)), 0)
+        for store in (self.keys, self.values):
+            for layer, t in enumerate(store):
+                gather = index[:, None, :, None].expand(t.shape[0], t.shape[1], width,
+                                                        t.shape[3])
+                t[:, :, :width] = t.gather(2, gather)
+        full = torch.ones_like(self.valid)
+        full[:, :width] = keep
+        self.valid, self.length = full, width
+
     def copy_new_from(self, other: "StaticKVCache", n: int) -> None:
         """Copy, in every layer, the n columns `other` is filling this step (before
         `advance`): a skipped pass takes the previous pass's keys/values."""

@@ -125,6 +125,7 @@ class PonderLM(PonderPass, nn.Module):
         self.build_output_layers(cfg, self.ponder_cfg, inits, mp, seed, params_dtype)
         self.rotary = Rotary(cfg.head_dim, cfg.rotary_pct, cfg.rotary_base)
         self.halting_stats: Optional[dict] = None  # of the last forward with labels
+        self.draft_stats: Optional[torch.Tensor] = None  # the last training forward's draft CE
         self.set_activation_checkpointing(cfg.activation_checkpointing)
         for module in self.modules():  # megatron layers are already in params_dtype
             if isinstance(module, (nn.LayerNorm, RMSNorm)):
@@ -287,14 +288,52 @@ class PonderLM(PonderPass, nn.Module):
         return out
 
     def _fixed(self, e, position_ids, rope, per_pass, labels, loss_mask, K, gather_logits):
-        """Fixed-K pondering: K passes feeding back, the loss or logits of the last one."""
+        """Fixed-K pondering: K passes feeding back, the loss or logits of the last one. In
+        training with `ponder.draft_loss` > 0, the loss adds that weight times the CE of pass
+        d-1's logits (d = `ponder.draft_passes`): the draft of speculative decoding."""
+        draft = (self.ponder_cfg.draft_passes - 1 if self.ponder_cfg.draft_loss > 0
+                 and self.training and labels is not None and K == self.ponder_cfg.steps
+                 else None)
+        draft_ce = None
         for k in range(K):
-            e = self.feed_back(e, self.transformer(e, position_ids, per_pass[k], rope=rope))
+            hidden = self.transformer(e, position_ids, per_pass[k], rope=rope)
+            logits = None
+            if k == draft:
+                logits = self.head(hidden) if self.feedback_needs_logits else None
+                draft_ce = self.loss_of(hidden, logits, labels, loss_mask, keep_logits=True)
+                self.draft_stats = draft_ce.detach()
+            e = self.feed_back(e, hidden, logits)
         hidden = self.transformer(e, position_ids, per_pass[K], rope=rope)
         for cache in per_pass:
             if cache is not None:
                 cache.advance(position_ids.shape[1])
-        return self._output(hidden, labels, loss_mask, gather_logits)
+        out = self._output(hidden, labels, loss_mask, gather_logits)
+        return out if draft_ce is None else out + self.ponder_cfg.draft_loss * draft_ce
+
+    def loss_of(self, hidden, logits, labels, loss_mask, keep_logits: bool) -> torch.Tensor:
+        """The masked mean CE of one pass (its logits, or vocab-chunked from its hidden)."""
+        target, mask = self.targets(labels, loss_mask)
+        per_token = self.pass_ce(hidden, logits, target, keep_logits)
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+    def passes(self, e: torch.Tensor, position_ids: torch.Tensor, caches: list, first: int,
+               stop: int) -> tuple:
+        """Passes first..stop-1 of fixed-K pondering (K = len(caches) - 1) on e_first
+        [s, b, h], each reading and appending to (and advancing) its own cache: returns
+        (e_stop, or None when stop = K+1; the logits [b, s, V] of pass stop-1, gathered).
+        Pass k of a position sees only pass-k keys/values, so passes 0..d-1 of every token
+        are a model of their own: speculative decoding drafts with them and verifies the
+        drafted tokens with passes d..K (`ponder_pt.inference.speculative`)."""
+        K = len(caches) - 1
+        rope = self.rotary(position_ids, e.dtype)
+        logits = None
+        for k in range(first, stop):
+            hidden = self.transformer(e, position_ids, caches[k], rope=rope)
+            caches[k].advance(position_ids.shape[1])
+            wanted = k == stop - 1 or (k < K and self.feedback_needs_logits)
+            logits = self.head(hidden) if wanted else None
+            e = self.feed_back(e, hidden, logits) if k < K else None
+        return e, par.gather_vocab(logits.transpose(0, 1))
 
     def _output(self, hidden, labels, loss_mask, gather_logits):
         """The loss (labels given) or the logits [b, s, V(/tp)] of final-norm hidden states."""
@@ -441,11 +480,12 @@ class PonderLM(PonderPass, nn.Module):
         return picked
 
     def new_caches(self, ponder_steps: Optional[int] = None, capacity: int = 0,
-                   batch: int = 1) -> list:
+                   batch: int = 1, spare: int = 0) -> list:
         """Empty KV caches for incremental decoding, one per pass (K+1): growing ones
         (`KVCache`), or with `capacity` > 0 preallocated ones of that many positions for
-        `batch` rows (`StaticKVCache`, in the parameters' dtype and device). Latent thoughts
-        and every-token pauses: one cache, M+1 columns per position."""
+        `batch` rows (`StaticKVCache`, in the parameters' dtype and device), plus `spare`
+        columns (speculative decoding's drafts beyond the last position kept). Latent
+        thoughts and every-token pauses: one cache, M+1 columns per position."""
         K = self.ponder_cfg.steps if ponder_steps is None else ponder_steps
         if self.slots > 1:
             K = 0
@@ -457,8 +497,8 @@ class PonderLM(PonderPass, nn.Module):
                              f"learned positions (model.max_seq_len)")
         w = self.embed.weight
         kv = self.cfg.kv_heads // par.tp_size()
-        return [StaticKVCache(n, batch, kv, self.cfg.head_dim, capacity * self.slots, w.dtype,
-                              w.device) for _ in range(K + 1)]
+        return [StaticKVCache(n, batch, kv, self.cfg.head_dim, capacity * self.slots + spare,
+                              w.dtype, w.device) for _ in range(K + 1)]
 
     # the losses are ponder_pass's, which the pipeline's stages use too
     loss = staticmethod(pp.loss)
