@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 from ponder_pt.early_exit.compare import markdown, plot, rows_of, run_strategies
 from ponder_pt.early_exit.toy import tiny_encoder, write_polarity_task
+
+from .jobs import job_command
 
 ENCODERS = ("albert", "bert", "roberta")
 
@@ -39,8 +40,7 @@ def _backbone(study, cfg: dict, root: str) -> str:
             return None
         raise SystemExit(f"study: early_exit.backbone={name}: no checkpoint in {ckpt}; run the "
                          f"'runs' stage first")
-    cmd = [sys.executable, "-m", "ponder_pt", "convert", "to-hf", "--checkpoint", ckpt,
-           "--out", out]
+    cmd = job_command("ponder_pt", "convert", "to-hf", "--checkpoint", ckpt, "--out", out)
     study.log(f"early exit: exporting {name} -> {out}")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -45,13 +45,12 @@ import os
 import random
 import re
 import statistics
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .bootstrap import BOOTSTRAP
-from .jobs import is_trained, job_env, run_logged
+from .jobs import is_trained, job_command, job_env, run_logged
 from .pause_ft_report import (finish, read_json, read_lines, score_lines, section,
                               write_json, write_outputs)
 
@@ -257,8 +256,8 @@ def run_unit(study, u: dict, task_dir: str, cfg: dict, args: list, env: dict) ->
             return None
         study.log(f"pause_ft: fine-tuning {tag} ({u['run']}, M={u['m']}, x{u['mult']} steps)")
         os.makedirs(out, exist_ok=True)
-        cmd = [sys.executable, "-m", "ponder_pt", "sft", "--model", u["ckpt"], "--task",
-               task_dir, "--pauses", str(u["m"]), "--out", out, "--seed", str(u["seed"]), *args]
+        cmd = job_command("ponder_pt", "sft", "--model", u["ckpt"], "--task", task_dir,
+                          "--pauses", u["m"], "--out", out, "--seed", u["seed"], *args)
         t0 = time.time()
         code = run_logged(cmd, os.path.join(out, "sft.log"), env, mode="w")
         if code != 0 or not os.path.exists(os.path.join(out, "final", "config.json")):

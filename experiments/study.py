@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from ponder_pt.config.tree import deep_merge
 
 from .adaptive import stage_adaptive
 from .early_exit import stage_early_exit
-from .jobs import job_env, run_logged, stop_children
+from .jobs import job_command, job_env, run_logged, stop_children
 from .pause_ft import stage_pause_ft
 from .training import run_overrides, spec_hash, train_run  # noqa: F401 - run_overrides: tests
 
@@ -220,12 +219,12 @@ def execute_run(study: Study, run: dict) -> dict:
     else:
         with open(prev, "w", encoding="utf-8") as fh:
             json.dump({"train_wall_s": extra["train_wall_s"]}, fh)
-    cmd = [sys.executable, "-m", "experiments.evaluate", "--run-dir", run_dir,
-           "--data", os.path.join(study.work, "data"),
-           "--curve-windows", str(ev_cfg.get("curve_windows", 0)),
-           "--pause-counts", ",".join(str(m) for m in ev_cfg["pause_counts"]),
-           "--batch", str(ev_cfg["batch"]), "--device", str(ev_cfg["device"]),
-           "--threads", str(threads), "--extra", json.dumps(extra)]
+    cmd = job_command("experiments.evaluate", "--run-dir", run_dir,
+                      "--data", os.path.join(study.work, "data"),
+                      "--curve-windows", ev_cfg.get("curve_windows", 0),
+                      "--pause-counts", ",".join(str(m) for m in ev_cfg["pause_counts"]),
+                      "--batch", ev_cfg["batch"], "--device", ev_cfg["device"],
+                      "--threads", threads, "--extra", json.dumps(extra))
     if ev_cfg.get("keep_checkpoints"):
         cmd.append("--keep-checkpoints")
     code = run_logged(cmd, os.path.join(run_dir, "eval.log"), env, mode="w")

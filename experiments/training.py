@@ -7,10 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 
-from .jobs import is_trained, job_env, run_logged
+from .jobs import is_trained, job_command, job_env, run_logged
 
 
 def run_overrides(sc: dict, run: dict, data: dict, run_dir: str) -> list[str]:
@@ -59,8 +58,8 @@ def train_run(study, run: dict) -> float:
         json.dump({"spec_hash": digest, "run": run, "overrides": overrides}, fh, indent=1)
     t0 = time.time()
     if not is_trained(run_dir, run["iters"]):
-        cmd = [sys.executable, "-m", "ponder_pt", "train", "--config", sc["train"]["config"],
-               "--nproc", str(sc["train"]["nproc"])]
+        cmd = job_command("ponder_pt", "train", "--config", sc["train"]["config"],
+                          "--nproc", sc["train"]["nproc"])
         for item in overrides:
             cmd += ["--set", item]
         code = run_logged(cmd, os.path.join(run_dir, "train.log"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+import zygote  # noqa: E402
 from _json_helpers import _numbers  # noqa: E402
 from experiments import adaptive_report  # noqa: E402
 from experiments.bootstrap import paired_bootstrap  # noqa: E402
@@ -28,6 +30,10 @@ from experiments.study import load_study_config, plan_runs  # noqa: E402
 def _study(out, *extra, timeout=900):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("WORLD_SIZE", None)
+    if zygote.ENABLED:  # the study's jobs forked from an interpreter with everything imported
+        client = os.path.join(REPO, "tests", "zygote_client.py")
+        env.update(PONDER_ZYGOTE_SOCKET=zygote.server_socket(env),
+                   PONDER_JOB_PYTHON=shlex.join([sys.executable, client]))
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "experiments.study", "--toy", "--out", str(out),
                            *extra], cwd=REPO, env=env, capture_output=True, text=True,

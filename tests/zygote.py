@@ -233,7 +233,9 @@ def _install_launcher() -> None:
 
 
 def _run_command(request: dict) -> None:
-    """The forked child: `python -m ponder_pt ARGS` in the request's cwd, env and files."""
+    """The forked child: `python -m ponder_pt ARGS` (or the request's "module") in the
+    request's cwd, env and files ("append": write after what the files hold, e.g. a client's
+    own stdout, `zygote_client.py`)."""
     atexit._clear()
     os.setsid()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR1):
@@ -243,8 +245,9 @@ def _run_command(request: dict) -> None:
     os.environ.update(request["env"])
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
+    mode = os.O_APPEND if request.get("append") else os.O_TRUNC
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o644)
         os.dup2(out, fd)
         os.close(out)
     threads = os.environ.get("OMP_NUM_THREADS")
@@ -253,9 +256,18 @@ def _run_command(request: dict) -> None:
 
         torch.set_num_threads(int(threads))
     _install_launcher()
-    sys.argv = ["ponder-pt", *request["argv"]]
+    module = request.get("module", "ponder_pt")
     code = 1
     try:
+        if module != "ponder_pt":  # `python -m MODULE`: its directory and PYTHONPATH first
+            import runpy
+
+            extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            sys.path[:0] = [os.getcwd(), *extra]
+            sys.argv = [module, *request["argv"]]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            _exit(0)
+        sys.argv = ["ponder-pt", *request["argv"]]
         from ponder_pt.cli import main
 
         code = main(request["argv"])
@@ -350,6 +362,12 @@ def _server_path(env: dict) -> str:
         atexit.register(_stop_servers)
     _SERVERS[key] = {"proc": proc, "path": path, "root": root}
     return path
+
+
+def server_socket(env: dict) -> str:
+    """The socket of the server for `env`'s import-time settings (started if needed): what
+    `zygote_client.py` connects to through $PONDER_ZYGOTE_SOCKET."""
+    return _server_path(env)
 
 
 def _stop_servers() -> None:
