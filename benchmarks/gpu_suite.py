@@ -81,7 +81,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 warnings.filterwarnings("ignore")
 
-from benchmarks.gpu.common import T0, kill_group, log  # noqa: E402
+from benchmarks.gpu.common import T0, kill_group, log, python_command  # noqa: E402
 from benchmarks.gpu.env import collect_env  # noqa: E402
 from benchmarks.gpu.gen import section_gen  # noqa: E402
 from benchmarks.gpu.generate import section_generate  # noqa: E402
@@ -150,8 +150,8 @@ def child_main(args) -> int:
 
 def run_child(args, section: str, budget: float, shape: str = None) -> None:
     deadline = time.time() + budget
-    cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--section", section,
-           "--deadline", str(deadline)]
+    cmd = [*python_command(), os.path.abspath(__file__), "--out", args.out, "--section",
+           section, "--deadline", str(deadline)]
     if shape:
         cmd += ["--shape", shape]
     if args.smoke:

@@ -10,6 +10,7 @@ import sys
 from types import SimpleNamespace as NS
 
 import pytest
+import zygote
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -206,11 +207,27 @@ def test_profile_rederived_from_saved_entries():
     assert "| **device total** | 242 | 143 | 277 |" in md  # raw, as written
 
 
+def _smoke_env() -> dict:
+    """The smoke's environment: its section and trainer children forked from the test zygote
+    ($PONDER_JOB_PYTHON, tests/zygote_client.py) instead of new interpreters."""
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env.pop("WORLD_SIZE", None)
+    # what the suite's parent sets for its children, here already: libraries read some of it
+    # when imported, so the server that forks them must import with the same
+    env.update(CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
+               PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".torch_extensions"))
+    if zygote.ENABLED:
+        env["PONDER_ZYGOTE_SOCKET"] = zygote.server_socket(env)
+        env["PONDER_JOB_PYTHON"] = os.path.join(REPO, "tests", "zygote_client.py")
+    return env
+
+
 @pytest.mark.slow
 def test_gpu_suite_smoke(tmp_path):
     out = tmp_path / "gpu"
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    env.pop("WORLD_SIZE", None)
+    env = _smoke_env()
     proc = subprocess.run([sys.executable, os.path.join("benchmarks", "gpu_suite.py"), "--smoke",
                            "--out", str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -320,8 +337,7 @@ def test_gpu_suite_smoke_trainer_section(tmp_path):
     step at the same toy shape, micro-batch and K, both timed; the trainer's config is checked
     against the bare model's before either runs, and its estimate reported."""
     out = tmp_path / "gpu"
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    env.pop("WORLD_SIZE", None)
+    env = _smoke_env()
     proc = subprocess.run([sys.executable, os.path.join("benchmarks", "gpu_suite.py"), "--smoke",
                            "--sections", "trainer", "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import zygote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "slurm", "pretrain_*.sh")))
@@ -22,19 +23,25 @@ def test_every_method_and_size_has_a_script():
             assert f"pretrain_{method}_{size}.sh" in names
 
 
-def _script_env(**extra):
-    env = dict(os.environ, PYTHON=sys.executable, **extra)
+def _script_env(forked=False, **extra):
+    """The scripts' environment. forked: their `$PYTHON -m ponder_pt.train --dry-run` is
+    forked from the test zygote (tests/zygote_client.py) instead of a new interpreter."""
+    env = dict(os.environ, **extra)
     for key in ("WORLD_SIZE", "GPUS_PER_NODE", "PRECISION", "SLURM_GPUS_PER_NODE",
                 "SLURM_NTASKS", "SLURM_JOB_ID"):
         if key not in extra:
             env.pop(key, None)
+    env["PYTHON"] = sys.executable
+    if forked and zygote.ENABLED:
+        env["PONDER_ZYGOTE_SOCKET"] = zygote.server_socket(env)
+        env["PYTHON"] = os.path.join(ROOT, "tests", "zygote_client.py")
     return env
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
 def test_script_syntax_and_dry_run(script):
     subprocess.run(["bash", "-n", script], check=True)
-    env = _script_env()
+    env = _script_env(forked=True)
     out = subprocess.run(["bash", script, "--dry-run"], env=env, capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -59,7 +66,7 @@ def test_script_on_cpus_passes_trailing_arguments_last():
     script = os.path.join(ROOT, "slurm", "pretrain_ponderpythia_2.8b.sh")
     out = subprocess.run(["bash", script, "--dry-run", "--set", "train.iters=30",
                           "--set", "parallel.tp=1", "--set", "train.micro_batch=2"],
-                         env=_script_env(GPUS_PER_NODE="0", SLURM_NTASKS="2"),
+                         env=_script_env(True, GPUS_PER_NODE="0", SLURM_NTASKS="2"),
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout

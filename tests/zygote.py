@@ -233,8 +233,8 @@ def _install_launcher() -> None:
 
 
 def _run_command(request: dict) -> None:
-    """The forked child: `python -m ponder_pt ARGS` (or the request's "module") in the
-    request's cwd, env and files ("append": write after what the files hold, e.g. a client's
+    """The forked child: `python -m ponder_pt ARGS` (or the request's "module", or its
+    "script") in the request's cwd, env and files ("append": write after what the files hold, e.g. a client's
     own stdout, `zygote_client.py`)."""
     atexit._clear()
     os.setsid()
@@ -256,16 +256,19 @@ def _run_command(request: dict) -> None:
 
         torch.set_num_threads(int(threads))
     _install_launcher()
-    module = request.get("module", "ponder_pt")
+    module, script = request.get("module", "ponder_pt"), request.get("script")
     code = 1
     try:
-        if module != "ponder_pt":  # `python -m MODULE`: its directory and PYTHONPATH first
-            import runpy
+        if script or module != "ponder_pt":  # `python SCRIPT` / `python -m MODULE`: its
+            import runpy                     # directory (or cwd) and PYTHONPATH first
 
             extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-            sys.path[:0] = [os.getcwd(), *extra]
-            sys.argv = [module, *request["argv"]]
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            sys.path[:0] = [os.path.dirname(script) if script else os.getcwd(), *extra]
+            sys.argv = [script or module, *request["argv"]]
+            if script:
+                runpy.run_path(script, run_name="__main__")
+            else:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
             _exit(0)
         sys.argv = ["ponder-pt", *request["argv"]]
         from ponder_pt.cli import main
@@ -299,9 +302,16 @@ def serve(path: str) -> None:
     handshake.close()
     waiting = {}  # child pid -> connection
     while True:
-        readable, _, _ = select.select([listener, sys.stdin], [], [], 0.05)
+        clients = {conn: pid for pid, conn in waiting.items()}
+        readable, _, _ = select.select([listener, sys.stdin, *clients], [], [], 0.05)
         if sys.stdin in readable and not sys.stdin.readline():
             break
+        for conn in set(readable) & set(clients):  # a client gone (killed at its timeout):
+            if not conn.recv(1):                   # its command goes too, nothing outlives it
+                try:
+                    os.killpg(clients[conn], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         if listener in readable:
             conn, _ = listener.accept()
             request = json.loads(conn.makefile().readline())

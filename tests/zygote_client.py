@@ -1,11 +1,16 @@
-"""`python -m MODULE ARGS` run by the test zygote (tests/zygote.py) instead of a new
-interpreter: `python tests/zygote_client.py -m MODULE ARGS` with $PONDER_ZYGOTE_SOCKET naming
-the server (`zygote.server_socket`). This client imports nothing heavy. The forked command
-runs in this client's working directory and environment and writes to its stdout and
-stderr. SIGINT, SIGTERM and SIGUSR1 are passed on to it, and the client exits with its code.
+#!/usr/bin/env python3
+"""`python -m MODULE ARGS` or `python SCRIPT ARGS` run by the test zygote (tests/zygote.py)
+instead of a new interpreter. Run it as `tests/zygote_client.py -m MODULE ARGS` (or `SCRIPT
+ARGS`): it is executable, so it can stand for a script's $PYTHON. $PONDER_ZYGOTE_SOCKET names the server
+(`zygote.server_socket`). The client imports nothing heavy. The forked command runs in the
+client's working directory and environment and writes to its stdout and stderr. SIGINT,
+SIGTERM and SIGUSR1 are passed on to it, and the client exits with its code.
 
-The study's jobs run through it in tests/test_study.py ($PONDER_JOB_PYTHON, experiments/jobs.py):
-each job would otherwise import torch, DeepSpeed, megatron-core and transformers again."""
+Where the tests use it: the toy study's jobs (tests/test_study.py, through
+$PONDER_JOB_PYTHON in experiments/jobs.py), the GPU suite's section and trainer children in
+its CPU smoke (tests/test_gpu_suite.py, $PONDER_JOB_PYTHON in benchmarks/gpu/common.py) and
+the SLURM scripts' dry runs (tests/test_launch.py, through $PYTHON). Each would otherwise import torch, DeepSpeed,
+megatron-core and transformers again."""
 
 from __future__ import annotations
 
@@ -17,13 +22,16 @@ import sys
 
 
 def main(argv: list) -> int:
-    if len(argv) < 2 or argv[0] != "-m":
-        print("usage: zygote_client.py -m MODULE [ARGS...]", file=sys.stderr)
+    if argv[:1] == ["-m"] and len(argv) >= 2:
+        what, args = {"module": argv[1]}, argv[2:]
+    elif argv and not argv[0].startswith("-"):
+        what, args = {"script": os.path.abspath(argv[0])}, argv[1:]
+    else:
+        print("usage: zygote_client.py -m MODULE [ARGS...] | SCRIPT [ARGS...]", file=sys.stderr)
         return 2
     me = os.getpid()
-    request = {"module": argv[1], "argv": argv[2:], "env": dict(os.environ),
-               "cwd": os.getcwd(), "stdout": f"/proc/{me}/fd/1", "stderr": f"/proc/{me}/fd/2",
-               "append": True}
+    request = {**what, "argv": args, "env": dict(os.environ), "cwd": os.getcwd(),
+               "stdout": f"/proc/{me}/fd/1", "stderr": f"/proc/{me}/fd/2", "append": True}
     sys.stdout.flush()
     sys.stderr.flush()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:

@@ -7,10 +7,9 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 
-from .common import md_table, run_logged
+from .common import md_table, python_command, run_logged
 from .results import Part, record
 
 
@@ -57,7 +56,7 @@ def run_trainer(args, run_dir: str, overrides: list, paths: dict, timeout: float
         "data.num_workers=0", f"log.dir={run_dir}"]
     if not any(o.startswith("checkpoint.") for o in overrides):
         overrides.append("checkpoint.save=false")  # timing rows: no checkpoint to write
-    cmd = [sys.executable, "-m", "ponder_pt.train", "--config", "demo"]
+    cmd = [*python_command(), "-m", "ponder_pt.train", "--config", "demo"]
     for item in overrides:
         cmd += ["--set", item]
     env = dict(os.environ)
