@@ -2,16 +2,19 @@
 output against ordinary fixed-K decoding on every architecture and on left-padded batches whose
 rows accept different lengths, the caches after a rejected draft against ordinary decoding's,
 sampling against the exact distribution of the model's own full forward (a chi-square test,
-with a broken acceptance rule as the control it must reject), the refusals, and the draft loss
-against plain pondering written on HF models."""
+with a broken acceptance rule as the control it must reject), the refusals, the draft loss
+against plain pondering written on HF models and through the trainer at TP 2, and
+`generate --speculative` on a trained checkpoint."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 
 import pytest
 import torch
+from _export_helpers import trained  # noqa: F401
 from _model_helpers import (batch, masked_ce, ponder_reference, random_hf_model,  # noqa: F401
                             single_process, tiny_model_config)
 
@@ -21,6 +24,7 @@ from ponder_pt.inference.decode import Decoder
 from ponder_pt.inference.model import generate_cached_batch
 from ponder_pt.models import PonderLM, load_hf_state_dict
 from ponder_pt.models.layers import StaticKVCache
+from zygote import ponder
 
 pytestmark = pytest.mark.usefixtures("single_process")
 
@@ -281,3 +285,47 @@ def test_draft_loss_trains_alike_at_tp2_and_logs_draft_ce(prepared, bpe_dir, tmp
         assert a["loss"] > a["draft_ce"] * 0.5  # the objective holds the final CE too
     valid = [r["valid_loss"] for r in rows["one"] if "valid_loss" in r]
     assert valid and all(v < one[-1]["loss"] - 0.25 * one[-1]["draft_ce"] for v in valid)
+
+
+def test_generate_cli_and_api(trained, tmp_path):  # noqa: F811
+    """`--speculative d:n` on the K=2 checkpoint: the greedy tokens of ordinary decoding for
+    one prompt (`--json` adds the acceptance counts) and for a prompts file decoded as one
+    left-padded batch (the counts on stderr); the Python API too; d beyond K and an HF
+    export are refused with what to do."""
+    from ponder_pt.inference import NativeModel, generate_text
+    from ponder_pt.inference.generate import generate_many
+
+    prompts = ["The file is", "Return", "import os and the number of lines in"]
+    lm = NativeModel(trained["ponder"])
+    one = [generate_text(lm, p, 8, greedy=True) for p in prompts]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = ponder(["generate", "--model", trained["ponder"], "--prompt", prompts[2],
+                   "--max-new-tokens", "8", "--greedy", "--json", "--speculative", "1:3"],
+                  timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["token_ids"] == one[2]["token_ids"]
+    counts = out["speculative"]
+    assert counts["verify_steps"] > 0 and 0 <= counts["accepted"] <= counts["drafted"]
+    assert counts["tokens_per_verify"] == pytest.approx(
+        (len(one[2]["token_ids"]) - 1) / counts["verify_steps"])
+
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("\n".join(prompts) + "\n")
+    proc = ponder(["generate", "--model", trained["ponder"], "--prompts-file", str(txt),
+                   "--greedy", "--max-new-tokens", "8", "--speculative", "2:2", "--out",
+                   str(tmp_path / "out.jsonl")], timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["token_ids"] for r in rows] == [o["token_ids"] for o in one]
+    assert "speculative decoding:" in proc.stderr and "tokens per verify step" in proc.stderr
+
+    lm.set_speculative("1:2")
+    assert generate_many(lm, prompts, 8, greedy=True, batch_size=3) == one
+    assert lm.speculative_stats.verify_steps > 0
+    with pytest.raises(ValueError, match=r"d must be in 1\.\.2"):
+        lm.set_speculative("3:1")
+    from ponder_pt.inference.model import HFModel
+
+    with pytest.raises(ValueError, match="runs on native checkpoints"):
+        HFModel.__new__(HFModel).set_speculative("1:2")  # before any loading: no directory

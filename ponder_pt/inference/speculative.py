@@ -22,8 +22,9 @@ draft), whose logits are those of pass d-1. A round, for each row:
 A round costs (n+1)·d one-token passes and K+1-d passes over n+1 tokens, and emits j+1 tokens
 per row, where fixed-K decoding pays K+1 one-token passes per token: when a one-token pass is
 bound by reading the weights, n+1 tokens cost about what one does. Greedy output is the
-ordinary greedy output token for token (up to float rounding between a one-token and an
-(n+1)-token pass, which can only matter at an exact tie).
+ordinary greedy output token for token; a one-token and an (n+1)-token pass round
+differently, which can change a token only where its two best logits are within rounding
+of each other.
 
 Adaptive pondering at q < 1 is refused (its exits after the draft passes would need the
 halting state carried into the verify call), as are latent thoughts and every-token pauses:
