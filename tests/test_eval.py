@@ -10,8 +10,8 @@ import pytest
 from _export_helpers import trained  # noqa: F401
 from zygote import ponder
 
-# hf_compat: CI runs these again at the oldest declared transformers
-pytestmark = pytest.mark.hf_compat
+# hf_compat (the tests that score an HF export): CI runs them again at the oldest declared
+# transformers; the native checkpoint's tests run once
 
 pytest.importorskip("lm_eval")
 
@@ -163,6 +163,7 @@ def ponder_export(trained, tmp_path_factory):  # noqa: F811
     return hf_dir
 
 
+@pytest.mark.hf_compat
 def test_eval_write_card_on_an_export(ponder_export, tmp_path):
     """`ponder-pt eval --write-card` on the export: its results go into the export's model card
     (model-index and the results section), everything else in the card stays as it was; a
@@ -224,6 +225,7 @@ def test_wrapper_scores_after_exactly_m_pauses(trained):  # noqa: F811
     assert abs(ll - expect) < 1e-4
 
 
+@pytest.mark.hf_compat
 def test_batched_loglikelihood_equals_one_at_a_time(trained, ponder_export):  # noqa: F811
     """Requests of different lengths scored in right-padded batches (longest first, split by
     batch_size and batch_tokens) give each request's one-at-a-time score, in request order,
