@@ -5,6 +5,7 @@ tokenizer's tokens), determinism, and a corpus with a bad line."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -16,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from _export_helpers import trained  # noqa: E402,F401
 from experiments import problems as pb  # noqa: E402
 
 
@@ -130,3 +132,131 @@ def test_cli_counts_tokens_and_names_bad_corpus_lines(tmp_path, bpe_dir, capsys)
               for k in ("problem", "text")}
     share = counts["problem"] / (counts["problem"] + counts["text"])
     assert share == pytest.approx(stats["problem_share"]) and 0.3 <= share < 0.4
+
+
+class _Oracle:
+    """A stand-in model over a word vocabulary: within a statement it predicts a wrong next
+    token for sure (a CE of about 1e4); from the statement's last token on, uniform logits (CE
+    log V). Its greedy decoder knows the answers of `knows` families and gets the rest
+    wrong."""
+
+    adaptive, vocab_rows = False, 64
+
+    def __init__(self, knows):
+        self.words, self.knows, self.answers = {}, set(knows), {}
+
+    def encode(self, text):
+        return [self.words.setdefault(w, len(self.words) % self.vocab_rows)
+                for w in text.split(" ")]
+
+    def logits(self, ids):
+        import torch
+
+        seq = ids[0].tolist()
+        z = torch.zeros(1, len(seq), self.vocab_rows)
+        prompt = next((p for p in self.answers if tuple(seq[:len(p)]) == p), ())
+        for i in range(len(prompt) - 1):
+            z[0, i, (seq[i + 1] + 1) % self.vocab_rows] = 1e4
+        return z
+
+    def generate(self, prompt, n, greedy=True, stop_at_eos=True):
+        family, answer = self.answers[tuple(prompt)]
+        return answer if family in self.knows else [(t + 1) % self.vocab_rows for t in answer]
+
+
+def test_scores_count_exact_answers_and_answer_tokens():
+    """Exact match is 1 where the model reproduces the answer and 0 where it does not; the
+    answer loss averages over the answer's tokens only: log V (a statement token would add
+    about 1e4)."""
+    from experiments import problem_eval as pe
+
+    records, _ = pb.mix(["some text here " * 20] * 4, 0.9, 2, seed=3)
+    lm = _Oracle(knows={"addition", "s5"})
+    for rec in records:
+        if rec["kind"] == "problem":
+            prompt, answer = pe.split(rec, lm.encode)
+            lm.answers[tuple(prompt)] = (rec["family"], answer)
+    res = pe.score(lm, records, per_cell=3, text_docs=2)
+    assert set(res["cells"]) == {f"{f}/{lv}" for f in pb.FAMILIES for lv in (1, 2)}
+    for key, cell in res["cells"].items():
+        assert cell["n"] == 3
+        assert cell["exact"] == (1.0 if key.split("/")[0] in lm.knows else 0.0), key
+        assert cell["answer_loss"] == pytest.approx(math.log(lm.vocab_rows))
+    assert res["text"]["documents"] == 2 and res["text"]["text_loss"] == pytest.approx(
+        math.log(lm.vocab_rows))
+
+
+def test_scores_of_a_trained_checkpoint_and_an_adaptive_model(trained, tmp_path):
+    """On the tiny trained checkpoint: exact match from a greedy loop over the model's full
+    logits and the answer loss from them, computed here; an adaptive model's passes split at
+    the statement's end, from one forward's exits."""
+    import torch
+
+    from experiments import problem_eval as pe
+    from ponder_pt.inference import NativeModel
+
+    lm = NativeModel(trained["ponder"])
+    records, _ = pb.mix(["Return the number of lines in the file. " * 8] * 3, 0.8, 1, seed=2)
+    res = pe.score(lm, records, per_cell=2, text_docs=1)
+    for key, cell in res["cells"].items():
+        recs = [r for r in records if r["kind"] == "problem"
+                and f"{r['family']}/{r['level']}" == key][:2]
+        exact, total, count = 0, 0.0, 0
+        for rec in recs:
+            prompt, answer = pe.split(rec, lm.encode)
+            seq = list(prompt)
+            for _ in answer:
+                z = lm.logits(torch.tensor([seq]))[0, -1, :lm.vocab_rows]
+                seq.append(int(z.argmax()))
+            exact += seq[len(prompt):] == answer
+            z = lm.logits(torch.tensor([prompt + answer]))[0, :, :lm.vocab_rows]
+            logp = torch.log_softmax(z, -1)
+            total -= sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(answer))
+            count += len(answer)
+        assert cell["exact"] == exact / len(recs), key
+        assert cell["answer_loss"] == pytest.approx(total / count, rel=1e-5), key
+    assert math.isfinite(res["text"]["text_loss"])
+
+    # adaptive: the passes of each class from the exits of one forward
+    from _model_helpers import tiny_model_config
+
+    from ponder_pt.config.schema import HaltingConfig, PonderConfig
+    from ponder_pt.models import PonderLM
+
+    class Adaptive:
+        adaptive, vocab_rows, halt_q, device = True, 120, 0.5, torch.device("cpu")
+        model = PonderLM(tiny_model_config(), PonderConfig(
+            steps=3, halting=HaltingConfig(mode="palbert")), seed=4).eval()
+        with torch.no_grad():  # spread the exits over the passes
+            model.halting.proj.weight.normal_(0, 1.0)
+
+        def encode(self, text):
+            return [ord(c) % 100 + 1 for c in text]
+
+        def generate(self, prompt, n, greedy=True, stop_at_eos=True):
+            return [0] * n
+
+    alm = Adaptive()
+    res = pe.score(alm, records, per_cell=1, text_docs=0)
+    rec = next(r for r in records if r["kind"] == "problem"
+               and f"{r['family']}/{r['level']}" == "chain/1")
+    prompt, answer = pe.split(rec, alm.encode)
+    with torch.no_grad():
+        _, exits = alm.model(torch.tensor([prompt + answer]), halt_q=0.5, return_exits=True)
+    passes = (exits[0] + 1).float()
+    got = res["cells"]["chain/1"]["passes"]
+    assert got["statement"] == pytest.approx(float(passes[:len(prompt) - 1].mean()))
+    assert got["answer"] == pytest.approx(float(passes[len(prompt) - 1:-1].mean()))
+    assert 1.0 <= got["answer"] <= 4.0 and "text" not in res
+
+
+def test_reading_a_bad_file_names_the_line(tmp_path):
+    from experiments import problem_eval as pe
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "a", "kind": "text"}) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: bad JSON.*\(1 bad line"):
+        pe.read_records(str(path))
+    path.write_text(json.dumps({"text": "a", "kind": "problem"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: not a record of experiments.problems"):
+        pe.read_records(str(path))
