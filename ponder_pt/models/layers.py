@@ -386,7 +386,7 @@ class StaticKVCache:
         keep = slot >= pad[:, None]
         index = torch.where(keep, order.gather(1, (slot - pad[:, None]).clamp(min=0)), 0)
         for store in (self.keys, self.values):
-            for layer, t in enumerate(store):
+            for t in store:
                 gather = index[:, None, :, None].expand(t.shape[0], t.shape[1], width,
                                                         t.shape[3])
                 t[:, :, :width] = t.gather(2, gather)
