@@ -8,14 +8,17 @@ Each problem is a statement, then an answer whose tokens need several steps of c
 Digits and symbols are separated by spaces, so every digit is its own token whatever the
 tokenizer merges. Four families, each at levels 1..L (the level sets the number of steps):
 
-* `addition`: two numbers of 2·level digits. Both are written least-significant digit first,
+* `addition`: two numbers of `level` digits. Both are written least-significant digit first,
   and so is their sum: answer digit i needs the carry chain of digits 0..i.
-* `modsum`: 2·level + 1 numbers below p = 7, and their sum modulo p (one token that needs
+* `modsum`: level + 1 numbers below p = 7, and their sum modulo p (one token that needs
   every addition).
-* `chain`: a chain of level + 2 variables, each the previous one plus, minus or times a small
-  number, modulo 100. The question names the last one.
-* `s5`: level + 1 permutations of 1..5 in one-line notation, and their composition (apply the
-  first, then the next, ...): S5 state tracking.
+* `chain`: a chain of level + 1 variables, each the previous one plus, minus or times a small
+  number, modulo 100 (level steps). The question names the last one.
+* `s5`: `level` permutations of 1..5 in one-line notation, and their composition (apply the
+  first, then the next, ...): S5 state tracking. Level 1 copies its one permutation.
+
+Level 1 is within reach of a small model (one digit, two numbers, one step, a copy); each
+level adds one step.
 
 Every output line is {"text", "kind"}. Problems add "family", "level", "answer" (the answer's
 text) and "answer_start": the character offset where the answer begins. So a study can score
@@ -43,7 +46,7 @@ def _spaced(digits) -> str:
 
 
 def addition(rng: random.Random, level: int) -> tuple[str, str]:
-    n = 2 * level
+    n = level
     a = [rng.randrange(10) for _ in range(n)]  # least-significant digit first
     b = [rng.randrange(10) for _ in range(n)]
     total = sum(d * 10 ** i for i, d in enumerate(a)) + sum(d * 10 ** i for i, d in enumerate(b))
@@ -52,12 +55,12 @@ def addition(rng: random.Random, level: int) -> tuple[str, str]:
 
 
 def modsum(rng: random.Random, level: int) -> tuple[str, str]:
-    xs = [rng.randrange(MODULUS) for _ in range(2 * level + 1)]
+    xs = [rng.randrange(MODULUS) for _ in range(level + 1)]
     return f"sum mod {MODULUS}: {_spaced(xs)} =", str(sum(xs) % MODULUS)
 
 
 def chain(rng: random.Random, level: int) -> tuple[str, str]:
-    names = rng.sample("abcdefghijklmnopqrstuvwxyz", level + 2)
+    names = rng.sample("abcdefghijklmnopqrstuvwxyz", level + 1)
     value = rng.randrange(10)
     parts = [f"{names[0]} = {value}"]
     for prev, name in zip(names, names[1:]):
@@ -69,7 +72,7 @@ def chain(rng: random.Random, level: int) -> tuple[str, str]:
 
 def s5(rng: random.Random, level: int) -> tuple[str, str]:
     perms = []
-    for _ in range(level + 1):
+    for _ in range(level):
         p = list(range(1, 6))
         rng.shuffle(p)
         perms.append(p)
