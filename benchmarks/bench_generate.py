@@ -114,8 +114,8 @@ def build_adaptive(args):
     from ponder_pt.models import PonderLM, init_single_process
 
     init_single_process()
-    model = PonderLM(model_config(args), PonderConfig(steps=args.steps, halting=HaltingConfig(mode="palbert")),
-                     seed=0)
+    model = PonderLM(model_config(args),
+                     PonderConfig(steps=args.steps, halting=HaltingConfig(mode="palbert")), seed=0)
     with torch.no_grad():
         w = model.halting.proj.weight
         w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
@@ -250,14 +250,13 @@ def _decoder_rows(rows: list, K: int) -> list:
 def render_table(doc: dict) -> str:
     """The table of a record (cpu_record.draft / the saved json) from its measurements."""
     a, mach, rows = doc["args"], doc["machine"], doc["measurements"]
-    head = (f"machine: {mach['arch']}, {mach['cpus']} cores, torch threads "
-            f"{a['threads']}, device {a['device']}; GPT-NeoX {a['layers']} layers x hidden "
+    machine = f"machine: {mach['arch']}, {mach['cpus']} cores, torch threads {a['threads']}"
+    head = (f"{machine}, device {a['device']}; GPT-NeoX {a['layers']} layers x hidden "
             f"{a['hidden']}, vocab {a['vocab']}")
     if a.get("speculative"):
         d = ", ".join(f"{n}={path}" for n, path in a["checkpoint"])
-        return "\n".join([f"machine: {mach['arch']}, {mach['cpus']} cores, torch threads "
-                          f"{a['threads']}, device cpu; checkpoints {d}; {a['prompts']} prompts "
-                          f"of {a['prompt']} tokens, {a['lengths'][0]} new tokens each, greedy, "
+        return "\n".join([f"{machine}, device cpu; checkpoints {d}; {a['prompts']} prompts of "
+                          f"{a['prompt']} tokens, {a['lengths'][0]} new tokens each, greedy, "
                           "batch 1, eager decoder", "", *speculative_rows(rows)])
     if a.get("thoughts"):
         return "\n".join([f"{head}, prompt {a['prompt']}, {a['lengths'][0]} new tokens, greedy, "

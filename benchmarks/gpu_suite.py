@@ -81,7 +81,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 warnings.filterwarnings("ignore")
 
-from benchmarks.gpu.common import T0, kill_group, log, python_command  # noqa: E402
+from benchmarks.gpu.common import T0, kill_group, log  # noqa: E402
 from benchmarks.gpu.env import collect_env  # noqa: E402
 from benchmarks.gpu.gen import section_gen  # noqa: E402
 from benchmarks.gpu.generate import section_generate  # noqa: E402
@@ -92,6 +92,7 @@ from benchmarks.gpu.sdpa import section_sdpa  # noqa: E402
 from benchmarks.gpu.throughput import section_throughput  # noqa: E402
 from benchmarks.gpu.train import section_train  # noqa: E402
 from benchmarks.gpu.trainer_scale import section_trainer  # noqa: E402
+from ponder_pt.launch_env import job_python  # noqa: E402
 
 SHAPES = ["pythia-160m", "pythia-410m", "pythia-1b"]
 SHAPE_WEIGHT = {"pythia-160m": 1.0, "pythia-410m": 1.0, "pythia-1b": 1.4, "toy": 1.0}
@@ -150,7 +151,7 @@ def child_main(args) -> int:
 
 def run_child(args, section: str, budget: float, shape: str = None) -> None:
     deadline = time.time() + budget
-    cmd = [*python_command(), os.path.abspath(__file__), "--out", args.out, "--section",
+    cmd = [*job_python(), os.path.abspath(__file__), "--out", args.out, "--section",
            section, "--deadline", str(deadline)]
     if shape:
         cmd += ["--shape", shape]

@@ -25,29 +25,25 @@ import time
 import torch
 
 
-def prompts_from(corpus: str, tokenizer, count: int, length: int) -> list:
-    """The first `length` token ids of the first `count` documents that have that many."""
+def leading_tokens(corpus: str, tokenizer, count: int, length: int, shortest: int) -> list:
+    """The first `length` token ids of the first `count` documents with at least `shortest`
+    tokens (fewer where the corpus has fewer)."""
     out = []
     with open(corpus, encoding="utf-8") as fh:
         for line in fh:
             ids = tokenizer.encode(json.loads(line)["text"])
-            if len(ids) >= length:
+            if len(ids) >= shortest:
                 out.append(ids[:length])
             if len(out) == count:
-                return out
-    raise ValueError(f"{corpus}: fewer than {count} documents of {length} tokens")
-
-
-def documents(corpus: str, tokenizer, count: int, length: int) -> list:
-    """The first `count` documents of at least 2 tokens, as ids cut to `length`."""
-    out = []
-    with open(corpus, encoding="utf-8") as fh:
-        for line in fh:
-            ids = tokenizer.encode(json.loads(line)["text"])[:length]
-            if len(ids) >= 2:
-                out.append(ids)
-            if len(out) == count:
                 break
+    return out
+
+
+def prompts_from(corpus: str, tokenizer, count: int, length: int) -> list:
+    """The first `length` token ids of the first `count` documents that have that many."""
+    out = leading_tokens(corpus, tokenizer, count, length, shortest=length)
+    if len(out) < count:
+        raise ValueError(f"{corpus}: fewer than {count} documents of {length} tokens")
     return out
 
 
@@ -118,7 +114,7 @@ def speculative_table(args) -> list:
                 rows[(name, d, k)] = {"same_tokens": got == out, **stats}
             print(f"repeat {repeat + 1}/{args.repeats}: {name} done", flush=True)
     total = n * len(prompts)
-    docs = documents(args.corpus, tok, args.loss_docs, 128)
+    docs = leading_tokens(args.corpus, tok, args.loss_docs, 128, shortest=2)
     measured = []
     if plain is not None:
         measured.append({"model": "plain", "decoding": "ordinary", "K": 0,

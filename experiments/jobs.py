@@ -6,21 +6,18 @@ all (a trainer then saves a checkpoint, and the next invocation resumes it).
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
-import sys
 import threading
 import time
+
+from ponder_pt.launch_env import job_python
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def job_command(module: str, *args) -> list[str]:
-    """`python -m MODULE ARGS` for a job. $PONDER_JOB_PYTHON, when set, is the command that
-    stands for `python` (e.g. a wrapper that runs the job elsewhere; the tests start jobs from
-    an interpreter that has imported the libraries already); else this interpreter."""
-    python = shlex.split(os.environ.get("PONDER_JOB_PYTHON", "")) or [sys.executable]
-    return [*python, "-m", module, *(str(a) for a in args)]
+    """`python -m MODULE ARGS` for a job, `python` being `launch_env.job_python()`."""
+    return [*job_python(), "-m", module, *(str(a) for a in args)]
 
 
 def job_env(threads: int) -> dict:

@@ -204,8 +204,8 @@ def test_refusals_name_what_is_missing():
     assert spec.speculative_problem(k2, 2, 4) is None
     thoughts = PonderLM(tiny_model_config(), None, thoughts=ThoughtsConfig(count=1), seed=1)
     assert "first slot cannot draft" in spec.speculative_problem(thoughts, 1, 2)
-    adaptive = PonderLM(tiny_model_config(), PonderConfig(steps=2, halting=HaltingConfig(mode="palbert")),
-                        seed=1)
+    adaptive = PonderLM(tiny_model_config(),
+                        PonderConfig(steps=2, halting=HaltingConfig(mode="palbert")), seed=1)
     assert "--halt-q 1" in spec.speculative_problem(adaptive, 1, 2, halt_q=0.5)
     assert spec.speculative_problem(adaptive, 1, 2, halt_q=1.0) is None
     with pytest.raises(ValueError, match="expected d:n"):

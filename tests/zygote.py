@@ -23,6 +23,7 @@ PONDER_TEST_ZYGOTE=0 runs every command as a plain subprocess instead.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import select
@@ -234,8 +235,8 @@ def _install_launcher() -> None:
 
 def _run_command(request: dict) -> None:
     """The forked child: `python -m ponder_pt ARGS` (or the request's "module", or its
-    "script") in the request's cwd, env and files ("append": write after what the files hold, e.g. a client's
-    own stdout, `zygote_client.py`)."""
+    "script") in the request's cwd, env and files ("append": write after what the files
+    hold, e.g. a client's own stdout, `zygote_client.py`)."""
     atexit._clear()
     os.setsid()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGUSR1):
@@ -308,10 +309,8 @@ def serve(path: str) -> None:
             break
         for conn in set(readable) & set(clients):  # a client gone (killed at its timeout):
             if not conn.recv(1):                   # its command goes too, nothing outlives it
-                try:
+                with contextlib.suppress(ProcessLookupError):  # (or it has just ended)
                     os.killpg(clients[conn], signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         if listener in readable:
             conn, _ = listener.accept()
             request = json.loads(conn.makefile().readline())

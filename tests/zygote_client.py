@@ -1,19 +1,20 @@
 #!/usr/bin/env python3
 """`python -m MODULE ARGS` or `python SCRIPT ARGS` run by the test zygote (tests/zygote.py)
 instead of a new interpreter. Run it as `tests/zygote_client.py -m MODULE ARGS` (or `SCRIPT
-ARGS`): it is executable, so it can stand for a script's $PYTHON. $PONDER_ZYGOTE_SOCKET names the server
-(`zygote.server_socket`). The client imports nothing heavy. The forked command runs in the
-client's working directory and environment and writes to its stdout and stderr. SIGINT,
-SIGTERM and SIGUSR1 are passed on to it, and the client exits with its code.
+ARGS`): it is executable, so it can stand for a script's $PYTHON. $PONDER_ZYGOTE_SOCKET
+names the server (`zygote.server_socket`). The client imports nothing heavy. The forked
+command runs in the client's working directory and environment and writes to its stdout and
+stderr. SIGINT, SIGTERM and SIGUSR1 are passed on to it, and the client exits with its code.
 
-Where the tests use it: the toy study's jobs (tests/test_study.py, through
-$PONDER_JOB_PYTHON in experiments/jobs.py), the GPU suite's section and trainer children in
-its CPU smoke (tests/test_gpu_suite.py, $PONDER_JOB_PYTHON in benchmarks/gpu/common.py) and
-the SLURM scripts' dry runs (tests/test_launch.py, through $PYTHON). Each would otherwise import torch, DeepSpeed,
+Where the tests use it: the toy study's jobs (tests/test_study.py) and the GPU suite's
+section and trainer children in its CPU smoke (tests/test_gpu_suite.py), both through
+$PONDER_JOB_PYTHON (`ponder_pt.launch_env.job_python`), and the SLURM scripts' dry runs
+(tests/test_launch.py, through $PYTHON). Each would otherwise import torch, DeepSpeed,
 megatron-core and transformers again."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -41,10 +42,8 @@ def main(argv: list) -> int:
         child = json.loads(answers.readline())["pid"]
 
         def forward(sig, frame):
-            try:
+            with contextlib.suppress(ProcessLookupError):  # the command has just ended
                 os.kill(child, sig)
-            except ProcessLookupError:
-                pass
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, forward)

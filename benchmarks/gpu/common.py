@@ -6,10 +6,8 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-import shlex
 import signal
 import subprocess
-import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -100,13 +98,6 @@ def peak_for(dev: str):
 
 
 # ============================================================================ subprocesses
-
-
-def python_command() -> list:
-    """What starts a child process's Python: $PONDER_JOB_PYTHON when set (the tests fork the
-    smoke's children from an interpreter that has imported the libraries already), else this
-    interpreter."""
-    return shlex.split(os.environ.get("PONDER_JOB_PYTHON", "")) or [sys.executable]
 
 
 def run_logged(cmd, log_path, timeout, env, show=()) -> int:

@@ -9,7 +9,9 @@ import os
 import statistics
 import time
 
-from .common import md_table, python_command, run_logged
+from ponder_pt.launch_env import job_python
+
+from .common import md_table, run_logged
 from .results import Part, record
 
 
@@ -56,7 +58,7 @@ def run_trainer(args, run_dir: str, overrides: list, paths: dict, timeout: float
         "data.num_workers=0", f"log.dir={run_dir}"]
     if not any(o.startswith("checkpoint.") for o in overrides):
         overrides.append("checkpoint.save=false")  # timing rows: no checkpoint to write
-    cmd = [*python_command(), "-m", "ponder_pt.train", "--config", "demo"]
+    cmd = [*job_python(), "-m", "ponder_pt.train", "--config", "demo"]
     for item in overrides:
         cmd += ["--set", item]
     env = dict(os.environ)

@@ -18,8 +18,9 @@ def fill_vocab(cfg: Config, tok) -> VocabLayout:
     model.vocab_size = the tokenizer's vocabulary padded to a multiple of
     make_vocab_size_divisible_by x tp (one multiple more when pauses are on and no padded
     row is free); pause.token_id (only with pauses: pause.rate > 0 or mode every_token) = the
-    tokenizer's own <pause> token, else its first padded row. Values already set win, so a second call changes
-    nothing. Returns the tokenizer's layout under the config's rule (for reports)."""
+    tokenizer's own <pause> token, else its first padded row. Values already set win, so a
+    second call changes nothing. Returns the tokenizer's layout under the config's rule (for
+    reports)."""
     pauses = cfg.pause.rate > 0 or cfg.pause.every_token > 0
     layout = tok.layout(cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp,
                         need_pause=pauses)

@@ -150,21 +150,21 @@ class InferenceModel(abc.ABC):
     speculative_stats: Optional[SpeculativeStats] = None
     """Acceptance counts summed over the generations since `set_speculative`."""
 
-    def set_speculative(self, spec, name: str = "--speculative") -> None:
+    def set_speculative(self, spec) -> None:
         """Generate with the first d passes drafting n tokens per verify step: spec "d:n" or
         (d, n) (None: ordinary decoding). Refused where the model cannot
         (`speculative_problem`), and for HF directories."""
         if spec is None:
             return
         d, n = parse_speculative(spec) if isinstance(spec, str) else spec
-        self._check_speculative(d, n, name)
+        self._check_speculative(d, n)
         self.speculative, self.speculative_stats = (d, n), SpeculativeStats()
 
-    def _check_speculative(self, d: int, n: int, name: str) -> None:
+    def _check_speculative(self, d: int, n: int) -> None:
         raise ValueError(
-            f"{name}: speculative decoding runs on native checkpoints. An HF export decodes "
-            "through transformers' generate(), whose assisted decoding runs the draft as a "
-            "second model with its own cache: the draft's passes would run again in the "
+            "--speculative: speculative decoding runs on native checkpoints. An HF export "
+            "decodes through transformers' generate(), whose assisted decoding runs the draft "
+            "as a second model with its own cache: the draft's passes would run again in the "
             "verifier, where ours keeps their keys/values. Point --model at the training "
             "checkpoint")
 
@@ -260,10 +260,10 @@ class PonderLMModel(InferenceModel):
         self.passes_seen = [seen[0] + int(exits.sum()) + exits.numel(), seen[1] + exits.numel()]
         return logits.float()
 
-    def _check_speculative(self, d: int, n: int, name: str) -> None:
+    def _check_speculative(self, d: int, n: int) -> None:
         problem = speculative_problem(self.model, d, n, halt_q=self.halt_q)
         if problem:
-            raise ValueError(problem.replace("--speculative", name))
+            raise ValueError(problem)
 
     def _generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)

@@ -157,16 +157,15 @@ class SpeculativeDecoder(Decoder):
     def commit(self, keep: Sequence[int]) -> None:
         """Row r keeps its first keep[r] drafted positions (the rest are rolled back); the
         caches keep max(keep) columns, hiding from each row the ones it did not keep."""
-        most = max(keep)
-        start = self._start
+        most, start = max(keep), self._start
+        kept = torch.tensor(list(keep), device=self.device)
         if min(keep) < most:
-            cols = torch.arange(most, device=self.device)[None, :]
-            hidden = cols >= torch.tensor(list(keep), device=self.device)[:, None]
+            hidden = torch.arange(most, device=self.device)[None, :] >= kept[:, None]
             for cache in self.caches:
                 cache.hide(start, hidden)
         for cache in self.caches:
             cache.length = start + most
-        self._next += torch.tensor(list(keep), device=self.device)
+        self._next += kept
         self._drafts = []
 
     def make_room(self, positions: int, n: int) -> None:
@@ -233,10 +232,12 @@ def generate_speculative_batch(model, prompts: Sequence[Sequence[int]], max_new_
             if i == n:
                 break
             qs.append(None if greedy else sampling_probs(zq, temperature, top_k))
-            ys.append([(int(zq[r].argmax()) if greedy else
+            top = zq.argmax(-1).tolist() if greedy else None
+            ys.append([(top[r] if greedy else
                         int(torch.multinomial(qs[i][r], 1, generator=gens[r])))
                        if i < wants[r] else ys[i][r] for r in range(b)])
         zp = dec.verify()
+        best = zp.argmax(-1).tolist() if greedy else None  # [b][n+1]
         keep, emitted = [], []
         for r in range(b):
             if done[r]:
@@ -248,13 +249,9 @@ def generate_speculative_batch(model, prompts: Sequence[Sequence[int]], max_new_
             p = None if greedy else sampling_probs(zp[r], temperature, top_k)
             for i in range(wants[r]):
                 y = ys[i + 1][r]
-                if greedy:
-                    ok = int(zp[r, i].argmax()) == y
-                else:
-                    ok = accept_draft(p[i], qs[i][r], y, gens[r])
+                ok = best[r][i] == y if greedy else accept_draft(p[i], qs[i][r], y, gens[r])
                 if not ok:
-                    nxt = (int(zp[r, i].argmax()) if greedy
-                           else residual_sample(p[i], qs[i][r], gens[r]))
+                    nxt = best[r][i] if greedy else residual_sample(p[i], qs[i][r], gens[r])
                     break
                 kept += 1
                 emit(r, y)
